@@ -1,0 +1,327 @@
+"""The configuration schema: one dataclass per component, composed into `Config`.
+
+YAML presets live in `configs/`; a preset may name a `base:` preset it inherits from (paths are
+relative to the preset's own file), so an ablation is a short file that overrides one to three
+fields. Dotted overrides (`model.connector.kind=attnpool`) are merged last. Merging and type checks
+are OmegaConf structured configs; the semantic checks (`validate`) run once at load time and raise
+`ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mm1.registry import ConfigError
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass
+class VisionConfig:
+    """ViT image encoder. Position embeddings are learned for `image_size` and interpolated to any grid."""
+
+    kind: str = "vit"
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_dim: int = 512
+    act: str = "gelu"  # gelu | quick_gelu (CLIP) | gelu_tanh (SigLIP)
+    use_cls: bool = False
+    pre_norm: bool = False  # CLIP applies a LayerNorm before the blocks
+    post_norm: bool = True  # final LayerNorm over the returned features
+    norm_eps: float = 1e-5
+    feature_layer: int = -1  # which block's output feeds the connector (-2 = LLaVA's penultimate)
+    mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+    hf_path: str = ""  # local HF CLIPVisionModel / SiglipVisionModel dir to load weights from
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class ConnectorConfig:
+    """Vision-language connector: (B, h*w, D_v) -> (B, num_tokens, D_lm)."""
+
+    kind: str = "c_abstractor"  # avgpool | attnpool | c_abstractor | mlp
+    num_tokens: int = 16
+    depth: int = 1  # ResNet/RegStage blocks before and after pooling (c_abstractor)
+    mlp_depth: int = 2  # layers of the MLP readout
+    hidden_dim: int = 0  # 0 = the vision width
+    heads: int = 4  # attnpool cross-attention heads
+
+
+@dataclass
+class LMConfig:
+    """Llama-style decoder; MoE FFN every `moe_every` layers when `n_experts` > 0."""
+
+    kind: str = "llama"
+    vocab_size: int = 2048
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 = n_heads (no GQA)
+    ffn_dim: int = 688
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    qkv_bias: bool = False  # Qwen2 has biases on q, k, v
+    n_experts: int = 0
+    moe_every: int = 2
+    moe_top_k: int = 2
+    moe_lb_coef: float = 0.01
+    moe_z_coef: float = 0.001
+    attention: str = "auto"  # auto | sdpa | flex (document masking path for packed sequences)
+    activation_checkpointing: bool = False
+    hf_path: str = ""  # local HF Llama / Qwen2 dir to load weights from
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    image_token_id: int = 3  # the tokenizer's image-slot id; set from the tokenizer at build time
+    subimage_grid: int = 0  # high resolution: g x g crops + 1 overview per image (0 = off)
+    overview_first: bool = False  # MM1.5 puts the overview after the tiles
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Slot tokens one `<image>` expands to (k, times the sub-images at high resolution)."""
+        crops = self.subimage_grid**2 + 1 if self.subimage_grid else 1
+        return self.connector.num_tokens * crops
+
+
+@dataclass
+class SourceConfig:
+    """One data source of a mixture; `path` may use `{world}` for the synthetic world's root."""
+
+    kind: str = "caption"  # caption | interleaved | text | sft
+    path: str = ""
+    weight: float = 1.0
+
+
+def _default_sources() -> dict[str, SourceConfig]:
+    return {
+        "caption": SourceConfig("caption", "{world}/caption", 0.45),
+        "interleaved": SourceConfig("interleaved", "{world}/interleaved", 0.45),
+        "text": SourceConfig("text", "{world}/text", 0.10),
+    }
+
+
+@dataclass
+class DataConfig:
+    world: str = "data/world-tiny"  # built by `mm1 world` if missing
+    world_size: str = "tiny"
+    world_seed: int = 0
+    tokenizer: str = ""  # tokenizer.json or HF model dir; "" = {world}/tokenizer.json
+    sources: dict[str, SourceConfig] = field(default_factory=_default_sources)
+    sft: str = "{world}/sft/train.json"
+    synthetic_caption_ratio: float = 0.5  # share of caption samples using dense synthetic captions
+    seq_len: int = 256
+    max_images: int = 16
+    batch_size: int = 8  # sequences per rank per micro-step
+    num_workers: int = 0
+    resize: str = "crop"  # crop | pad
+    max_skip_rate: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "pretrain"  # encoder | pretrain | sft
+    steps: int = 300
+    lr: Optional[float] = None  # None = MM1 law eta(N)
+    weight_decay: Optional[float] = None  # None = 0.1 * lr
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_accum: int = 1
+    clip: float = 1.0
+    save_every: int = 100
+    keep_last: int = 2
+    seed: int = 0
+    freeze_vision: bool = False
+    freeze_connector: bool = False
+    freeze_lm: bool = False
+    init_from: str = ""  # a previous stage's run dir or checkpoint dir
+    encoder_objective: str = "clip"  # clip | siglip | aim (stage=encoder)
+    strategy: str = "auto"  # auto | single | ddp | fsdp
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    deterministic: bool = True
+    nonfinite: str = "stop"  # stop | skip
+    log_every: int = 1
+    tensorboard: bool = False
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["world_caption", "world_vqa"])
+    shots: list[int] = field(default_factory=lambda: [0, 4, 8])
+    limit: int = 100
+    trials: int = 1
+    seed: int = 0
+    batch_size: int = 16
+    max_new_tokens: int = 20
+
+
+@dataclass
+class Config:
+    name: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """The preset and its `base:` ancestors, oldest first."""
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; presets live in configs/ (e.g. configs/tiny.yaml)")
+    if path in seen:
+        raise ConfigError(f"{path}: `base:` chain loops back on itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    chain = _read_yaml_chain(path.parent / base, seen + (path,)) if base else []
+    return chain + [data]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a preset (or the defaults), apply dotted overrides, validate, return a `Config`."""
+    merged = OmegaConf.structured(Config)
+    layers = _read_yaml_chain(Path(path)) if path else []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. model.connector.kind=attnpool")
+    try:
+        for layer in layers:
+            merged = OmegaConf.merge(merged, layer)
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {e.msg if hasattr(e, 'msg') else e}".splitlines()[0]) from None
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a validated Config from `to_dict` output (e.g. a checkpoint's config.yaml)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), data)
+    cfg = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def _one_of(key: str, value: str, allowed: list[str]) -> None:
+    _check(value in allowed, key, value, f"must be one of {', '.join(allowed)}")
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks that types alone cannot express; raise ConfigError on the first failure."""
+    from mm1.models.registry import CONNECTORS, ENCODERS, LANGUAGE_MODELS  # populated on import
+
+    v, c, lm = cfg.model.vision, cfg.model.connector, cfg.model.lm
+    ENCODERS.get(v.kind)
+    CONNECTORS.get(c.kind)
+    LANGUAGE_MODELS.get(lm.kind)
+    _check(v.image_size % v.patch_size == 0, "model.vision.image_size", v.image_size,
+           f"must be divisible by model.vision.patch_size={v.patch_size}")
+    _check(v.width % v.heads == 0, "model.vision.heads", v.heads, f"must divide model.vision.width={v.width}")
+    _one_of("model.vision.act", v.act, ["gelu", "quick_gelu", "gelu_tanh"])
+    _check(len(v.mean) == 3 and len(v.std) == 3 and all(s > 0 for s in v.std), "model.vision.std", v.std,
+           "mean and std need 3 values (RGB), std > 0")
+    _check(c.num_tokens > 0, "model.connector.num_tokens", c.num_tokens, "must be positive")
+    if c.kind in ("avgpool", "c_abstractor"):
+        root = math.isqrt(c.num_tokens)
+        _check(root * root == c.num_tokens, "model.connector.num_tokens", c.num_tokens,
+               f"must be a perfect square for {c.kind} (it pools to sqrt(k) x sqrt(k)), e.g. 16, 64, 144")
+        _check(root <= v.grid, "model.connector.num_tokens", c.num_tokens,
+               f"pooling cannot make more tokens than the {v.grid}x{v.grid} patch grid")
+    if c.kind == "mlp":
+        _check(c.num_tokens == v.grid**2, "model.connector.num_tokens", c.num_tokens,
+               f"the mlp connector keeps every patch: must equal grid^2 = {v.grid**2}")
+    if c.kind == "attnpool":
+        _check(lm.dim % c.heads == 0, "model.connector.heads", c.heads, f"must divide model.lm.dim={lm.dim}")
+    _check(lm.dim % lm.n_heads == 0, "model.lm.n_heads", lm.n_heads, f"must divide model.lm.dim={lm.dim}")
+    _check((lm.dim // lm.n_heads) % 2 == 0, "model.lm.n_heads", lm.n_heads, "head dim must be even for RoPE")
+    _check(lm.n_heads % lm.kv_heads == 0, "model.lm.n_kv_heads", lm.n_kv_heads,
+           f"must divide model.lm.n_heads={lm.n_heads}")
+    _check(0 <= cfg.model.image_token_id < lm.vocab_size, "model.image_token_id", cfg.model.image_token_id,
+           f"must be a token id below model.lm.vocab_size={lm.vocab_size}")
+    if lm.n_experts:
+        _check(1 <= lm.moe_top_k <= lm.n_experts, "model.lm.moe_top_k", lm.moe_top_k,
+               f"must be between 1 and model.lm.n_experts={lm.n_experts}")
+        _check(lm.moe_every >= 1, "model.lm.moe_every", lm.moe_every, "must be >= 1")
+    _one_of("model.lm.attention", lm.attention, ["auto", "sdpa", "flex"])
+    _check(cfg.model.subimage_grid >= 0, "model.subimage_grid", cfg.model.subimage_grid, "must be >= 0")
+
+    d = cfg.data
+    _one_of("data.resize", d.resize, ["crop", "pad"])
+    _one_of("data.world_size", d.world_size, ["tiny", "small", "base"])
+    _check(d.seq_len > cfg.model.tokens_per_image, "data.seq_len", d.seq_len,
+           f"must exceed the {cfg.model.tokens_per_image} slot tokens of one image")
+    _check(d.seq_len <= lm.max_seq_len, "data.seq_len", d.seq_len, f"must be <= model.lm.max_seq_len={lm.max_seq_len}")
+    for name, src in d.sources.items():
+        _one_of(f"data.sources.{name}.kind", src.kind, ["caption", "interleaved", "text", "sft"])
+        _check(src.weight >= 0, f"data.sources.{name}.weight", src.weight, "must be >= 0")
+    if d.sources:
+        _check(sum(s.weight for s in d.sources.values()) > 0, "data.sources", "all weights 0",
+               "at least one source needs a positive weight")
+    _check(0.0 <= d.synthetic_caption_ratio <= 1.0, "data.synthetic_caption_ratio", d.synthetic_caption_ratio,
+           "must be in [0, 1]")
+    _check(0.0 <= d.max_skip_rate <= 1.0, "data.max_skip_rate", d.max_skip_rate, "must be in [0, 1]")
+
+    t = cfg.train
+    _one_of("train.stage", t.stage, ["encoder", "pretrain", "sft"])
+    _one_of("train.encoder_objective", t.encoder_objective, ["clip", "siglip", "aim"])
+    _one_of("train.strategy", t.strategy, ["auto", "single", "ddp", "fsdp"])
+    _one_of("train.precision", t.precision, ["auto", "fp32", "bf16"])
+    _one_of("train.nonfinite", t.nonfinite, ["stop", "skip"])
+    _check(t.steps > 0, "train.steps", t.steps, "must be positive")
+    _check(t.lr is None or t.lr > 0, "train.lr", t.lr, "must be positive (or unset for the MM1 law)")
+    _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
+    _check(t.save_every >= 1, "train.save_every", t.save_every, "must be >= 1")
+    _check(all(s >= 0 for s in cfg.eval.shots), "eval.shots", cfg.eval.shots, "shots must be >= 0")
