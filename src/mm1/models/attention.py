@@ -1,0 +1,166 @@
+"""The one home of the attention mask for packed, padded and cached sequences.
+
+A packed row holds several documents; a token may only see earlier tokens *of its own document*
+(block-diagonal causal mask), never padding. Everything that attends in the language model goes
+through `build_mask` + `attend`, so the rule lives here once:
+
+    allowed(q, k) = (k <= q  and  doc[k] == doc[q]  and  doc[k] >= 0)  or  k == q
+
+where `doc` is the per-key document id (-1 = padding, left padding included) and q is the query's
+absolute index among the keys (with a KV cache the queries are the last q_len of kv_len keys).
+The `k == q` term lets a padding query attend to itself, so no softmax row is empty (no NaNs).
+
+Two implementations of the same rule:
+- a dense boolean mask for `F.scaled_dot_product_attention` (any device, any step of decoding);
+- a FlexAttention `BlockMask` (the fast path on CUDA: fully masked 128x128 blocks are skipped, so
+  packed documents cost what their own lengths cost). On CPU FlexAttention runs eagerly (forward
+  only); on CUDA it is compiled once per shape.
+When there are no documents and no padding, SDPA's own `is_causal=True` path is used (no mask).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BACKENDS = ("auto", "sdpa", "flex")
+
+
+def merge_doc_ids(doc_ids: Tensor | None, attention_mask: Tensor | None) -> Tensor | None:
+    """One [B,T] long tensor of document ids with -1 where `doc_ids` or the left-padding mask say
+    padding; None when neither is given (one causal document per row)."""
+    if doc_ids is None and attention_mask is None:
+        return None
+    if doc_ids is None:
+        return torch.where(attention_mask.bool(), 0, -1).long()  # [B, T]
+    doc_ids = doc_ids.long()
+    if attention_mask is not None:
+        doc_ids = torch.where(attention_mask.bool(), doc_ids, -1)
+    return doc_ids
+
+
+def positions_from_docs(doc: Tensor) -> Tensor:
+    """Position ids that restart at 0 at every document start (each run of equal ids): [B,T] -> [B,T].
+    Padding gets the positions of its own run, which nothing ever sees."""
+    B, T = doc.shape
+    idx = torch.arange(T, device=doc.device).expand(B, T)  # [B, T]
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    run_start = torch.where(starts, idx, 0).cummax(dim=1).values  # [B, T] index where each run began
+    return idx - run_start
+
+
+def dense_mask(kv_doc: Tensor, q_len: int) -> Tensor:
+    """Boolean SDPA mask [B,1,q_len,kv_len] (True = may attend) for queries that are the last
+    `q_len` of the `kv_len` keys whose document ids are `kv_doc` [B,kv_len]."""
+    B, S = kv_doc.shape
+    k_idx = torch.arange(S, device=kv_doc.device)  # [S]
+    q_idx = k_idx[S - q_len:]  # [Q] absolute index of each query
+    q_doc = kv_doc[:, S - q_len:]  # [B, Q]
+    causal = k_idx[None, :] <= q_idx[:, None]  # [Q, S]
+    same = (q_doc[:, :, None] == kv_doc[:, None, :]) & (kv_doc[:, None, :] >= 0)  # [B, Q, S]
+    diagonal = k_idx[None, :] == q_idx[:, None]  # [Q, S]
+    return ((causal[None] & same) | diagonal[None])[:, None]  # [B, 1, Q, S]
+
+
+def doc_mask_mod(kv_doc: Tensor, q_len: int) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """The same rule as `dense_mask`, as a FlexAttention mask_mod(b, h, q_idx, kv_idx)."""
+    offset = kv_doc.shape[1] - q_len
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        q_abs = q_idx + offset
+        k_doc = kv_doc[b, kv_idx]
+        same = (kv_doc[b, q_abs] == k_doc) & (k_doc >= 0)
+        return ((kv_idx <= q_abs) & same) | (kv_idx == q_abs)
+
+    return mask_mod
+
+
+def flex_block_mask(kv_doc: Tensor, q_len: int) -> Any:
+    """A FlexAttention BlockMask for the document rule (heads broadcast)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, S = kv_doc.shape
+    return create_block_mask(doc_mask_mod(kv_doc, q_len), B, None, q_len, S, device=kv_doc.device)
+
+
+@dataclass
+class AttentionMask:
+    """What one forward pass attends with, built once and shared by every layer.
+
+    kind: "causal" (SDPA is_causal fast path, q_len == kv_len), "none" (attend to every key: one
+    decoded token without padding), "dense" (`mask` is the boolean [B,1,Q,S] tensor) or "flex"
+    (`mask` is a BlockMask)."""
+
+    kind: str
+    mask: Any = None
+
+
+def choose_backend(backend: str, device: torch.device, packed: bool, cached: bool) -> str:
+    """"auto" takes FlexAttention on CUDA for packed/padded training-shaped passes (no cache: the
+    compiled kernel is specialised to a shape, and decode shapes change every step), SDPA elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"model.lm.attention={backend!r}: must be one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "flex" if device.type == "cuda" and packed and not cached else "sdpa"
+    return backend
+
+
+def build_mask(kv_doc: Tensor | None, q_len: int, kv_len: int, backend: str = "auto",
+               device: torch.device | None = None, cached: bool = False) -> AttentionMask:
+    """The mask for queries that are the last `q_len` of `kv_len` keys.
+
+    kv_doc: [B,kv_len] document ids of every key (-1 = padding), or None for one causal document
+    per row."""
+    device = device if device is not None else (kv_doc.device if kv_doc is not None else torch.device("cpu"))
+    packed = kv_doc is not None and bool((kv_doc != kv_doc[:, :1]).any() or (kv_doc < 0).any())
+    chosen = choose_backend(backend, device, packed, cached)
+    if not packed and chosen == "sdpa":
+        if q_len == kv_len:
+            return AttentionMask("causal")
+        if q_len == 1:
+            return AttentionMask("none")
+    if kv_doc is None:
+        kv_doc = torch.zeros(1, kv_len, dtype=torch.long, device=device)
+    if chosen == "flex":
+        return AttentionMask("flex", flex_block_mask(kv_doc, q_len))
+    return AttentionMask("dense", dense_mask(kv_doc, q_len))
+
+
+_compiled_flex: Callable[..., Tensor] | None = None
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, enable_gqa: bool) -> Tensor:
+    """flex_attention, compiled on CUDA (the fused kernel) and eager elsewhere (CPU: forward only)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    with warnings.catch_warnings():  # "called without torch.compile": expected off CUDA
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+    """Scaled dot-product attention. q [B,H,Q,hd], k/v [B,H_kv,S,hd] (H a multiple of H_kv: GQA)
+    -> [B,H,Q,hd]."""
+    gqa = q.shape[1] != k.shape[1]
+    if mask.kind == "flex":
+        return _flex(q, k, v, mask.mask, gqa)
+    if gqa:  # repeat kv heads: works on every SDPA backend and torch version
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)  # [B, H, S, hd]
+        v = v.repeat_interleave(rep, dim=1)
+    if mask.kind == "causal":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if mask.kind == "none":
+        return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask)

@@ -1,0 +1,121 @@
+"""Optimiser and learning-rate schedule, with MM1's learning-rate law as the default.
+
+MM1 fitted the peak LR of its pre-training grid (9M, 85M, 302M and 1.2B parameters) to
+η(N) = exp(−0.4214·ln N − 0.5535) and set the weight decay to λ = 0.1·η. A user who does not set
+`train.lr` gets that law for the N of *their* model, so a tiny run and a 30B run are both started at
+a sensible rate. This file is the only place the law lives; N is the number of distinct trainable
+parameters (tied weights counted once, frozen parts excluded), and the trainer logs both.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mm1.config import TrainConfig
+
+LAW_SLOPE = -0.4214
+LAW_INTERCEPT = -0.5535
+WD_RATIO = 0.1
+
+# parameters that should not be pulled towards zero: gains, biases, learned positions/queries/tokens
+_NO_DECAY = re.compile(r"(^|\.)(bias|.*norm.*|pos_embed.*|position_embedding.*|cls.*|class_embedding.*|"
+                       r"logit_scale|logit_bias|queries|query_tokens|mask_token)(\.|$)", re.IGNORECASE)
+
+
+def mm1_lr(n_params: int) -> float:
+    """MM1's peak learning rate for a model of `n_params` parameters: exp(−0.4214·ln N − 0.5535)."""
+    if n_params <= 0:
+        raise ValueError(f"the MM1 LR law needs a positive parameter count, got {n_params}")
+    return math.exp(LAW_SLOPE * math.log(n_params) + LAW_INTERCEPT)
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Distinct trainable parameters; tied weights (same tensor) are counted once."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+@dataclass
+class LRChoice:
+    """The peak LR and weight decay in use, and where each came from (for the run log)."""
+
+    lr: float
+    weight_decay: float
+    n_params: int
+    lr_source: str  # "config" | "mm1_law"
+    wd_source: str  # "config" | "0.1*lr"
+
+    def describe(self) -> str:
+        lr_how = "train.lr" if self.lr_source == "config" else f"MM1 law eta(N) for N={self.n_params:,} trainable parameters"
+        wd_how = "train.weight_decay" if self.wd_source == "config" else "0.1 * lr"
+        return f"peak lr {self.lr:.4g} ({lr_how}); weight decay {self.weight_decay:.4g} ({wd_how})"
+
+
+def resolve_lr(cfg: TrainConfig, n_params: int) -> LRChoice:
+    """Peak LR and weight decay: the config's values where set, else the MM1 law for `n_params`."""
+    lr = cfg.lr if cfg.lr is not None else mm1_lr(n_params)
+    wd = cfg.weight_decay if cfg.weight_decay is not None else WD_RATIO * lr
+    return LRChoice(lr, wd, n_params, "config" if cfg.lr is not None else "mm1_law",
+                    "config" if cfg.weight_decay is not None else "0.1*lr")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: matrices decay; biases, norm gains and learned positions/queries do not."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.ndim < 2 or _NO_DECAY.search(name) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, choice: LRChoice) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused kernel on CUDA, the multi-tensor (foreach) one elsewhere."""
+    groups = param_groups(model, choice.weight_decay)
+    if not groups:
+        raise ValueError("no trainable parameters: every part is frozen (check train.freeze_vision, "
+                         "train.freeze_connector, train.freeze_lm)")
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    kwargs = {"fused": True} if on_cuda else {"foreach": True}
+    betas = (float(cfg.betas[0]), float(cfg.betas[1]))
+    return torch.optim.AdamW(groups, lr=choice.lr, betas=betas, eps=1e-8, **kwargs)
+
+
+class WarmupCosine:
+    """LR multiplier at optimizer step s (0-based): linear warmup to 1, cosine down to `min_ratio`.
+
+    Step `warmup-1` runs at the peak, the last step at the floor (MM1: 2k warmup, 10 % floor).
+    A plain object (not a closure) so LambdaLR's state_dict stays plain data."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup = max(0, int(warmup))
+        self.total = max(1, int(total))
+        self.min_ratio = float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        decay_steps = self.total - self.warmup
+        if decay_steps <= 1:
+            return 1.0
+        t = min(1.0, (step - self.warmup) / (decay_steps - 1))  # 0 at the peak, 1 at the last step
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup + cosine over `train.steps`; warmup is capped at the run length so short runs peak."""
+    warmup = min(cfg.warmup_steps, cfg.steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, cfg.steps, cfg.min_lr_ratio))

@@ -1,0 +1,84 @@
+"""Config loading: presets, inheritance, dotted overrides, and one precise error per bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mm1.config import config_from_dict, load_config, to_dict
+from mm1.registry import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_every_preset_loads_and_validates():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.name == path.stem
+
+
+def test_dotted_override_changes_the_connector():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.connector.kind=attnpool", "train.steps=7"])
+    assert cfg.model.connector.kind == "attnpool"
+    assert cfg.train.steps == 7
+
+
+def test_preset_inherits_from_its_base_and_overrides_fields():
+    cfg = load_config(CONFIGS / "mm1-3b-moe.yaml")
+    assert cfg.model.lm.n_experts == 64 and cfg.model.lm.moe_every == 2
+    assert cfg.model.vision.image_size == 378 and cfg.model.connector.num_tokens == 144
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.lm.n_layers=3"])
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, key, hint",
+    [
+        ("model.connector.num_tokens=50", "model.connector.num_tokens=50", "perfect square"),
+        ("model.vision.image_size=60", "model.vision.image_size=60", "divisible by model.vision.patch_size=8"),
+        ("model.connector.kind=qformer", "model.connector.kind='qformer'", "allowed: attnpool, avgpool, c_abstractor, mlp"),
+        ("model.vision.kind=resnet", "model.vision.kind='resnet'", "allowed: vit"),
+        ("model.lm.kind=mamba", "model.lm.kind='mamba'", "allowed:"),
+        ("model.vision.heads=5", "model.vision.heads=5", "must divide model.vision.width=128"),
+        ("model.lm.n_heads=3", "model.lm.n_heads=3", "must divide model.lm.dim=256"),
+        ("model.lm.n_kv_heads=3", "model.lm.n_kv_heads=3", "must divide model.lm.n_heads=4"),
+        ("model.connector.num_tokens=20", "model.connector.num_tokens=20", "mlp connector keeps every patch"),
+        ("train.stage=finetune", "train.stage='finetune'", "must be one of encoder, pretrain, sft"),
+        ("data.sources.caption.weight=-1", "data.sources.caption.weight=-1", "must be >= 0"),
+    ],
+)
+def test_invalid_value_names_key_value_and_what_is_allowed(override, key, hint):
+    extra = ["model.connector.kind=mlp"] if "mlp connector" in hint else []
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "tiny.yaml", extra + [override])
+    assert key in str(err.value)
+    assert hint in str(err.value)
+
+
+def test_unknown_key_and_wrong_type_are_reported_by_key():
+    with pytest.raises(ConfigError, match="model.connector.num_tokenz"):
+        load_config(CONFIGS / "tiny.yaml", ["model.connector.num_tokenz=4"])
+    with pytest.raises(ConfigError, match="model.lm.dim"):
+        load_config(CONFIGS / "tiny.yaml", ["model.lm.dim=wide"])
+
+
+def test_override_without_equals_sign_is_refused():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(CONFIGS / "tiny.yaml", ["model.lm.dim"])
+
+
+def test_missing_preset_and_bad_yaml_say_which_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(loop)
