@@ -12,6 +12,10 @@ from mm1.registry import ConfigError
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("mm1.models.info", "parameter counts, image tokens and FLOPs of a config (meta device)"),
+    "world": ("mm1.data.world.command", "write the synthetic world (default corpus) in real data formats"),
+    "train": ("mm1.train.command", "train a stage (encoder / pretrain / sft) into a run dir; torchrun for many GPUs"),
+    "eval": ("mm1.eval.command", "few-shot captioning / VQA / multiple-choice / text benchmarks on a checkpoint"),
+    "generate": ("mm1.eval.command", "answer one interleaved image-text prompt with a checkpoint"),
 }
 
 

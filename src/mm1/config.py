@@ -162,6 +162,7 @@ class TrainConfig:
     init_from: str = ""  # a previous stage's run dir or checkpoint dir
     encoder_objective: str = "clip"  # clip | siglip | aim (stage=encoder)
     strategy: str = "auto"  # auto | single | ddp | fsdp
+    data_shards: int = 0  # data-stream shards (0 = one per process); fixed = same global batch on any #processes
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     deterministic: bool = True
@@ -179,6 +180,10 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 16
     max_new_tokens: int = 20
+    vqa_mode: str = "always"  # always (normalise every answer) | official (GT-Vision-Lab vqaEval.py)
+    cider_tokenizer: str = "python"  # python (PTB-like) | java (Stanford PTBTokenizer via pycocoevalcap)
+    add_bos: bool = False  # prepend BOS to prompts (HF LLMs trained with BOS; the world trains without)
+    mc_normalize: str = "none"  # multiple choice: none (sum of log-probs) | length (mean per token)
 
 
 @dataclass

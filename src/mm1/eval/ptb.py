@@ -34,17 +34,21 @@ _SPLIT_WORDS = {"cannot": "can not", "gonna": "gon na", "gotta": "got ta", "wann
 _ABBREVIATIONS = frozenset(["mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "vs", "etc", "mt", "ft",
                             "inc", "ltd", "co", "corp", "jan", "feb", "aug", "sept", "oct", "nov", "dec"])
 
+_ABBREV = "|".join(sorted(_ABBREVIATIONS, key=len, reverse=True))
+_NOT = re.compile(r"(?<=[a-z])n't(?![a-z])")
+_CLITIC = re.compile(r"(?<=[a-z0-9])'(s|d|m|ll|re|ve)(?![a-z])")
 # One token; alternatives are tried left to right, so the specific forms come first.
 _TOKEN = re.compile(
-    r"""
-      (?P<num>\d+(?:[.,:/]\d+)+)                       # 3.5  1,000  10:30  3/4/2020
-    | (?P<acronym>(?:[a-z]\.){2,})                     # u.s.a.  a.m.
-    | (?P<clitic>n't|'(?:s|d|m|ll|re|ve)(?![a-z]))     # split-off contractions
-    | (?P<word>[a-z0-9]+(?:(?:[-&/]|'(?![a-z]{1,2}(?![a-z])))[a-z0-9]+)*?(?=n't(?![a-z]))
-              |[a-z0-9]+(?:(?:[-&/]|'(?=[a-z]{3}))[a-z0-9]+)*)  # e-mail, at&t, and/or, o'clock
-    | (?P<bracket>[()\[\]{}])
+    rf"""
+      (?P<num>\d+(?:[.,:/]\d+)+)                # 3.5  1,000  10:30  3/4/2020
+    | (?P<acronym>(?:[a-z]\.){{2,}})             # u.s.a.  a.m.
+    | (?P<abbr>(?<![a-z0-9])(?:{_ABBREV})\.(?!\.))  # st.  etc.  mr.
+    | (?P<clitic>n't|'(?:s|d|m|ll|re|ve)(?![a-z]))  # contractions, already split from their word
+    | (?P<word>@?[a-z0-9]+(?:[-&/'][a-z0-9]+)*)  # e-mail  at&t  and/or  o'clock  @home
+    | (?P<sgml></?[a-z][a-z0-9]*>)
+    | (?P<bracket>[()\[\]{{}}])
     | (?P<dots>\.+)
-    | (?P<qe>[?!]+)
+    | (?P<qe>[?!]+)                             # "??" survives: only "?" and "!" are removed
     | (?P<dash>-+)
     | (?P<quote>["'`]+)
     | (?P<other>\S)
@@ -54,24 +58,19 @@ _TOKEN = re.compile(
 
 
 def _tokens(line: str) -> list[str]:
+    line = _CLITIC.sub(r" '\1", _NOT.sub(" n't", line.lower()))
     out: list[str] = []
-    for m in _TOKEN.finditer(line.lower()):
+    for m in _TOKEN.finditer(line):
         kind, tok = m.lastgroup, m.group()
-        if kind == "word":
-            if tok in _SPLIT_WORDS:
-                out.extend(_SPLIT_WORDS[tok].split())
-                continue
-            # "st." / "etc." keep their period: it was matched as `dots` right after the word
-            nxt = line[m.end():m.end() + 1]
-            if nxt == "." and tok in _ABBREVIATIONS and line[m.end():m.end() + 2] != "..":
-                tok += "."
-        elif kind == "dots" and out and out[-1].endswith(".") and out[-1][:-1] in _ABBREVIATIONS \
-                and len(tok) == 1 and m.start() > 0 and line[m.start() - 1] not in " ":
-            continue  # the period already attached to the abbreviation above
-        elif kind == "bracket":
+        if kind == "word" and tok in _SPLIT_WORDS:
+            out.extend(_SPLIT_WORDS[tok].split())
+            continue
+        if kind == "bracket":
             tok = _BRACKETS[tok]
         elif kind == "quote":
             tok = "'"  # `` '' ` ' all end up removed
+        elif kind == "dots":
+            tok = "."  # Stanford makes ". ." / "..." of these; every form is removed
         out.append(tok)
     return out
 

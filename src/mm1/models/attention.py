@@ -164,3 +164,65 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     if mask.kind == "none":
         return F.scaled_dot_product_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask)
+
+
+class KVCache:
+    """Keys/values of every layer for incremental decoding, plus each key's document id.
+
+    Buffers [B, H_kv, capacity, hd] per layer are allocated on first use in the keys' own device and
+    dtype (so autocast and bf16 work unchanged) and grow when a step would overflow them. `doc`
+    [B, capacity] remembers which keys are padding (-1, e.g. left padding of a batched prompt), so
+    later steps never attend to them. `next_pos` [B] is the position the next token of each row gets.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, capacity: int) -> None:
+        self.batch_size, self.capacity = batch_size, max(1, capacity)
+        self.keys: list[Tensor | None] = [None] * n_layers
+        self.values: list[Tensor | None] = [None] * n_layers
+        self.doc: Tensor | None = None
+        self.next_pos: Tensor | None = None
+        self.length = 0  # keys stored so far (padding included)
+
+    def _grow(self, needed: int) -> None:
+        new_cap = max(2 * self.capacity, needed)
+
+        def widen(buf: Tensor, dim: int, fill: float) -> Tensor:
+            shape = list(buf.shape)
+            shape[dim] = new_cap - self.capacity
+            return torch.cat([buf, buf.new_full(shape, fill)], dim=dim)
+
+        self.doc = widen(self.doc, 1, -1) if self.doc is not None else None
+        self.keys = [widen(b, 2, 0.0) if b is not None else None for b in self.keys]
+        self.values = [widen(b, 2, 0.0) if b is not None else None for b in self.values]
+        self.capacity = new_cap
+
+    def append_docs(self, doc: Tensor | None, batch_size: int, T: int, device: torch.device) -> Tensor:
+        """Record the new tokens' document ids ([B,T], or None = the row's current document) and
+        return the ids of every key so far [B, length+T]."""
+        if batch_size != self.batch_size:
+            raise ValueError(f"KVCache was made for batch size {self.batch_size}, got a step of {batch_size} rows")
+        if self.doc is None:
+            self.doc = torch.full((batch_size, self.capacity), -1, dtype=torch.long, device=device)
+        if self.length + T > self.capacity:
+            self._grow(self.length + T)
+        if doc is None:
+            current = self.doc[:, self.length - 1].clamp(min=0) if self.length else self.doc.new_zeros(batch_size)
+            doc = current[:, None].expand(batch_size, T)
+        self.doc[:, self.length:self.length + T] = doc
+        return self.doc[:, :self.length + T]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's k, v [B,H_kv,T,hd] for `layer`; return all keys/values [B,H_kv,S,hd]."""
+        B, H, T, hd = k.shape
+        if self.keys[layer] is None:
+            self.keys[layer] = k.new_zeros(B, H, self.capacity, hd)
+            self.values[layer] = v.new_zeros(B, H, self.capacity, hd)
+        end = self.length + T
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, T: int, next_pos: Tensor) -> None:
+        """Called once per forward, after every layer stored its keys."""
+        self.length += T
+        self.next_pos = next_pos

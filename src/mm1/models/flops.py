@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mm1.config import ModelConfig
+from mm1.models.vision import used_blocks
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,9 @@ def training_flops(cfg: ModelConfig, context: int) -> FlopsBreakdown:
     lm_per_token = 6 * _lm_matmul_params(cfg) + 12 * lm.n_layers * lm.dim * context
     v = cfg.vision
     patches = v.grid**2 + (1 if v.use_cls else 0)
-    vit_matmul = v.depth * (4 * v.width**2 + 2 * v.width * v.mlp_dim)
-    vision = patches * (6 * vit_matmul + 12 * v.depth * v.width * patches) + 6 * patches * 3 * v.patch_size**2 * v.width
+    depth = used_blocks(v)  # blocks after the feature layer are never built
+    vit_matmul = depth * (4 * v.width**2 + 2 * v.width * v.mlp_dim)
+    vision = patches * (6 * vit_matmul + 12 * depth * v.width * patches) + 6 * patches * 3 * v.patch_size**2 * v.width
     c = cfg.connector
     hidden = c.hidden_dim or v.width
     readout = c.num_tokens * 6 * (hidden * lm.dim + (c.mlp_depth - 1) * lm.dim * lm.dim)

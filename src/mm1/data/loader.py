@@ -1,0 +1,151 @@
+"""`build_loader`: the mixture as an iterable of batches that can be checkpointed mid-stream.
+
+Each DataLoader worker builds whole batches (decode + preprocess + tokenize + pack) and attaches its
+resume state to every batch; the main process strips it off. With an IterableDataset the DataLoader
+returns batches from its workers strictly round-robin, so the loader's state is just "batches
+consumed" plus, per worker, the state attached to the last batch it delivered. Prefetched but
+unconsumed batches are never counted. On resume the DataLoader's worker 0 plays the worker whose
+turn is next, so the continued stream is the uninterrupted one, batch for batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from mm1.data.images import ImageError, image_tensors
+from mm1.data.mixture import MixtureDataset, SourceSpec
+from mm1.data.sequence import DocBuilder, SampleError
+from mm1.data.skips import SkipCounter
+from mm1.registry import ConfigError
+
+STATE_VERSION = 1
+
+
+class ImagePipeline:
+    """(bytes | path, where) -> the image's crops, each [3, S, S]; failures become counted skips."""
+
+    def __init__(self, model_cfg: Any, resize: str = "crop") -> None:
+        v = model_cfg.vision
+        self.size, self.mean, self.std = int(v.image_size), list(v.mean), list(v.std)
+        self.grid, self.overview_first, self.resize = int(model_cfg.subimage_grid), bool(model_cfg.overview_first), resize
+
+    @property
+    def crops(self) -> int:
+        return self.grid**2 + 1 if self.grid else 1
+
+    def __call__(self, raw: Any, where: str) -> list[torch.Tensor]:
+        try:
+            x = image_tensors(raw, where, self.size, self.mean, self.std, self.resize, self.grid, self.overview_first)
+        except ImageError as e:
+            raise SampleError(e.reason, where, str(e)) from None
+        return list(x.unbind(0))  # crops of [3, S, S]
+
+
+def resolve_sources(cfg: Any) -> list[SourceSpec]:
+    """The stage's sources with `{world}` filled in (building the synthetic world if one is needed)."""
+    d = cfg.data
+    if cfg.train.stage == "sft":
+        raw = [("sft", "sft", d.sft, 1.0)]
+    else:
+        raw = [(name, s.kind, s.path, float(s.weight)) for name, s in d.sources.items()]
+        if cfg.train.stage == "encoder":  # encoder pre-training learns from image-caption pairs only
+            raw = [r for r in raw if r[1] == "caption"]
+    if not any(w > 0 for *_, w in raw):
+        raise ConfigError(f"data.sources: no source with a positive weight for train.stage={cfg.train.stage}")
+    world = ""
+    if any("{world}" in r[2] for r in raw):
+        try:
+            from mm1.data.world import ensure_world
+        except ImportError:
+            world = str(d.world)
+        else:
+            world = str(ensure_world(d))
+    return [SourceSpec(name, kind, path.replace("{world}", world), w) for name, kind, path, w in raw]
+
+
+class Loader:
+    """Iterable of batches (the table in CONTRIBUTING.md) with exact `state_dict` resume."""
+
+    def __init__(self, dataset: MixtureDataset, num_workers: int = 0, prefetch_factor: int = 2) -> None:
+        self.dataset, self.num_workers, self.prefetch_factor = dataset, num_workers, prefetch_factor
+        self.batches = 0  # batches handed out so far
+        self.worker_states: dict[int, dict[str, Any]] = {}
+
+    @property
+    def logical_workers(self) -> int:
+        return max(1, self.num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ds = copy.copy(self.dataset)
+        ds.resume = copy.deepcopy(self.worker_states)
+        ds.worker_offset = self.batches % self.logical_workers
+        if self.num_workers:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize serially
+            stream: Any = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                     prefetch_factor=self.prefetch_factor, persistent_workers=False)
+        else:
+            stream = ds
+        for batch in stream:
+            state = batch.pop("_state")
+            self.worker_states[int(state["worker"])] = state
+            self.batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        ds = self.dataset
+        return {"version": STATE_VERSION, "batches": self.batches, "num_workers": self.num_workers,
+                "rank": ds.rank, "world_size": ds.world_size, "seed": ds.seed, "batch_size": ds.batch_size,
+                "sources": [s.name for s in ds.sources],
+                "workers": {str(k): copy.deepcopy(v) for k, v in self.worker_states.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ds = self.dataset
+        mine = {"num_workers": self.num_workers, "world_size": ds.world_size, "seed": ds.seed,
+                "batch_size": ds.batch_size, "sources": [s.name for s in ds.sources]}
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if state.get("version") != STATE_VERSION or diff:
+            what = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()) or "state version"
+            raise ConfigError(f"data loader state does not match this run ({what}); resume with the same "
+                              "data.num_workers, world size, train.seed, data.batch_size and data.sources")
+        self.batches = int(state["batches"])
+        self.worker_states = {int(k): copy.deepcopy(v) for k, v in state["workers"].items()}
+
+    @property
+    def skips(self) -> dict[str, SkipCounter]:
+        """Skip counts summed over the workers' last reported states: `NAME` for samples that did
+        not become sequences (e.g. corrupt images), `NAME:read` for what the reader dropped (when
+        shards split by record rather than by file, every shard parses, and counts, every record)."""
+        out: dict[str, SkipCounter] = {}
+        for state in self.worker_states.values():
+            for name, counts in state["skips"].items():
+                out.setdefault(name, SkipCounter(self.dataset.max_skip_rate, name=name)).merge(
+                    {"seen": counts["seen"], "counts": counts["counts"], "examples": counts.get("examples", {})})
+        return out
+
+
+def build_dataset(cfg: Any, tokenizer: Any, rank: int = 0, world_size: int = 1,
+                  with_keys: bool = False) -> MixtureDataset:
+    if cfg.model.image_token_id != tokenizer.image_id:
+        raise ConfigError(f"model.image_token_id={cfg.model.image_token_id} but the tokenizer's <image> id is "
+                          f"{tokenizer.image_id}; set model.image_token_id={tokenizer.image_id}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    images = ImagePipeline(cfg.model, cfg.data.resize)
+    builder = DocBuilder(tokenizer, images, cfg.data.seq_len, cfg.data.max_images, cfg.model.tokens_per_image,
+                         images.crops, cfg.data.synthetic_caption_ratio, cfg.train.seed)
+    return MixtureDataset(resolve_sources(cfg), builder, cfg.data.batch_size, cfg.train.seed, rank, world_size,
+                          cfg.data.max_skip_rate, with_keys)
+
+
+def build_loader(cfg: Any, tokenizer: Any, rank: int = 0, world_size: int = 1, with_keys: bool = False) -> Loader:
+    """Batches for `cfg.train.stage` on this rank; `with_keys` adds each row's sample ids (tests, debugging)."""
+    return Loader(build_dataset(cfg, tokenizer, rank, world_size, with_keys), cfg.data.num_workers)
+
+
+__all__ = ["ImagePipeline", "Loader", "build_dataset", "build_loader", "resolve_sources"]

@@ -1,0 +1,139 @@
+"""`mm1 eval` (few-shot benchmarks on a checkpoint) and `mm1 generate` (answer one prompt).
+
+Both subcommands live here; the CLI registers this module twice and `add_arguments` / `run` tell
+them apart by the subcommand name.
+
+    mm1 eval configs/tiny.yaml --checkpoint runs/tiny --tasks world_caption,world_vqa --shots 0,4,8
+    mm1 eval configs/tiny.yaml --blind                      # the blind baselines, no model needed
+    mm1 generate --checkpoint runs/tiny --image a.png --prompt "<image>A short description:"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from mm1.config import Config, load_config
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 0,4,8") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    if parser.prog.split()[-1] == "generate":
+        parser.add_argument("--checkpoint", required=True, help="run dir or checkpoint dir")
+        parser.add_argument("--image", action="append", default=[], help="image file (repeat; fills <image> in order)")
+        parser.add_argument("--prompt", required=True,
+                            help="text with one <image> per --image; images without a marker are put first")
+        parser.add_argument("--max-new-tokens", type=int, default=64)
+        parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable; default newline)")
+        parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+        parser.add_argument("--temperature", type=float, default=1.0)
+        parser.add_argument("--top-p", type=float, default=1.0)
+        parser.add_argument("--seed", type=int, default=0)
+        return
+    parser.add_argument("config", nargs="?", help="preset YAML for eval/data settings (default: the checkpoint's)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.trials=3 eval.vqa_mode=official")
+    parser.add_argument("--checkpoint", help="run dir or checkpoint dir (default: build the model from CONFIG, "
+                                             "e.g. HF-initialised weights)")
+    parser.add_argument("--tasks", help="comma-separated task names or task spec files (default: eval.tasks)")
+    parser.add_argument("--shots", type=_ints, help="e.g. 0,4,8 (default: eval.shots)")
+    parser.add_argument("--limit", type=int, help="test items per task (default: eval.limit; 0 = all)")
+    parser.add_argument("--json", dest="json_dir", help="directory for one result JSON per (task, shots)")
+    parser.add_argument("--blind", action="store_true", help="also (or, without a model, only) score blind baselines")
+
+
+def _load(args: argparse.Namespace) -> tuple[object | None, Config, object | None]:
+    """(model, config, tokenizer); the model is None for a blind-only run."""
+    from mm1.data.tokenizer import Tokenizer
+
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    if args.checkpoint:
+        from mm1.train import load_checkpoint
+
+        model, ckpt_cfg, tok = load_checkpoint(args.checkpoint)
+        if cfg is None:
+            cfg = ckpt_cfg
+        cfg.model = ckpt_cfg.model  # the weights decide the architecture
+        return model, cfg, tok
+    if cfg is None:
+        raise SystemExit("mm1 eval: give a CONFIG, a --checkpoint, or both")
+    if args.blind:
+        return None, cfg, None
+    from mm1.models.build import build_model
+
+    tok_path = cfg.data.tokenizer or str(Path(cfg.data.world) / "tokenizer.json")
+    tok = Tokenizer.load(tok_path)
+    cfg.model.image_token_id = tok.image_id
+    return build_model(cfg.model).eval(), cfg, tok
+
+
+def _needs_world(tasks: list[str]) -> bool:
+    return any(t.startswith("world_") for t in tasks)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from mm1.eval.baselines import blind_baseline
+    from mm1.eval.runner import evaluate, format_table
+    from mm1.eval.tasks import get_task
+
+    torch.set_grad_enabled(False)
+    model, cfg, tok = _load(args)
+    tasks = args.tasks.split(",") if args.tasks else list(cfg.eval.tasks)
+    if _needs_world(tasks):
+        from mm1.data.world import ensure_world
+
+        ensure_world(cfg.data)
+    limit = cfg.eval.limit if args.limit is None else args.limit
+    results = []
+    if model is not None:
+        results = evaluate(model, tok, cfg, tasks, args.shots, limit, args.json_dir)
+    if args.blind:
+        for name in tasks:
+            task = get_task(name, cfg.data.world)
+            if task.spec.metric in ("cider", "vqa", "exact"):
+                b = blind_baseline(task, limit, cfg.eval.vqa_mode)
+                results.append({"task": f"{name} (blind: {b['baseline']})", "metric": b["metric"], "shots": 0,
+                                "score": b["score"], "std": 0.0, "trial_scores": [b["score"]]})
+                if args.json_dir:
+                    Path(args.json_dir).mkdir(parents=True, exist_ok=True)
+                    (Path(args.json_dir) / f"{name}_blind.json").write_text(json.dumps(b, indent=1))
+    print()
+    print(format_table(results))
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from mm1.eval.generate import generate
+    from mm1.train import load_checkpoint
+
+    torch.set_grad_enabled(False)
+    model, cfg, tok = load_checkpoint(args.checkpoint)
+    prompt, missing = args.prompt, len(args.image) - args.prompt.count("<image>")
+    if missing < 0:
+        print(f"mm1 generate: the prompt has {prompt.count('<image>')} <image> markers but only "
+              f"{len(args.image)} --image files", file=sys.stderr)
+        return 2
+    prompt = "<image>" * missing + prompt
+    for img in args.image:
+        if not Path(img).is_file():
+            print(f"mm1 generate: --image {img}: no such file", file=sys.stderr)
+            return 2
+    stop = args.stop if args.stop is not None else ["\n"]
+    out = generate(model, tok, [prompt], [list(args.image)], max_new_tokens=args.max_new_tokens, stop=stop,
+                   do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                   resize=cfg.data.resize, add_bos=cfg.eval.add_bos)
+    print(out[0])
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_generate(args) if args.command == "generate" else run_eval(args)

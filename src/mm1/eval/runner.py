@@ -1,0 +1,143 @@
+"""Run tasks x shots on a model: prompts -> generation or option scoring -> metric -> results.
+
+One result per (task, shots): the score (mean over trials, each trial re-drawing every query's
+demonstrations with seed `eval.seed + trial`), its std, the per-trial scores and seeds, the prompt
+protocol (template, separator, stop strings), the configuration, and every item's prediction, so a
+number can be audited and re-computed. `format_table` prints them the way papers do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from mm1.config import Config, to_dict
+from mm1.data.tokenizer import Tokenizer
+from mm1.eval.fewshot import build_prompts, extract_answer
+from mm1.eval.generate import GenerationConfig, generate
+from mm1.eval.metrics import cider_scores, exact_match, mean_std, option_accuracy, vqa_accuracy
+from mm1.eval.scoring import choose_options, perplexity
+from mm1.eval.tasks import Task, get_task
+from mm1.registry import ConfigError
+
+
+def _check_eval_config(cfg: Config) -> None:
+    e = cfg.eval
+    for key, value, allowed in (("eval.vqa_mode", e.vqa_mode, ("always", "official")),
+                                ("eval.cider_tokenizer", e.cider_tokenizer, ("python", "java")),
+                                ("eval.mc_normalize", e.mc_normalize, ("none", "length"))):
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
+    if e.trials < 1:
+        raise ConfigError(f"eval.trials={e.trials}: must be >= 1")
+
+
+def _score_generations(task: Task, items: list, preds: list[str], cfg: Config) -> tuple[float, list[float]]:
+    """Corpus score (x100) and per-item scores for generated answers."""
+    metric = task.spec.metric
+    if metric == "cider":
+        per = cider_scores({ex.id: p for ex, p in zip(items, preds)}, {ex.id: ex.answers for ex in items},
+                           tokenizer=cfg.eval.cider_tokenizer)
+        scores = [per[ex.id] for ex in items]
+        return sum(scores) / len(scores), scores
+    if metric == "vqa":
+        scores = [100.0 * vqa_accuracy(p, ex.answers, cfg.eval.vqa_mode) for ex, p in zip(items, preds)]
+    elif metric == "exact":
+        scores = [100.0 * exact_match(p, ex.answers) for ex, p in zip(items, preds)]
+    else:
+        raise ConfigError(f"task {task.name}: metric {metric!r} is not a generation metric")
+    return sum(scores) / len(scores), scores
+
+
+def run_trial(model, tokenizer: Tokenizer, task: Task, items: list, shots: int, seed: int,
+              cfg: Config) -> tuple[float, list[dict]]:
+    """One pass over `items` with demonstrations drawn from `seed`: (score, per-item records)."""
+    spec = task.spec
+    if spec.metric == "perplexity":  # shots do not apply: the text is scored on its own
+        ppl, nll = perplexity(model, tokenizer, [ex.answers[0] for ex in items], cfg.eval.batch_size)
+        return ppl, [{"id": ex.id, "nll": n} for ex, n in zip(items, nll)]
+    prompts = build_prompts(task, items, shots, seed)
+    records = [{"id": ex.id, "demo_ids": p.demo_ids} for ex, p in zip(items, prompts)]
+    if spec.metric == "option":
+        chosen = []
+        for p, ex, rec in zip(prompts, items, records):
+            best, scores = choose_options(model, tokenizer, p.text, p.options, p.images,
+                                          normalize=cfg.eval.mc_normalize, add_bos=cfg.eval.add_bos)
+            chosen.append(best)
+            rec.update(prediction=ex.options[best], option_scores=scores, gold=ex.label, score=100.0 * (best == ex.label))
+        return 100.0 * option_accuracy(chosen, [ex.label for ex in items]), records
+    gcfg = GenerationConfig(max_new_tokens=spec.max_new_tokens or cfg.eval.max_new_tokens, stop=list(spec.stop),
+                            batch_size=cfg.eval.batch_size, add_bos=cfg.eval.add_bos, resize=cfg.data.resize)
+    raw = generate(model, tokenizer, [p.text for p in prompts], [p.images for p in prompts], gcfg)
+    preds = [extract_answer(r, spec) for r in raw]
+    score, per = _score_generations(task, items, preds, cfg)
+    for rec, r, pred, ex, s in zip(records, raw, preds, items, per):
+        rec.update(prediction=pred, raw=r, answers=ex.answers, score=s)
+    return score, records
+
+
+def evaluate(model, tokenizer: Tokenizer, cfg: Config, tasks: list[str] | None = None, shots: list[int] | None = None,
+             limit: int | None = None, out_dir: str | Path | None = None,
+             log: Callable[[str], Any] | None = print) -> list[dict]:
+    """Every task x shots; returns one result dict each and, with `out_dir`, writes
+    `{out_dir}/{task}_{shots}shot.json` for each."""
+    _check_eval_config(cfg)
+    tasks = tasks or list(cfg.eval.tasks)
+    shots = list(cfg.eval.shots) if shots is None else shots
+    limit = cfg.eval.limit if limit is None else limit
+    results = []
+    for name in tasks:
+        task = get_task(name, cfg.data.world)
+        items = task.test[:limit] if limit else task.test
+        if not items:
+            raise ValueError(f"task {task.name}: the test split is empty")
+        for k in shots:
+            t0 = time.time()
+            seeds = [cfg.eval.seed + t for t in range(cfg.eval.trials)]
+            trial_scores, predictions = [], []
+            for seed in seeds:
+                score, records = run_trial(model, tokenizer, task, items, k, seed, cfg)
+                trial_scores.append(score)
+                predictions.append(records)
+            mean, std = mean_std(trial_scores)
+            spec = task.spec
+            result = {
+                "task": task.name, "kind": spec.kind, "metric": spec.metric, "shots": k, "score": mean, "std": std,
+                "trial_scores": trial_scores, "seeds": seeds, "n": len(items), "seconds": round(time.time() - t0, 2),
+                "template": spec.template, "separator": spec.separator, "prefix": spec.prefix, "stop": spec.stop,
+                "cot_marker": spec.cot_marker, "max_new_tokens": spec.max_new_tokens or cfg.eval.max_new_tokens,
+                "config": to_dict(cfg), "predictions": predictions,
+            }
+            results.append(result)
+            if log:
+                log(f"{task.name:<16} {k}-shot  {spec.metric:<10} {mean:8.2f} ± {std:.2f}  "
+                    f"(n={len(items)}, {result['seconds']:.1f}s)")
+            if out_dir is not None:
+                write_result(result, out_dir)
+    return results
+
+
+def write_result(result: dict, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{result['task']}_{result['shots']}shot.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def format_table(results: list[dict]) -> str:
+    """Rows = tasks, columns = shots, cells = mean ± std (± omitted with one trial)."""
+    shots = sorted({r["shots"] for r in results})
+    rows: dict[tuple[str, str], dict[int, str]] = {}
+    for r in results:
+        cell = f"{r['score']:.2f}" + (f" ± {r['std']:.2f}" if len(r.get("trial_scores", [])) > 1 else "")
+        rows.setdefault((r["task"], r["metric"]), {})[r["shots"]] = cell
+    head = ["task", "metric"] + [f"{k}-shot" for k in shots]
+    body = [[t, m] + [cells.get(k, "-") for k in shots] for (t, m), cells in rows.items()]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda xs: "  ".join(str(x).ljust(w) for x, w in zip(xs, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])

@@ -1,0 +1,40 @@
+"""`mm1 train CONFIG [key=value ...] --out DIR [--resume]`: run a training stage into a run dir.
+
+Single process: `mm1 train configs/tiny.yaml --out runs/tiny`. Many: `torchrun --nproc_per_node 8
+-m mm1 train CONFIG --out DIR train.strategy=fsdp` (the same command on every node). The run dir
+holds config.yaml, metrics.jsonl, run.json and checkpoints/step-N/; `--resume` continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="preset YAML, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 train.seed=1")
+    # nargs="+" so overrides may also follow --out DIR (argparse cannot resume positionals after an option)
+    parser.add_argument("--out", required=True, nargs="+", metavar="DIR",
+                        help="run directory to create (or continue with --resume)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest complete checkpoint in --out (start fresh if none)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mm1.config import load_config
+    from mm1.train.checkpoint import CheckpointError
+    from mm1.train.trainer import NonFiniteLoss, train
+
+    out, late = Path(args.out[0]), args.out[1:]
+    cfg = load_config(args.config, list(args.overrides) + list(late))
+    try:
+        result = train(cfg, out, resume=args.resume)
+    except (NonFiniteLoss, CheckpointError, FileExistsError) as e:
+        print(f"mm1 train: {e}", file=sys.stderr)
+        return 1
+    if result.get("final_loss") is not None:
+        print(f"mm1 train: {result['steps']} steps, loss {result['first_loss']:.4f} -> {result['final_loss']:.4f}; "
+              f"run dir {result['run_dir']}", file=sys.stderr)
+    return 0

@@ -1,0 +1,169 @@
+"""Stage `encoder`: pre-train the image encoder on caption data before the MLLM sees it (MM1 §3.1).
+
+Two families, chosen by `train.encoder_objective`:
+- contrastive, `clip` (softmax over the batch, both directions) or `siglip` (pairwise sigmoid with
+  a learned bias): the ViT is paired with a small text tower (a bidirectional transformer over the
+  world tokenizer's ids, mean-pooled) and both are projected into a shared space;
+- reconstructive, `aim` (AIM): the ViT runs with a prefix-causal mask over its patches (a random
+  prefix attends bidirectionally, the rest causally) and an MLP head predicts the next patch's
+  per-patch-normalised pixels, MSE on the non-prefix patches.
+The ViT is the same module class as `MLLM.vision` and its weights sit under `vision.` in the
+checkpoint, so a pretrain run with `train.init_from=<encoder run>` starts from exactly these.
+Contrastive losses gather features over ranks, so N processes see the same negatives as one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm1.config import Config
+from mm1.models.registry import ENCODERS
+from mm1.train.distributed import DistEnv, gather_with_grad
+
+
+class TextTower(nn.Module):
+    """A small bidirectional transformer over token ids; mean pooling over the valid tokens."""
+
+    def __init__(self, vocab_size: int, dim: int, depth: int, heads: int, max_len: int, out_dim: int) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.randn(1, max_len, dim) * 0.01)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+            for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, out_dim, bias=False)
+
+    def forward(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        x = self.tok(ids) + self.pos[:, : ids.shape[1]]  # [N, L, D]
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=~valid)
+        x = self.norm(x)
+        w = valid.unsqueeze(-1).to(x.dtype)
+        return self.proj((x * w).sum(1) / w.sum(1).clamp(min=1))  # [N, out]
+
+
+def caption_pairs(batch: dict[str, torch.Tensor], image_id: int, tokens_per_image: int, special: set[int],
+                  max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images [N,3,H,W], text ids [N,L], valid [N,L]) from a packed caption batch.
+
+    Each image is paired with the non-special tokens of its own document (packed rows hold many
+    caption documents; doc_ids separate them), so no data-format knowledge beyond the batch table."""
+    ids, docs, images = batch["input_ids"], batch["doc_ids"], batch["images"]
+    slot_pos = (ids == image_id).nonzero()  # [S, 2] row-major, k per image
+    first = slot_pos[::tokens_per_image]  # [N, 2] first slot of each image
+    if first.shape[0] != images.shape[0]:
+        raise ValueError(f"encoder stage: {images.shape[0]} images but {first.shape[0]} slot runs of "
+                         f"{tokens_per_image}; sub-image grids are not supported here (set model.subimage_grid=0)")
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    for s in special:
+        keep &= ids != s
+    texts = []
+    for b, t in first.tolist():
+        row = ids[b][(docs[b] == docs[b, t]) & keep[b]][:max_len]
+        texts.append(row)
+    n, length = len(texts), max(1, max((len(r) for r in texts), default=1))
+    out = torch.zeros(n, length, dtype=torch.long)
+    valid = torch.zeros(n, length, dtype=torch.bool)
+    for i, r in enumerate(texts):
+        out[i, : len(r)] = r
+        valid[i, : len(r)] = True
+    valid[:, 0] = True  # an empty caption still pools one (pad) token rather than dividing by zero
+    return images, out, valid
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    logits = scale * img @ txt.T  # [N, N]
+    labels = torch.arange(img.shape[0], device=img.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def siglip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    logits = scale * img @ txt.T + bias  # [N, N]
+    signs = 2 * torch.eye(img.shape[0], device=img.device) - 1
+    return -F.logsigmoid(signs * logits).sum() / img.shape[0]
+
+
+def _block_forward(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A ViT block with an attention mask (the block's own forward is bidirectional)."""
+    b, t, d = x.shape
+    q, k, v = block.qkv(block.ln1(x)).view(b, t, 3, block.heads, d // block.heads).permute(2, 0, 3, 1, 4)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, hd]
+    x = x + block.proj(a.transpose(1, 2).reshape(b, t, d))
+    return x + block.fc2(block.act(block.fc1(block.ln2(x))))
+
+
+class EncoderPretrainer(nn.Module):
+    """The ViT plus what its objective needs; `forward(batch)` returns the stage loss."""
+
+    def __init__(self, cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv) -> None:
+        super().__init__()
+        v = cfg.model.vision
+        self.objective = cfg.train.encoder_objective
+        self.image_id, self.k = cfg.model.image_token_id, cfg.model.tokens_per_image
+        self.special, self.env = set(special_ids), env
+        self.vision = ENCODERS.get(v.kind)(v)
+        if self.objective == "aim":
+            p = v.patch_size
+            self.head = nn.Sequential(nn.Linear(v.width, v.mlp_dim), nn.GELU(), nn.Linear(v.mlp_dim, 3 * p * p))
+        else:
+            dim = min(v.width, 512)
+            self.text = TextTower(vocab_size, dim, max(2, min(6, v.depth // 2)), max(1, dim // 64),
+                                  min(cfg.data.seq_len, 128), dim)
+            self.image_proj = nn.Linear(v.width, dim, bias=False)
+            if self.objective == "siglip":  # SigLIP's initialisation: t = 10, b = -10
+                self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+                self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+            else:  # CLIP's: t = 1 / 0.07
+                self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.objective == "aim":
+            loss = self.aim_loss(batch["images"])
+            return {"loss": loss, "n_images": torch.tensor(batch["images"].shape[0])}
+        images, ids, valid = caption_pairs(batch, self.image_id, self.k, self.special, self.text.max_len)
+        dev = images.device
+        img = F.normalize(self.image_proj(self.vision(images).mean(1)), dim=-1)  # [N, E]
+        txt = F.normalize(self.text(ids.to(dev), valid.to(dev)), dim=-1)  # [N, E]
+        img, txt = gather_with_grad(img.float(), self.env), gather_with_grad(txt.float(), self.env)
+        scale = self.logit_scale.exp().clamp(max=100.0)
+        if self.objective == "siglip":
+            loss = siglip_loss(img, txt, scale, self.logit_bias)
+        else:
+            loss = clip_loss(img, txt, scale)
+        with torch.no_grad():
+            acc = ((img @ txt.T).argmax(-1) == torch.arange(img.shape[0], device=dev)).float().mean()
+        return {"loss": loss, "retrieval_acc": acc, "n_images": torch.tensor(img.shape[0])}
+
+    def aim_loss(self, pixels: torch.Tensor) -> torch.Tensor:
+        vit, p = self.vision, self.vision.cfg.patch_size
+        n = pixels.shape[0]
+        x = vit.patch_embed(pixels.to(vit.patch_embed.weight.dtype))  # [N, D, h, w]
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # [N, P, D]
+        if vit.cls_token is not None:
+            x = torch.cat([vit.cls_token.expand(n, -1, -1).to(x.dtype), x], dim=1)
+        x = x + vit.position_embeddings(h, w).to(x.dtype)
+        if vit.pre_norm is not None:
+            x = vit.pre_norm(x)
+        n_patches, pre = h * w, vit.n_prefix
+        prefix = int(torch.randint(1, n_patches, (1,)))  # AIM: a random bidirectional prefix
+        t = pre + n_patches
+        idx = torch.arange(t, device=x.device)
+        mask = (idx[None, :] <= idx[:, None]) | (idx[None, :] < pre + prefix)  # [T, T] prefix-causal
+        for block in vit.blocks:
+            x = _block_forward(block, x, mask)
+        if vit.post_norm is not None:
+            x = vit.post_norm(x)
+        feats = x[:, pre:]  # [N, P, D]
+        target = pixels.float().unfold(2, p, p).unfold(3, p, p)  # [N, 3, h, w, p, p]
+        target = target.permute(0, 2, 3, 1, 4, 5).reshape(n, n_patches, 3 * p * p)  # [N, P, 3p²]
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        pred = self.head(feats[:, prefix - 1 : -1]).float()  # position t predicts patch t+1
+        return F.mse_loss(pred, target[:, prefix:])
+

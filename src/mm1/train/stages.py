@@ -1,0 +1,141 @@
+"""What each stage trains and where its weights start: the module the trainer optimises.
+
+- `encoder`: `EncoderPretrainer` (ViT + text tower or AIM head), see `mm1.train.encoder`;
+- `pretrain` / `sft`: the MLLM inside `MLLMObjective`, which returns per-token loss *sums* so the
+  trainer can normalise by the token count of the whole global batch (exactly what one process
+  with the same global batch computes, whatever the split over ranks and micro-steps).
+
+Initialisation order: random (seeded) -> HF weights (`model.*.hf_path`, by `build_model`) ->
+`train.init_from` (an encoder run gives the ViT only; a pretrain/SFT run gives the whole model, the
+ViT's position embeddings re-gridded when `model.vision.image_size` changed) -> freeze flags.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from mm1.config import Config
+from mm1.data import SOURCE_KINDS
+from mm1.train.checkpoint import CheckpointError, read_config, read_weights, resolve_checkpoint, verify_checkpoint
+from mm1.train.distributed import DistEnv
+
+log = logging.getLogger("mm1.train")
+
+
+class MLLMObjective(nn.Module):
+    """Wraps the MLLM for training: forward(batch) -> loss sums and statistics (no mean yet).
+
+    Under FSDP/DDP every rank must run the image encoder every micro-step (its parameters are
+    gathered / reduced collectively); a rank whose micro-batch holds no image encodes one blank
+    image and adds 0 x its output, before the main forward, so the collectives stay in step."""
+
+    def __init__(self, mllm: nn.Module, needs_vision_every_step: bool) -> None:
+        super().__init__()
+        self.mllm = mllm
+        self.needs_vision_every_step = needs_vision_every_step
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images = batch.get("images")
+        extra = None
+        if self.needs_vision_every_step and (images is None or images.shape[0] == 0):
+            size = self.mllm.cfg.vision.image_size
+            blank = torch.zeros(1, 3, size, size, device=batch["input_ids"].device)
+            extra = self.mllm.encode_images(blank).sum() * 0.0
+        out = self.mllm(batch["input_ids"], images=images if images is not None and images.shape[0] else None,
+                        targets=batch["targets"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
+        valid = batch["targets"] != -100  # [B, T]
+        row_sum = out.token_loss.float().sum(1)  # [B]
+        row_n = valid.sum(1).float()  # [B]
+        src = batch["source"]
+        kinds = len(SOURCE_KINDS)
+        per_source = torch.zeros(2, kinds, device=row_sum.device)
+        per_source[0].index_add_(0, src, row_sum.detach())
+        per_source[1].index_add_(0, src, row_n)
+        aux = out.aux_loss if out.aux_loss is not None else row_sum.new_zeros(())
+        if extra is not None:
+            aux = aux + extra
+        result = {"loss_sum": row_sum.sum(), "n_targets": row_n.sum(), "aux_loss": aux, "per_source": per_source}
+        for k, v in (out.moe_stats or {}).items():
+            if torch.is_tensor(v) and v.numel() == 1:
+                result[f"moe_{k}"] = v.detach().float()
+        return result
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
+    """`model.lm.activation_checkpointing` also covers the ViT (the flag lives in the LM config)."""
+    for m in model.modules():
+        if hasattr(m, "grad_checkpointing"):
+            m.grad_checkpointing = on
+
+
+def _vision_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("vision."):]: v for k, v in state.items() if k.startswith("vision.")}
+
+
+def load_init(model: nn.Module, vision: nn.Module, cfg: Config) -> None:
+    """Apply `train.init_from` to `model` (the MLLM or the encoder pre-trainer) in place."""
+    from mm1.models.vision import resize_position_embeddings
+
+    ckpt = resolve_checkpoint(cfg.train.init_from)
+    verify_checkpoint(ckpt)
+    src_cfg = read_config(ckpt)
+    state = read_weights(ckpt / "model.safetensors")
+    new_size = cfg.model.vision.image_size
+    if src_cfg.model.vision.image_size != new_size:
+        state = resize_position_embeddings(state, new_size)
+        log.info("init: ViT position embeddings re-gridded %d px -> %d px", src_cfg.model.vision.image_size, new_size)
+    whole = src_cfg.train.stage != "encoder" and cfg.train.stage != "encoder"
+    same_encoder = (src_cfg.train.stage == cfg.train.stage == "encoder"
+                    and src_cfg.train.encoder_objective == cfg.train.encoder_objective)
+    if whole or same_encoder:
+        target, part = model, state
+        what = "whole model"
+    else:
+        target, part = vision, _vision_state(state)
+        what = "image encoder only"
+    missing, unexpected = target.load_state_dict(part, strict=False)
+    if missing or unexpected or not part:
+        raise CheckpointError(
+            f"train.init_from={cfg.train.init_from}: {ckpt}/model.safetensors does not fit this model's "
+            f"{what} (missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]}); the model config "
+            "(widths, depths, vocab) must match the run that wrote it")
+    log.info("init: %s from %s (stage %s)", what, ckpt, src_cfg.train.stage)
+
+
+def apply_freeze(model: nn.Module, cfg: Config) -> dict[str, bool]:
+    """Per-part freeze flags; returns which parts are frozen (for the log)."""
+    flags = {"vision": cfg.train.freeze_vision, "connector": cfg.train.freeze_connector, "lm": cfg.train.freeze_lm}
+    for part, frozen in flags.items():
+        sub = getattr(model, part, None)
+        if sub is not None and frozen:
+            sub.requires_grad_(False)
+    return {k: v for k, v in flags.items() if hasattr(model, k)}
+
+
+def build_stage_module(cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str) -> nn.Module:
+    """The module the trainer optimises for `cfg.train.stage`, initialised and frozen as configured."""
+    if cfg.train.stage == "encoder":
+        from mm1.train.encoder import EncoderPretrainer
+
+        module = EncoderPretrainer(cfg, vocab_size, special_ids, env)
+        if cfg.model.vision.hf_path:
+            from mm1.models.hf_vision import load_hf_vision_into
+
+            load_hf_vision_into(module.vision, cfg.model.vision.hf_path)
+        inner, vision = module, module.vision
+    else:
+        from mm1.models.build import build_model
+
+        inner = build_model(cfg.model)
+        vision = inner.vision
+        module = MLLMObjective(inner, needs_vision_every_step=strategy in ("ddp", "fsdp"))
+    if cfg.train.init_from:
+        load_init(inner, vision, cfg)
+    frozen = apply_freeze(inner, cfg)
+    if any(frozen.values()):
+        log.info("frozen: %s", ", ".join(k for k, v in frozen.items() if v))
+    set_activation_checkpointing(inner, cfg.model.lm.activation_checkpointing)
+    return module

@@ -1,0 +1,293 @@
+"""One trainer for every stage (encoder pre-training, MLLM pre-training, SFT), 1 process or many.
+
+The loss of a step is the mean over every target token of the *global* batch (all ranks, all
+micro-steps): each micro-step back-propagates its token-loss sum divided by the global token count
+(times the world size, since DDP/FSDP average gradients). So gradient accumulation, the number of
+processes and packing density never change what is optimised, and N processes reproduce one process
+with the same global batch (see `mm1.train.batches` for how the global batch is kept fixed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mm1.config import Config, to_yaml
+from mm1.data import SOURCE_KINDS
+from mm1.train import checkpoint as ckpt_io
+from mm1.train.batches import ShardedLoader, to_device
+from mm1.train.distributed import (DistEnv, all_reduce_sum, barrier, init_distributed, resolve_strategy,
+                                   setup_logging, shutdown, transformer_blocks, wrap_model)
+from mm1.train.metrics import MetricsLogger, truncate_metrics
+from mm1.train.optim import build_optimizer, build_scheduler, count_trainable, resolve_lr
+from mm1.train.stages import build_stage_module
+
+log = logging.getLogger("mm1.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient norm became NaN/inf and `train.nonfinite=stop`."""
+
+
+def train(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Run `cfg.train.stage` into run dir `out` (continuing its latest checkpoint if `resume`)."""
+    env = init_distributed(cfg.train.strategy)
+    setup_logging(env)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    ok = False
+    try:
+        result = Trainer(cfg, Path(out), env).run(resume)
+        ok = True
+        return result
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        if ok:
+            shutdown(env)
+        elif env.initialized:
+            torch.distributed.destroy_process_group()
+
+
+def _resolve_world(cfg: Config, env: DistEnv) -> str:
+    """Build the synthetic world (rank 0) if any path needs it; return its root ('' if unused)."""
+    d = cfg.data
+    paths = [d.tokenizer or "{world}", d.sft] + [s.path for s in d.sources.values()]
+    if not any("{world}" in p for p in paths):
+        return ""
+    from mm1.data.world import ensure_world
+
+    if env.is_main:
+        ensure_world(d)
+    barrier(env)
+    return str(ensure_world(d, verbose=False))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out: Path, env: DistEnv) -> None:
+        self.cfg, self.out, self.env = copy.deepcopy(cfg), out, env
+        t = self.cfg.train
+        self.strategy = resolve_strategy(t.strategy, env.world_size)
+        self.bf16 = t.precision == "bf16" or (t.precision == "auto" and env.device.type == "cuda")
+        self.encoder_stage = t.stage == "encoder"
+        self.prefix = "" if self.encoder_stage else "mllm."
+        self.last_ckpt: Path | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup(self) -> None:
+        from mm1.data.tokenizer import Tokenizer
+
+        cfg, env, t = self.cfg, self.env, self.cfg.train
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(t.seed)  # identical model init on every rank
+        random.seed(t.seed + env.rank)
+        np.random.seed(t.seed + env.rank)
+        world = _resolve_world(cfg, env)
+        tok_path = (cfg.data.tokenizer or "{world}/tokenizer.json").replace("{world}", world)
+        self.tokenizer = Tokenizer.load(tok_path)
+        cfg.model.image_token_id = self.tokenizer.image_id
+        if self.tokenizer.vocab_size > cfg.model.lm.vocab_size:
+            raise ValueError(f"the tokenizer {tok_path} has {self.tokenizer.vocab_size} tokens but "
+                             f"model.lm.vocab_size={cfg.model.lm.vocab_size}; raise model.lm.vocab_size")
+        module = build_stage_module(cfg, self.tokenizer.vocab_size, set(self.tokenizer.special_ids), env, self.strategy)
+        self.n_params = count_trainable(module)
+        self.lr_choice = resolve_lr(t, self.n_params)
+        if t.compile:
+            for block in transformer_blocks(module):
+                block.compile()
+        module.to(env.device)
+        self.model = wrap_model(module, self.strategy, env, self.bf16)
+        self.optimizer = build_optimizer(self.model, t, self.lr_choice)
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.loader = ShardedLoader(cfg, self.tokenizer, env.rank, env.world_size)
+        self.peak = None
+        if env.device.type == "cuda":
+            from mm1.models.flops import peak_flops, training_flops
+
+            self.peak = peak_flops(torch.cuda.get_device_name(env.device))
+            self.flops = training_flops(cfg.model, cfg.data.seq_len)
+
+    def _start_run_dir(self, resume: bool) -> int:
+        """Create or reopen the run dir; restore the latest checkpoint on resume; return the start step."""
+        out, env = self.out, self.env
+        latest = ckpt_io.latest_checkpoint(out) if resume else None
+        if not resume and ((out / "metrics.jsonl").exists() or ckpt_io.list_checkpoints(out)):
+            raise FileExistsError(f"{out} already holds a run (metrics.jsonl / checkpoints); pass --resume to "
+                                  "continue it, or choose another --out")
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(to_yaml(self.cfg))
+        barrier(env)
+        start = 0
+        if latest is not None:
+            trainer_state, rank_state = ckpt_io.load_training_state(
+                latest, self.model, self.optimizer, self.scheduler, env, prefix=self.prefix)
+            self.loader.load_state_dict(rank_state["data"])
+            start = int(trainer_state["step"])
+            self.last_ckpt = latest
+            if env.is_main:
+                truncate_metrics(out / "metrics.jsonl", start)
+            log.info("resumed from %s (step %d)", latest, start)
+        elif resume:
+            log.info("--resume: no checkpoint in %s yet, starting from step 0", out)
+        if env.is_main:
+            info = {"stage": self.cfg.train.stage, "n_trainable_params": self.n_params,
+                    "peak_lr": self.lr_choice.lr, "weight_decay": self.lr_choice.weight_decay,
+                    "lr_source": self.lr_choice.lr_source, "wd_source": self.lr_choice.wd_source,
+                    "strategy": self.strategy, "world_size": env.world_size, "device": str(env.device),
+                    "precision": "bf16" if self.bf16 else "fp32", "start_step": start}
+            (out / "run.json").write_text(json.dumps(info, indent=1))
+        log.info("%s | %s on %d x %s (%s), %s | %s", self.cfg.train.stage, self.strategy, env.world_size,
+                 env.device.type, "bf16" if self.bf16 else "fp32", f"N={self.n_params:,}", self.lr_choice.describe())
+        return start
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager:
+        if self.strategy == "ddp" and not last:
+            return self.model.no_sync()
+        if self.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.bf16:
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _step(self) -> tuple[dict[str, float], torch.Tensor]:
+        env, accum = self.env, self.cfg.train.grad_accum
+        micro = [next(self.loader) for _ in range(accum)]
+        stats: dict[str, torch.Tensor] = {}
+
+        def add(key: str, value: torch.Tensor) -> None:
+            v = value.detach().double().to(env.device)
+            stats[key] = stats[key] + v if key in stats else v
+
+        global_n = None
+        if not self.encoder_stage:
+            local_n = sum(int((mb["targets"] != -100).sum()) for mb in micro)
+            global_n = all_reduce_sum(torch.tensor(float(local_n), device=env.device), env).clamp(min=1)
+        for i, mb in enumerate(micro):
+            batch = to_device(mb, env.device)
+            with self._sync(i == accum - 1):
+                with self._autocast():
+                    out = self.model(batch)
+                if self.encoder_stage:
+                    objective = out["loss"] / accum
+                    add("enc_loss", out["loss"] / accum / env.world_size)
+                else:
+                    objective = out["loss_sum"] / global_n * env.world_size + out["aux_loss"] / accum
+                    add("loss_sum", out["loss_sum"])
+                    add("aux", out["aux_loss"] / accum / env.world_size)
+                    add("per_source", out["per_source"])
+                objective.backward()
+            for k, v in out.items():
+                if k.startswith("moe_") or k == "retrieval_acc":
+                    add(k, v / accum / env.world_size)
+            add("images", torch.tensor(float(mb["images"].shape[0]) if "images" in mb else 0.0))
+            add("tokens", (mb["doc_ids"] >= 0).sum() if "doc_ids" in mb else torch.tensor(float(mb["input_ids"].numel())))
+        keys = sorted(stats)
+        flat = all_reduce_sum(torch.cat([stats[k].reshape(-1) for k in keys]), env)
+        reduced, i = {}, 0
+        for k in keys:
+            n = stats[k].numel()
+            reduced[k] = flat[i:i + n].view_as(stats[k])
+            i += n
+        clip = self.cfg.train.clip if self.cfg.train.clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], clip)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        record: dict[str, float] = {}
+        if self.encoder_stage:
+            record["loss"] = float(reduced["enc_loss"])
+        else:
+            lm = float(reduced["loss_sum"]) / float(global_n)
+            aux = float(reduced["aux"])
+            record.update(loss=lm + aux, lm_loss=lm, aux_loss=aux)
+            ps = reduced["per_source"]
+            for j, kind in enumerate(SOURCE_KINDS):
+                if float(ps[1, j]) > 0:
+                    record[f"loss_{kind}"] = float(ps[0, j] / ps[1, j])
+        for k in keys:
+            if k.startswith("moe_") or k == "retrieval_acc":
+                record[k] = float(reduced[k])
+        record["grad_norm"] = float(norm)
+        record["tokens"] = float(reduced["tokens"])
+        record["images"] = float(reduced["images"])
+        return record, norm
+
+    # ------------------------------------------------------------------ loop
+
+    def _save(self, step: int) -> None:
+        cfg, tok = self.cfg, self.tokenizer
+
+        def extra(d: Path) -> None:
+            (d / "config.yaml").write_text(to_yaml(cfg))
+            tok.save(d / "tokenizer.json")
+            src_cfg = Path(tok.source).parent / "tokenizer_config.json" if tok.source else None
+            if src_cfg is not None and src_cfg.is_file():
+                (d / "tokenizer_config.json").write_text(src_cfg.read_text())
+
+        self.last_ckpt = ckpt_io.save_checkpoint(
+            self.out, step, self.model, self.optimizer, self.scheduler, env=self.env,
+            trainer_state={"n_trainable_params": self.n_params}, rank_state={"data": self.loader.state_dict()},
+            extra=extra, keep_last=cfg.train.keep_last, prefix=self.prefix)
+
+    def run(self, resume: bool) -> dict[str, Any]:
+        self._setup()
+        start = self._start_run_dir(resume)
+        t = self.cfg.train
+        logger = MetricsLogger(self.out, t.steps, start, self.env.is_main, t.tensorboard,
+                               progress=sys.stderr.isatty(), log_every=t.log_every)
+        first = last = None
+        self.model.train()
+        try:
+            for step in range(start, t.steps):
+                t0 = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                record, norm = self._step()
+                finite = math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
+                if finite:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                dt = max(time.perf_counter() - t0, 1e-9)
+                record = {"step": step + 1, "loss": record.pop("loss"), "lr": lr, **record,
+                          "tokens_per_s": record["tokens"] / dt, "images_per_s": record["images"] / dt,
+                          "step_time_s": dt}
+                if self.peak and not self.encoder_stage:
+                    flops = self.flops.per_step(int(record["tokens"]), int(record["images"]))
+                    record["mfu"] = flops / dt / (self.peak * self.env.world_size)
+                if not finite:
+                    record["skipped"] = True
+                    if t.nonfinite == "stop":
+                        logger.log(record)
+                        where = self.last_ckpt or "none (no checkpoint was written yet)"
+                        raise NonFiniteLoss(
+                            f"step {step + 1}: non-finite loss {record['loss']} / grad norm {record['grad_norm']}; "
+                            f"stopping. Last good checkpoint: {where}. Lower train.lr or check the data, then "
+                            "continue with --resume; or set train.nonfinite=skip to drop such steps")
+                    log.warning("step %d: non-finite loss/grad norm, step skipped (train.nonfinite=skip)", step + 1)
+                first = record["loss"] if first is None else first
+                last = record["loss"]
+                logger.log(record)
+                if (step + 1) % t.save_every == 0 or step + 1 == t.steps:
+                    self._save(step + 1)
+        finally:
+            logger.close()
+        return {"run_dir": str(self.out), "steps": t.steps, "start_step": start, "first_loss": first,
+                "final_loss": last, "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+                "n_trainable_params": self.n_params, "peak_lr": self.lr_choice.lr,
+                "lr_source": self.lr_choice.lr_source}

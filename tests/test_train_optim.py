@@ -1,0 +1,86 @@
+"""The MM1 learning-rate law, the warmup + cosine schedule and AdamW's parameter groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mm1.config import TrainConfig
+from mm1.train.optim import (WarmupCosine, build_optimizer, build_scheduler, count_trainable, mm1_lr, param_groups,
+                             resolve_lr)
+
+
+def test_mm1_law_reproduces_the_papers_numbers():
+    assert mm1_lr(30e9) == pytest.approx(2.2e-5, rel=0.02)  # the paper: 30B -> 2.2e-5
+    assert mm1_lr(1.2e9) == pytest.approx(math.exp(-0.4214 * math.log(1.2e9) - 0.5535), rel=1e-12)
+    assert mm1_lr(9e6) > mm1_lr(85e6) > mm1_lr(302e6) > mm1_lr(1.2e9)
+    with pytest.raises(ValueError):
+        mm1_lr(0)
+
+
+def test_unset_lr_and_decay_follow_the_law_and_set_values_win():
+    auto = resolve_lr(TrainConfig(), 1_000_000)
+    assert auto.lr == mm1_lr(1_000_000) and auto.weight_decay == pytest.approx(0.1 * auto.lr)
+    assert auto.lr_source == "mm1_law" and "N=1,000,000" in auto.describe()
+    fixed = resolve_lr(TrainConfig(lr=3e-4, weight_decay=0.05), 1_000_000)
+    assert (fixed.lr, fixed.weight_decay, fixed.lr_source, fixed.wd_source) == (3e-4, 0.05, "config", "config")
+    half = resolve_lr(TrainConfig(lr=3e-4), 10)
+    assert half.weight_decay == pytest.approx(3e-5)
+
+
+def test_warmup_is_linear_then_cosine_reaches_the_floor_on_the_last_step():
+    f = WarmupCosine(warmup=4, total=20, min_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    decay = [f(s) for s in range(3, 20)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert f(19) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    assert f(3 + 8) == pytest.approx(0.1 + 0.9 * 0.5, abs=0.06)  # halfway down the cosine
+
+
+def test_scheduler_peaks_at_exactly_the_configured_lr_even_when_the_run_is_shorter_than_warmup():
+    model = nn.Linear(4, 4)
+    cfg = TrainConfig(steps=3, warmup_steps=100, lr=1e-3)
+    opt = build_optimizer(model, cfg, resolve_lr(cfg, count_trainable(model)))
+    sched = build_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(3):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) == 1e-3
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 4, 8))
+        self.proj = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight  # tied
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+
+
+def test_matrices_decay_but_biases_norms_and_positions_do_not_and_frozen_or_tied_are_counted_once():
+    m = Toy()
+    groups = {g["name"]: g for g in param_groups(m, 0.1)}
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(groups["decay"]["params"]) == {id(m.emb.weight), id(m.proj.weight)}
+    assert ids(groups["no_decay"]["params"]) == {id(m.pos_embed), id(m.proj.bias), id(m.norm.weight), id(m.norm.bias)}
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.1
+    assert count_trainable(m) == 80 + 32 + 72 + 16  # emb (tied head not again), pos, proj, norm; frozen excluded
+
+
+def test_optimizer_uses_a_multi_tensor_kernel_and_refuses_an_all_frozen_model():
+    m = Toy()
+    cfg = TrainConfig(lr=1e-3)
+    opt = build_optimizer(m, cfg, resolve_lr(cfg, 1))
+    assert opt.defaults["foreach"] or opt.defaults["fused"]
+    m.requires_grad_(False)
+    with pytest.raises(ValueError, match="freeze"):
+        build_optimizer(m, cfg, resolve_lr(cfg, 1))
