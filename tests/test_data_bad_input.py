@@ -176,6 +176,7 @@ def test_sft_samples_with_marker_mismatch_or_missing_images_are_skipped(tmp_path
          "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "<image>"}]},
         {"id": "no-answer", "conversations": [{"from": "human", "value": "hi"}]},
         {"id": "bad-role", "conversations": [{"from": "bot", "value": "hi"}]},
+        {"id": "unhashable-role", "conversations": [{"from": ["human"], "value": "hi"}, "not a turn"]},
         "not json at all",
         {"id": "fine", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
                                                            {"from": "gpt", "value": "A texture."}]},
@@ -183,7 +184,7 @@ def test_sft_samples_with_marker_mismatch_or_missing_images_are_skipped(tmp_path
     records, skips = read_all("sft", path)
     assert [r.key for r in records] == ["fine"]
     assert skips.counts == {"image marker mismatch": 2, "missing image file": 1, "no assistant turn": 1,
-                            "malformed conversations": 1, "malformed json line": 1}
+                            "malformed conversations": 2, "malformed json line": 1}
     assert "(id missing)" in skips.examples["missing image file"]
 
 
@@ -305,3 +306,17 @@ def test_a_shard_whose_trailing_padding_was_cut_is_still_whole(tmp_path):
     shard.write_bytes(raw[: end + 512])  # keep one zero block (the end-of-archive marker)
     records, skips = read_all("caption", shard)
     assert len(records) == 3 and skips.counts == {}
+
+
+def test_a_malformed_member_json_and_a_duplicate_member_are_counted(tmp_path):
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in [("a.png", png()), ("a.txt", b"first"), ("a.txt", b"again"),
+                           ("b.png", png()), ("b.txt", b"b"), ("b.json", b'{"dense": "unterminated'),
+                           ("c.png", png()), ("c.txt", b"c"), ("c.json", b'{"dense": "a dense caption"}')]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    records, skips = read_all("caption", shard)
+    assert [(r.key, r.caption, r.dense) for r in records] == [("a", "first", None), ("c", "c", "a dense caption")]
+    assert skips.counts == {"duplicate tar member": 1, "malformed json": 1}

@@ -106,6 +106,7 @@ def test_truncated_png_raises_image_error_naming_the_sample():
     with pytest.raises(ImageError) as info:
         load_image(data[: len(data) // 2], "shard-00001.tar:000042")
     assert info.value.reason == "corrupt image" and "shard-00001.tar:000042" in str(info.value)
+    assert info.value.where == "shard-00001.tar:000042"
     with pytest.raises(ImageError, match="not a readable image"):
         load_image(b"<html>404 not found</html>", "x")
 

@@ -188,11 +188,14 @@ def test_resuming_from_a_saved_state_continues_with_exactly_the_next_batch(data:
 def test_resume_is_exact_across_epochs_and_documents_cut_over_rows(data: Path, tok: Tokenizer) -> None:
     cfg = config(data, interleaved=1.0)  # 24 documents, most longer than one 64-token row
     loader = build_loader(cfg, tok, with_keys=True)
-    before = take(loader, 6)
-    state = loader.state_dict()
-    assert any(chunk > 0 for _, chunk in state["workers"]["0"]["sources"]["interleaved"]["pending"])
+    for n, _ in enumerate(loader):  # stop where a cut document waits in the buffer, in epoch >= 1
+        state = loader.state_dict()
+        pending = state["workers"]["0"]["sources"]["interleaved"]["pending"]
+        if state["workers"]["0"]["sources"]["interleaved"]["cursor"][0] >= 1 and any(
+                chunk > 0 or offset > 0 for _, chunk, offset in pending):
+            break
+        assert n < 40, "test data never left a split document waiting"
     expected = take(loader, 3)
-    assert {k.split("|")[1] for b in before + expected for row in b["keys"] for k in row} >= {"0", "1"}
     resumed = build_loader(cfg, tok, with_keys=True)
     resumed.load_state_dict(state)
     for a, b in zip(expected, take(resumed, 3)):

@@ -97,3 +97,17 @@ def test_tokenizer_survives_pickling_for_dataloader_workers(tok: Tokenizer) -> N
     copy = pickle.loads(pickle.dumps(tok))
     assert copy.encode("<image> blue", 3) == tok.encode("<image> blue", 3)
     assert copy.image_id == tok.image_id
+
+
+def test_saving_keeps_a_configured_eos_that_its_name_would_not_reveal(tmp_path) -> None:
+    vocab = {"<unk>": 0, "<|end_of_text|>": 1, "<|eot_id|>": 2, "hi": 3}
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    hf.add_special_tokens(["<|end_of_text|>", "<|eot_id|>"])
+    (tmp_path / "src").mkdir()
+    hf.save(str(tmp_path / "src" / "tokenizer.json"))
+    (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eot_id|>"}))
+    t = Tokenizer.load(tmp_path / "src")
+    assert t.eos_id == 2
+    t.save(tmp_path / "ckpt")
+    again = Tokenizer.load(tmp_path / "ckpt")
+    assert (again.eos_id, again.image_id, again.vocab_size) == (2, t.image_id, t.vocab_size)

@@ -164,8 +164,8 @@ def normalise(answer: str) -> str:
 def test_vqa_annotators_mostly_agree_with_the_canonical_answer(tiny_world: Path) -> None:
     anns = json.loads((tiny_world / "eval" / "vqa_test_annotations.json").read_text())["annotations"]
     agree = [sum(normalise(x["answer"]) == a["multiple_choice_answer"] for x in a["answers"]) for a in anns]
-    assert min(agree) >= 7 and np.mean(agree) > 8.5
-    assert any(n < 10 for n in agree)  # real disagreement exists
+    assert min(agree) >= 4 and np.mean(agree) > 8.5  # >= 3 matches: the canonical answer scores 100 %
+    assert np.mean([n < 10 for n in agree]) > 0.2  # real disagreement exists
 
 
 def test_mc_multi_and_text_tasks_are_well_formed(tiny_world: Path) -> None:

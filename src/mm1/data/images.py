@@ -36,11 +36,12 @@ _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 
 
 class ImageError(DataError):
-    """An image could not be used; `reason` is the short phrase to count the skip under."""
+    """An image could not be used; `reason` is the short phrase to count the skip under, `where`
+    the sample it belongs to."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, where: str = "") -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason, self.where = reason, where
 
 
 def load_image(src: bytes | str | Path, where: str = "", *, max_pixels: int = MAX_PIXELS,
@@ -53,16 +54,23 @@ def load_image(src: bytes | str | Path, where: str = "", *, max_pixels: int = MA
     """
     if isinstance(src, (bytes, bytearray, memoryview)):
         where = where or "<image bytes>"
-        return _decode(io.BytesIO(src), where, max_pixels, draft_size)
+        try:
+            return _decode(io.BytesIO(src), where, max_pixels, draft_size)
+        except ImageError as e:
+            e.where = where
+            raise
     path = Path(src)
     where = where or str(path)
     if not path.is_file():
-        raise ImageError("missing image file", f"{where}: image file {path} does not exist")
+        raise ImageError("missing image file", f"{where}: image file {path} does not exist", where)
     try:
         with open(path, "rb") as fp:
             return _decode(fp, where, max_pixels, draft_size)
-    except PermissionError as e:
-        raise ImageError("unreadable image file", f"{where}: cannot read {path}: {e}") from None
+    except ImageError as e:
+        e.where = where
+        raise
+    except OSError as e:
+        raise ImageError("unreadable image file", f"{where}: cannot read {path}: {e}", where) from None
 
 
 def _decode(fp: io.IOBase, where: str, max_pixels: int, draft_size: int | None) -> Image.Image:

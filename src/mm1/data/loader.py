@@ -33,7 +33,8 @@ class ImagePipeline:
     def __init__(self, model_cfg: Any, resize: str = "crop") -> None:
         v = model_cfg.vision
         self.size, self.mean, self.std = int(v.image_size), list(v.mean), list(v.std)
-        self.grid, self.overview_first, self.resize = int(model_cfg.subimage_grid), bool(model_cfg.overview_first), resize
+        self.grid, self.overview_first = int(model_cfg.subimage_grid), bool(model_cfg.overview_first)
+        self.resize = resize
 
     @property
     def crops(self) -> int:
@@ -88,7 +89,8 @@ class Loader:
         if self.num_workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize serially
             stream: Any = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                     prefetch_factor=self.prefetch_factor, persistent_workers=False)
+                                     prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                                     pin_memory=torch.cuda.is_available())
         else:
             stream = ds
         for batch in stream:

@@ -28,6 +28,7 @@ from mm1.data.sequence import Doc, DocBuilder, RowPacker, SampleError, collate
 from mm1.data.skips import DataError, SkipCounter
 
 PHI = (math.sqrt(5.0) - 1.0) / 2.0
+SPLITTABLE = ("text", "interleaved")  # kinds whose docs may be split to fill the end of a row
 LOOKAHEAD = {"caption": 32, "text": 16, "interleaved": 4, "sft": 8}  # docs kept for best-fit packing
 
 
@@ -78,6 +79,7 @@ class Entry:
     chunk: int  # which piece of the record
     cursor: tuple[int, int, int, int]  # (epoch, file, record in file, record in epoch) before reading it
     doc: Doc
+    offset: int = 0  # token offset into the piece: the tail of a piece split to top up a row
 
 
 class SourceStream:
@@ -97,6 +99,7 @@ class SourceStream:
         self.by_file = n % num_shards == 0 or n >= 4 * num_shards  # else every S-th record
         self.lookahead = LOOKAHEAD[spec.kind]
         self.buffer: list[Entry] = []
+        self._files: tuple[int, list[str]] = (-1, [])
         self._seek((0, 0, 0, 0), 0)
 
     # ------------------------------------------------------------------ records
@@ -108,9 +111,12 @@ class SourceStream:
         self._owned_in_epoch = int(self.file > 0 or self.rec > 0)  # resumed mid-epoch: it had records
 
     def _epoch_files(self) -> list[str]:
-        order = list(self.files)
-        random.Random(f"files/{self.seed}/{self.spec.name}/{self.epoch}").shuffle(order)
-        return order[self.shard::self.num_shards] if self.by_file else order
+        """This shard's files for the current epoch (all shards shuffle the same way per epoch)."""
+        if self._files[0] != self.epoch:
+            order = list(self.files)
+            random.Random(f"files/{self.seed}/{self.spec.name}/{self.epoch}").shuffle(order)
+            self._files = (self.epoch, order[self.shard::self.num_shards] if self.by_file else order)
+        return self._files[1]
 
     def _next_record(self) -> tuple[tuple[int, int, int, int], Any]:
         """(cursor before it, record) of the next record this shard owns; wraps into new epochs."""
@@ -155,8 +161,16 @@ class SourceStream:
             if tries > 10_000:
                 raise DataError(f"data source {self.spec.name!r}: 10000 records in a row gave no usable sequence")
 
+    def _split(self, e: Entry, max_tokens: int, max_crops: int) -> tuple[Entry, Entry] | None:
+        end = self.builder.prefix_end(e.doc, 0, max_tokens, max_crops // self.builder.crops_per_image)
+        head, tail = self.builder.slice(e.doc, 0, end), self.builder.slice(e.doc, end)
+        if not (any(head.learn[1:]) and any(tail.learn[1:])):
+            return None
+        return Entry(e.seq, e.chunk, e.cursor, head, e.offset), Entry(e.seq, e.chunk, e.cursor, tail, e.offset + end)
+
     def next_row(self) -> list[Entry]:
-        return self.packer.fill(self.buffer, lambda e: e.doc, self._refill)
+        split = self._split if self.spec.kind in SPLITTABLE else None
+        return self.packer.fill(self.buffer, lambda e: e.doc, self._refill, split)
 
     # ------------------------------------------------------------------ resume
 
@@ -164,12 +178,12 @@ class SourceStream:
         first = min(self.buffer, key=lambda e: e.seq) if self.buffer else None
         cursor = first.cursor if first else (self.epoch, self.file, self.rec, self.glob)
         return {"cursor": list(cursor), "seq": first.seq if first else self.seq, "next_seq": self.seq,
-                "pending": [[e.seq, e.chunk] for e in self.buffer]}
+                "pending": [[e.seq, e.chunk, e.offset] for e in self.buffer]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Re-read from the oldest waiting record to where the stream was; rebuild the waiting pieces."""
         self._seek(tuple(state["cursor"]), int(state["seq"]))  # type: ignore[arg-type]
-        wanted = {(int(s), int(c)) for s, c in state["pending"]}
+        wanted = {(int(s), int(c)) for s, c, _ in state["pending"]}
         seqs = {s for s, _ in wanted}
         rebuilt: dict[tuple[int, int], Entry] = {}
         while self.seq < int(state["next_seq"]):
@@ -182,7 +196,10 @@ class SourceStream:
         if missing:
             raise DataError(f"data source {self.spec.name!r}: cannot rebuild {len(missing)} buffered samples from "
                             f"{self.spec.path}; the data changed since the checkpoint was written")
-        self.buffer = [rebuilt[(int(s), int(c))] for s, c in state["pending"]]
+        self.buffer = []
+        for s, c, off in state["pending"]:
+            e = rebuilt[(int(s), int(c))]
+            self.buffer.append(Entry(e.seq, e.chunk, e.cursor, self.builder.slice(e.doc, int(off)), int(off)))
 
 
 class MixtureDataset(IterableDataset):
@@ -235,7 +252,7 @@ class MixtureDataset(IterableDataset):
                 entries = streams[i].next_row()
                 rows.append([e.doc for e in entries])
                 kinds.append(SOURCE_KINDS.index(self.sources[i].kind))
-                keys.append([f"{e.doc.key}|{e.cursor[0]}|{e.chunk}" for e in entries])
+                keys.append([f"{e.doc.key}|{e.cursor[0]}|{e.chunk}.{e.offset}" for e in entries])
             batch: dict[str, Any] = collate(rows, b.seq_len, b.tokenizer.pad_id, b.tokenizer.image_id, kinds,
                                             getattr(b.images, "size", 1))
             if self.with_keys:

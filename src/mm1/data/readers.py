@@ -209,7 +209,7 @@ def _sft_record(obj: Any, where: str, base: str, t: _Tally) -> SFTRecord | None:
         return None
     convo: list[dict[str, str]] = []
     for i, turn in enumerate(turns):
-        role = _ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        role = _ROLES.get(turn.get("from")) if isinstance(turn, dict) and isinstance(turn.get("from"), str) else None
         if role is None or not isinstance(turn.get("value"), str):
             t.skip("malformed conversations", where, f"turn {i} needs 'from' in human/gpt and a string 'value'")
             return None

@@ -141,6 +141,13 @@ class Tokenizer:
         tmp = file.with_suffix(".json.tmp")
         self._tok.save(str(tmp))
         os.replace(tmp, file)
+        # BOS/EOS/PAD that loading would not find by their usual names (e.g. Llama 3's <|eot_id|> as
+        # EOS) are kept in a tokenizer_config.json beside it, as HF does; the usual case writes none
+        guessed = Tokenizer(HFTokenizer.from_str(self._tok.to_str()))
+        if (guessed.bos_id, guessed.eos_id, guessed.pad_id) != (self.bos_id, self.eos_id, self.pad_id):
+            names = {k: self._tok.id_to_token(i) for k, i in
+                     (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))}
+            (file.parent / "tokenizer_config.json").write_text(json.dumps(names, indent=1) + "\n")
         return file
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers get a copy via pickle
@@ -158,7 +165,8 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, tokens_per_image: int | None = None, *, bos: bool = False, eos: bool = False) -> list[int]:
+    def encode(self, text: str, tokens_per_image: int | None = None, *, bos: bool = False,
+               eos: bool = False) -> list[int]:
         """Token ids of `text`; each literal `<image>` becomes `tokens_per_image` copies of `image_id`."""
         pieces = text.split(IMAGE_TOKEN)
         if len(pieces) > 1 and not tokens_per_image:

@@ -88,8 +88,8 @@ def run_eval(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     model, cfg, tok = _load(args)
     tasks = args.tasks.split(",") if args.tasks else list(cfg.eval.tasks)
-    if _needs_world(tasks):
-        from mm1.data.world import ensure_world
+    if _needs_world(tasks) and not (Path(cfg.data.world) / "eval").is_dir():
+        from mm1.data.world import ensure_world  # a fresh machine: build the default world first
 
         ensure_world(cfg.data)
     limit = cfg.eval.limit if args.limit is None else args.limit

@@ -141,7 +141,7 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, enable_gqa: bool) ->
     from torch.nn.attention.flex_attention import flex_attention
 
     if q.device.type == "cuda":
-        if _compiled_flex is None:
+        if _compiled_flex is None:  # one static kernel per shape: training shapes are fixed
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
     with warnings.catch_warnings():  # "called without torch.compile": expected off CUDA

@@ -8,6 +8,7 @@ holds config.yaml, metrics.jsonl, run.json and checkpoints/step-N/; `--resume` c
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteLoss, CheckpointError, FileExistsError) as e:
         print(f"mm1 train: {e}", file=sys.stderr)
         return 1
-    if result.get("final_loss") is not None:
+    if result.get("final_loss") is not None and os.environ.get("RANK", "0") == "0":
         print(f"mm1 train: {result['steps']} steps, loss {result['first_loss']:.4f} -> {result['final_loss']:.4f}; "
               f"run dir {result['run_dir']}", file=sys.stderr)
     return 0

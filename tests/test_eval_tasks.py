@@ -1,0 +1,162 @@
+"""Tasks read the real formats (COCO captions, VQAv2, JSONL), specs point at local copies, blind
+baselines are scored like models, and `evaluate` / `mm1 eval` write one result per (task, shots)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mm1.cli import main
+from mm1.config import Config
+from mm1.data.tokenizer import Tokenizer
+from mm1.eval.baselines import answer_prior, best_constant_caption, blind_baseline
+from mm1.eval.runner import evaluate, format_table
+from mm1.eval.tasks import TASKS, get_task, load_spec
+from mm1.models.build import build_model
+from mm1.registry import ConfigError
+
+COLOURS = ["red", "blue", "green", "yellow"]
+
+
+def _img(path, colour):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), colour).save(path)
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A miniature world/eval folder in the layout `mm1 world` writes."""
+    root = tmp_path_factory.mktemp("world")
+    ev = root / "eval"
+    for split, n in (("train", 8), ("test", 4)):
+        images, caps, qs, anns, mc, multi, text = [], [], [], [], [], [], []
+        for i in range(n):
+            col, rel = COLOURS[i % 4], f"images/{split}_{i + 1:06d}.png"
+            _img(ev / rel, col)
+            images.append({"id": i + 1, "file_name": rel})
+            caps += [{"id": len(caps) + 1, "image_id": i + 1, "caption": c}
+                     for c in (f"A {col} square.", f"a plain {col} picture", f"The {col} background.")]
+            qs.append({"question_id": (i + 1) * 10, "image_id": i + 1, "question": "What colour is it?", "file_name": rel})
+            anns.append({"question_id": (i + 1) * 10, "image_id": i + 1, "question_type": "colour",
+                         "answer_type": "other", "multiple_choice_answer": col,
+                         "answers": [{"answer": col if k < 8 else "Red.", "answer_id": k + 1} for k in range(10)]})
+            mc.append({"id": f"mc-{split}-{i}", "image": rel, "question": "What colour is it?", "options": COLOURS,
+                       "answer": i % 4, "question_type": "colour"})
+            multi.append({"id": f"multi-{split}-{i}", "images": [rel, images[0]["file_name"]],
+                          "question": "Same colour?", "answer": "yes" if i % 4 == 0 else "no"})
+            text.append({"id": f"text-{split}-{i}", "question": f"What is {i} plus 1?", "answer": str(i + 1)})
+        (ev / f"caption_{split}.json").write_text(json.dumps({"images": images, "annotations": caps}))
+        (ev / f"vqa_{split}_questions.json").write_text(json.dumps({"questions": qs}))
+        (ev / f"vqa_{split}_annotations.json").write_text(json.dumps({"annotations": anns}))
+        _jsonl(ev / f"mc_{split}.jsonl", mc)
+        _jsonl(ev / f"multi_{split}.jsonl", multi)
+        _jsonl(ev / f"text_{split}.jsonl", text)
+    tok = Tokenizer.train([c["caption"] for c in caps] * 20 + ["Question: Short answer: What colour"] * 20, 300,
+                          root / "tokenizer.json")
+    return root, tok
+
+
+def test_world_tasks_are_registered_and_read_every_format(world):
+    root, _ = world
+    assert {"world_caption", "world_vqa", "world_text", "world_multi", "world_mc"} <= set(TASKS.names())
+    cap = get_task("world_caption", root)
+    assert len(cap.train) == 8 and len(cap.test) == 4 and len(cap.test[0].answers) == 3
+    vqa = get_task("world_vqa", root)
+    ex = vqa.test[1]
+    assert ex.answers.count("blue") == 8 and ex.target == "blue" and ex.meta["question_type"] == "colour"
+    assert ex.images[0].endswith("test_000002.png") and ex.image_keys == ex.images
+    mc = get_task("world_mc", root).test[2]
+    assert mc.options == COLOURS and mc.label == 2 and mc.target == "green"
+    multi = get_task("world_multi", root).test[3]
+    assert len(multi.images) == 2 and multi.answers == ["no"]
+    assert get_task("world_text", root).test[0].answers == ["1"]
+    assert get_task("world_multi", root).spec.template.startswith("{images}")
+
+
+def test_a_task_spec_file_evaluates_local_copies_with_relative_paths(world, tmp_path):
+    root, _ = world
+    spec = root / "coco.yaml"  # paths relative to the spec file
+    spec.write_text('kind: vqa\nmetric: exact\n'
+                    'test: {questions: eval/vqa_test_questions.json, annotations: eval/vqa_test_annotations.json}\n'
+                    'image_root: eval\nstop: ["\\n", "Question:"]\n')
+    task = get_task(str(spec))
+    assert task.name == "coco" and task.spec.metric == "exact" and len(task.test) == 4
+    assert task.spec.stop == ["\n", "Question:"] and task.train == []
+    (tmp_path / "bad.yaml").write_text("kind: caption\ntest: x.json\ntemplates: oops\n")
+    with pytest.raises(ConfigError, match="unknown task spec keys \\['templates'\\]"):
+        load_spec(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="unknown eval task"):
+        get_task("no_such_task", root)
+
+
+def test_reader_errors_name_the_file_and_line(world, tmp_path):
+    bad = tmp_path / "mc.jsonl"
+    bad.write_text(json.dumps({"question": "q", "options": ["a"], "answer": 0}) + "\n")
+    (tmp_path / "tr.jsonl").write_text("")
+    task = get_task("world_mc", world[0])
+    task.spec.test = bad
+    with pytest.raises(ValueError, match=f"{bad}:1: multiple choice needs options"):
+        task.test
+    with pytest.raises(FileNotFoundError, match="caption_test.json: eval file not found"):
+        get_task("world_caption", tmp_path).test
+
+
+def test_blind_baselines_use_the_train_prior_and_the_same_metrics(world):
+    root, _ = world
+    vqa = get_task("world_vqa", root)
+    prior = answer_prior(vqa.train)
+    assert prior(vqa.test[0]) in COLOURS  # the most frequent colour answer in train
+    result = blind_baseline(vqa)
+    assert result["metric"] == "vqa" and 0 <= result["score"] <= 100 and result["n"] == 4
+    caption = best_constant_caption(get_task("world_caption", root).train)
+    assert caption in {c for ex in get_task("world_caption", root).train for c in ex.answers}
+    assert blind_baseline(get_task("world_caption", root))["score"] >= 0
+
+
+@pytest.fixture(scope="module")
+def tiny_model(world):
+    _, tok = world
+    cfg = Config()
+    v, c, lm = cfg.model.vision, cfg.model.connector, cfg.model.lm
+    v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_dim = 16, 8, 32, 1, 2, 64
+    c.kind, c.num_tokens = "avgpool", 4
+    lm.vocab_size, lm.dim, lm.n_layers, lm.n_heads, lm.ffn_dim, lm.max_seq_len = tok.vocab_size, 32, 1, 2, 64, 512
+    cfg.model.image_token_id = tok.image_id
+    torch.manual_seed(0)
+    return build_model(cfg.model).eval(), cfg
+
+
+def test_evaluate_writes_one_result_per_task_and_shots(world, tiny_model, tmp_path):
+    root, tok = world
+    model, cfg = tiny_model
+    cfg.data.world = str(root)
+    cfg.eval.max_new_tokens, cfg.eval.trials = 3, 2
+    tasks = ["world_caption", "world_vqa", "world_mc", "world_multi", "world_text"]
+    results = evaluate(model, tok, cfg, tasks, [0, 2], limit=2, out_dir=tmp_path, log=None)
+    assert [(r["task"], r["shots"]) for r in results] == [(t, k) for t in tasks for k in (0, 2)]
+    for r in results:
+        saved = json.loads((tmp_path / f"{r['task']}_{r['shots']}shot.json").read_text())
+        assert saved["seeds"] == [0, 1] and len(saved["predictions"]) == 2 and len(saved["predictions"][0]) == 2
+        assert saved["template"] and saved["config"]["eval"]["trials"] == 2
+        assert 0 <= saved["score"] <= 100 or saved["metric"] == "cider"
+        if r["shots"] == 2 and r["task"] != "world_text":
+            assert all(len(p["demo_ids"]) == 2 for p in saved["predictions"][0])
+    mc = next(r for r in results if r["task"] == "world_mc")
+    assert all(p["prediction"] in COLOURS for p in mc["predictions"][0])
+    table = format_table(results)
+    assert "world_vqa" in table and "2-shot" in table and "±" in table
+
+
+def test_mm1_eval_blind_prints_a_table(world, capsys):
+    root, _ = world
+    assert main(["eval", "configs/tiny.yaml", f"data.world={root}", "--blind", "--tasks", "world_caption,world_vqa",
+                 "--limit", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "world_vqa (blind: answer prior)" in out and "world_caption (blind: constant caption)" in out

@@ -1,0 +1,130 @@
+"""The trainer end to end on the tiny world: every stage runs, the loss falls, the LR law is what
+was used, stages chain (encoder -> pretrain -> high-resolution SFT), non-finite losses are caught."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import mm1.train
+from mm1.config import config_from_dict, load_config
+from mm1.models.build import build_model
+from mm1.train.checkpoint import read_weights
+from mm1.train.distributed import DistEnv
+from mm1.train.metrics import read_metrics
+from mm1.train.optim import count_trainable, mm1_lr
+from mm1.train.stages import MLLMObjective, build_stage_module
+from mm1.train.trainer import NonFiniteLoss, train
+
+SMALL = ["model.lm.n_layers=2", "data.seq_len=128", "data.batch_size=2", "train.warmup_steps=5"]
+
+
+def cfg_for(world: Path, *extra: str):
+    return load_config("configs/tiny.yaml", [f"data.world={world}", *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(tiny_world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    train(cfg_for(tiny_world, "train.steps=24", "train.save_every=12"), out)
+    return out
+
+
+def test_pretrain_loss_falls_and_every_step_is_logged(pretrain_run):
+    rows = read_metrics(pretrain_run)
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - 1.5, (first, last)
+    for key in ("loss", "lr", "lm_loss", "grad_norm", "tokens_per_s", "images_per_s", "tokens", "images"):
+        assert all(key in r for r in rows), key
+    assert any(k.startswith("loss_") and k != "loss_" for k in rows[0])  # loss per source kind
+    assert sorted(p.name for p in (pretrain_run / "checkpoints").iterdir()) == ["step-12", "step-24"]
+    saved = config_from_dict(yaml.safe_load((pretrain_run / "config.yaml").read_text()))
+    assert saved.train.steps == 24 and saved.model.lm.n_layers == 2
+
+
+def test_unset_lr_gives_the_mm1_law_for_the_trainable_parameter_count(pretrain_run, tiny_world):
+    cfg = cfg_for(tiny_world)
+    n = count_trainable(build_model(cfg.model))
+    info = json.loads((pretrain_run / "run.json").read_text())
+    assert info["n_trainable_params"] == n and info["lr_source"] == "mm1_law"
+    peak = max(r["lr"] for r in read_metrics(pretrain_run))
+    assert peak == pytest.approx(mm1_lr(n), rel=1e-12)
+    assert info["weight_decay"] == pytest.approx(0.1 * peak)
+
+
+def test_load_checkpoint_gives_model_config_and_tokenizer(pretrain_run):
+    model, cfg, tok = mm1.train.load_checkpoint(pretrain_run)
+    assert cfg.train.steps == 24 and tok.image_id == cfg.model.image_token_id
+    weights = read_weights(pretrain_run / "checkpoints" / "step-24" / "model.safetensors")
+    assert torch.equal(model.lm.norm.weight, weights["lm.norm.weight"])
+    ids = torch.tensor([tok.encode("a red circle")])
+    assert model(ids).logits.shape == (1, ids.shape[1], cfg.model.lm.vocab_size)
+
+
+def test_a_run_dir_is_not_overwritten_without_resume(pretrain_run, tiny_world):
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg_for(tiny_world, "train.steps=1"), pretrain_run)
+
+
+@pytest.mark.parametrize("objective", ["clip", "siglip", "aim"])
+def test_encoder_stage_trains_and_hands_its_vit_to_the_mllm(objective, tiny_world, tmp_path):
+    out = tmp_path / objective
+    result = train(cfg_for(tiny_world, "train.stage=encoder", f"train.encoder_objective={objective}",
+                           "train.steps=3"), out)
+    assert result["final_loss"] is not None and all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(out))
+    saved = read_weights(out / "checkpoints" / "step-3" / "model.safetensors")
+    cfg = cfg_for(tiny_world, f"train.init_from={out}")
+    module = build_stage_module(cfg, 2048, set(), DistEnv(), "single")
+    vit = module.mllm.vision.state_dict()
+    assert vit and all(torch.equal(v, saved[f"vision.{k}"]) for k, v in vit.items())
+
+
+def test_sft_starts_from_pretrain_at_higher_resolution_with_subimages(pretrain_run, tiny_world, tmp_path):
+    over = ["train.stage=sft", f"train.init_from={pretrain_run}", "model.vision.image_size=96",
+            "model.subimage_grid=2", "data.seq_len=256", "data.batch_size=1", "train.steps=2"]
+    cfg = cfg_for(tiny_world, *over)
+    module = build_stage_module(cfg, 2048, set(), DistEnv(), "single")
+    pre = read_weights(pretrain_run / "checkpoints" / "step-24" / "model.safetensors")
+    assert torch.equal(module.mllm.lm.tok_embeddings.weight, pre["lm.tok_embeddings.weight"])
+    assert module.mllm.vision.pos_embed.shape[1] == (96 // 8) ** 2  # re-gridded from 8x8 to 12x12
+    out = tmp_path / "sft"
+    train(cfg, out)
+    rows = read_metrics(out)
+    assert len(rows) == 2 and all("loss_sft" in r for r in rows)
+
+
+def test_frozen_parts_are_not_trained_and_not_counted(tiny_world):
+    cfg = cfg_for(tiny_world, "train.freeze_vision=true", "train.freeze_lm=true")
+    module = build_stage_module(cfg, 2048, set(), DistEnv(), "single")
+    mllm = module.mllm
+    assert count_trainable(module) == sum(p.numel() for p in mllm.connector.parameters())
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_non_finite_loss_is_caught(mode, tiny_world, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = MLLMObjective.forward
+
+    def poisoned(self, batch):
+        out = real(self, batch)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out["loss_sum"] = out["loss_sum"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MLLMObjective, "forward", poisoned)
+    out = tmp_path / mode
+    cfg = cfg_for(tiny_world, "train.steps=4", "train.save_every=2", f"train.nonfinite={mode}")
+    if mode == "stop":
+        with pytest.raises(NonFiniteLoss, match=r"step 3: .*step-2"):
+            train(cfg, out)
+        assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    else:
+        train(cfg, out)
+        rows = read_metrics(out)
+        assert [r.get("skipped", False) for r in rows] == [False, False, True, False]
