@@ -230,7 +230,7 @@ def test_eval_test_images_never_appear_in_any_training_split(tiny_world: Path) -
     assert test.isdisjoint(train)
 
 
-def test_an_image_equal_to_a_test_image_is_drawn_again(monkeypatch) -> None:
+def test_an_image_equal_to_a_test_image_is_drawn_again() -> None:
     from mm1.data.world import items
 
     first = items.caption_item(0, 5, 64, frozenset())
@@ -240,6 +240,7 @@ def test_an_image_equal_to_a_test_image_is_drawn_again(monkeypatch) -> None:
 
 def test_invented_names_are_taught_only_by_text_documents(mini_world: Path) -> None:
     lexicon = make_lexicon(3, MINI.lexicon)
+    assert [p.name for p in (mini_world / "text").iterdir()] == ["train.jsonl"]  # held-out docs live in eval/
     text = (mini_world / "text" / "train.jsonl").read_text()
     assert all(re.search(rf"\b{c.name}\b", text) for c in lexicon)
     elsewhere = (mini_world / "sft" / "train.json").read_text() + " ".join(

@@ -47,8 +47,15 @@ def _imgs(images):
 def test_batched_left_padded_generation_equals_one_by_one(setup):
     model, tok, images = setup
     gcfg = GenerationConfig(max_new_tokens=8, stop=[], batch_size=4)
-    batched = generate_ids(model, tok, PROMPTS, _imgs(images), gcfg)
-    single = [generate_ids(model, tok, [p], [im], gcfg)[0] for p, im in zip(PROMPTS, _imgs(images))]
+    batch_logits: list[torch.Tensor] = []
+    batched = generate_ids(model, tok, PROMPTS, _imgs(images), gcfg, scores=batch_logits)
+    single = []
+    for i, (p, im) in enumerate(zip(PROMPTS, _imgs(images))):
+        own: list[torch.Tensor] = []
+        single += generate_ids(model, tok, [p], [im], gcfg, scores=own)
+        # not only the argmax: every step's logits match those of the padded batch row
+        torch.testing.assert_close(torch.cat(own), torch.stack([s[i] for s in batch_logits[:len(own)]]),
+                                   atol=1e-4, rtol=1e-4)
     assert batched == single
     assert all(len(r) > 0 for r in batched)
     assert generate(model, tok, PROMPTS, _imgs(images), max_new_tokens=8, stop=[], batch_size=3) == \
@@ -57,9 +64,13 @@ def test_batched_left_padded_generation_equals_one_by_one(setup):
 
 def test_kv_cache_greedy_equals_recomputing_the_full_sequence(setup):
     model, tok, images = setup
-    cached = generate_ids(model, tok, PROMPTS, _imgs(images), GenerationConfig(max_new_tokens=10, stop=[]))
-    full = generate_ids(model, tok, PROMPTS, _imgs(images), GenerationConfig(max_new_tokens=10, stop=[], use_cache=False))
+    cached_logits, full_logits = [], []
+    cached = generate_ids(model, tok, PROMPTS, _imgs(images), GenerationConfig(max_new_tokens=10, stop=[]),
+                          scores=cached_logits)
+    full = generate_ids(model, tok, PROMPTS, _imgs(images), GenerationConfig(max_new_tokens=10, stop=[], use_cache=False),
+                        scores=full_logits)
     assert cached == full
+    torch.testing.assert_close(torch.stack(cached_logits), torch.stack(full_logits), atol=1e-4, rtol=1e-4)
 
 
 def test_sampling_is_seeded_and_never_emits_image_or_pad_tokens(setup):
@@ -93,3 +104,29 @@ def test_option_scores_do_not_depend_on_batching_and_pick_the_best(setup):
     assert best == max(range(4), key=lambda i: alone[i])
     ppl, nll = perplexity(model, tok, TEXTS[:3])
     assert ppl > 1 and len(nll) == 3 and math.isfinite(ppl)
+
+
+def test_mm1_generate_answers_one_prompt_from_a_checkpoint(setup, tmp_path, capsys):
+    import json
+
+    from mm1.cli import main
+    from mm1.config import to_yaml
+    from mm1.train.checkpoint import CHECKSUMS, sha256, write_weights
+
+    model, tok, images = setup
+    ckpt = tmp_path / "step-1"
+    ckpt.mkdir()
+    cfg = Config()
+    cfg.model = model.cfg
+    cfg.data.seq_len = 64
+    write_weights(model.state_dict(), ckpt / "model.safetensors")
+    (ckpt / "config.yaml").write_text(to_yaml(cfg))
+    tok.save(ckpt / "tokenizer.json")
+    (ckpt / CHECKSUMS).write_text(json.dumps({f.name: sha256(f) for f in ckpt.iterdir()}))
+    images[0].save(tmp_path / "a.png")
+    expected = generate(model, tok, ["<image>A short description:"], [[str(tmp_path / "a.png")]],
+                        max_new_tokens=6, stop=[])[0]
+    assert main(["generate", "--checkpoint", str(ckpt), "--image", str(tmp_path / "a.png"),
+                 "--prompt", "A short description:", "--max-new-tokens", "6", "--stop", ""]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "<image>x"]) == 2

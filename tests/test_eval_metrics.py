@@ -258,3 +258,10 @@ def test_exact_match_and_option_accuracy():
     with pytest.raises(ValueError, match="3 predictions for 2 questions"):
         option_accuracy([1, 2, 3], [1, 2])
     assert mean_std([1.0, 3.0]) == (2.0, 1.0)
+
+
+@pytest.mark.skipif(not java_available(), reason="needs java and pycocoevalcap's Stanford jar")
+def test_cider_with_the_java_tokenizer_matches_the_python_one_on_caption_english():
+    refs = {i: [CAPTIONS[(i + j) % len(CAPTIONS)] for j in range(3)] for i in range(6)}
+    cands = {i: CAPTIONS[(i * 5) % len(CAPTIONS)] for i in range(6)}
+    assert cider(cands, refs, tokenizer="java") == pytest.approx(cider(cands, refs, tokenizer="python"), abs=1e-9)

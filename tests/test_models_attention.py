@@ -83,12 +83,14 @@ def test_unpacked_sequences_take_the_is_causal_fast_path_with_the_same_result():
     assert build_mask(None, 1, 15, "sdpa").kind == "none"  # one decoded token sees every key
 
 
-def test_auto_backend_uses_flex_only_on_cuda_for_packed_uncached_passes():
+def test_auto_backend_uses_flex_only_on_cuda_for_packed_training_passes():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert choose_backend("auto", cpu, packed=True, cached=False) == "sdpa"
     assert choose_backend("auto", cuda, packed=True, cached=False) == "flex"
     assert choose_backend("auto", cuda, packed=False, cached=False) == "sdpa"
     assert choose_backend("auto", cuda, packed=True, cached=True) == "sdpa"
+    assert choose_backend("auto", cuda, packed=True, cached=False, training=False) == "sdpa"
+    assert choose_backend("flex", cpu, packed=False, cached=True) == "flex"  # an explicit choice is kept
     with pytest.raises(ValueError, match="model.lm.attention"):
         choose_backend("xformers", cpu, True, False)
 
@@ -115,3 +117,28 @@ def test_kv_cache_grows_past_its_capacity_and_keeps_earlier_keys():
         cache.advance(3, torch.tensor([3 * (step + 1)]))
         assert torch.equal(k_all, torch.cat(ks[: step + 1], dim=2))
     assert cache.capacity >= 9 and cache.length == 9
+
+
+def test_flex_on_cpu_with_gradients_uses_the_exact_dense_rule():
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    out = attend(q, k, v, build_mask(DOCS, 15, 15, "flex"))  # eager CPU flex has no backward
+    out.sum().backward()
+    ref = attend(q.detach(), k.detach(), v.detach(), build_mask(DOCS, 15, 15, "sdpa"))
+    torch.testing.assert_close(out.detach(), ref, atol=1e-6, rtol=0)
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_a_shape_the_flex_compiler_rejects_falls_back_to_sdpa_with_a_warning(monkeypatch):
+    import mm1.models.attention as A
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("NoValidChoicesError")
+
+    monkeypatch.setattr(A, "_use_compiled", lambda q: True)
+    monkeypatch.setattr(A, "_compiled_flex", broken)
+    monkeypatch.setattr(A, "_flex_rejected", set())
+    q, k, v = _qkv()
+    with pytest.warns(UserWarning, match="did not compile"):
+        out = attend(q, k, v, build_mask(DOCS, 15, 15, "flex"))
+    torch.testing.assert_close(out, attend(q, k, v, build_mask(DOCS, 15, 15, "sdpa")), atol=1e-6, rtol=0)
+    assert len(A._flex_rejected) == 1  # the shape is remembered: no recompiling on every call

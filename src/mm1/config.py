@@ -148,6 +148,7 @@ class TrainConfig:
     steps: int = 300
     lr: Optional[float] = None  # None = MM1 law eta(N)
     weight_decay: Optional[float] = None  # None = 0.1 * lr
+    lr_law: str = ""  # lr_law.json from `mm1 hparams` ({a, b, wd_ratio}) used when lr is None; "" = MM1's law
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -183,6 +184,7 @@ class EvalConfig:
     vqa_mode: str = "always"  # always (normalise every answer) | official (GT-Vision-Lab vqaEval.py)
     cider_tokenizer: str = "python"  # python (PTB-like) | java (Stanford PTBTokenizer via pycocoevalcap)
     add_bos: bool = False  # prepend BOS to prompts (HF LLMs trained with BOS; the world trains without)
+    chat: bool = False  # wrap each query in the chat template (models after SFT)
     mc_normalize: str = "none"  # multiple choice: none (sum of log-probs) | length (mean per token)
 
 
@@ -233,6 +235,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"{key}: {e.msg if hasattr(e, 'msg') else e}".splitlines()[0]) from None
     validate(cfg)
     return cfg
+
+
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def preset_path(name: str | Path) -> Path:
+    """A preset by file path, or by name from the repo's configs/ (`tiny` -> configs/tiny.yaml)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    candidate = PRESETS_DIR / f"{name}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+        raise ConfigError(f"preset {name!r}: no {candidate}; known presets: {known}")
+    return candidate
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

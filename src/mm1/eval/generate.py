@@ -100,8 +100,9 @@ def _pick(logits: torch.Tensor, gcfg: GenerationConfig, gen: torch.Generator | N
 
 @torch.no_grad()
 def generate_ids(model, tokenizer: Tokenizer, prompts: list[str], images: list[Sequence[ImageSource]],
-                 gcfg: GenerationConfig) -> list[list[int]]:
-    """Generated token ids per prompt (one batch; EOS and what follows are dropped)."""
+                 gcfg: GenerationConfig, scores: list[torch.Tensor] | None = None) -> list[list[int]]:
+    """Generated token ids per prompt (one batch; EOS and what follows are dropped). With a
+    `scores` list, each step's next-token logits [B, V] are appended to it (for inspection)."""
     cfg: ModelConfig = model.cfg
     device = next(model.parameters()).device
     rows = [tokenizer.encode(p, cfg.tokens_per_image, bos=gcfg.add_bos) for p in prompts]
@@ -121,6 +122,8 @@ def generate_ids(model, tokenizer: Tokenizer, prompts: list[str], images: list[S
                            cache=cache).logits[:, -1]  # [B, V]
         else:
             logits = model(ids, pixels, attention_mask=mask).logits[:, -1]  # [B, V]
+        if scores is not None:
+            scores.append(logits.float().cpu().clone())
         logits[:, ban] = float("-inf")
         nxt = _pick(logits, gcfg, gen)  # [B]
         nxt = torch.where(done, torch.full_like(nxt, tokenizer.eos_id), nxt)

@@ -18,7 +18,7 @@ from mm1.data.tokenizer import Tokenizer
 from mm1.eval.fewshot import build_prompts, extract_answer
 from mm1.eval.generate import GenerationConfig, generate
 from mm1.eval.metrics import cider_scores, exact_match, mean_std, option_accuracy, vqa_accuracy
-from mm1.eval.scoring import choose_options, perplexity
+from mm1.eval.scoring import continuation_logprobs, perplexity
 from mm1.eval.tasks import Task, get_task
 from mm1.registry import ConfigError
 
@@ -60,11 +60,15 @@ def run_trial(model, tokenizer: Tokenizer, task: Task, items: list, shots: int, 
         return ppl, [{"id": ex.id, "nll": n} for ex, n in zip(items, nll)]
     prompts = build_prompts(task, items, shots, seed)
     records = [{"id": ex.id, "demo_ids": p.demo_ids} for ex, p in zip(items, prompts)]
-    if spec.metric == "option":
-        chosen = []
+    if spec.metric == "option":  # every (query, option) row scored in batches of eval.batch_size
+        rows = [(i, " " + o) for i, p in enumerate(prompts) for o in p.options]
+        lps = continuation_logprobs(model, tokenizer, [prompts[i].text for i, _ in rows], [c for _, c in rows],
+                                    [prompts[i].images for i, _ in rows], cfg.eval.batch_size, cfg.eval.add_bos)
+        chosen, at = [], 0
         for p, ex, rec in zip(prompts, items, records):
-            best, scores = choose_options(model, tokenizer, p.text, p.options, p.images,
-                                          normalize=cfg.eval.mc_normalize, add_bos=cfg.eval.add_bos)
+            scores = [lp / n if cfg.eval.mc_normalize == "length" else lp for lp, n in lps[at:at + len(p.options)]]
+            at += len(p.options)
+            best = max(range(len(scores)), key=lambda j: scores[j])
             chosen.append(best)
             rec.update(prediction=ex.options[best], option_scores=scores, gold=ex.label, score=100.0 * (best == ex.label))
         return 100.0 * option_accuracy(chosen, [ex.label for ex in items]), records

@@ -134,7 +134,22 @@ def pooled_points(lessons: list[Lesson]) -> dict[str, list[Point]]:
         for p in pts:
             p.name, p.run = f"{lesson.name}__{p.name}", ""
         by_lesson[lesson.name] = pts
-    dedupe([p for pts in by_lesson.values() for p in pts])
+    everything = [p for pts in by_lesson.values() for p in pts]
+    dedupe(everything)
+    # a run several lessons share is their common baseline: give it a name that says so
+    owners: dict[str, set[str]] = {}
+    for lesson, pts in by_lesson.items():
+        for p in pts:
+            owners.setdefault(p.run, set()).add(lesson)
+    shared = sorted((r for r, o in owners.items() if len(o) > 1), key=lambda r: -len(owners[r]))
+    names: dict[str, str] = {}
+    for r in shared:
+        seed = next(p.seed for p in everything if p.run == r)
+        base = "baseline" if not any(n.startswith("baseline__") and n.endswith(f"__s{seed}") for n in names.values()) \
+            else f"shared{len(names)}"
+        names[r] = f"{base}__s{seed}"
+    for p in everything:
+        p.run = names.get(p.run, p.run)
     return by_lesson
 
 

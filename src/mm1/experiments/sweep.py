@@ -215,7 +215,7 @@ def run_point(point: Point, pdir: Path, runner: Runner, log: Callable[[str], Non
 def write_commands(points: list[Point], sweep_dir: Path) -> Path:
     """`commands.sh`: every stage of every distinct point as the `mm1` command that runs it."""
     lines = ["#!/bin/sh", "# One line per stage; run a point's lines in order. Replace `mm1 train` by",
-             "# `torchrun --nproc_per_node 8 -m mm1 train` on a GPU node. Then rerun `mm1 ablate` for the report.",
+             "# `torchrun --nproc_per_node 8 -m mm1 train` on a GPU node, then rerun the same mm1 command for the report.",
              "set -e"]
     for p in unique_runs(points):
         pdir = sweep_dir / "points" / p.run

@@ -14,7 +14,9 @@ Two implementations of the same rule:
 - a dense boolean mask for `F.scaled_dot_product_attention` (any device, any step of decoding);
 - a FlexAttention `BlockMask` (the fast path on CUDA: fully masked 128x128 blocks are skipped, so
   packed documents cost what their own lengths cost). On CPU FlexAttention runs eagerly (forward
-  only); on CUDA it is compiled once per shape.
+  only); on CUDA it is compiled once per shape. Measured on one H200 (torch 2.11, bf16, forward +
+  backward of one attention, B=4, T=4096, 16 heads / 4 kv heads of 128, 8 documents per row):
+  flex 1.7 ms, SDPA with the dense mask 6.7 ms, SDPA is_causal on the same unpacked rows 2.2 ms.
 When there are no documents and no padding, SDPA's own `is_causal=True` path is used (no mask).
 """
 
@@ -81,12 +83,27 @@ def doc_mask_mod(kv_doc: Tensor, q_len: int) -> Callable[[Tensor, Tensor, Tensor
     return mask_mod
 
 
+_compiled_block_mask: Callable[..., Any] | bool | None = None  # False: compiling failed once
+
+
 def flex_block_mask(kv_doc: Tensor, q_len: int) -> Any:
-    """A FlexAttention BlockMask for the document rule (heads broadcast)."""
+    """A FlexAttention BlockMask for the document rule (heads broadcast). On CUDA the mask is built
+    by a compiled create_block_mask (H200, T=4096, B=4: 0.24 ms instead of 5.5 ms eager)."""
+    global _compiled_block_mask
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, S = kv_doc.shape
-    return create_block_mask(doc_mask_mod(kv_doc, q_len), B, None, q_len, S, device=kv_doc.device)
+    args = (doc_mask_mod(kv_doc, q_len), B, None, q_len, S)
+    if kv_doc.device.type == "cuda" and _compiled_block_mask is not False:
+        if _compiled_block_mask is None:
+            _compiled_block_mask = torch.compile(create_block_mask)
+        try:
+            return _compiled_block_mask(*args, device=kv_doc.device)
+        except Exception as e:  # noqa: BLE001  (the eager build below is the same mask)
+            warnings.warn(f"compiled create_block_mask failed ({type(e).__name__}); building masks eagerly",
+                          stacklevel=2)
+            _compiled_block_mask = False
+    return create_block_mask(*args, device=kv_doc.device)
 
 
 @dataclass
@@ -99,15 +116,18 @@ class AttentionMask:
 
     kind: str
     mask: Any = None
+    kv_doc: Tensor | None = None  # flex: kept so a shape the compiler rejects can fall back to SDPA
+    q_len: int = 0
 
 
-def choose_backend(backend: str, device: torch.device, packed: bool, cached: bool) -> str:
-    """"auto" takes FlexAttention on CUDA for packed/padded training-shaped passes (no cache: the
-    compiled kernel is specialised to a shape, and decode shapes change every step), SDPA elsewhere."""
+def choose_backend(backend: str, device: torch.device, packed: bool, cached: bool, training: bool = True) -> str:
+    """"auto" takes FlexAttention on CUDA for packed training passes (fixed shapes, gradients, no
+    cache) and SDPA elsewhere: the compiled kernel is specialised to one shape, while inference
+    shapes (decoding, prompts of every length) change from call to call."""
     if backend not in BACKENDS:
         raise ValueError(f"model.lm.attention={backend!r}: must be one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "flex" if device.type == "cuda" and packed and not cached else "sdpa"
+        return "flex" if device.type == "cuda" and packed and not cached and training else "sdpa"
     return backend
 
 
@@ -119,7 +139,7 @@ def build_mask(kv_doc: Tensor | None, q_len: int, kv_len: int, backend: str = "a
     per row."""
     device = device if device is not None else (kv_doc.device if kv_doc is not None else torch.device("cpu"))
     packed = kv_doc is not None and bool((kv_doc != kv_doc[:, :1]).any() or (kv_doc < 0).any())
-    chosen = choose_backend(backend, device, packed, cached)
+    chosen = choose_backend(backend, device, packed, cached, training=torch.is_grad_enabled())
     if not packed and chosen == "sdpa":
         if q_len == kv_len:
             return AttentionMask("causal")
@@ -128,34 +148,55 @@ def build_mask(kv_doc: Tensor | None, q_len: int, kv_len: int, backend: str = "a
     if kv_doc is None:
         kv_doc = torch.zeros(1, kv_len, dtype=torch.long, device=device)
     if chosen == "flex":
-        return AttentionMask("flex", flex_block_mask(kv_doc, q_len))
+        return AttentionMask("flex", flex_block_mask(kv_doc, q_len), kv_doc, q_len)
     return AttentionMask("dense", dense_mask(kv_doc, q_len))
 
 
 _compiled_flex: Callable[..., Tensor] | None = None
+_flex_rejected: set[tuple] = set()  # shapes the compiler failed on (seen: torch 2.11, fp32, T=100)
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Any, enable_gqa: bool) -> Tensor:
-    """flex_attention, compiled on CUDA (the fused kernel) and eager elsewhere (CPU: forward only)."""
+def _use_compiled(q: Tensor) -> bool:
+    return q.device.type == "cuda"
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+    """flex_attention, compiled on CUDA (the fused kernel) and eager elsewhere. The eager CPU kernel
+    has no backward, so a CPU pass that needs gradients uses the dense SDPA mask (the same rule,
+    exact), as does a shape the compiler rejects (with a warning, once per shape)."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    if q.device.type == "cuda":
+    gqa = q.shape[1] != k.shape[1]
+    def dense() -> AttentionMask:  # built only when needed: it is what flex avoids materialising
+        return AttentionMask("dense", dense_mask(mask.kv_doc, mask.q_len))
+
+    if not _use_compiled(q):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return attend(q, k, v, dense())
+        with warnings.catch_warnings():  # "called without torch.compile": expected off CUDA
+            warnings.filterwarnings("ignore", message=".*without torch.compile.*")
+            return flex_attention(q, k, v, block_mask=mask.mask, enable_gqa=gqa)
+    key = (tuple(q.shape), tuple(k.shape), q.dtype)
+    if key not in _flex_rejected:
         if _compiled_flex is None:  # one static kernel per shape: training shapes are fixed
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-    with warnings.catch_warnings():  # "called without torch.compile": expected off CUDA
-        warnings.simplefilter("ignore", UserWarning)
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+        try:
+            return _compiled_flex(q, k, v, block_mask=mask.mask, enable_gqa=gqa)
+        except Exception as e:  # noqa: BLE001  (inductor raises several types; the fallback is exact)
+            _flex_rejected.add(key)
+            warnings.warn(f"FlexAttention did not compile for q {tuple(q.shape)}, k {tuple(k.shape)}, {q.dtype} "
+                          f"({type(e).__name__}); using SDPA with the dense document mask for this shape",
+                          stacklevel=3)
+    return attend(q, k, v, dense())
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     """Scaled dot-product attention. q [B,H,Q,hd], k/v [B,H_kv,S,hd] (H a multiple of H_kv: GQA)
     -> [B,H,Q,hd]."""
-    gqa = q.shape[1] != k.shape[1]
     if mask.kind == "flex":
-        return _flex(q, k, v, mask.mask, gqa)
-    if gqa:  # repeat kv heads: works on every SDPA backend and torch version
+        return _flex(q, k, v, mask)
+    if q.shape[1] != k.shape[1]:  # repeat kv heads: works on every SDPA backend and torch version
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)  # [B, H, S, hd]
         v = v.repeat_interleave(rep, dim=1)

@@ -12,7 +12,7 @@ files are relative to the folder of that JSON file):
                                      images: list<binary> (PNG bytes); exactly one of texts[i],
                                      images[i] is non-null; 2-6 images per document, text that
                                      refers to them (captions, Q/A lines, comparisons, lists)
-    text/train.jsonl, test.jsonl     {"id", "text"}: facts that only text carries (invented names
+    text/train.jsonl                 {"id", "text"}: facts that only text carries (invented names
                                      of object kinds, point values, corners, arithmetic)
     sft/train.json, sft/images/      LLaVA format: [{"id", "image": "images/x.png" | [paths],
                                      "conversations": [{"from": "human"|"gpt", "value"}]}]
@@ -27,6 +27,8 @@ files are relative to the folder of that JSON file):
                                      "question_type"}
     eval/multi_{split}.jsonl         {"id", "images": [a, b], "question", "answer", "question_type"}
     eval/text_{split}.jsonl          {"id", "question", "answer"} about the text-only facts
+    eval/text_docs_test.jsonl        {"id", "text"}: held-out text documents (perplexity); kept out
+                                     of text/ so that a reader given that folder never trains on them
     eval/images/                     {split}_NNNNNN.png (caption/VQA/MC pool), multi_{split}_NNNNNN_{a,b}.png
     tokenizer.json                   byte-level BPE trained on the world's training text
                                      (ids 0-5: <pad> <s> </s> <image> <|im_start|> <|im_end|>)

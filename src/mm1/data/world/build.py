@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -81,6 +82,11 @@ def _imap(fn: Callable[..., Any], args: Iterable[tuple], pool: Any) -> Iterator[
     return pool.imap(_call, jobs, chunksize=32)  # results in submission order: output is worker-independent
 
 
+# fork needs no `if __name__ == "__main__"` guard in the caller's script and no re-imports; the
+# workers only use NumPy and Pillow, so the usual fork hazards (torch/OpenMP state) do not arise
+_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+
+
 def default_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
@@ -102,7 +108,7 @@ def build_world(out: str | Path, size: str | WorldSize = "tiny", seed: int = 0, 
     tmp.mkdir(parents=True)
     n_workers = default_workers() if workers is None else max(1, workers)
     try:
-        pool = mp.get_context("spawn").Pool(n_workers) if n_workers > 1 else None
+        pool = mp.get_context(_START_METHOD).Pool(n_workers) if n_workers > 1 else None
         try:
             counts, texts = _write_all(tmp, spec, seed, pool)
         finally:
@@ -160,9 +166,11 @@ def _write_all(root: Path, spec: WorldSize, seed: int, pool: Any) -> tuple[dict[
         write_parquet(root / "interleaved" / f"part-{part:05d}.parquet", rows)
     counts["interleaved"] = spec.interleaved
 
+    # held-out documents live under eval/: a reader given the text/ folder must not train on them
     for split, n in (("train", spec.text_train), ("test", spec.text_test)):
         docs = list(_imap(items.text_item, ((seed, i, split, spec.lexicon) for i in range(n)), pool))
-        counts[f"text_{split}"] = write_jsonl(root / "text" / f"{split}.jsonl", docs)
+        path = root / "text" / "train.jsonl" if split == "train" else root / "eval" / "text_docs_test.jsonl"
+        counts[f"text_{split}"] = write_jsonl(path, docs)
         if split == "train":
             texts += [d["text"] for d in docs]
 

@@ -108,7 +108,7 @@ def geometry_fact(rng: np.random.Generator) -> str:
 
 
 def arithmetic_fact(rng: np.random.Generator) -> str:
-    a, b = int(rng.integers(0, 11)), int(rng.integers(0, 11))
+    a, b = int(rng.integers(0, 21)), int(rng.integers(0, 21))
     if rng.random() < 0.6:
         return pick(rng, [f"{a} plus {b} is {a + b}.", f"{number_word(a).capitalize()} plus {number_word(b)} equals "
                                                       f"{number_word(a + b)}.", f"{a} + {b} = {a + b}."])
@@ -151,22 +151,30 @@ def text_question(lexicon: tuple[Creature, ...], rng: np.random.Generator) -> tu
     """(question, answer) answerable only from the text documents (or by arithmetic)."""
     c = lexicon[int(rng.integers(len(lexicon)))]
     r = rng.random()
-    if r < 0.2:
+    if r < 0.15:
         return pick(rng, [f"What color is {_an(c.name)}?", f"What colour is {_an(c.name)}?"]), c.colour
-    if r < 0.4:
+    if r < 0.3:
         return f"What shape is {_an(c.name)}?", c.shape
-    if r < 0.5:
+    if r < 0.38:
         return f"Is {_an(c.name)} small or large?", c.size
-    if r < 0.65:
+    if r < 0.5:
         return f"How many points is {_an(c.name)} worth?", str(c.points)
-    if r < 0.75:
+    if r < 0.6:
         k = int(rng.integers(2, 4))
         return f"How many points are {number_word(k)} {c.plural} worth?", str(k * c.points)
-    if r < 0.85:
+    if r < 0.75 and len(lexicon) > 1:
+        d = lexicon[int(rng.integers(len(lexicon)))]
+        if d != c:
+            k, m = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+            what = f"{number_word(k)} {c.name if k == 1 else c.plural} and {number_word(m)} {d.name if m == 1 else d.plural}"
+            return f"How many points are {what} worth?", str(k * c.points + m * d.points)
+    if r < 0.8:
         shape = pick(rng, ["triangle", "square", "diamond", "hexagon", "circle"])
         return f"How many corners does {_an(shape)} have?", str(CORNERS[shape])
-    a, b = int(rng.integers(0, 11)), int(rng.integers(0, 11))
-    return f"What is {a} plus {b}?", str(a + b)
+    a, b = int(rng.integers(0, 21)), int(rng.integers(0, 21))
+    if rng.random() < 0.6:
+        return f"What is {a} plus {b}?", str(a + b)
+    return f"What is {max(a, b)} minus {min(a, b)}?", str(max(a, b) - min(a, b))
 
 
 def lexicon_split(lexicon: tuple[Creature, ...], split: str) -> tuple[Creature, ...]:

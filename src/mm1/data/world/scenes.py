@@ -147,7 +147,12 @@ def sample_scene(
 
 def _weighted(rng: np.random.Generator, p: list[float]) -> int:
     """Index drawn with probabilities p (cheaper than Generator.choice for tiny lists)."""
-    return min(int(np.searchsorted(np.cumsum(p), rng.random() * sum(p), side="right")), len(p) - 1)
+    u, acc = rng.random() * sum(p), 0.0
+    for i, w in enumerate(p):
+        acc += w
+        if u < acc:
+            return i
+    return len(p) - 1
 
 
 # ----------------------------------------------------------------------------- rendering
