@@ -94,3 +94,15 @@ def test_chain_of_thought_prompt_and_answer_parsing(tmp_path):
     assert extract_answer(" I think 5", spec) == "I think 5"
     with pytest.raises(Exception, match="no \\{rationale\\} field"):
         TaskSpec("bad", "text", "x", template="Q: {question} A: {answer}", cot_marker="So")
+
+
+def test_chat_prompts_put_demonstrations_in_earlier_turns(task):
+    q = task.test[0]
+    zero = build_prompt(task, q, 0, chat=True)
+    assert zero.chat == [{"role": "user", "content": f"<image>\n{q.question}\n"
+                                                     "Answer the question using a single word or phrase."}]
+    two = build_prompt(task, q, 2, seed=5, chat=True)
+    assert [t["role"] for t in two.chat] == ["user", "assistant"] * 2 + ["user"]
+    assert two.demo_ids == build_prompt(task, q, 2, seed=5).demo_ids  # same draw as the plain prompt
+    assert len(two.images) == 3 and two.images[-1] == q.images[0]
+    assert two.chat[1]["content"].startswith("a")  # the demonstration's answer

@@ -130,3 +130,14 @@ def test_mm1_generate_answers_one_prompt_from_a_checkpoint(setup, tmp_path, caps
                  "--prompt", "A short description:", "--max-new-tokens", "6", "--stop", ""]) == 0
     assert capsys.readouterr().out == expected + "\n"
     assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "<image>x"]) == 2
+
+
+def test_a_conversation_prompt_uses_the_chat_template_and_stops_at_im_end(setup):
+    from mm1.eval.generate import encode_prompt
+
+    model, tok, images = setup
+    conv = [{"role": "user", "content": "<image>\nWhat colour?"}]
+    assert encode_prompt(tok, conv, 4) == tok.chat_prompt("<image>\nWhat colour?", 4)
+    free = generate_ids(model, tok, [conv], [[images[0]]], GenerationConfig(max_new_tokens=6, stop=[]))[0]
+    cut = generate_ids(model, tok, [conv], [[images[0]]], GenerationConfig(max_new_tokens=6, stop=[], stop_ids=[free[0]]))
+    assert cut == [[]] and len(free) == 6

@@ -154,6 +154,19 @@ def test_evaluate_writes_one_result_per_task_and_shots(world, tiny_model, tmp_pa
     assert "world_vqa" in table and "2-shot" in table and "±" in table
 
 
+def test_evaluate_in_chat_mode_for_models_after_sft(world, tiny_model):
+    root, tok = world
+    model, cfg = tiny_model
+    cfg.data.world, cfg.eval.chat, cfg.eval.trials, cfg.eval.max_new_tokens = str(root), True, 1, 3
+    try:
+        results = evaluate(model, tok, cfg, ["world_vqa", "world_mc"], [0, 1], limit=2, log=None)
+    finally:
+        cfg.eval.chat = False
+    assert all(r["chat"] and "single word" in r["template"] for r in results)
+    one_shot = next(r for r in results if r["task"] == "world_vqa" and r["shots"] == 1)
+    assert one_shot["predictions"][0][0]["prompt"].count("[user]") == 2
+
+
 def test_mm1_eval_blind_prints_a_table(world, capsys):
     root, _ = world
     assert main(["eval", "configs/tiny.yaml", f"data.world={root}", "--blind", "--tasks", "world_caption,world_vqa",

@@ -32,6 +32,7 @@ class Prompt:
     demo_ids: list[str] = field(default_factory=list)
     demo_image_keys: list[str] = field(default_factory=list)
     options: list[str] = field(default_factory=list)  # mc: continuations to score after `text`
+    chat: list[dict] | None = None  # under eval.chat: the conversation (demos = earlier turns); used instead of text
 
 
 def _fields(spec: TaskSpec, ex: Example, answer: str) -> dict[str, str]:
@@ -39,6 +40,7 @@ def _fields(spec: TaskSpec, ex: Example, answer: str) -> dict[str, str]:
     return {
         "caption": answer, "answer": answer, "a": answer, "question": ex.question, "q": ex.question,
         "rationale": ex.rationale, "images": IMAGE_TOKEN * len(ex.images),
+        "image_lines": (IMAGE_TOKEN + "\n") * len(ex.images),
         "options": "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(ex.options)),
     }
 
@@ -105,13 +107,32 @@ def sample_demos(pool: list[Example], query: Example, k: int, rng: random.Random
     return [pool[i] for i in chosen]
 
 
-def build_prompt(task: Task, query: Example, shots: int, seed: int = 0) -> Prompt:
+def _chat_prompt(spec: TaskSpec, query: Example, demos: list[Example], rng: random.Random) -> Prompt:
+    """Demonstrations as earlier user/assistant turns, the query as the last user turn."""
+    turns: list[dict] = []
+    images: list[str] = []
+    for ex in demos + [query]:
+        user = spec.chat_template.format(**_fields(spec, ex, ""))
+        images += _images_for(user, ex, spec, "query" if ex is query else "demonstration")
+        turns.append({"role": "user", "content": user})
+        if ex is not query:
+            answer = rng.choice(ex.answers) if spec.kind == "caption" and ex.answers else ex.target
+            turns.append({"role": "assistant", "content": answer})
+    text = "\n".join(f"[{t['role']}] {t['content']}" for t in turns)
+    return Prompt(query.id, text, images, [d.id for d in demos], [k for d in demos for k in d.image_keys],
+                  list(query.options), chat=turns)
+
+
+def build_prompt(task: Task, query: Example, shots: int, seed: int = 0, chat: bool = False) -> Prompt:
+    """The prompt for one query; with `chat`, a conversation in the task's chat template."""
     spec = task.spec
     rng = query_rng(seed, spec.name, query.id)
     n_demo = shots if shots > 0 else spec.zero_shot_demos
     if n_demo and not task.train:
         raise ValueError(f"task {spec.name}: {n_demo}-shot prompts need a train split (spec `train:`)")
     demos = sample_demos(task.train, query, n_demo, rng)
+    if chat:
+        return _chat_prompt(spec, query, demos if shots > 0 else [], rng)
     parts: list[str] = [spec.prefix] if spec.prefix else []
     images: list[str] = []
     for d in demos:
@@ -126,8 +147,8 @@ def build_prompt(task: Task, query: Example, shots: int, seed: int = 0) -> Promp
                   [k for d in demos for k in d.image_keys], list(query.options))
 
 
-def build_prompts(task: Task, queries: list[Example], shots: int, seed: int = 0) -> list[Prompt]:
-    return [build_prompt(task, q, shots, seed) for q in queries]
+def build_prompts(task: Task, queries: list[Example], shots: int, seed: int = 0, chat: bool = False) -> list[Prompt]:
+    return [build_prompt(task, q, shots, seed, chat) for q in queries]
 
 
 def extract_answer(generated: str, spec: TaskSpec) -> str:

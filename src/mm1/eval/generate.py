@@ -23,6 +23,7 @@ from mm1.data.images import image_tensors, mean_color, normalize, preprocess, su
 from mm1.data.tokenizer import Tokenizer
 
 ImageSource = Union[Image.Image, str, Path, bytes]
+PromptLike = Union[str, list]  # text with <image> markers, or a conversation [{"role", "content"}, ...]
 
 
 @dataclass
@@ -36,6 +37,7 @@ class GenerationConfig:
     seed: int = 0  # sampling RNG
     use_cache: bool = True  # False recomputes the whole sequence each step (the reference path)
     add_bos: bool = False
+    stop_ids: list[int] = field(default_factory=list)  # token ids that end a row besides EOS (e.g. <|im_end|>)
     batch_size: int = 16
     resize: str = "crop"  # image preprocessing, as in training (data.resize)
 
@@ -63,6 +65,20 @@ def image_batch(cfg: ModelConfig, images: Sequence[ImageSource], resize: str = "
     if not out:
         return torch.zeros(0, 3, v.image_size, v.image_size)
     return torch.cat(out)
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: PromptLike, tokens_per_image: int, add_bos: bool = False) -> list[int]:
+    """Ids of a text prompt, or of a conversation in the chat template with an open assistant turn."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, tokens_per_image, bos=add_bos)
+    ids, _ = tokenizer.chat(prompt, tokens_per_image, add_generation_prompt=True)
+    return ([tokenizer.bos_id] if add_bos else []) + ids
+
+
+def image_markers(prompt: PromptLike) -> int:
+    if isinstance(prompt, str):
+        return prompt.count("<image>")
+    return sum(str(t.get("content", t.get("value", ""))).count("<image>") for t in prompt)
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,18 +115,19 @@ def _pick(logits: torch.Tensor, gcfg: GenerationConfig, gen: torch.Generator | N
 
 
 @torch.no_grad()
-def generate_ids(model, tokenizer: Tokenizer, prompts: list[str], images: list[Sequence[ImageSource]],
+def generate_ids(model, tokenizer: Tokenizer, prompts: list[PromptLike], images: list[Sequence[ImageSource]],
                  gcfg: GenerationConfig, scores: list[torch.Tensor] | None = None) -> list[list[int]]:
     """Generated token ids per prompt (one batch; EOS and what follows are dropped). With a
     `scores` list, each step's next-token logits [B, V] are appended to it (for inspection)."""
     cfg: ModelConfig = model.cfg
     device = next(model.parameters()).device
-    rows = [tokenizer.encode(p, cfg.tokens_per_image, bos=gcfg.add_bos) for p in prompts]
+    rows = [encode_prompt(tokenizer, p, cfg.tokens_per_image, gcfg.add_bos) for p in prompts]
     ids, mask = left_pad(rows, tokenizer.pad_id)
     ids, mask = ids.to(device), mask.to(device)  # [B, T]
     pixels = torch.cat([image_batch(cfg, imgs, gcfg.resize) for imgs in images]).to(device)  # [N, 3, S, S]
     pixels = pixels if pixels.shape[0] else None
     B, ban = ids.shape[0], banned_ids(tokenizer)
+    enders = {tokenizer.eos_id, *gcfg.stop_ids}
     gen = torch.Generator(device=device).manual_seed(gcfg.seed) if gcfg.do_sample else None
     cache = model.lm.new_cache(B, ids.shape[1] + gcfg.max_new_tokens) if gcfg.use_cache else None
     out: list[list[int]] = [[] for _ in range(B)]
@@ -130,7 +147,7 @@ def generate_ids(model, tokenizer: Tokenizer, prompts: list[str], images: list[S
         for i in range(B):
             if done[i]:
                 continue
-            if int(nxt[i]) == tokenizer.eos_id:
+            if int(nxt[i]) in enders:
                 done[i] = True
                 continue
             out[i].append(int(nxt[i]))
@@ -145,10 +162,11 @@ def generate_ids(model, tokenizer: Tokenizer, prompts: list[str], images: list[S
     return out
 
 
-def generate(model, tokenizer: Tokenizer, prompts: list[str], images: list[Sequence[ImageSource]] | None = None,
+def generate(model, tokenizer: Tokenizer, prompts: list[PromptLike], images: list[Sequence[ImageSource]] | None = None,
              gcfg: GenerationConfig | None = None, **overrides) -> list[str]:
     """Continuations of `prompts` (texts with `<image>` markers; `images[i]` fills prompt i's
-    markers in order), cut at the first stop string. Prompts are grouped by length into batches of
+    markers in order; a prompt may also be a conversation, see `encode_prompt`), cut at the first
+    stop string. Prompts are grouped by length into batches of
     `batch_size`; the result keeps the input order. Keyword overrides patch `gcfg`."""
     gcfg = gcfg or GenerationConfig()
     for k, v in overrides.items():
@@ -159,11 +177,11 @@ def generate(model, tokenizer: Tokenizer, prompts: list[str], images: list[Seque
     if len(images) != len(prompts):
         raise ValueError(f"generate: {len(prompts)} prompts but {len(images)} image lists")
     for i, (p, imgs) in enumerate(zip(prompts, images)):
-        if p.count("<image>") != len(imgs):
-            raise ValueError(f"generate: prompt {i} has {p.count('<image>')} <image> markers but {len(imgs)} images")
+        if image_markers(p) != len(imgs):
+            raise ValueError(f"generate: prompt {i} has {image_markers(p)} <image> markers but {len(imgs)} images")
     was_training = model.training
     model.eval()
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    order = sorted(range(len(prompts)), key=lambda i: (len(str(prompts[i])), i))
     texts: list[str] = [""] * len(prompts)
     try:
         for start in range(0, len(order), max(1, gcfg.batch_size)):

@@ -58,11 +58,13 @@ def run_trial(model, tokenizer: Tokenizer, task: Task, items: list, shots: int, 
     if spec.metric == "perplexity":  # shots do not apply: the text is scored on its own
         ppl, nll = perplexity(model, tokenizer, [ex.answers[0] for ex in items], cfg.eval.batch_size)
         return ppl, [{"id": ex.id, "nll": n} for ex, n in zip(items, nll)]
-    prompts = build_prompts(task, items, shots, seed)
-    records = [{"id": ex.id, "demo_ids": p.demo_ids} for ex, p in zip(items, prompts)]
+    chat = cfg.eval.chat
+    prompts = build_prompts(task, items, shots, seed, chat=chat)
+    inputs = [p.chat if chat else p.text for p in prompts]
+    records = [{"id": ex.id, "demo_ids": p.demo_ids, "prompt": p.text} for ex, p in zip(items, prompts)]
     if spec.metric == "option":  # every (query, option) row scored in batches of eval.batch_size
-        rows = [(i, " " + o) for i, p in enumerate(prompts) for o in p.options]
-        lps = continuation_logprobs(model, tokenizer, [prompts[i].text for i, _ in rows], [c for _, c in rows],
+        rows = [(i, o if chat else " " + o) for i, p in enumerate(prompts) for o in p.options]
+        lps = continuation_logprobs(model, tokenizer, [inputs[i] for i, _ in rows], [c for _, c in rows],
                                     [prompts[i].images for i, _ in rows], cfg.eval.batch_size, cfg.eval.add_bos)
         chosen, at = [], 0
         for p, ex, rec in zip(prompts, items, records):
@@ -73,8 +75,9 @@ def run_trial(model, tokenizer: Tokenizer, task: Task, items: list, shots: int, 
             rec.update(prediction=ex.options[best], option_scores=scores, gold=ex.label, score=100.0 * (best == ex.label))
         return 100.0 * option_accuracy(chosen, [ex.label for ex in items]), records
     gcfg = GenerationConfig(max_new_tokens=spec.max_new_tokens or cfg.eval.max_new_tokens, stop=list(spec.stop),
-                            batch_size=cfg.eval.batch_size, add_bos=cfg.eval.add_bos, resize=cfg.data.resize)
-    raw = generate(model, tokenizer, [p.text for p in prompts], [p.images for p in prompts], gcfg)
+                            batch_size=cfg.eval.batch_size, add_bos=cfg.eval.add_bos, resize=cfg.data.resize,
+                            stop_ids=[tokenizer.im_end_id] if chat else [])
+    raw = generate(model, tokenizer, inputs, [p.images for p in prompts], gcfg)
     preds = [extract_answer(r, spec) for r in raw]
     score, per = _score_generations(task, items, preds, cfg)
     for rec, r, pred, ex, s in zip(records, raw, preds, items, per):
@@ -110,7 +113,8 @@ def evaluate(model, tokenizer: Tokenizer, cfg: Config, tasks: list[str] | None =
             result = {
                 "task": task.name, "kind": spec.kind, "metric": spec.metric, "shots": k, "score": mean, "std": std,
                 "trial_scores": trial_scores, "seeds": seeds, "n": len(items), "seconds": round(time.time() - t0, 2),
-                "template": spec.template, "separator": spec.separator, "prefix": spec.prefix, "stop": spec.stop,
+                "template": spec.chat_template if cfg.eval.chat else spec.template, "chat": cfg.eval.chat,
+                "separator": spec.separator, "prefix": spec.prefix, "stop": spec.stop,
                 "cot_marker": spec.cot_marker, "max_new_tokens": spec.max_new_tokens or cfg.eval.max_new_tokens,
                 "config": to_dict(cfg), "predictions": predictions,
             }

@@ -16,15 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from mm1.data.tokenizer import Tokenizer
-from mm1.eval.generate import ImageSource, image_batch, left_pad
+from mm1.eval.generate import ImageSource, PromptLike, encode_prompt, image_batch, left_pad
 
 
 @torch.no_grad()
-def continuation_logprobs(model, tokenizer: Tokenizer, contexts: list[str], continuations: list[str],
+def continuation_logprobs(model, tokenizer: Tokenizer, contexts: list[PromptLike], continuations: list[str],
                           images: list[Sequence[ImageSource]] | None = None, batch_size: int = 16,
                           add_bos: bool = False, prefix: Sequence[int] = ()) -> list[tuple[float, int]]:
     """(sum of log p(continuation token | everything before), number of continuation tokens) per row.
-    `prefix` ids go before every context (e.g. EOS as a document start for perplexity)."""
+    `prefix` ids go before every context (e.g. EOS as a document start for perplexity). A context
+    may be a conversation: the continuation is then scored as the assistant's reply."""
     if len(contexts) != len(continuations):
         raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
     images = images if images is not None else [[] for _ in contexts]
@@ -35,7 +36,7 @@ def continuation_logprobs(model, tokenizer: Tokenizer, contexts: list[str], cont
     results: list[tuple[float, int]] = []
     try:
         for s in range(0, len(contexts), max(1, batch_size)):
-            ctx = [list(prefix) + tokenizer.encode(c, cfg.tokens_per_image, bos=add_bos) for c in contexts[s:s + batch_size]]
+            ctx = [list(prefix) + encode_prompt(tokenizer, c, cfg.tokens_per_image, add_bos) for c in contexts[s:s + batch_size]]
             cont = [tokenizer.encode(c) for c in continuations[s:s + batch_size]]
             for n, (a, c) in enumerate(zip(ctx, cont)):
                 if not c or not a:

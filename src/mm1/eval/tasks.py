@@ -38,6 +38,15 @@ DEFAULT_TEMPLATE = {
     "text": "Question: {question} Answer: {answer}",
     "multi": "{images}Question: {question} Short answer: {answer}",
 }
+# eval.chat (models after SFT): the user turn, LLaVA-style; the assistant turn is the answer
+SHORT = "Answer the question using a single word or phrase."
+DEFAULT_CHAT_TEMPLATE = {
+    "caption": "{image_lines}Give a short caption for this image.",
+    "vqa": "{image_lines}{question}\n" + SHORT,
+    "mc": "{image_lines}{question}\n" + SHORT,
+    "text": "{question}\n" + SHORT,
+    "multi": "{image_lines}{question}\n" + SHORT,
+}
 
 
 @dataclass
@@ -76,6 +85,7 @@ class TaskSpec:
     image_pattern: str = ""  # VQAv2: file name from the image id, e.g. "COCO_val2014_{image_id:012d}.jpg"
     metric: str = ""  # default by kind
     template: str = ""  # default by kind; fields {caption} {question} {answer} {rationale} {options} {images}
+    chat_template: str = ""  # the user turn under eval.chat; default by kind; {image_lines} = "<image>\n" per image
     separator: str = "\n"  # between demonstrations and before the query
     prefix: str = ""  # instruction text before everything (also at zero-shot)
     zero_shot_demos: int = 0  # Flamingo's trick: text-only demonstrations at 0 shots (images removed)
@@ -91,6 +101,7 @@ class TaskSpec:
         if self.metric not in METRICS:
             raise ConfigError(f"task {self.name}: metric={self.metric!r}; allowed: {', '.join(METRICS)}")
         self.template = self.template or DEFAULT_TEMPLATE[self.kind]
+        self.chat_template = self.chat_template or DEFAULT_CHAT_TEMPLATE[self.kind]
         if self.cot_marker and "{rationale}" not in self.template:
             raise ConfigError(f"task {self.name}: cot_marker is set but the template has no {{rationale}} field, "
                               "e.g. '<image>Question: {question} Reasoning: {rationale} So the answer is {answer}'")

@@ -88,7 +88,7 @@ _compiled_block_mask: Callable[..., Any] | bool | None = None  # False: compilin
 
 def flex_block_mask(kv_doc: Tensor, q_len: int) -> Any:
     """A FlexAttention BlockMask for the document rule (heads broadcast). On CUDA the mask is built
-    by a compiled create_block_mask (H200, T=4096, B=4: 0.24 ms instead of 5.5 ms eager)."""
+    by a compiled create_block_mask (H200, T=4096, B=4: about 0.2 ms instead of 5.5 ms eager)."""
     global _compiled_block_mask
     from torch.nn.attention.flex_attention import create_block_mask
 
