@@ -7,6 +7,7 @@ import argparse
 import importlib
 import sys
 
+from mm1.data.skips import DataError
 from mm1.registry import ConfigError
 
 # subcommand -> (module, one-line help)
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except ConfigError as e:
         print(f"mm1 {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, FileNotFoundError) as e:
+        print(f"mm1 {args.command}: data error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mm1 {args.command}: interrupted", file=sys.stderr)
