@@ -21,7 +21,7 @@ COMMON = ["model.lm.n_layers=2", "model.vision.depth=2", "data.seq_len=128", "tr
 
 
 def torchrun(world: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "mm1", "train", "configs/tiny.yaml", f"data.world={world}", *COMMON, "data.batch_size=1",
            *extra, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1",

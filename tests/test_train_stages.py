@@ -20,7 +20,7 @@ from mm1.train.optim import count_trainable, mm1_lr
 from mm1.train.stages import MLLMObjective, build_stage_module
 from mm1.train.trainer import NonFiniteLoss, train
 
-SMALL = ["model.lm.n_layers=2", "data.seq_len=128", "data.batch_size=2", "train.warmup_steps=5"]
+SMALL = ["model.lm.n_layers=2", "model.vision.depth=2", "data.seq_len=128", "data.batch_size=2", "train.warmup_steps=5"]
 
 
 def cfg_for(world: Path, *extra: str):

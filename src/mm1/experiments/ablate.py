@@ -213,10 +213,13 @@ def load_spec(path: str | Path) -> AblationSpec:
 
 
 def _short_names(axes: list[Axis]) -> dict[str, str]:
-    """Axis name -> the shortest unambiguous suffix of its dotted name (`num_tokens`, `kind`...)."""
+    """Axis name -> the shortest unambiguous suffix of a config key (`num_tokens`, `kind`...); a
+    paired group keeps its own name."""
     names = [ax.name for ax in axes]
-    out = {}
+    out = {ax.name: ax.name for ax in axes if ax.keys != [ax.name]}
     for n in names:
+        if n in out:
+            continue
         parts = n.replace(":", ".").split(".")
         for i in range(len(parts) - 1, -1, -1):
             cand = ".".join(parts[i:])

@@ -2,7 +2,9 @@
 
 Every lesson is an ablation spec in `configs/lessons/<name>.yaml` with a `lesson:` block (the paper's
 claim and number, and the comparisons that test it); a budget file (`configs/lessons/budget-<b>.yaml`)
-supplies the base preset, run lengths, seeds and evaluation for all of them. The lessons' points are
+supplies the base preset, run lengths, seeds and evaluation for all of them (a lesson's own
+`overrides` / `stage_overrides` are appended; `by_budget: {small: {...}}` replaces top-level keys,
+e.g. the axis values, for one budget). The lessons' points are
 pooled and deduplicated by resolved config, so the baseline (45:45:10, contrastive encoder, 16
 C-Abstractor tokens...) trains once per seed however many lessons compare against it.
 
@@ -13,7 +15,9 @@ A verdict compares means with the seed spread instead of trusting a hard-coded a
 - `similar` claim ("connector type barely matters"): the range of the means is compared with 2·se
   of its extremes, and, when a `reference` lesson is named, with that lesson's effect on the same
   metric: reproduced when the range is within the spread or smaller than the reference effect.
-With one seed there is no spread, and the verdict says so rather than guessing.
+With one seed there is no spread, and a metric on which every run scored the same (e.g. 0 VQA
+accuracy from a model too small to answer) carries no signal: such metrics are left out of the
+majority, and a claim with no informative metric is "undecided" rather than guessed.
 """
 
 from __future__ import annotations
@@ -120,6 +124,7 @@ def load_lessons(budget: str = "tiny", directory: Path = LESSON_DIR, only: list[
             claims.append(claim)
         lessons.append(Lesson(path.stem, int(meta.get("number", 0)), str(meta.get("title", path.stem)),
                               str(meta.get("paper", "")), claims, spec, spec.axes[0].name, str(meta.get("note", ""))))
+    lessons.sort(key=lambda lesson: (lesson.number, lesson.name))
     if only and len(lessons) != len(set(only)):
         missing = set(only) - {lesson.name for lesson in lessons}
         raise ConfigError(f"unknown lesson(s) {sorted(missing)}; available: {[p.stem for p in directory.glob('*.yaml')]}")
@@ -173,6 +178,8 @@ def judge_compare(better: tuple[float, float, int], worse: tuple[float, float, i
     if nb == 0 or nw == 0 or math.isnan(mb) or math.isnan(mw):
         return Verdict(column, None, math.nan, math.nan, "not measured")
     d = _sign(column) * (mb - mw)
+    if d == 0 and not (sb or 0) and not (sw or 0):
+        return Verdict(column, None, d, 0.0, f"no signal: every run scored {mb:.3g}")
     if nb < 2 or nw < 2:
         return Verdict(column, None, d, math.nan, f"difference {d:+.3g}, one seed: no spread to compare with")
     se = math.sqrt(sb**2 / nb + sw**2 / nw)
@@ -191,6 +198,8 @@ def judge_similar(groups: list[tuple[float, float, int]], column: str, reference
         return Verdict(column, None, math.nan, math.nan, "not measured")
     hi, lo = max(groups, key=lambda g: g[0]), min(groups, key=lambda g: g[0])
     rng = hi[0] - lo[0]
+    if rng == 0 and all(not g[1] or math.isnan(g[1]) for g in groups) and all(g[2] > 1 for g in groups):
+        return Verdict(column, None, 0.0, 0.0, f"no signal: every run scored {hi[0]:.3g}")
     ref = f"; reference effect {abs(reference_effect):.3g}" if not math.isnan(reference_effect) else ""
     if hi[2] < 2 or lo[2] < 2:
         if not math.isnan(reference_effect):
@@ -238,12 +247,12 @@ def lesson_effects(lesson: Lesson, agg: list[dict]) -> dict[str, float]:
 
 
 def claim_outcome(verdicts: list[Verdict]) -> str:
-    """One word per claim: reproduced if most measured metrics reproduced it."""
+    """One word per claim: reproduced if most informative metrics reproduced it."""
     known = [v for v in verdicts if v.reproduced is not None]
     if not verdicts or all(v.detail == "not measured" for v in verdicts):
         return "not measured"
     if not known:
-        return "undecided (one seed)"
+        return "undecided"
     yes = sum(v.reproduced for v in known)
     if yes * 2 > len(known):
         return "reproduced"

@@ -56,7 +56,8 @@ def write_lessons_report(lessons: list[Lesson], by_lesson: dict, records: dict, 
              f"{K_SE:g}·se in the paper's direction, not reproduced when it is within {K_SE:g}·se (the seeds "
              "disagree more than the settings) or goes the other way. For \"A ≈ B ≈ C\" the range of the means must "
              "stay within the spread or below the effect of the reference lesson. A claim counts as reproduced "
-             "when most of its metrics reproduce it. These are miniature models on a synthetic world: a lesson "
+             "when most of its informative metrics reproduce it (a metric on which every run scored the same, "
+             "or a single seed, decides nothing: *undecided*). These are miniature models on a synthetic world: a lesson "
              "that does not reproduce here says something about scale, not necessarily about the paper.", ""]
     table, outcome_by, detail = [], {}, []
     for lesson in lessons:
@@ -85,7 +86,7 @@ def write_lessons_report(lessons: list[Lesson], by_lesson: dict, records: dict, 
         summaries[lesson.name]["claims"] = claims_out
     lines += ["## Verdicts", "", R.write_table(["lesson", "claim (paper)", "measured here (mean ± std (seeds))",
                                                 "verdict"], table, "llll")]
-    for outcome in ("reproduced", "partly reproduced", "not reproduced", "undecided (one seed)", "not measured"):
+    for outcome in ("reproduced", "partly reproduced", "not reproduced", "undecided", "not measured"):
         if outcome in outcome_by:
             lines += [f"**{outcome.capitalize()} at this scale:** " + "; ".join(outcome_by[outcome]) + ".", ""]
     lines += detail
@@ -102,7 +103,7 @@ def write_lessons_report(lessons: list[Lesson], by_lesson: dict, records: dict, 
 def _text_perplexity_task(lessons: list[Lesson], out: Path) -> None:
     """`world_text_ppl` in a budget's eval tasks: perplexity on the world's held-out text documents.
 
-    The world registers no such task, so a task spec file pointing at `<world>/text/test.jsonl` is
+    The world registers no such task, so a task spec file pointing at `<world>/eval/text_docs_test.jsonl` is
     written into the output directory and named in `eval.tasks` instead."""
     import yaml
 
@@ -116,7 +117,7 @@ def _text_perplexity_task(lessons: list[Lesson], out: Path) -> None:
         path = out.resolve() / "tasks" / "world_text_ppl.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump({"name": "world_text_ppl", "kind": "text", "metric": "perplexity",
-                                        "test": str(world / "text" / "test.jsonl")}))
+                                        "test": str(world / "eval" / "text_docs_test.jsonl")}))
         lesson.spec.eval_tasks = [str(path) if t == "world_text_ppl" else t for t in tasks]
 
 

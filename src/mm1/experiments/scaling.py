@@ -4,7 +4,7 @@ MM1 (section 3.4, appendix) ran LR grids at 9M, 85M, 302M and 1.2B parameters, t
 each size and fitted log η = a·ln N + b with a = −0.4214, b = −0.5535 (and λ = 0.1·η). This module
 does the same at the sizes a machine can afford: short text-only pre-training runs with the image
 encoder and connector frozen, so N is the language model's trainable parameter count (what
-`mm1.train.optim` uses for the law). The grid is an ordinary ablation sweep (`size` x `lr_wd`
+`mm1.train.optim` uses for the law). The grid is an ordinary ablation sweep (`size` x `lr`
 paired axes, resumable, with its own report); this module then
 - picks the best LR per size from the final training loss (mean over seeds), refined by a parabola
   through the grid minimum and its neighbours in log-LR (flagged when the minimum sits at the grid's edge),
@@ -59,17 +59,22 @@ BUDGETS = {
 }
 
 
+def cell_label(budget: HparamBudget, lr: float, ratio: float) -> str:
+    """How a grid cell is named: `0.004`, or `0.004,wd=0.1` when weight decay is gridded too."""
+    return f"{lr:g}" if len(budget.wd_ratios) == 1 else f"{lr:g},wd={ratio:g}"
+
+
 def grid_spec(budget: HparamBudget, base: str, name: str = "hparams") -> AblationSpec:
     """The LR x weight-decay x size grid as an ablation spec (one run per cell and seed)."""
     fields = list(next(iter(budget.sizes.values())))
     size = {"labels": list(budget.sizes)} | {f"model.lm.{f}": [s[f] for s in budget.sizes.values()] for f in fields}
     cells = [(lr, r) for lr in budget.lrs for r in budget.wd_ratios]
-    lr_wd = {"labels": [f"lr={lr:g},wd={r:g}" for lr, r in cells],
+    lr_wd = {"labels": [cell_label(budget, lr, r) for lr, r in cells],
              "train.lr": [float(lr) for lr, _ in cells], "train.weight_decay": [float(lr * r) for lr, r in cells]}
     return parse_spec({"name": name, "base": base, "seeds": budget.seeds, "stages": ["pretrain"],
                        "overrides": budget.overrides + [f"train.steps={budget.steps}", f"train.save_every={budget.steps}",
                                                         "train.keep_last=1"],
-                       "paired": {"size": size, "lr_wd": lr_wd}, "eval": {"after": []}})
+                       "paired": {"size": size, "lr": lr_wd}, "eval": {"after": []}})
 
 
 def best_lr(lrs: list[float], losses: list[float]) -> tuple[float, bool]:
@@ -78,18 +83,19 @@ def best_lr(lrs: list[float], losses: list[float]) -> tuple[float, bool]:
     Returns (lr, at_edge); at the grid's edge the grid value itself is returned and flagged, since
     the true optimum may lie outside the grid."""
     order = np.argsort(lrs)
-    x = np.log(np.asarray(lrs, dtype=float)[order])
+    grid = np.asarray(lrs, dtype=float)[order]
     y = np.asarray(losses, dtype=float)[order]
     ok = np.isfinite(y)
-    x, y = x[ok], y[ok]
+    grid, y = grid[ok], y[ok]
+    x = np.log(grid)
     if len(x) == 0:
         return math.nan, True
     i = int(np.argmin(y))
     if i == 0 or i == len(x) - 1:
-        return float(np.exp(x[i])), True
+        return float(grid[i]), True
     c2, c1, _ = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)
     if c2 <= 0:
-        return float(np.exp(x[i])), False
+        return float(grid[i]), False
     vertex = float(np.clip(-c1 / (2 * c2), x[i - 1], x[i + 1]))
     return float(np.exp(vertex)), False
 
@@ -137,7 +143,7 @@ def analyse(budget: HparamBudget, spec: AblationSpec, points: list, records: dic
     from mm1.experiments.results import aggregate, point_rows
 
     rows = [r for p in points if p.run in records for r in point_rows(p, records[p.run], out)]
-    agg = {(a["labels"]["size"], a["labels"]["lr_wd"]): a for a in aggregate(rows, ["size", "lr_wd"])
+    agg = {(a["labels"]["size"], a["labels"]["lr"]): a for a in aggregate(rows, ["size", "lr"])
            if a["column"] == "pretrain loss"}
     sizes, table, curves = [], [], {}
     for label in budget.sizes:
@@ -145,7 +151,7 @@ def analyse(budget: HparamBudget, spec: AblationSpec, points: list, records: dic
                   if p.labels["size"] == label and p.run in records and "failed" not in records[p.run]), None)
         best = None
         for ratio in budget.wd_ratios:
-            cells = [agg.get((label, f"lr={lr:g},wd={ratio:g}")) for lr in budget.lrs]
+            cells = [agg.get((label, cell_label(budget, lr, ratio))) for lr in budget.lrs]
             losses = [c["mean"] if c else math.nan for c in cells]
             curves[f"{label} (wd {ratio:g}·lr)"] = (budget.lrs, losses)
             lr, edge = best_lr(budget.lrs, losses)
@@ -182,7 +188,7 @@ def write_hparams_report(budget: HparamBudget, law: dict[str, Any], out: Path, w
         law_png = plot_law([x["n_params"] for x in s], [x["best_lr"] for x in s], law["a"], law["b"],
                            out / "plots" / "lr-law.png")
         fitted = lambda n: math.exp(law["a"] * math.log(n) + law["b"])  # noqa: E731
-        preds = [[f"{n:.0e}", f"{fitted(n):.3g}", f"{mm1_lr(int(n)):.3g}"] for n in (1e6, 1e8, 1.2e9, 3e10)]
+        preds = [[f"{n:.2g}", f"{fitted(n):.3g}", f"{mm1_lr(int(n)):.3g}"] for n in (1e6, 1e8, 1.2e9, 3e10)]
         lines += ["## Fit", "", f"**Fitted:** ln η = {law['a']:.4f}·ln N {law['b']:+.4f}  "
                   f"(MM1: ln η = {LAW_SLOPE}·ln N {LAW_INTERCEPT:+}); weight decay ratio {law['wd_ratio']:g}·η.", "",
                   R.image_link(law_png, out, "LR law: measured, fitted, MM1"), "",

@@ -196,8 +196,17 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     -> [B,H,Q,hd]."""
     if mask.kind == "flex":
         return _flex(q, k, v, mask)
-    if q.shape[1] != k.shape[1]:  # repeat kv heads: works on every SDPA backend and torch version
-        rep = q.shape[1] // k.shape[1]
+    B, H, Q, hd = q.shape
+    H_kv = k.shape[1]
+    if H != H_kv and Q == 1 and mask.kind != "causal":
+        # One decoded token with GQA: fold each kv head's query heads into its query rows, so the
+        # cached keys/values are read in place instead of copied rep times per layer per step.
+        rep = H // H_kv
+        attn_mask = None if mask.kind == "none" else mask.mask.expand(B, 1, rep, k.shape[2])  # [B,1,rep,S]
+        y = F.scaled_dot_product_attention(q.reshape(B, H_kv, rep, hd), k, v, attn_mask=attn_mask)
+        return y.reshape(B, H, 1, hd)  # row r of kv head g is query head g*rep + r
+    if H != H_kv:  # repeat kv heads: works on every SDPA backend and torch version
+        rep = H // H_kv
         k = k.repeat_interleave(rep, dim=1)  # [B, H, S, hd]
         v = v.repeat_interleave(rep, dim=1)
     if mask.kind == "causal":

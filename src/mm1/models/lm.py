@@ -68,11 +68,17 @@ def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float, dtype: torch
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B,H,T,hd]; rotate_half convention (first half paired with second half)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+def rope_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """[B,T,hd] cos, sin -> [B,1,T,hd] cos and sign-folded sin for `apply_rope`, made once per
+    forward and shared by every layer: rotate_half(x) * sin == roll(x, hd/2) * cat(-sin1, sin2)."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return cos[:, None], torch.cat([-s1, s2], dim=-1)[:, None]
+
+
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """x [B,H,T,hd] with tables from `rope_tables`; the rotate_half convention (first half paired
+    with the second), bit-identical to x*cos + cat(-x2, x1)*sin in four ops instead of six."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -192,7 +198,7 @@ class LanguageModel(nn.Module):
             position_ids = self.default_positions(doc, cache, B, T, x.device)
         mask = build_mask(doc, T, start + T, self.cfg.attention, x.device, cached=cache is not None)
         valid = None if doc is None else doc[:, start:] >= 0  # [B, T] tokens that count for MoE stats
-        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = rope_tables(*rope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, x.dtype))
 
         aux_total = x.new_zeros((), dtype=torch.float32)
         moe_layers: list[dict[str, Tensor]] = []

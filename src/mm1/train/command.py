@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.usage = "mm1 train CONFIG [key=value ...] --out DIR [--resume]"
     parser.add_argument("config", help="preset YAML, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 train.seed=1")
     # nargs="+" so overrides may also follow --out DIR (argparse cannot resume positionals after an option)

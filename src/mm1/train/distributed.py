@@ -99,7 +99,8 @@ def wrap_model(model: nn.Module, strategy: str, env: DistEnv, bf16: bool) -> nn.
         fully_shard(model, mp_policy=mp)
         # a unit whose parameters got no gradient on one rank (an MoE expert no token chose) must still
         # join the reduce-scatter, or the ranks' collectives fall out of step
-        model.set_reduce_scatter_unused_params(True)
+        if hasattr(model, "set_reduce_scatter_unused_params"):  # torch >= 2.12
+            model.set_reduce_scatter_unused_params(True)
         return model
     raise ValueError(f"train.strategy={strategy!r}: must be one of auto, single, ddp, fsdp")
 

@@ -267,6 +267,8 @@ class Trainer:
                 record = {"step": step + 1, "loss": record.pop("loss"), "lr": lr, **record,
                           "tokens_per_s": record["tokens"] / dt, "images_per_s": record["images"] / dt,
                           "step_time_s": dt}
+                if self.env.device.type == "cuda":
+                    record["max_mem_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
                 if self.peak and not self.encoder_stage:
                     flops = self.flops.per_step(int(record["tokens"]), int(record["images"]))
                     record["mfu"] = flops / dt / (self.peak * self.env.world_size)

@@ -1,0 +1,103 @@
+"""The benchmarks run end to end at tiny shapes and report what they promise (never their speed).
+
+Each benchmark's `main(argv)` is called with the arguments a user would type after
+`python benchmarks/X.py`, and its JSON lines are parsed: the fields RESULTS.md quotes must be present and sane, and the
+correctness gates (equal loss, equal generated tokens) must have passed for the line to exist.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str, capsys: pytest.CaptureFixture[str]) -> list[dict]:
+    """`python benchmarks/<script> args...`, in-process (no second interpreter start-up): its JSON lines."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    module = importlib.import_module(script.removesuffix(".py"))
+    capsys.readouterr()
+    assert module.main(list(args)) == 0
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert lines, f"{script} printed no JSON line:\n{out[-2000:]}"
+    return lines
+
+
+def test_train_step_benchmark_reports_a_time_ratio_after_checking_equal_loss(capsys: pytest.CaptureFixture[str]) -> None:
+    lines = run_bench("train_step.py", "--small", "--batch", "2", "--seq-len", "96", "--images", "1",
+                      "--repeats", "2", "--warmup", "0", capsys=capsys)
+    last = lines[-1]
+    assert last["time_ratio"] > 0 and last["mm1_median_s"] > 0 and last["transformers_median_s"] > 0
+    assert abs(last["loss_mm1"] - last["loss_transformers"]) <= 1e-4  # same weights, same batch
+    assert {"cpu", "cores", "torch", "date"} <= set(last["machine"])
+    assert {line.get("impl") for line in lines[:-1]} == {"mm1", "transformers"}
+
+
+def test_generate_benchmark_reports_a_speedup_for_identical_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    lines = run_bench("generate.py", "--small", "--batch", "2", "--new-tokens", "6", "--repeats", "1",
+                      "--warmup", "0", capsys=capsys)
+    last = lines[-1]
+    assert last["speedup"] > 0 and last["same_tokens"] is True
+    assert last["generated_tokens"] > 0 and last["mm1_tokens_per_s"] > 0
+    assert last["shape"]["batch"] == 2
+
+
+def test_gpu_benchmark_runs_every_variant_on_cpu_and_writes_its_json(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "gpu.json"
+    lines = run_bench("gpu.py", "--tiny", "--variants", "eager,eager+ckpt,compile", "--compile-backend", "eager",
+                      "--warmup", "1", "--steps", "1", "--batch", "1", "--seq-len", "96", "--images", "2",
+                      "--out", str(out), "model.lm.n_layers=2", "model.vision.depth=2", "data.seq_len=96",
+                      capsys=capsys)
+    summary = lines[-1]
+    assert summary["bench"] == "gpu_summary" and summary["failed"] == []
+    assert summary["ok"] == ["eager", "eager+ckpt", "compile"]
+    assert summary["flops_per_step"] > 0 and summary["params"]["total"] > 0
+    for record in lines[:-1]:
+        assert record["ok"] and record["tokens_per_s"] > 0 and record["images_per_s"] > 0
+        assert record["loss_last"] == record["loss_last"]  # finite (NaN != NaN)
+    # same seed, same batch: checkpointing and compiling change the speed, not the first loss
+    first = {r["variant"]: r["loss_first"] for r in lines[:-1]}
+    assert first["eager+ckpt"] == pytest.approx(first["eager"], rel=1e-5)
+    assert first["compile"] == pytest.approx(first["eager"], rel=1e-5)
+    saved = json.loads(out.read_text())
+    assert saved["summary"]["ok"] == summary["ok"] and len(saved["records"]) == 3
+
+
+def test_gpu_benchmark_reports_a_failing_variant_and_still_runs_the_others(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    lines = run_bench("gpu.py", "--tiny", "--variants", "eager,compile", "--compile-backend", "no-such-backend",
+                      "--warmup", "0", "--steps", "1", "--batch", "1", "--seq-len", "96", "--images", "1",
+                      "model.lm.n_layers=1", "model.vision.depth=1", "data.seq_len=96", capsys=capsys)
+    by_name = {r["variant"]: r for r in lines[:-1]}
+    assert by_name["eager"]["ok"] and not by_name["compile"]["ok"]
+    assert "no-such-backend" in by_name["compile"]["error"]
+    assert lines[-1]["failed"] == ["compile"] and lines[-1]["best_variant"] == "eager"
+
+
+def test_packed_benchmark_batches_restart_positions_and_never_target_slots() -> None:
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+
+    from gpu import packed_batch
+    from mm1.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    b = packed_batch(cfg, 2, 256, 4, torch.device("cpu"))
+    slot = cfg.model.image_token_id
+    assert int((b["input_ids"] == slot).sum()) == b["images"].shape[0] * cfg.model.tokens_per_image == 2 * 4 * 16
+    assert bool((b["targets"][b["input_ids"] == slot] == -100).all())
+    assert not bool((b["targets"] == slot).any())
+    for row in range(2):
+        starts = (b["position_ids"][row] == 0).nonzero().flatten().tolist()
+        assert len(starts) == 4 and starts[0] == 0
+        doc = b["doc_ids"][row]
+        assert all(int(doc[s]) == i for i, s in enumerate(starts))  # a new document at every restart
