@@ -152,3 +152,31 @@ def test_report_has_mean_std_table_existing_pngs_and_exact_configs(tmp_path):
            and a["labels"] == {"model.connector.kind": "attnpool", "mixture": "50:50"}]
     assert len(agg) == 1 and agg[0]["n"] == 2 and agg[0]["mean"] == pytest.approx(5.0)
     assert (out / "commands.sh").read_text().count(" train ") == 8
+
+
+def test_points_finished_by_cluster_jobs_are_collected_by_report_only_and_nothing_is_run(tmp_path):
+    from mm1.cli import main
+
+    spec_path = _spec(tmp_path, seeds=[0])
+    out = tmp_path / "sweep"
+    assert main(["ablate", str(spec_path), "--dry-run", "--out", str(out)]) == 0
+    commands = (out / "commands.sh").read_text()
+    points = expand(load_spec(spec_path))
+    assert all(f"points/{p.run}/pretrain.yaml --out" in commands for p in points)
+    # what `mm1 train ... --out DIR` and `mm1 eval ... --json DIR` leave behind, for two of the four points
+    for p in points[:2]:
+        pdir = out / "points" / p.run
+        (pdir / "pretrain" / "checkpoints" / "step-7").mkdir(parents=True)
+        (pdir / "pretrain" / "metrics.jsonl").write_text(json.dumps({"step": 7, "loss": 1.5}) + "\n")
+        (pdir / "eval-pretrain").mkdir()
+        for task in ("world_caption", "world_vqa"):
+            for k in (0, 4):
+                (pdir / "eval-pretrain" / f"{task}_{k}shot.json").write_text(
+                    json.dumps({"task": task, "shots": k, "metric": "cider", "score": 3.0 + k}))
+    half_trained = out / "points" / points[2].run / "pretrain"
+    (half_trained / "checkpoints" / "step-3").mkdir(parents=True)
+    assert main(["ablate", str(spec_path), "--out", str(out), "--report-only"]) == 0
+    assert sorted(p.parent.name for p in out.glob("points/*/done.json")) == sorted(p.run for p in points[:2])
+    assert (half_trained / "checkpoints" / "step-3").is_dir()  # a job still running is left alone
+    text = (out / "report.md").read_text()
+    assert "| avgpool | 100:0 | 3 (1) | 7 (1) |" in text

@@ -33,6 +33,8 @@ in the order base < spec overrides < stage overrides < axes < seed.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -43,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from mm1.config import Config, load_config, to_dict
+from mm1.config import Config, load_config
 from mm1.registry import ConfigError
 
 STAGES = ("encoder", "pretrain", "sft")
@@ -261,7 +263,7 @@ def point_overrides(spec: AblationSpec, stage: str, settings: dict[str, Any], se
 def fingerprint(stages: list[str], configs: dict[str, Config], eval_after: list[str]) -> str:
     """A hash of everything that determines a point's results: stages, resolved configs, what is evaluated."""
     blob = json.dumps({"stages": stages, "eval_after": eval_after,
-                       "configs": {s: to_dict(configs[s]) for s in stages}}, sort_keys=True, default=str)
+                       "configs": {s: dataclasses.asdict(configs[s]) for s in stages}}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -279,16 +281,19 @@ def expand(spec: AblationSpec) -> list[Point]:
         if any(s not in STAGES for s in stages):
             raise _err(spec.source, f"axis value stages={stages}: stages must come from {', '.join(STAGES)}")
         after = [s for s in (spec.eval_after if spec.eval_after is not None else stages[-1:]) if s in stages]
+        resolved: dict[str, Config] = {}  # the seed is the last override: resolve once, set it per seed
+        for stage in stages:
+            try:
+                resolved[stage] = load_config(spec.base or None, point_overrides(spec, stage, settings, spec.seeds[0]))
+            except ConfigError as e:
+                where = ", ".join(f"{k}={v}" for k, v in labels.items()) or "base"
+                raise _err(spec.source, f"point ({where}), stage {stage}: {e}") from None
         for seed in spec.seeds:
             configs, overrides = {}, {}
             for stage in stages:
-                ov = point_overrides(spec, stage, settings, seed)
-                try:
-                    configs[stage] = load_config(spec.base or None, ov)
-                except ConfigError as e:
-                    where = ", ".join(f"{k}={v}" for k, v in labels.items()) or "base"
-                    raise _err(spec.source, f"point ({where}, seed {seed}), stage {stage}: {e}") from None
-                overrides[stage] = ov
+                overrides[stage] = point_overrides(spec, stage, settings, seed)
+                configs[stage] = copy.deepcopy(resolved[stage])
+                configs[stage].train.seed = seed
             label = "__".join(_safe(f"{short[ax.name]}={labels[ax.name]}") for ax in spec.axes) or "base"
             name = f"{label}__s{seed}"
             points.append(Point(name, seed, labels, settings, stages, after, configs, overrides,

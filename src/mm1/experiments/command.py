@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--dry-run", action="store_true",
                             help="list the points, write their configs and commands.sh, run nothing")
         parser.add_argument("--report-only", action="store_true",
-                            help="rebuild report.md from the finished points without running anything")
+                            help="write report.md from the points finished so far (here or by commands.sh jobs); "
+                                 "run, evaluate and delete nothing")
     elif name == "lessons":
         parser.add_argument("--budget", choices=["tiny", "small"], default="tiny",
                             help="tiny: < 30 min on 2 CPU cores; small: < 90 min")
@@ -65,11 +66,9 @@ def _runner(args: argparse.Namespace):
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    import json
-
     from mm1.experiments.ablate import expand, load_spec, unique_runs
     from mm1.experiments.results import build_summary, run_ablation, write_sweep_report
-    from mm1.experiments.sweep import write_commands
+    from mm1.experiments.sweep import collect_finished, write_commands
 
     spec = load_spec(args.spec)
     out = args.out or Path("runs") / "ablate" / spec.name
@@ -84,11 +83,7 @@ def _ablate(args: argparse.Namespace) -> int:
         print(f"configs and commands: {write_commands(points, out)}")
         return 0
     if args.report_only:
-        records = {}
-        for p in runs:
-            done = out / "points" / p.run / "done.json"
-            if done.is_file():
-                records[p.run] = json.loads(done.read_text())
+        records = collect_finished(points, out, log=lambda s: print(s, file=sys.stderr))
         print(f"{len(records)}/{len(runs)} runs finished", file=sys.stderr)
         report = write_sweep_report(spec, points, build_summary(spec, points, records, out, 0.0), out)
     else:

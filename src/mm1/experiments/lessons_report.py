@@ -14,7 +14,7 @@ from typing import Any, Callable
 from mm1.experiments import report as R
 from mm1.experiments.ablate import _safe
 from mm1.experiments.lessons import (K_SE, Lesson, _stats, claim_outcome, judge_lesson, lesson_effects,
-                                     load_lessons, matching_columns, pooled_points)
+                                     load_lessons, pooled_points)
 from mm1.experiments.results import build_summary, write_sweep_report
 from mm1.experiments.sweep import run_sweep, write_commands, write_json_atomic
 

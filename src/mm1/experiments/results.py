@@ -8,12 +8,14 @@ generations are still weak are compared on loss too.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-from mm1.config import load_config, to_dict
+from mm1.config import load_config
 from mm1.experiments import report as R
 from mm1.experiments.ablate import AblationSpec, Point, _safe
 from mm1.experiments.sweep import write_json_atomic
@@ -90,10 +92,15 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+@functools.lru_cache(maxsize=8)
+def _base_flat(base: str) -> dict[str, Any]:
+    return _flatten(dataclasses.asdict(load_config(base or None)))
+
+
 def config_diff(spec: AblationSpec, point: Point, stage: str) -> dict[str, Any]:
     """Keys whose resolved value differs from the base preset (what this point changes)."""
-    base = _flatten(to_dict(load_config(spec.base or None)))
-    mine = _flatten(to_dict(point.configs[stage]))
+    base = _base_flat(spec.base)
+    mine = _flatten(dataclasses.asdict(point.configs[stage]))
     return {k: v for k, v in mine.items() if base.get(k, object()) != v}
 
 
@@ -147,7 +154,7 @@ def write_sweep_report(spec: AblationSpec, points: list[Point], summary: dict, s
         for ax in spec.axes:
             others = [x for x in axes if x != ax.name]
             panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
-            for c in cols[:12]:
+            for c in [c for c in cols if not (" loss_" in c or c.startswith("train"))][:9]:
                 lines_by: dict[str, list[tuple[float, float]]] = {}
                 for combo in combos:
                     rest = ", ".join(f"{x}={combo[axes.index(x)]}" for x in others)

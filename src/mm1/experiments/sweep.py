@@ -27,6 +27,7 @@ from one node: `--launcher "torchrun --nproc_per_node 8 -m mm1"` runs every stag
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -38,7 +39,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from mm1.config import Config, to_yaml
+import yaml
+
+from mm1.config import Config
 from mm1.experiments.ablate import Point, unique_runs
 
 
@@ -153,7 +156,8 @@ def write_stage_configs(point: Point, pdir: Path) -> dict[str, Path]:
     paths = {}
     for stage, cfg in stage_configs(point, pdir).items():
         paths[stage] = pdir / f"{stage}.yaml"
-        paths[stage].write_text(to_yaml(cfg))
+        # the same YAML as mm1.config.to_yaml, without OmegaConf's (slow) round trip
+        paths[stage].write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     return paths
 
 
@@ -162,6 +166,34 @@ _BULKY = {"predictions", "config"}  # kept in eval-STAGE.json for audits, left o
 
 class SpecChanged(RuntimeError):
     pass
+
+
+class NotFinished(RuntimeError):
+    pass
+
+
+class CollectOnlyRunner:
+    """For `--report-only`: finalises points whose stages and evaluations finished elsewhere (e.g.
+    the `commands.sh` jobs on a cluster) and never trains, evaluates or deletes anything."""
+
+    collect_only = True
+
+    def train(self, cfg: Config, config_path: Path, out: Path, resume: bool) -> None:
+        raise NotFinished(f"{out}: not trained")
+
+    def evaluate(self, run_dir: Path, cfg: Config, config_path: Path) -> list[dict]:
+        raise NotFinished(f"{run_dir}: not evaluated")
+
+
+def collect_finished(points: list[Point], sweep_dir: Path, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Records of every point that has finished (here or elsewhere); unfinished points are listed, not run."""
+    records = {}
+    for p in unique_runs(points):
+        try:
+            records[p.run] = run_point(p, sweep_dir / "points" / p.run, CollectOnlyRunner(), log=lambda s: None)
+        except NotFinished as e:
+            log(f"  not finished: {p.run} ({e})")
+    return records
 
 
 def run_point(point: Point, pdir: Path, runner: Runner, log: Callable[[str], None] = print) -> dict:
@@ -184,6 +216,8 @@ def run_point(point: Point, pdir: Path, runner: Runner, log: Callable[[str], Non
         if not marker.is_file() and steps and steps[-1] >= cfgs[stage].train.steps:  # trained by a cluster job
             write_json_atomic(marker, {"seconds": 0.0, "resumed": False, "external": True})
         if not marker.is_file():
+            if getattr(runner, "collect_only", False):
+                raise NotFinished(f"{sdir}: stage {stage} has not finished training")
             resume = bool(steps)
             if sdir.exists() and not resume:  # killed before its first checkpoint: nothing to keep
                 shutil.rmtree(sdir)
@@ -197,6 +231,8 @@ def run_point(point: Point, pdir: Path, runner: Runner, log: Callable[[str], Non
             external = None if ej.is_file() else _external_eval(pdir / f"eval-{stage}", cfgs[stage])
             if external is not None:
                 write_json_atomic(ej, {"seconds": 0.0, "results": external, "external": True})
+            if not ej.is_file() and getattr(runner, "collect_only", False):
+                raise NotFinished(f"{pdir / f'eval-{stage}'}: no complete evaluation results")
             if not ej.is_file():
                 log(f"  {point.run}: evaluating {stage} ({', '.join(cfgs[stage].eval.tasks)}; "
                     f"shots {list(cfgs[stage].eval.shots)})")

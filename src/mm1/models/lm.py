@@ -38,9 +38,10 @@ __all__ = ["KVCache", "LMOutput", "LanguageModel", "RMSNorm", "rope_cos_sin"]
 
 @dataclass
 class LMOutput:
-    logits: Tensor  # [B, T, V]
+    logits: Tensor | None  # [B, T, V]; None when forward(..., logits=False)
     aux_loss: Tensor  # scalar: weighted MoE losses summed over layers (0 for a dense model)
     moe_stats: dict[str, Tensor] = field(default_factory=dict)  # detached; empty for a dense model
+    hidden: Tensor | None = None  # [B, T, D] final-norm states, set when forward(..., logits=False)
 
 
 class RMSNorm(nn.Module):
@@ -184,10 +185,12 @@ class LanguageModel(nn.Module):
         return KVCache(self.cfg.n_layers, batch_size, max_len or self.cfg.max_seq_len)
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor | None = None, doc_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None, cache: KVCache | None = None) -> LMOutput:
+                attention_mask: Tensor | None = None, cache: KVCache | None = None, logits: bool = True) -> LMOutput:
         """inputs_embeds [B,T,D]; position_ids [B,T] (default: restart at each document / after left
         padding, continuing the cache); doc_ids [B,T] (-1 = padding); attention_mask [B,T] bool
-        (False = left padding); cache: KVCache to read and extend (incremental decoding)."""
+        (False = left padding); cache: KVCache to read and extend (incremental decoding).
+        logits=False returns the final hidden states instead, for a caller that applies `head` to
+        only the positions it needs (the training loss: positions with a target)."""
         x = inputs_embeds
         B, T, _ = x.shape
         doc = merge_doc_ids(doc_ids, attention_mask)  # [B, T] or None
@@ -214,8 +217,13 @@ class LanguageModel(nn.Module):
         if cache is not None:
             cache.advance(T, position_ids[:, -1] + 1)
         x = self.norm(x)
-        logits = self.output(x) if self.output is not None else F.linear(x, self.tok_embeddings.weight)
-        return LMOutput(logits, aux_total, summarise_moe(moe_layers))
+        if not logits:
+            return LMOutput(None, aux_total, summarise_moe(moe_layers), hidden=x)
+        return LMOutput(self.head(x), aux_total, summarise_moe(moe_layers))
+
+    def head(self, x: Tensor) -> Tensor:
+        """Final-norm hidden states [..., D] -> logits [..., V] (through the embedding matrix when tied)."""
+        return self.output(x) if self.output is not None else F.linear(x, self.tok_embeddings.weight)
 
     def forward_ids(self, input_ids: Tensor, **kwargs) -> LMOutput:
         """Text-only convenience: embed token ids [B,T] and run `forward`."""

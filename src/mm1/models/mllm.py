@@ -15,6 +15,7 @@ plus the MoE auxiliary losses.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -29,12 +30,24 @@ IGNORE_INDEX = -100
 
 @dataclass
 class MLLMOutput:
-    logits: torch.Tensor  # [B, T, V]
+    """What `MLLM.forward` returns. With targets, the loss only needs the LM head at positions that
+    have a target (image slots, prompts and padding have none: about half of an MM1 caption row), so
+    `logits` [B, T, V] is then computed on first access, from the kept hidden states."""
+
+    _logits: torch.Tensor | None = None
     loss: torch.Tensor | None = None  # lm_loss + aux_loss
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     token_loss: torch.Tensor | None = None  # [B, T] per-token CE, 0 where ignored
     moe_stats: dict | None = None
+    _hidden: torch.Tensor | None = None  # [B, T, D] final-norm states (when logits are deferred)
+    _head: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:  # [B, T, V]
+        if self._logits is None and self._hidden is not None:
+            self._logits = self._head(self._hidden)
+        return self._logits
 
 
 class MLLM(nn.Module):
@@ -87,15 +100,17 @@ class MLLM(nn.Module):
         cache=None,
     ) -> MLLMOutput:
         x = self.embed(input_ids, images)
-        out = self.lm(x, position_ids=position_ids, doc_ids=doc_ids, attention_mask=attention_mask, cache=cache)
-        result = MLLMOutput(logits=out.logits, aux_loss=out.aux_loss, moe_stats=out.moe_stats)
-        if targets is not None:
-            token_loss = F.cross_entropy(
-                out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-            ).view_as(targets)  # [B, T]
-            n_targets = (targets != IGNORE_INDEX).sum().clamp(min=1)
-            result.token_loss = token_loss
-            result.lm_loss = token_loss.sum() / n_targets
+        with_loss = targets is not None
+        out = self.lm(x, position_ids=position_ids, doc_ids=doc_ids, attention_mask=attention_mask, cache=cache,
+                      logits=not with_loss)
+        result = MLLMOutput(out.logits, aux_loss=out.aux_loss, moe_stats=out.moe_stats, _hidden=out.hidden,
+                            _head=self.lm.head)
+        if with_loss:
+            valid = targets != IGNORE_INDEX  # [B, T]
+            picked = self.lm.head(out.hidden[valid])  # [n, V]: logits only where there is a target
+            ce = F.cross_entropy(picked.float(), targets[valid], reduction="none")  # [n]
+            result.token_loss = torch.zeros(targets.shape, dtype=ce.dtype, device=ce.device).masked_scatter(valid, ce)
+            result.lm_loss = ce.sum() / valid.sum().clamp(min=1)
             result.loss = result.lm_loss + out.aux_loss
         return result
 
