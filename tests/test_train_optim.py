@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from mm1.config import TrainConfig
+from mm1.registry import ConfigError
 from mm1.train.optim import (WarmupCosine, build_optimizer, build_scheduler, count_trainable, mm1_lr, param_groups,
                              resolve_lr)
 
@@ -84,3 +86,21 @@ def test_optimizer_uses_a_multi_tensor_kernel_and_refuses_an_all_frozen_model():
     m.requires_grad_(False)
     with pytest.raises(ValueError, match="freeze"):
         build_optimizer(m, cfg, resolve_lr(cfg, 1))
+
+
+def test_fitted_lr_law_from_hparams_replaces_the_paper_law(tmp_path):
+    law = tmp_path / "lr_law.json"
+    law.write_text(json.dumps({"a": -0.5, "b": -0.2, "wd_ratio": 0.05}))
+    choice = resolve_lr(TrainConfig(lr_law=str(law)), 1_000_000)
+    assert choice.lr == pytest.approx(math.exp(-0.5 * math.log(1e6) - 0.2), rel=1e-12)
+    assert choice.weight_decay == pytest.approx(0.05 * choice.lr) and choice.lr_source == "lr_law"
+    assert resolve_lr(TrainConfig(lr_law=str(law), lr=1e-3), 1_000_000).lr == 1e-3
+
+
+def test_missing_or_malformed_lr_law_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="train.lr_law=.*no such file"):
+        resolve_lr(TrainConfig(lr_law=str(tmp_path / "nope.json")), 10)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"a": -0.5}))
+    with pytest.raises(ConfigError, match="'a' and 'b'"):
+        resolve_lr(TrainConfig(lr_law=str(bad)), 10)

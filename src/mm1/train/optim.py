@@ -9,14 +9,17 @@ parameters (tied weights counted once, frozen parts excluded), and the trainer l
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from mm1.config import TrainConfig
+from mm1.registry import ConfigError
 
 LAW_SLOPE = -0.4214
 LAW_INTERCEPT = -0.5535
@@ -27,11 +30,24 @@ _NO_DECAY = re.compile(r"(^|\.)(bias|.*norm.*|pos_embed.*|position_embedding.*|c
                        r"logit_scale|logit_bias|queries|query_tokens|mask_token)(\.|$)", re.IGNORECASE)
 
 
-def mm1_lr(n_params: int) -> float:
-    """MM1's peak learning rate for a model of `n_params` parameters: exp(−0.4214·ln N − 0.5535)."""
+def mm1_lr(n_params: int, slope: float = LAW_SLOPE, intercept: float = LAW_INTERCEPT) -> float:
+    """Peak learning rate exp(slope·ln N + intercept); the defaults are MM1's law."""
     if n_params <= 0:
         raise ValueError(f"the MM1 LR law needs a positive parameter count, got {n_params}")
-    return math.exp(LAW_SLOPE * math.log(n_params) + LAW_INTERCEPT)
+    return math.exp(slope * math.log(n_params) + intercept)
+
+
+def read_lr_law(path: str) -> tuple[float, float, float]:
+    """(a, b, weight-decay ratio) of an `lr_law.json` written by `mm1 hparams`."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"train.lr_law={path!r}: no such file; `mm1 hparams` writes one (lr_law.json)")
+    try:
+        law = json.loads(file.read_text())
+        return float(law["a"]), float(law["b"]), float(law.get("wd_ratio", WD_RATIO))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"train.lr_law={path!r}: expected JSON with numbers 'a' and 'b' "
+                          f"(log lr = a ln N + b), got an error: {e}") from None
 
 
 def count_trainable(model: nn.Module) -> int:
@@ -52,21 +68,27 @@ class LRChoice:
     lr: float
     weight_decay: float
     n_params: int
-    lr_source: str  # "config" | "mm1_law"
-    wd_source: str  # "config" | "0.1*lr"
+    lr_source: str  # "config" | "mm1_law" | "lr_law"
+    wd_source: str  # "config" | "<ratio>*lr"
 
     def describe(self) -> str:
-        lr_how = "train.lr" if self.lr_source == "config" else f"MM1 law eta(N) for N={self.n_params:,} trainable parameters"
-        wd_how = "train.weight_decay" if self.wd_source == "config" else "0.1 * lr"
+        law = "fitted law train.lr_law" if self.lr_source == "lr_law" else "MM1 law"
+        lr_how = "train.lr" if self.lr_source == "config" else f"{law} eta(N) for N={self.n_params:,} trainable parameters"
+        wd_how = "train.weight_decay" if self.wd_source == "config" else self.wd_source.replace("*", " * ")
         return f"peak lr {self.lr:.4g} ({lr_how}); weight decay {self.weight_decay:.4g} ({wd_how})"
 
 
 def resolve_lr(cfg: TrainConfig, n_params: int) -> LRChoice:
-    """Peak LR and weight decay: the config's values where set, else the MM1 law for `n_params`."""
-    lr = cfg.lr if cfg.lr is not None else mm1_lr(n_params)
-    wd = cfg.weight_decay if cfg.weight_decay is not None else WD_RATIO * lr
-    return LRChoice(lr, wd, n_params, "config" if cfg.lr is not None else "mm1_law",
-                    "config" if cfg.weight_decay is not None else "0.1*lr")
+    """Peak LR and weight decay: the config's values where set, else a fitted law from `train.lr_law`
+    (`mm1 hparams`), else the MM1 law for `n_params`."""
+    slope, intercept, wd_ratio, source = LAW_SLOPE, LAW_INTERCEPT, WD_RATIO, "mm1_law"
+    if cfg.lr_law:
+        slope, intercept, wd_ratio = read_lr_law(cfg.lr_law)
+        source = "lr_law"
+    lr = cfg.lr if cfg.lr is not None else mm1_lr(n_params, slope, intercept)
+    wd = cfg.weight_decay if cfg.weight_decay is not None else wd_ratio * lr
+    return LRChoice(lr, wd, n_params, "config" if cfg.lr is not None else source,
+                    "config" if cfg.weight_decay is not None else f"{wd_ratio:g}*lr")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
