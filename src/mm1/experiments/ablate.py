@@ -206,7 +206,7 @@ def parse_spec(data: dict[str, Any], path: str | Path | None = None) -> Ablation
 def load_spec(path: str | Path) -> AblationSpec:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"ablation spec {p} does not exist; see configs/ablate-example.yaml for the format")
+        raise ConfigError(f"ablation spec {p} does not exist; see configs/ablations/example.yaml for the format")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:

@@ -1,6 +1,6 @@
 """`mm1 ablate`, `mm1 lessons` and `mm1 hparams`: the experiment commands.
 
-    mm1 ablate configs/ablate-example.yaml --out runs/ablate/example      # run + report (resumable)
+    mm1 ablate configs/ablations/example.yaml --out runs/ablate/example      # run + report (resumable)
     mm1 ablate SPEC --dry-run --out DIR     # write every point's configs + commands.sh for a cluster
     mm1 lessons --budget tiny               # MM1's ablations on the synthetic world, one report
     mm1 hparams --budget tiny               # LR grid on a few LM sizes, fit of the LR law
@@ -36,7 +36,7 @@ def _runner_args(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     name = _name(parser)
     if name == "ablate":
-        parser.add_argument("spec", help="ablation spec YAML (see configs/ablate-example.yaml)")
+        parser.add_argument("spec", help="ablation spec YAML (see configs/ablations/example.yaml)")
         parser.add_argument("--out", type=Path, help="sweep directory (default runs/ablate/<spec name>)")
         parser.add_argument("--dry-run", action="store_true",
                             help="list the points, write their configs and commands.sh, run nothing")
