@@ -80,12 +80,12 @@ def _needs_world(tasks: list[str]) -> bool:
     return any(t.startswith("world_") for t in tasks)
 
 
+@torch.no_grad()  # a scope, not a global switch: commands also run in-process (tests)
 def run_eval(args: argparse.Namespace) -> int:
     from mm1.eval.baselines import blind_baseline
     from mm1.eval.runner import evaluate, format_table
     from mm1.eval.tasks import get_task
 
-    torch.set_grad_enabled(False)
     model, cfg, tok = _load(args)
     tasks = args.tasks.split(",") if args.tasks else list(cfg.eval.tasks)
     if _needs_world(tasks) and not (Path(cfg.data.world) / "eval").is_dir():
@@ -111,11 +111,11 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@torch.no_grad()  # a scope, not a global switch: commands also run in-process (tests)
 def run_generate(args: argparse.Namespace) -> int:
     from mm1.eval.generate import generate
     from mm1.train import load_checkpoint
 
-    torch.set_grad_enabled(False)
     model, cfg, tok = load_checkpoint(args.checkpoint)
     prompt, missing = args.prompt, len(args.image) - args.prompt.count("<image>")
     if missing < 0:

@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
+@torch.no_grad()  # a scope, not a global switch: commands also run in-process (tests)
 def run(args: argparse.Namespace) -> int:
-    torch.set_grad_enabled(False)
     info = describe(load_config(args.config, args.overrides))
     if args.json:
         print(json.dumps(info))
