@@ -114,11 +114,15 @@ def _pick(logits: torch.Tensor, gcfg: GenerationConfig, gen: torch.Generator | N
     return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_ids(model, tokenizer: Tokenizer, prompts: list[PromptLike], images: list[Sequence[ImageSource]],
                  gcfg: GenerationConfig, scores: list[torch.Tensor] | None = None) -> list[list[int]]:
     """Generated token ids per prompt (one batch; EOS and what follows are dropped). With a
-    `scores` list, each step's next-token logits [B, V] are appended to it (for inspection)."""
+    `scores` list, each step's next-token logits [B, V] are appended to it (for inspection).
+
+    The loop stays on tensors: a row's output is always a prefix of the tokens picked for it (it
+    runs until it picks an ending token), so only a [B] count of emitted tokens is kept per step,
+    and the host reads tokens back per step only when there are stop strings to look for."""
     cfg: ModelConfig = model.cfg
     device = next(model.parameters()).device
     rows = [encode_prompt(tokenizer, p, cfg.tokens_per_image, gcfg.add_bos) for p in prompts]
@@ -126,40 +130,45 @@ def generate_ids(model, tokenizer: Tokenizer, prompts: list[PromptLike], images:
     ids, mask = ids.to(device), mask.to(device)  # [B, T]
     pixels = torch.cat([image_batch(cfg, imgs, gcfg.resize) for imgs in images]).to(device)  # [N, 3, S, S]
     pixels = pixels if pixels.shape[0] else None
-    B, ban = ids.shape[0], banned_ids(tokenizer)
-    enders = {tokenizer.eos_id, *gcfg.stop_ids}
+    B, ban = ids.shape[0], torch.tensor(banned_ids(tokenizer), dtype=torch.long, device=device)
+    enders = torch.tensor(sorted({tokenizer.eos_id, *gcfg.stop_ids}), dtype=torch.long, device=device)
+    stops = [s for s in gcfg.stop if s]
     gen = torch.Generator(device=device).manual_seed(gcfg.seed) if gcfg.do_sample else None
     cache = model.lm.new_cache(B, ids.shape[1] + gcfg.max_new_tokens) if gcfg.use_cache else None
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    picked: list[torch.Tensor] = []  # [B] per step
+    emitted = torch.zeros(B, dtype=torch.long, device=device)  # tokens kept per row so far
+    running = torch.ones(B, dtype=torch.bool, device=device)
+    texts: list[list[int]] = [[] for _ in range(B)]  # host copies, only kept for the stop-string check
     step_ids = ids
     for step in range(gcfg.max_new_tokens):
         if cache is not None:
             logits = model(step_ids, pixels if step == 0 else None, attention_mask=mask if step == 0 else None,
-                           cache=cache).logits[:, -1]  # [B, V]
+                           cache=cache, logits_to_keep=1).logits[:, -1]  # [B, V]
         else:
-            logits = model(ids, pixels, attention_mask=mask).logits[:, -1]  # [B, V]
+            logits = model(ids, pixels, attention_mask=mask, logits_to_keep=1).logits[:, -1]  # [B, V]
         if scores is not None:
             scores.append(logits.float().cpu().clone())
         logits[:, ban] = float("-inf")
-        nxt = _pick(logits, gcfg, gen)  # [B]
-        nxt = torch.where(done, torch.full_like(nxt, tokenizer.eos_id), nxt)
-        for i in range(B):
-            if done[i]:
-                continue
-            if int(nxt[i]) in enders:
-                done[i] = True
-                continue
-            out[i].append(int(nxt[i]))
-            if gcfg.stop and any(s in tokenizer.decode(out[i]) for s in gcfg.stop if s):
-                done[i] = True
-        if bool(done.all()):
+        nxt = _pick(logits, gcfg, gen).masked_fill(~running, tokenizer.eos_id)  # [B]; finished rows feed EOS
+        running &= ~torch.isin(nxt, enders)  # an ending token is not part of the output
+        emitted += running
+        picked.append(nxt)
+        if stops:
+            for i, tok in enumerate(nxt.tolist()):
+                texts[i].append(tok)
+            for i in running.nonzero().flatten().tolist():
+                if any(s in tokenizer.decode(texts[i]) for s in stops):
+                    running[i] = False  # the token that completed the stop string is kept
+        if not bool(running.any()):
             break
         step_ids = nxt[:, None]  # [B, 1]
         if cache is None:
             ids = torch.cat([ids, step_ids], dim=1)
             mask = torch.cat([mask, torch.ones_like(step_ids, dtype=torch.bool)], dim=1)
-    return out
+    if not picked:
+        return [[] for _ in range(B)]
+    tokens = torch.stack(picked, dim=1).tolist()  # [B, steps]
+    return [row[:n] for row, n in zip(tokens, emitted.tolist())]
 
 
 def generate(model, tokenizer: Tokenizer, prompts: list[PromptLike], images: list[Sequence[ImageSource]] | None = None,

@@ -98,12 +98,18 @@ class MLLM(nn.Module):
         doc_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache=None,
+        logits_to_keep: int = 0,
     ) -> MLLMOutput:
+        """logits_to_keep=n > 0 applies the LM head to the last n positions only ([B, n, V] logits):
+        decoding needs 1, and the head over every prompt position costs as much as a layer."""
         x = self.embed(input_ids, images)
         with_loss = targets is not None
         out = self.lm(x, position_ids=position_ids, doc_ids=doc_ids, attention_mask=attention_mask, cache=cache,
-                      logits=not with_loss)
-        result = MLLMOutput(out.logits, aux_loss=out.aux_loss, moe_stats=out.moe_stats, _hidden=out.hidden,
+                      logits=not with_loss and logits_to_keep <= 0)
+        logits = out.logits
+        if logits is None and not with_loss:
+            logits = self.lm.head(out.hidden[:, -logits_to_keep:])  # [B, n, V]
+        result = MLLMOutput(logits, aux_loss=out.aux_loss, moe_stats=out.moe_stats, _hidden=out.hidden,
                             _head=self.lm.head)
         if with_loss:
             valid = targets != IGNORE_INDEX  # [B, T]
