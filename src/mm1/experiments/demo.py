@@ -34,7 +34,7 @@ class DemoPlan:
     preset: str = "tiny"
     encoder_steps: int = 150
     pretrain_steps: int = 600
-    sft_steps: int = 200
+    sft_steps: int = 350
     sft_image_size: int = 80  # encoder trained at 64 px; SFT interpolates position embeddings to 80 px
     sft_subimage_grid: int = 2  # ... and splits each image into 2x2 crops + 1 overview
     eval_limit: int = 60

@@ -232,6 +232,9 @@ class KVCache:
         self.doc: Tensor | None = None
         self.next_pos: Tensor | None = None
         self.length = 0  # keys stored so far (padding included)
+        # [B, capacity] keys a token continuing each row's last document may see; None = not built
+        self.visible: Tensor | None = None
+        self.all_visible = False
 
     def _grow(self, needed: int) -> None:
         new_cap = max(2 * self.capacity, needed)
@@ -242,6 +245,7 @@ class KVCache:
             return torch.cat([buf, buf.new_full(shape, fill)], dim=dim)
 
         self.doc = widen(self.doc, 1, -1) if self.doc is not None else None
+        self.visible = widen(self.visible, 1, False) if self.visible is not None else None
         self.keys = [widen(b, 2, 0.0) if b is not None else None for b in self.keys]
         self.values = [widen(b, 2, 0.0) if b is not None else None for b in self.values]
         self.capacity = new_cap
@@ -258,8 +262,25 @@ class KVCache:
         if doc is None:
             current = self.doc[:, self.length - 1].clamp(min=0) if self.length else self.doc.new_zeros(batch_size)
             doc = current[:, None].expand(batch_size, T)
+            if self.visible is not None:  # the new keys belong to the document they continue
+                self.visible[:, self.length:self.length + T] = True
+        else:
+            self.visible = None
         self.doc[:, self.length:self.length + T] = doc
         return self.doc[:, :self.length + T]
+
+    def continuation_mask(self) -> AttentionMask:
+        """The mask of one new token that continues its row's last document (a decoding step, after
+        `append_docs(None, ...)`): the `dense_mask` rule then reduces to "keys of that document",
+        which only grows by the new key each step. So it is built once per prompt and extended in
+        place, and is no mask at all when every key is visible (no padding, one document)."""
+        end = self.length + 1
+        if self.visible is None:
+            self.visible = self.doc == self.doc[:, end - 1:end]  # [B, capacity]; that document is >= 0
+            self.all_visible = bool(self.visible[:, :end].all())
+        if self.all_visible:
+            return AttentionMask("none")
+        return AttentionMask("dense", self.visible[:, None, None, :end])  # [B, 1, 1, S]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this step's k, v [B,H_kv,T,hd] for `layer`; return all keys/values [B,H_kv,S,hd]."""

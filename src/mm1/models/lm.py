@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from mm1.config import LMConfig
-from mm1.models.attention import (AttentionMask, KVCache, attend, build_mask, merge_doc_ids,
+from mm1.models.attention import (AttentionMask, KVCache, attend, build_mask, choose_backend, merge_doc_ids,
                                   positions_from_docs)
 from mm1.models.moe import MoEFeedForward
 from mm1.models.registry import LANGUAGE_MODELS
@@ -195,11 +195,17 @@ class LanguageModel(nn.Module):
         B, T, _ = x.shape
         doc = merge_doc_ids(doc_ids, attention_mask)  # [B, T] or None
         start = cache.length if cache is not None else 0
+        # one token continuing each row's document (a decoding step): the cache keeps its mask
+        continuing = cache is not None and doc is None and T == 1 and choose_backend(
+            self.cfg.attention, x.device, packed=True, cached=True, training=torch.is_grad_enabled()) == "sdpa"
         if cache is not None:
             doc = cache.append_docs(doc, B, T, x.device)  # [B, start+T]: every key's document
         if position_ids is None:
             position_ids = self.default_positions(doc, cache, B, T, x.device)
-        mask = build_mask(doc, T, start + T, self.cfg.attention, x.device, cached=cache is not None)
+        if continuing:
+            mask = cache.continuation_mask()
+        else:
+            mask = build_mask(doc, T, start + T, self.cfg.attention, x.device, cached=cache is not None)
         valid = None if doc is None else doc[:, start:] >= 0  # [B, T] tokens that count for MoE stats
         cos, sin = rope_tables(*rope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, x.dtype))
 
