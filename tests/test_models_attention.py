@@ -142,3 +142,19 @@ def test_a_shape_the_flex_compiler_rejects_falls_back_to_sdpa_with_a_warning(mon
         out = attend(q, k, v, build_mask(DOCS, 15, 15, "flex"))
     torch.testing.assert_close(out, attend(q, k, v, build_mask(DOCS, 15, 15, "sdpa")), atol=1e-6, rtol=0)
     assert len(A._flex_rejected) == 1  # the shape is remembered: no recompiling on every call
+
+
+def test_decoding_mask_kept_by_the_cache_equals_the_dense_rule_as_it_grows():
+    cache = KVCache(n_layers=1, batch_size=2, capacity=16)  # grows during the loop below
+    cache.append_docs(DOCS, 2, 15, torch.device("cpu"))  # a packed row and a left-padded row
+    cache.advance(15, torch.tensor([6, 11]))
+    for _ in range(3):
+        kv_doc = cache.append_docs(None, 2, 1, torch.device("cpu"))  # one token continuing each row
+        got = cache.continuation_mask()
+        assert got.kind == "dense" and torch.equal(got.mask, dense_mask(kv_doc, 1))
+        cache.advance(1, cache.next_pos + 1)
+    cache = KVCache(n_layers=1, batch_size=1, capacity=2)  # no padding, one document: no mask at all
+    cache.append_docs(torch.zeros(1, 2, dtype=torch.long), 1, 2, torch.device("cpu"))
+    cache.advance(2, torch.tensor([2]))
+    cache.append_docs(None, 1, 1, torch.device("cpu"))
+    assert cache.continuation_mask().kind == "none"

@@ -148,3 +148,15 @@ def test_residual_projections_start_smaller_than_the_others():
     m = _model(n_layers=8, dim=64, ffn_dim=128)
     assert m.layers[0].attn.o.weight.std() < 0.5 * m.layers[0].attn.q.weight.std()
     assert abs(float(m.layers[0].attn.q.weight.std()) - 0.02) < 0.004
+
+
+def test_cached_decoding_continues_explicit_positions_beyond_the_cache_capacity():
+    m = _model()
+    ids = torch.randint(1, V, (1, 5), generator=torch.Generator().manual_seed(3))
+    pos = 100 + torch.arange(5)[None]  # larger than the cache will ever hold
+    cache = m.new_cache(1, max_len=8)
+    with torch.no_grad():
+        m.forward_ids(ids[:, :4], position_ids=pos[:, :4], cache=cache)
+        step = m.forward_ids(ids[:, 4:], cache=cache).logits[:, -1]  # default positions: 104
+        full = m.forward_ids(ids, position_ids=pos).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=0)

@@ -148,7 +148,7 @@ def generate_ids(model, tokenizer: Tokenizer, prompts: list[PromptLike], images:
             logits = model(ids, pixels, attention_mask=mask, logits_to_keep=1).logits[:, -1]  # [B, V]
         if scores is not None:
             scores.append(logits.float().cpu().clone())
-        logits[:, ban] = float("-inf")
+        logits.index_fill_(1, ban, float("-inf"))
         nxt = _pick(logits, gcfg, gen).masked_fill(~running, tokenizer.eos_id)  # [B]; finished rows feed EOS
         running &= ~torch.isin(nxt, enders)  # an ending token is not part of the output
         emitted += running

@@ -235,6 +235,8 @@ class KVCache:
         # [B, capacity] keys a token continuing each row's last document may see; None = not built
         self.visible: Tensor | None = None
         self.all_visible = False
+        self.rope: tuple[Tensor, Tensor] | None = None  # the model's RoPE tables of positions [0, capacity)
+        self.explicit_positions = False  # a step passed its own position ids: they may exceed the capacity
 
     def _grow(self, needed: int) -> None:
         new_cap = max(2 * self.capacity, needed)
@@ -246,6 +248,7 @@ class KVCache:
 
         self.doc = widen(self.doc, 1, -1) if self.doc is not None else None
         self.visible = widen(self.visible, 1, False) if self.visible is not None else None
+        self.rope = None
         self.keys = [widen(b, 2, 0.0) if b is not None else None for b in self.keys]
         self.values = [widen(b, 2, 0.0) if b is not None else None for b in self.values]
         self.capacity = new_cap
@@ -293,7 +296,8 @@ class KVCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def advance(self, T: int, next_pos: Tensor) -> None:
+    def advance(self, T: int, next_pos: Tensor, explicit_positions: bool = False) -> None:
         """Called once per forward, after every layer stored its keys."""
         self.length += T
         self.next_pos = next_pos
+        self.explicit_positions |= explicit_positions

@@ -200,6 +200,7 @@ class LanguageModel(nn.Module):
             self.cfg.attention, x.device, packed=True, cached=True, training=torch.is_grad_enabled()) == "sdpa"
         if cache is not None:
             doc = cache.append_docs(doc, B, T, x.device)  # [B, start+T]: every key's document
+        explicit_positions = position_ids is not None
         if position_ids is None:
             position_ids = self.default_positions(doc, cache, B, T, x.device)
         if continuing:
@@ -207,7 +208,7 @@ class LanguageModel(nn.Module):
         else:
             mask = build_mask(doc, T, start + T, self.cfg.attention, x.device, cached=cache is not None)
         valid = None if doc is None else doc[:, start:] >= 0  # [B, T] tokens that count for MoE stats
-        cos, sin = rope_tables(*rope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, x.dtype))
+        cos, sin = self.rope(position_ids, x.dtype, None if explicit_positions else cache)
 
         aux_total = x.new_zeros((), dtype=torch.float32)
         moe_layers: list[dict[str, Tensor]] = []
@@ -221,11 +222,25 @@ class LanguageModel(nn.Module):
                 aux_total = aux_total + aux
                 moe_layers.append(stats)
         if cache is not None:
-            cache.advance(T, position_ids[:, -1] + 1)
+            cache.advance(T, position_ids[:, -1] + 1, explicit_positions)
         x = self.norm(x)
         if not logits:
             return LMOutput(None, aux_total, summarise_moe(moe_layers), hidden=x)
         return LMOutput(self.head(x), aux_total, summarise_moe(moe_layers))
+
+    def rope(self, position_ids: Tensor, dtype: torch.dtype, cache: KVCache | None = None) -> tuple[Tensor, Tensor]:
+        """[B,1,T,hd] cos and signed sin (`rope_tables`) of positions [B,T]. With a cache that has only
+        seen default positions (each below its capacity), they are gathered from tables of every
+        position the cache can hold, built once per generation instead of once per decoding step
+        (the same values: the tables are elementwise in the position)."""
+        if cache is None or cache.explicit_positions:
+            return rope_tables(*rope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, dtype))
+        if cache.rope is None or cache.rope[0].dtype != dtype or cache.rope[0].device != position_ids.device:
+            every = torch.arange(cache.capacity, device=position_ids.device)[None]  # [1, C]
+            cos, sin = rope_tables(*rope_cos_sin(every, self.head_dim, self.cfg.rope_theta, dtype))  # [1,1,C,hd]
+            cache.rope = (cos[0, 0], sin[0, 0])  # [C, hd]
+        cos, sin = cache.rope
+        return cos[position_ids][:, None], sin[position_ids][:, None]  # [B, 1, T, hd]
 
     def head(self, x: Tensor) -> Tensor:
         """Final-norm hidden states [..., D] -> logits [..., V] (through the embedding matrix when tied)."""

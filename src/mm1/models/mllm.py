@@ -100,8 +100,9 @@ class MLLM(nn.Module):
         cache=None,
         logits_to_keep: int = 0,
     ) -> MLLMOutput:
-        """logits_to_keep=n > 0 applies the LM head to the last n positions only ([B, n, V] logits):
-        decoding needs 1, and the head over every prompt position costs as much as a layer."""
+        """logits_to_keep=n > 0 (without targets) applies the LM head to the last n positions only
+        ([B, n, V] logits): decoding needs 1, and the head over every prompt position costs about as
+        much as a layer."""
         x = self.embed(input_ids, images)
         with_loss = targets is not None
         out = self.lm(x, position_ids=position_ids, doc_ids=doc_ids, attention_mask=attention_mask, cache=cache,
