@@ -194,3 +194,14 @@ def multimodal_batch(cfg, batch: int, seq_len: int, images_per_row: int, seed: i
     v = cfg.vision
     images = torch.randn(batch * images_per_row, 3, v.image_size, v.image_size, generator=g)
     return {"input_ids": ids, "labels": labels, "targets": targets, "images": images}
+
+
+def cli(doc: str, add_arguments: Callable[[Any], None], run: Callable[[Any], Any],
+        argv: list[str] | None = None) -> int:
+    """The shared `main` of a benchmark script: parse its arguments, run it, exit 0."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common import alternate, emit, llava_pair, machine_info, summary  # noqa: E402
+from common import alternate, cli, emit, llava_pair, machine_info, summary  # noqa: E402
 from train_step import LM, VISION  # noqa: E402
 
 WORDS = ("red blue green yellow circle square triangle star small large left right top bottom the a of "
@@ -120,10 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    run(p.parse_args(argv))
-    return 0
+    return cli(__doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

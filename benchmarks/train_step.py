@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import alternate, emit, llava_pair, machine_info, multimodal_batch, summary  # noqa: E402
+from common import alternate, cli, emit, llava_pair, machine_info, multimodal_batch, summary  # noqa: E402
 
 # The `tiny` preset's encoder and LM (configs/tiny.yaml), with LLaVA's MLP connector.
 VISION = dict(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_dim=512)
@@ -104,10 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    run(p.parse_args(argv))
-    return 0
+    return cli(__doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, emit, machine_info  # noqa: E402
+from common import ROOT, cli, emit, machine_info  # noqa: E402
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -102,10 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    run(p.parse_args(argv))
-    return 0
+    return cli(__doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

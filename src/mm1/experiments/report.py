@@ -117,7 +117,7 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def _finish(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -143,7 +143,7 @@ def plot_loss_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], p
     ax.grid(alpha=0.3)
     if 0 < len(curves) <= 16:
         ax.legend(fontsize=7)
-    return _finish(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_scores_by_shots(series: dict[str, dict[int, tuple[float, float]]], path: str | Path,
@@ -162,7 +162,7 @@ def plot_scores_by_shots(series: dict[str, dict[int, tuple[float, float]]], path
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize=8)
-    return _finish(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def _as_numbers(labels: Sequence[str]) -> list[float] | None:
@@ -204,7 +204,7 @@ def plot_axis(axis: str, labels: Sequence[str], panels: dict[str, dict[str, list
             ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    return _finish(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def image_link(path: Path, report_dir: Path, alt: str) -> str:

@@ -124,11 +124,7 @@ def plot_law(n_params: list[float], lrs: list[float], a: float, b: float, path: 
     ax.set_title("learning-rate law")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return R.save_figure(fig, path)
 
 
 def _n_params(run_dir: Path) -> int | None:
@@ -221,11 +217,7 @@ def _plot_loss_vs_lr(curves: dict[str, tuple[list[float], list[float]]], path: P
     ax.set_ylabel("final training loss")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return R.save_figure(fig, path)
 
 
 def run_hparams(budget_name: str, out: Path, runner: Any, base: str, keep_going: bool = False,
