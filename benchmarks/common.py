@@ -205,3 +205,26 @@ def cli(doc: str, add_arguments: Callable[[Any], None], run: Callable[[Any], Any
     add_arguments(parser)
     run(parser.parse_args(argv))
     return 0
+
+
+# The tiny preset's encoder and LM: the shape both peer benchmarks (train_step, generate) compare on.
+VISION = dict(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_dim=512)
+LM = dict(vocab_size=2048, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=688)
+
+
+def add_pair_arguments(p: Any) -> None:
+    """`--threads` and `--small`, shared by the benchmarks that build an mm1 / transformers pair."""
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    p.add_argument("--small", action="store_true", help="a smaller model (tests): 2+2 layers, width 64")
+
+
+def pair_from_args(args: Any) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """(ours, theirs, vision shape, LM shape) with the same weights, honouring --threads / --small."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vision, lm = dict(VISION), dict(LM)
+    if args.small:
+        vision.update(width=64, depth=2, heads=2, mlp_dim=256)
+        lm.update(dim=64, n_layers=2, ffn_dim=172, vocab_size=512)
+    ours, theirs = llava_pair(vision, lm)
+    return ours, theirs, vision, lm

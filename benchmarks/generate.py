@@ -27,8 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common import alternate, cli, emit, llava_pair, machine_info, summary  # noqa: E402
-from train_step import LM, VISION  # noqa: E402
+from common import add_pair_arguments, alternate, cli, emit, machine_info, pair_from_args, summary  # noqa: E402
 
 WORDS = ("red blue green yellow circle square triangle star small large left right top bottom the a of "
          "and with on near two three four shows picture image scene object label description short").split()
@@ -60,20 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=64, help="max new tokens per prompt")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per side first")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    p.add_argument("--small", action="store_true", help="a smaller model (tests): 2+2 layers, width 64")
+    add_pair_arguments(p)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mm1.eval.generate import GenerationConfig, banned_ids, generate_ids, image_batch, left_pad
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    vision, lm = dict(VISION), dict(LM)
-    if args.small:
-        vision.update(width=64, depth=2, heads=2, mlp_dim=256)
-        lm.update(dim=64, n_layers=2, ffn_dim=172, vocab_size=512)
-    ours, theirs = llava_pair(vision, lm)
+    ours, theirs, vision, lm = pair_from_args(args)
     ours.eval()
     theirs.eval()
     tok = toy_tokenizer(lm["vocab_size"])

@@ -23,11 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import alternate, cli, emit, llava_pair, machine_info, multimodal_batch, summary  # noqa: E402
-
-# The `tiny` preset's encoder and LM (configs/tiny.yaml), with LLaVA's MLP connector.
-VISION = dict(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_dim=512)
-LM = dict(vocab_size=2048, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=688)
+from common import add_pair_arguments, alternate, cli, emit, machine_info, multimodal_batch, pair_from_args, summary  # noqa: E402
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,8 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |loss difference| before timing")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    p.add_argument("--small", action="store_true", help="a smaller model (tests): 2+2 layers, width 64")
+    add_pair_arguments(p)
 
 
 def step_fns(ours, theirs, batch: dict[str, torch.Tensor]) -> dict[str, Callable[[], Any]]:
@@ -75,13 +70,7 @@ def check_equal_loss(ours, theirs, batch: dict[str, torch.Tensor], tolerance: fl
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    vision, lm = dict(VISION), dict(LM)
-    if args.small:
-        vision.update(width=64, depth=2, heads=2, mlp_dim=256)
-        lm.update(dim=64, n_layers=2, ffn_dim=172, vocab_size=512)
-    ours, theirs = llava_pair(vision, lm)
+    ours, theirs, vision, lm = pair_from_args(args)
     ours.train()
     theirs.train()
     batch = multimodal_batch(ours.cfg, args.batch, args.seq_len, args.images)
