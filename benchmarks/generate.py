@@ -54,6 +54,15 @@ def prompts_and_images(batch: int, image_size: int, seed: int = 0) -> tuple[list
     return prompts, images
 
 
+def layout_summary(lm: torch.nn.Module) -> dict[str, Any] | None:
+    """What `mm1.models.decode_layout` did to our LM during the first run."""
+    layout = getattr(lm, "decode_layout", None)
+    if layout is None:
+        return None
+    return {"rows": layout.rows, "transposed_weights": len(layout.transposed),
+            "excluded_shapes": [list(s) for s in layout.excluded]}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=4, help="prompts decoded together (left-padded)")
     p.add_argument("--new-tokens", type=int, default=64, help="max new tokens per prompt")
@@ -103,6 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "best_speedup": min(times["transformers"]) / min(times["mm1"]),
         "mm1_tokens_per_s": tps["mm1"], "transformers_tokens_per_s": tps["transformers"],
         "generated_tokens": n_tokens, "same_tokens": True, "repeats": args.repeats,
+        "decode_layout": layout_summary(ours.lm),
         "shape": {"batch": args.batch, "prompt_len": ids.shape[1], "new_tokens": args.new_tokens,
                   "vision": vision, "lm": lm, "connector": "mlp"},
         "machine": machine_info(),

@@ -21,6 +21,7 @@ from PIL import Image
 from mm1.config import ModelConfig
 from mm1.data.images import image_tensors, mean_color, normalize, preprocess, subimages
 from mm1.data.tokenizer import Tokenizer
+from mm1.models.decode_layout import prepare_decode_layout
 
 ImageSource = Union[Image.Image, str, Path, bytes]
 PromptLike = Union[str, list]  # text with <image> markers, or a conversation [{"role", "content"}, ...]
@@ -40,6 +41,9 @@ class GenerationConfig:
     stop_ids: list[int] = field(default_factory=list)  # token ids that end a row besides EOS (e.g. <|im_end|>)
     batch_size: int = 16
     resize: str = "crop"  # image preprocessing, as in training (data.resize)
+    # On CPU, store the LM's weights [in, out], which decodes small batches faster or as fast
+    # (`mm1.models.decode_layout`: values unchanged, products bit-identical); False keeps [out, in].
+    cpu_decode_layout: bool = True
 
 
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:
@@ -135,6 +139,8 @@ def generate_ids(model, tokenizer: Tokenizer, prompts: list[PromptLike], images:
     stops = [s for s in gcfg.stop if s]
     gen = torch.Generator(device=device).manual_seed(gcfg.seed) if gcfg.do_sample else None
     cache = model.lm.new_cache(B, ids.shape[1] + gcfg.max_new_tokens) if gcfg.use_cache else None
+    if cache is not None and gcfg.cpu_decode_layout and device.type == "cpu" and not model.training:
+        prepare_decode_layout(model.lm, B)
     picked: list[torch.Tensor] = []  # [B] per step
     emitted = torch.zeros(B, dtype=torch.long, device=device)  # tokens kept per row so far
     running = torch.ones(B, dtype=torch.bool, device=device)

@@ -201,8 +201,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     if H != H_kv and Q == 1 and mask.kind != "causal":
         # One decoded token with GQA: fold each kv head's query heads into its query rows, so the
         # cached keys/values are read in place instead of copied rep times per layer per step.
+        # The [B,1,1,S] mask broadcasts over the folded rows as it is (expanding it costs a third of
+        # the call on CPU).
         rep = H // H_kv
-        attn_mask = None if mask.kind == "none" else mask.mask.expand(B, 1, rep, k.shape[2])  # [B,1,rep,S]
+        attn_mask = None if mask.kind == "none" else mask.mask
         y = F.scaled_dot_product_attention(q.reshape(B, H_kv, rep, hd), k, v, attn_mask=attn_mask)
         return y.reshape(B, H, 1, hd)  # row r of kv head g is query head g*rep + r
     if H != H_kv:  # repeat kv heads: works on every SDPA backend and torch version

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from mm1.config import LMConfig
 from mm1.models.attention import (AttentionMask, KVCache, attend, build_mask, choose_backend, merge_doc_ids,
                                   positions_from_docs)
+from mm1.models.decode_layout import restore_standard_layout
 from mm1.models.moe import MoEFeedForward
 from mm1.models.registry import LANGUAGE_MODELS
 
@@ -178,6 +179,14 @@ class LanguageModel(nn.Module):
         nn.init.ones_(self.norm.weight)
         if self.output is not None:
             nn.init.normal_(self.output.weight, std=std)
+
+    def train(self, mode: bool = True) -> "LanguageModel":
+        """Training mode also puts every weight back in the standard [out, in] storage, in case
+        decoding re-stored some (`mm1.models.decode_layout`): optimisers and distributed wrappers
+        expect it."""
+        if mode:
+            restore_standard_layout(self)
+        return super().train(mode)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for this model (buffers are allocated on the first step, in the
