@@ -59,7 +59,7 @@ def layout_summary(lm: torch.nn.Module) -> dict[str, Any] | None:
     layout = getattr(lm, "decode_layout", None)
     if layout is None:
         return None
-    return {"rows": layout.rows, "transposed_weights": len(layout.transposed),
+    return {"checked_rows": layout.checked_rows, "transposed_weights": len(layout.transposed),
             "excluded_shapes": [list(s) for s in layout.excluded]}
 
 

@@ -4,6 +4,7 @@ steps, training mode and checkpoints see the standard layout, and generation nev
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mm1.config import Config, LMConfig
 from mm1.data.tokenizer import Tokenizer
@@ -51,6 +52,25 @@ def test_relaid_weights_keep_values_and_give_bit_identical_decoding_steps():
     assert prepare_decode_layout(lm, ROWS) is layout  # once per model
 
 
+def test_a_later_batch_size_keeps_only_shapes_with_identical_products_at_that_size():
+    lm = _lm()
+    prepare_decode_layout(lm, ROWS)
+    ids = torch.randint(6, 300, (1, 12))
+    layout = prepare_decode_layout(lm, 1)
+    assert layout.checked_rows == [ROWS, 1]
+    linears = {n: m for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, module in linears.items():
+        w = module.weight
+        x = torch.randn(1, w.shape[1])
+        if name in layout.transposed:  # still transposed only where one row gives the same products
+            assert torch.equal(F.linear(x, w), F.linear(x, w.contiguous())), name
+        else:
+            assert w.is_contiguous(), name
+    decoded = _decode_logits(lm, ids)
+    restore_standard_layout(lm)
+    assert torch.equal(decoded, _decode_logits(lm, ids))
+
+
 def test_training_mode_restores_the_standard_layout():
     lm = _lm()
     prepare_decode_layout(lm, ROWS)
@@ -94,8 +114,15 @@ def test_generation_gives_the_same_tokens_with_and_without_the_layout(tmp_path):
                                                                        cpu_decode_layout=False))
     assert getattr(model.lm, "decode_layout", None) is None
     relaid = generate_ids(model, tok, prompts, images, GenerationConfig(max_new_tokens=10, stop=[]))
-    assert model.lm.decode_layout is not None and model.lm.decode_layout.rows == len(prompts)
+    assert model.lm.decode_layout is not None and model.lm.decode_layout.checked_rows == [len(prompts)]
     assert relaid == plain and any(plain)
+
+    # a later batch of another size (here 1 row: a gemv path) decodes as the standard order does
+    one = GenerationConfig(max_new_tokens=10, stop=[])
+    alone = [generate_ids(model, tok, [p], [[]], GenerationConfig(max_new_tokens=10, stop=[],
+                                                                   cpu_decode_layout=False))[0] for p in prompts]
+    assert [generate_ids(model, tok, [p], [[]], one)[0] for p in prompts] == alone
+    assert model.lm.decode_layout.checked_rows == [len(prompts), 1]
 
     # generate() returns a training model to training mode, and with it the standard layout
     model.train()
