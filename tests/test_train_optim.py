@@ -104,3 +104,46 @@ def test_missing_or_malformed_lr_law_names_the_key(tmp_path):
     bad.write_text(json.dumps({"a": -0.5}))
     with pytest.raises(ConfigError, match="'a' and 'b'"):
         resolve_lr(TrainConfig(lr_law=str(bad)), 10)
+
+
+class WithQueries(Toy):
+    def __init__(self) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(4, 8))  # a 2-D learned query bank: still not decayed
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+@pytest.mark.parametrize("steps_before", [0, 7])
+def test_decoupled_decay_shrinks_by_exactly_one_minus_lambda_times_schedule_and_spares_the_no_decay_group(steps_before):
+    torch.manual_seed(0)
+    m = WithQueries()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+    lam, cfg = 0.02, TrainConfig(lr=1e-3, weight_decay=0.02, steps=20, warmup_steps=4, min_lr_ratio=0.1)
+    choice = resolve_lr(cfg, count_trainable(m))
+    assert choice.weight_decay == lam and choice.torch_weight_decay == pytest.approx(lam / 1e-3)
+    opt = build_optimizer(m, cfg, choice)
+    sched = build_scheduler(opt, cfg)
+    for _ in range(steps_before):
+        sched.step()
+    s_t = WarmupCosine(4, 20, 0.1)(steps_before)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * s_t, rel=1e-12)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for p in m.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)  # zero gradient: Adam's update is 0, only the decay acts
+    opt.step()
+    for name in ("emb.weight", "proj.weight"):
+        got = dict(m.named_parameters())[name].detach()
+        torch.testing.assert_close(got, before[name] * (1 - lam * s_t), rtol=1e-6, atol=0)
+    for name in ("pos_embed", "queries", "proj.bias", "norm.weight", "norm.bias", "frozen.weight"):
+        assert torch.equal(dict(m.named_parameters())[name].detach(), before[name]), name
+
+
+def test_the_law_gives_torch_its_ratio_and_a_zero_lr_with_decay_is_refused():
+    auto = resolve_lr(TrainConfig(), 4_400_000)
+    assert auto.torch_weight_decay == pytest.approx(0.1) and "torch AdamW weight_decay 0.1" in auto.describe()
+    assert resolve_lr(TrainConfig(lr=0.0, weight_decay=0.0), 10).torch_weight_decay == 0.0
+    with pytest.raises(ConfigError, match="train.weight_decay=0.01 needs a positive peak LR"):
+        _ = resolve_lr(TrainConfig(lr=0.0, weight_decay=0.01), 10).torch_weight_decay

@@ -54,7 +54,8 @@ def test_unset_lr_gives_the_mm1_law_for_the_trainable_parameter_count(pretrain_r
     assert info["n_trainable_params"] == n and info["lr_source"] == "mm1_law"
     peak = max(r["lr"] for r in read_metrics(pretrain_run))
     assert peak == pytest.approx(mm1_lr(n), rel=1e-12)
-    assert info["weight_decay"] == pytest.approx(0.1 * peak)
+    assert info["weight_decay"] == pytest.approx(0.1 * peak)  # λ, decoupled
+    assert info["torch_weight_decay"] == pytest.approx(0.1)  # what AdamW gets: λ / η_peak
 
 
 def test_load_checkpoint_gives_model_config_and_tokenizer(pretrain_run):

@@ -147,7 +147,7 @@ class TrainConfig:
     stage: str = "pretrain"  # encoder | pretrain | sft
     steps: int = 300
     lr: Optional[float] = None  # None = MM1 law eta(N)
-    weight_decay: Optional[float] = None  # None = 0.1 * lr
+    weight_decay: Optional[float] = None  # λ, decoupled: x (1 - λ·s_t) per step; None = 0.1 * lr (MM1)
     lr_law: str = ""  # lr_law.json from `mm1 hparams` ({a, b, wd_ratio}) used when lr is None; "" = MM1's law
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1

@@ -4,7 +4,8 @@ MM1 (section 3.4, appendix) ran LR grids at 9M, 85M, 302M and 1.2B parameters, t
 each size and fitted log η = a·ln N + b with a = −0.4214, b = −0.5535 (and λ = 0.1·η). This module
 does the same at the sizes a machine can afford: short text-only pre-training runs with the image
 encoder and connector frozen, so N is the language model's trainable parameter count (what
-`mm1.train.optim` uses for the law). The grid is an ordinary ablation sweep (`size` x `lr`
+`mm1.train.optim` uses for the law). Weight decay has the trainer's meaning: `train.weight_decay` = λ =
+ratio·η, the decoupled per-step decay (torch AdamW gets λ/η = ratio). The grid is an ordinary ablation sweep (`size` x `lr`
 paired axes, resumable, with its own report); this module then
 - picks the best LR per size from the final training loss (mean over seeds), refined by a parabola
   through the grid minimum and its neighbours in log-LR (flagged when the minimum sits at the grid's edge),
@@ -31,7 +32,7 @@ from mm1.train.optim import LAW_INTERCEPT, LAW_SLOPE, WD_RATIO, mm1_lr
 class HparamBudget:
     sizes: dict[str, dict[str, int]]  # label -> model.lm fields
     lrs: list[float]
-    wd_ratios: list[float]  # weight decay = ratio * lr
+    wd_ratios: list[float]  # decoupled weight decay λ = ratio * lr (train.weight_decay)
     steps: int
     seeds: list[int]
     overrides: list[str]
@@ -177,7 +178,7 @@ def write_hparams_report(budget: HparamBudget, law: dict[str, Any], out: Path, w
              f"Loss = final training loss (mean of the last 10 % of steps). Wall time {R.format_seconds(wall)}.", ""]
     fig_curves = {k: v for k, v in law["curves"].items()}
     png = _plot_loss_vs_lr(fig_curves, out / "plots" / "loss-vs-lr.png")
-    lines += [R.write_table(["size", "N", "wd / lr", *[f"lr {lr:g}" for lr in budget.lrs], "best lr"], law["table"]),
+    lines += [R.write_table(["size", "N", "λ / η", *[f"lr {lr:g}" for lr in budget.lrs], "best lr"], law["table"]),
               R.image_link(png, out, "final loss vs peak LR"), ""]
     if "a" in law:
         s = law["sizes"]
@@ -186,7 +187,7 @@ def write_hparams_report(budget: HparamBudget, law: dict[str, Any], out: Path, w
         fitted = lambda n: math.exp(law["a"] * math.log(n) + law["b"])  # noqa: E731
         preds = [[f"{n:.2g}", f"{fitted(n):.3g}", f"{mm1_lr(int(n)):.3g}"] for n in (1e6, 1e8, 1.2e9, 3e10)]
         lines += ["## Fit", "", f"**Fitted:** ln η = {law['a']:.4f}·ln N {law['b']:+.4f}  "
-                  f"(MM1: ln η = {LAW_SLOPE}·ln N {LAW_INTERCEPT:+}); weight decay ratio {law['wd_ratio']:g}·η.", "",
+                  f"(MM1: ln η = {LAW_SLOPE}·ln N {LAW_INTERCEPT:+}); decoupled weight decay λ = {law['wd_ratio']:g}·η.", "",
                   R.image_link(law_png, out, "LR law: measured, fitted, MM1"), "",
                   R.write_table(["N", "fitted η", "MM1 η"], preds),
                   "Extrapolating a fit over a few miniature sizes to billions of parameters is not reliable; "

@@ -3,7 +3,11 @@
 MM1 fitted the peak LR of its pre-training grid (9M, 85M, 302M and 1.2B parameters) to
 η(N) = exp(−0.4214·ln N − 0.5535) and set the weight decay to λ = 0.1·η. A user who does not set
 `train.lr` gets that law for the N of *their* model, so a tiny run and a 30B run are both started at
-a sensible rate. This file is the only place the law lives; N is the number of distinct trainable
+a sensible rate.
+
+λ is a *decoupled* decay: each step multiplies a decayed weight by (1 − λ·s_t), s_t the schedule's
+multiplier, whatever η is. torch's AdamW multiplies its `weight_decay` by the current LR η·s_t, so it
+is given λ / η (0.1 under the law); passing λ itself would decay by λ·η·s_t, i.e. not at all. This file is the only place the law lives; N is the number of distinct trainable
 parameters (tied weights counted once, frozen parts excluded), and the trainer logs both.
 """
 
@@ -66,16 +70,27 @@ class LRChoice:
     """The peak LR and weight decay in use, and where each came from (for the run log)."""
 
     lr: float
-    weight_decay: float
+    weight_decay: float  # λ: the decoupled per-step decay at the schedule's peak
     n_params: int
     lr_source: str  # "config" | "mm1_law" | "lr_law"
     wd_source: str  # "config" | "<ratio>*lr"
+
+    @property
+    def torch_weight_decay(self) -> float:
+        """What torch AdamW gets so that its per-step decay lr_t·wd equals λ·s_t: λ / η_peak."""
+        if self.weight_decay == 0.0:
+            return 0.0
+        if self.lr <= 0.0:
+            raise ConfigError(f"train.weight_decay={self.weight_decay:g} needs a positive peak LR (got "
+                              f"train.lr={self.lr:g}): the decay is applied as λ/η by AdamW; set train.lr > 0")
+        return self.weight_decay / self.lr
 
     def describe(self) -> str:
         law = "fitted law train.lr_law" if self.lr_source == "lr_law" else "MM1 law"
         lr_how = "train.lr" if self.lr_source == "config" else f"{law} eta(N) for N={self.n_params:,} trainable parameters"
         wd_how = "train.weight_decay" if self.wd_source == "config" else self.wd_source.replace("*", " * ")
-        return f"peak lr {self.lr:.4g} ({lr_how}); weight decay {self.weight_decay:.4g} ({wd_how})"
+        return (f"peak lr {self.lr:.4g} ({lr_how}); decoupled weight decay {self.weight_decay:.4g} per step "
+                f"({wd_how}; torch AdamW weight_decay {self.torch_weight_decay:.4g})")
 
 
 def resolve_lr(cfg: TrainConfig, n_params: int) -> LRChoice:
@@ -92,7 +107,9 @@ def resolve_lr(cfg: TrainConfig, n_params: int) -> LRChoice:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices decay; biases, norm gains and learned positions/queries do not."""
+    """Two AdamW groups: matrices decay; biases, norm gains and learned positions/queries do not.
+
+    `weight_decay` is torch's coefficient (`LRChoice.torch_weight_decay`), not λ."""
     decay, no_decay, seen = [], [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
@@ -106,7 +123,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, choice: LRChoice) -> torch.optim.AdamW:
     """AdamW over `param_groups`; the fused kernel on CUDA, the multi-tensor (foreach) one elsewhere."""
-    groups = param_groups(model, choice.weight_decay)
+    groups = param_groups(model, choice.torch_weight_decay)
     if not groups:
         raise ValueError("no trainable parameters: every part is frozen (check train.freeze_vision, "
                          "train.freeze_connector, train.freeze_lm)")
