@@ -1,10 +1,18 @@
 """The `mm1` command. Each subcommand lives beside the code it drives, in a module that exposes
-`add_arguments(parser)` and `run(args) -> int`; this file only routes."""
+`add_arguments(parser)` and `run(args) -> int`; this file only routes.
+
+Dotted overrides (`train.steps=10`) may stand anywhere after the subcommand: they are taken out of
+the command line before argparse sees it (argparse would hand them to an optional positional such
+as `mm1 eval [CONFIG]`, or refuse them after an option) and given to the subcommand as
+`args.overrides`. A token is an override when it looks like `key.path=value` and is not the value
+of an option (`--prompt "a.b=c"` stays a prompt).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from mm1.data.skips import DataError
@@ -24,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
+OVERRIDE_HELP = " [key.path=value ...]"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mm1", description="Multimodal LLMs the MM1 way.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -31,12 +43,45 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod = importlib.import_module(module)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run)  # a subcommand using overrides sets takes_overrides=True
+        if p.get_default("takes_overrides"):
+            p.usage = (p.usage or p.format_usage().removeprefix("usage: ").strip()) + OVERRIDE_HELP
     return parser
 
 
+def split_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the command line without overrides, the overrides in order)."""
+    value_options = {opt for action in parser._actions if action.nargs != 0 for opt in action.option_strings}
+    rest: list[str] = []
+    overrides: list[str] = []
+    for i, tok in enumerate(argv):
+        after_option = i > 0 and argv[i - 1] in value_options
+        if i > 0 and OVERRIDE.match(tok) and not after_option and "--" not in argv[:i]:
+            overrides.append(tok)
+        else:
+            rest.append(tok)
+    return rest, overrides
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; `args.overrides` holds its dotted overrides wherever they stood."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sub = parser._subparsers._group_actions[0].choices if parser._subparsers else {}  # type: ignore[union-attr]
+    at = next((i for i, tok in enumerate(argv) if tok in sub), None)
+    overrides: list[str] = []
+    if at is not None:
+        tail, overrides = split_overrides(sub[argv[at]], argv[at:])
+        argv = argv[:at] + tail
+    args = parser.parse_args(argv)
+    if overrides and not getattr(args, "takes_overrides", False):
+        parser.error(f"mm1 {args.command} takes no config overrides, got {' '.join(overrides)}")
+    args.overrides = overrides
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except ConfigError as e:

@@ -10,6 +10,7 @@ are OmegaConf structured configs; the semantic checks (`validate`) run once at l
 from __future__ import annotations
 
 import math
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -204,7 +205,8 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str, 
     """The preset and its `base:` ancestors, oldest first."""
     path = path.resolve()
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; presets live in configs/ (e.g. configs/tiny.yaml)")
+        raise ConfigError(f"config file {path} does not exist; give a preset name ({', '.join(preset_names())}) "
+                          "or a YAML path")
     if path in seen:
         raise ConfigError(f"{path}: `base:` chain loops back on itself")
     try:
@@ -218,10 +220,12 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str, 
     return chain + [data]
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a preset (or the defaults), apply dotted overrides, validate, return a `Config`."""
-    merged = OmegaConf.structured(Config)
-    layers = _read_yaml_chain(Path(path)) if path else []
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: Config | None = None) -> Config:
+    """Load a preset (a name like `tiny` or a YAML path; or `base`, or the defaults), apply dotted
+    overrides, validate, return a `Config`."""
+    merged = OmegaConf.structured(base if base is not None else Config)
+    layers = _read_yaml_chain(preset_path(path)) if path else []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. model.connector.kind=attnpool")
@@ -237,19 +241,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
+# Package data (a link to the repo's configs/ in a checkout, real files in a wheel): found the same
+# way in an editable install, a source checkout on PYTHONPATH and a plain `pip install .`.
+PRESETS_DIR = Path(str(resources.files("mm1") / "configs"))
 
 
 def preset_path(name: str | Path) -> Path:
-    """A preset by file path, or by name from the repo's configs/ (`tiny` -> configs/tiny.yaml)."""
+    """A preset by file path, or by name from the installed presets (`tiny` -> configs/tiny.yaml)."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
     candidate = PRESETS_DIR / f"{name}.yaml"
     if not candidate.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-        raise ConfigError(f"preset {name!r}: no {candidate}; known presets: {known}")
+        raise ConfigError(f"preset {name!r}: no {candidate}; known presets: {', '.join(preset_names())}")
     return candidate
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

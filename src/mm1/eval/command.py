@@ -39,9 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--temperature", type=float, default=1.0)
         parser.add_argument("--top-p", type=float, default=1.0)
         parser.add_argument("--seed", type=int, default=0)
+        parser.set_defaults(takes_overrides=True)  # on the checkpoint's config, e.g. eval.add_bos=true
         return
-    parser.add_argument("config", nargs="?", help="preset YAML for eval/data settings (default: the checkpoint's)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.trials=3 eval.vqa_mode=official")
+    parser.set_defaults(takes_overrides=True)  # e.g. eval.trials=3 eval.chat=true, anywhere on the line
+    parser.add_argument("config", nargs="?", help="preset name or YAML for eval/data settings (default: the checkpoint's)")
     parser.add_argument("--checkpoint", help="run dir or checkpoint dir (default: build the model from CONFIG, "
                                              "e.g. HF-initialised weights)")
     parser.add_argument("--tasks", help="comma-separated task names or task spec files (default: eval.tasks)")
@@ -61,7 +62,7 @@ def _load(args: argparse.Namespace) -> tuple[object | None, Config, object | Non
 
         model, ckpt_cfg, tok = load_checkpoint(args.checkpoint)
         if cfg is None:
-            cfg = ckpt_cfg
+            cfg = load_config(overrides=args.overrides, base=ckpt_cfg)
         cfg.model = ckpt_cfg.model  # the weights decide the architecture
         return model, cfg, tok
     if cfg is None:
@@ -117,6 +118,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from mm1.train import load_checkpoint
 
     model, cfg, tok = load_checkpoint(args.checkpoint)
+    cfg = load_config(overrides=args.overrides, base=cfg)
     prompt, missing = args.prompt, len(args.image) - args.prompt.count("<image>")
     if missing < 0:
         print(f"mm1 generate: the prompt has {prompt.count('<image>')} <image> markers but only "

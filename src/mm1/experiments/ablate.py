@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from mm1.config import Config, load_config
+from mm1.config import PRESETS_DIR, Config, load_config
 from mm1.registry import ConfigError
 
 STAGES = ("encoder", "pretrain", "sft")
@@ -126,7 +126,7 @@ def _resolve_base(base: str, spec_path: Path | None) -> str:
     candidates = [Path(base)] if Path(base).is_absolute() else []
     if spec_path is not None:
         candidates.append(spec_path.parent / base)
-    candidates += [Path.cwd() / base, Path.cwd() / "configs" / base]
+    candidates += [Path.cwd() / base, PRESETS_DIR / base, PRESETS_DIR / f"{base}.yaml"]
     for c in candidates:
         if c.is_file():
             return str(c.resolve())

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mm1.config import load_config
+from mm1.config import load_config, preset_path
 
 
 def _name(parser: argparse.ArgumentParser) -> str:
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     else:
         parser.add_argument("--budget", choices=["tiny", "small"], default="tiny",
                             help="tiny: a few minutes on 2 CPU cores; small: more sizes, LRs, seeds")
-        parser.add_argument("--base", default="", help="base preset (default configs/tiny.yaml)")
+        parser.add_argument("--base", default="", help="base preset name or YAML (default tiny)")
         parser.add_argument("--out", type=Path, help="output directory (default runs/hparams-<budget>)")
     _runner_args(parser)
 
@@ -107,7 +107,7 @@ def _lessons(args: argparse.Namespace) -> int:
 def _hparams(args: argparse.Namespace) -> int:
     from mm1.experiments.scaling import run_hparams
 
-    base = args.base or str(Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml")
+    base = str(preset_path(args.base or "tiny"))
     load_config(base)  # fail early on a bad preset
     out = args.out or Path("runs") / f"hparams-{args.budget}"
     report = run_hparams(args.budget, out, _runner(args), base, keep_going=args.keep_going,

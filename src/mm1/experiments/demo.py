@@ -121,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("encoder_steps", "pretrain_steps", "sft_steps", "eval_limit"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(DemoPlan, name),
                             help=f"default {getattr(DemoPlan, name)}")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to every stage")
+    parser.set_defaults(takes_overrides=True)  # dotted config overrides applied to every stage
 
 
 def run(args: argparse.Namespace) -> int:

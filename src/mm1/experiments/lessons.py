@@ -29,10 +29,11 @@ from pathlib import Path
 
 import yaml
 
+from mm1.config import PRESETS_DIR
 from mm1.experiments.ablate import AblationSpec, Point, dedupe, expand, parse_spec
 from mm1.registry import ConfigError
 
-LESSON_DIR = Path(__file__).resolve().parents[3] / "configs" / "lessons"
+LESSON_DIR = PRESETS_DIR / "lessons"
 BUDGETS = ("tiny", "small")
 K_SE = 2.0  # how many standard errors a difference must clear
 

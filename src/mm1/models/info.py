@@ -41,8 +41,8 @@ def _human(n: float) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="a preset YAML, e.g. configs/mm1-3b.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.connector.num_tokens=64")
+    parser.add_argument("config", help="a preset name or YAML, e.g. mm1-3b or configs/mm1-3b.yaml")
+    parser.set_defaults(takes_overrides=True)  # e.g. model.connector.num_tokens=64
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 

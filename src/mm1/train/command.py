@@ -14,12 +14,9 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.usage = "mm1 train CONFIG [key=value ...] --out DIR [--resume]"
-    parser.add_argument("config", help="preset YAML, e.g. configs/tiny.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 train.seed=1")
-    # nargs="+" so overrides may also follow --out DIR (argparse cannot resume positionals after an option)
-    parser.add_argument("--out", required=True, nargs="+", metavar="DIR",
-                        help="run directory to create (or continue with --resume)")
+    parser.add_argument("config", help="preset name or YAML, e.g. tiny or configs/tiny.yaml")
+    parser.add_argument("--out", required=True, metavar="DIR", help="run directory to create (or continue with --resume)")
+    parser.set_defaults(takes_overrides=True)  # e.g. train.steps=100 train.seed=1, anywhere on the line
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest complete checkpoint in --out (start fresh if none)")
 
@@ -29,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from mm1.train.checkpoint import CheckpointError
     from mm1.train.trainer import NonFiniteLoss, train
 
-    out, late = Path(args.out[0]), args.out[1:]
-    cfg = load_config(args.config, list(args.overrides) + list(late))
+    out = Path(args.out)
+    cfg = load_config(args.config, args.overrides)
     try:
         result = train(cfg, out, resume=args.resume)
     except (NonFiniteLoss, CheckpointError, FileExistsError) as e:
