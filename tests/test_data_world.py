@@ -296,3 +296,35 @@ def test_position_names_cover_the_grid_and_captions_use_them() -> None:
 
     text = dense_description(scene)
     assert text.startswith("Five shapes") and all(o.colour in text for o in scene.objects)
+
+
+# ----------------------------------------------------------------------------- the single world
+
+
+def test_single_world_asks_balanced_questions_whose_answers_only_the_image_gives(tmp_path: Path) -> None:
+    from mm1.data.world.build import WORLD_SIZES
+    from mm1.data.world.single import SINGLE_COLOURS, SINGLE_SHAPES
+
+    spec = replace(WORLD_SIZES["single"], sft=60, eval_images=40)
+    build_world(tmp_path / "a", spec, seed=1, workers=1, verbose=False)
+    build_world(tmp_path / "b", spec, seed=1, workers=2, verbose=False)
+    assert checksums(tmp_path / "a") == checksums(tmp_path / "b")
+    root = tmp_path / "a"
+    questions = json.loads((root / "eval" / "vqa_test_questions.json").read_text())["questions"]
+    anns = {a["question_id"]: a for a in json.loads((root / "eval" / "vqa_test_annotations.json").read_text())["annotations"]}
+    assert len(questions) == 3 * 40
+    by_type: dict[str, list[str]] = {}
+    for q in questions:
+        a = anns[q["question_id"]]
+        by_type.setdefault(a["question_type"], []).append(a["multiple_choice_answer"])
+        if a["question_type"] != "yes/no":
+            assert a["multiple_choice_answer"] not in q["question"].lower()  # the question never names its answer
+        assert (root / "eval" / q["file_name"]).is_file()
+    assert set(by_type) == {"colour", "shape", "yes/no"} and all(len(v) == 40 for v in by_type.values())
+    assert set(by_type["colour"]) <= set(SINGLE_COLOURS) and set(by_type["shape"]) <= set(SINGLE_SHAPES)
+    assert 12 <= by_type["yes/no"].count("yes") <= 28
+    sft = json.loads((root / "sft" / "train.json").read_text())
+    assert len(sft) == 60 and all((root / "sft" / r["image"]).is_file() for r in sft)
+    test_pngs = {sha1(p.read_bytes()) for p in (root / "eval" / "images").glob("test_*.png")}
+    assert not test_pngs & {sha1(p.read_bytes()) for p in (root / "sft" / "images").glob("*.png")}
+    assert (root / "tokenizer.json").is_file() and json.loads((root / "world.json").read_text())["size"] == "single"

@@ -147,3 +147,37 @@ def test_the_law_gives_torch_its_ratio_and_a_zero_lr_with_decay_is_refused():
     assert resolve_lr(TrainConfig(lr=0.0, weight_decay=0.0), 10).torch_weight_decay == 0.0
     with pytest.raises(ConfigError, match="train.weight_decay=0.01 needs a positive peak LR"):
         _ = resolve_lr(TrainConfig(lr=0.0, weight_decay=0.01), 10).torch_weight_decay
+def test_sft_runs_at_its_own_fraction_of_the_law_unless_the_lr_is_set():
+    pre = resolve_lr(TrainConfig(stage="pretrain"), 4_400_000)
+    sft = resolve_lr(TrainConfig(stage="sft"), 4_400_000)
+    assert sft.lr == pytest.approx(0.17 * pre.lr) and sft.lr_scale == 0.17 and pre.lr_scale == 1.0
+    assert "sft_lr_scale=0.17" in sft.describe()
+    assert resolve_lr(TrainConfig(stage="sft", sft_lr_scale=0.5), 4_400_000).lr == pytest.approx(0.5 * pre.lr)
+    fixed = resolve_lr(TrainConfig(stage="sft", lr=3e-4), 4_400_000)
+    assert (fixed.lr, fixed.lr_scale) == (3e-4, 1.0)
+
+
+class Parts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.vision, self.connector, self.lm = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+
+def test_lr_multipliers_give_each_part_its_own_lr_and_keep_the_per_step_decay():
+    from mm1.config import LRMultConfig
+
+    m = Parts()
+    cfg = TrainConfig(lr=1e-3, weight_decay=1e-4, lr_mult=LRMultConfig(vision=0.1, connector=2.0))
+    opt = build_optimizer(m, cfg, resolve_lr(cfg, 1))
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert opt.param_groups[0]["name"] == "decay/lm"  # the LM's LR is the one the trainer logs
+    assert by_name["decay/vision"]["lr"] == pytest.approx(1e-4) and by_name["decay/connector"]["lr"] == pytest.approx(2e-3)
+    assert {id(p) for p in by_name["no_decay/vision"]["params"]} == {id(m.vision.bias)}
+    for g in opt.param_groups:  # the per-step decay lr x weight_decay is λ in every decayed group
+        assert g["lr"] * g["weight_decay"] == pytest.approx(1e-4 if g["name"].startswith("decay") else 0.0)
+    sched = build_scheduler(opt, cfg)
+    opt.step()
+    sched.step()
+    assert by_name["decay/vision"]["lr"] / by_name["decay/lm"]["lr"] == pytest.approx(0.1)
+    plain = [g["name"] for g in param_groups(m, 0.1, 1e-3, LRMultConfig())]
+    assert plain == ["decay", "no_decay"]  # all multipliers 1: the two groups of old

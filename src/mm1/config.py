@@ -61,6 +61,7 @@ class ConnectorConfig:
     mlp_depth: int = 2  # layers of the MLP readout
     hidden_dim: int = 0  # 0 = the vision width
     heads: int = 4  # attnpool cross-attention heads
+    out_norm: float = 0.0  # > 0: RMS-normalise each output token to this L2 norm (learned gain); 0 = off
 
 
 @dataclass
@@ -144,11 +145,22 @@ class DataConfig:
 
 
 @dataclass
+class LRMultConfig:
+    """Per-part multipliers of the peak LR (1.0 = the run's LR); weight decay per step is unchanged."""
+
+    vision: float = 1.0
+    connector: float = 1.0
+    lm: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     stage: str = "pretrain"  # encoder | pretrain | sft
     steps: int = 300
     lr: Optional[float] = None  # None = MM1 law eta(N)
     weight_decay: Optional[float] = None  # λ, decoupled: x (1 - λ·s_t) per step; None = 0.1 * lr (MM1)
+    lr_mult: LRMultConfig = field(default_factory=LRMultConfig)  # per part: vision, connector, lm
+    sft_lr_scale: float = 0.17  # stage=sft with train.lr unset: peak LR = this x the law (MM1's SFT ran at ~0.17x)
     lr_law: str = ""  # lr_law.json from `mm1 hparams` ({a, b, wd_ratio}) used when lr is None; "" = MM1's law
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
@@ -304,6 +316,7 @@ def validate(cfg: Config) -> None:
     _check(len(v.mean) == 3 and len(v.std) == 3 and all(s > 0 for s in v.std), "model.vision.std", v.std,
            "mean and std need 3 values (RGB), std > 0")
     _check(c.num_tokens > 0, "model.connector.num_tokens", c.num_tokens, "must be positive")
+    _check(c.out_norm >= 0, "model.connector.out_norm", c.out_norm, "must be >= 0 (0 = no output norm)")
     if c.kind in ("avgpool", "c_abstractor"):
         root = math.isqrt(c.num_tokens)
         _check(root * root == c.num_tokens, "model.connector.num_tokens", c.num_tokens,
@@ -330,7 +343,7 @@ def validate(cfg: Config) -> None:
 
     d = cfg.data
     _one_of("data.resize", d.resize, ["crop", "pad"])
-    _one_of("data.world_size", d.world_size, ["tiny", "small", "base"])
+    _one_of("data.world_size", d.world_size, ["tiny", "small", "base", "single"])
     _check(d.seq_len > cfg.model.tokens_per_image, "data.seq_len", d.seq_len,
            f"must exceed the {cfg.model.tokens_per_image} slot tokens of one image")
     _check(d.seq_len <= lm.max_seq_len, "data.seq_len", d.seq_len, f"must be <= model.lm.max_seq_len={lm.max_seq_len}")
@@ -352,6 +365,10 @@ def validate(cfg: Config) -> None:
     _one_of("train.nonfinite", t.nonfinite, ["stop", "skip"])
     _check(t.steps > 0, "train.steps", t.steps, "must be positive")
     _check(t.lr is None or t.lr > 0, "train.lr", t.lr, "must be positive (or unset for the MM1 law)")
+    for part in ("vision", "connector", "lm"):
+        _check(getattr(t.lr_mult, part) > 0, f"train.lr_mult.{part}", getattr(t.lr_mult, part),
+               "must be positive (freeze a part with train.freeze_<part> instead)")
+    _check(t.sft_lr_scale > 0, "train.sft_lr_scale", t.sft_lr_scale, "must be positive (1.0 = the pre-training law)")
     _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
     _check(t.save_every >= 1, "train.save_every", t.save_every, "must be >= 1")

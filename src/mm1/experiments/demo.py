@@ -87,6 +87,15 @@ def _baselines(plan: DemoPlan, cfg: Config) -> dict[str, dict]:
     return {name: blind_baseline(get_task(name, cfg.data.world), limit=plan.eval_limit) for name in plan.eval_tasks}
 
 
+def train_pretrained(plan: DemoPlan, out: Path) -> Path:
+    """Stages 0 and 1 into `out` (reused when already trained); the pre-training run dir."""
+    from mm1.data.world import ensure_world
+
+    ensure_world(_stage_config(plan, "pretrain", []).data)
+    encoder = _train_stage(plan, out, "encoder", plan.encoder_steps, [])
+    return _train_stage(plan, out, "pretrain", plan.pretrain_steps, [f"train.init_from={encoder}"])
+
+
 def run_demo(plan: DemoPlan, out: Path) -> dict[str, Any]:
     """Run every stage into `out` and write report.md + summary.json; returns the summary."""
     from mm1.data.world import ensure_world
@@ -98,8 +107,8 @@ def run_demo(plan: DemoPlan, out: Path) -> dict[str, Any]:
     _say(f"synthetic world ({base.data.world_size}) at {base.data.world}")
     ensure_world(base.data)
 
-    encoder = _train_stage(plan, out, "encoder", plan.encoder_steps, [])
-    pretrain = _train_stage(plan, out, "pretrain", plan.pretrain_steps, [f"train.init_from={encoder}"])
+    pretrain = train_pretrained(plan, out)
+    encoder = out / "encoder"
     results = _evaluate(plan, pretrain, "pretrain", plan.shots, out, chat=False)
     sft_extra = [f"train.init_from={pretrain}", f"model.vision.image_size={plan.sft_image_size}",
                  f"model.subimage_grid={plan.sft_subimage_grid}"]

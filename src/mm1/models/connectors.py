@@ -13,6 +13,9 @@ encoder at a higher resolution): the pooling ones still emit k tokens, `mlp` emi
 
 The MLP readout follows LLaVA / Honeybee: Linear(in, D_lm), then (act, Linear(D_lm, D_lm)) x
 (mlp_depth - 1). `hidden_dim` is the C-Abstractor's convolution width (0 = the vision width).
+With `out_norm` > 0 the readout ends in an RMSNorm whose gain starts at out_norm / sqrt(D_lm), so
+image tokens enter the LM at a per-token L2 norm of `out_norm` (text embeddings of the tiny LM sit
+near 1; an unnormalised readout drifts to ~10 in pre-training), see docs/grounding.md.
 """
 
 from __future__ import annotations
@@ -56,13 +59,27 @@ def _pooled_side(cfg: ConnectorConfig) -> int:
     return side
 
 
-def readout(in_dim: int, out_dim: int, depth: int, act: Callable[[], nn.Module] = nn.GELU) -> nn.Sequential:
-    """LLaVA / Honeybee MLP: Linear(in, out) then (act, Linear(out, out)) x (depth - 1)."""
+class OutputNorm(nn.RMSNorm):
+    """RMSNorm whose gain starts at norm / sqrt(dim): every token leaves at L2 norm `norm`."""
+
+    def __init__(self, dim: int, norm: float) -> None:
+        self.start = norm / math.sqrt(dim)
+        super().__init__(dim, eps=1e-6)
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.weight, self.start)
+
+
+def readout(in_dim: int, out_dim: int, depth: int, act: Callable[[], nn.Module] = nn.GELU,
+            out_norm: float = 0.0) -> nn.Sequential:
+    """LLaVA / Honeybee MLP: Linear(in, out) then (act, Linear(out, out)) x (depth - 1) [+ OutputNorm]."""
     if depth < 1:
         raise ConfigError(f"model.connector.mlp_depth={depth}: must be >= 1")
     layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
     for _ in range(depth - 1):
         layers += [act(), nn.Linear(out_dim, out_dim)]
+    if out_norm > 0:
+        layers.append(OutputNorm(out_dim, out_norm))
     return nn.Sequential(*layers)
 
 
@@ -85,7 +102,7 @@ class MLPConnector(_Connector):
     def __init__(self, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, grid: int | tuple[int, int]) -> None:
         super().__init__()
         self.num_tokens = math.prod(_pair(grid))
-        self.readout = readout(vision_dim, lm_dim, cfg.mlp_depth)
+        self.readout = readout(vision_dim, lm_dim, cfg.mlp_depth, out_norm=cfg.out_norm)
 
     def forward(self, x: torch.Tensor, grid: int | tuple[int, int] | None = None) -> torch.Tensor:
         return self.readout(x)  # [N, h*w, D_lm]
@@ -98,7 +115,7 @@ class AvgPoolConnector(_Connector):
         super().__init__()
         self.side = _pooled_side(cfg)
         self.num_tokens = cfg.num_tokens
-        self.readout = readout(vision_dim, lm_dim, cfg.mlp_depth)
+        self.readout = readout(vision_dim, lm_dim, cfg.mlp_depth, out_norm=cfg.out_norm)
 
     def forward(self, x: torch.Tensor, grid: int | tuple[int, int] | None = None) -> torch.Tensor:
         n, length, d = x.shape
@@ -125,7 +142,7 @@ class AttnPoolConnector(_Connector):
         self.kv = nn.Linear(vision_dim, 2 * lm_dim)
         self.out = nn.Linear(lm_dim, lm_dim)
         self.ln_out = nn.LayerNorm(lm_dim)
-        self.readout = readout(lm_dim, lm_dim, cfg.mlp_depth)
+        self.readout = readout(lm_dim, lm_dim, cfg.mlp_depth, out_norm=cfg.out_norm)
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor, grid: int | tuple[int, int] | None = None) -> torch.Tensor:
@@ -197,7 +214,7 @@ class CAbstractor(_Connector):
         self.pos_embed = nn.Parameter(torch.empty(1, self.grid[0] * self.grid[1], vision_dim))
         self.stage1 = reg_stage(cfg.depth, vision_dim, hidden)
         self.stage2 = reg_stage(cfg.depth, hidden, hidden)
-        self.readout = readout(hidden if cfg.depth else vision_dim, lm_dim, cfg.mlp_depth, nn.SiLU)
+        self.readout = readout(hidden if cfg.depth else vision_dim, lm_dim, cfg.mlp_depth, nn.SiLU, cfg.out_norm)
         self.reset_parameters()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:

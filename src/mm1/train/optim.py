@@ -9,6 +9,11 @@ a sensible rate.
 multiplier, whatever η is. torch's AdamW multiplies its `weight_decay` by the current LR η·s_t, so it
 is given λ / η (0.1 under the law); passing λ itself would decay by λ·η·s_t, i.e. not at all. This file is the only place the law lives; N is the number of distinct trainable
 parameters (tied weights counted once, frozen parts excluded), and the trainer logs both.
+
+The law is a *pre-training* law. SFT starts from weights that already read the image and runs at a
+fraction of it, `train.sft_lr_scale` (default 0.17: MM1 fine-tuned its 3B model at 1e-5 [secondary
+source], 0.17x the law's 5.8e-5 there). At the law's own rate, SFT of the tiny model unlearns its
+grounding (docs/grounding.md: colour questions 59 % at 1x, 98 % at 0.22x).
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class LRChoice:
     n_params: int
     lr_source: str  # "config" | "mm1_law" | "lr_law"
     wd_source: str  # "config" | "<ratio>*lr"
+    lr_scale: float = 1.0  # the law's value was multiplied by this (train.sft_lr_scale at stage=sft)
 
     @property
     def torch_weight_decay(self) -> float:
@@ -88,6 +94,8 @@ class LRChoice:
     def describe(self) -> str:
         law = "fitted law train.lr_law" if self.lr_source == "lr_law" else "MM1 law"
         lr_how = "train.lr" if self.lr_source == "config" else f"{law} eta(N) for N={self.n_params:,} trainable parameters"
+        if self.lr_scale != 1.0:
+            lr_how += f" x train.sft_lr_scale={self.lr_scale:g}"
         wd_how = "train.weight_decay" if self.wd_source == "config" else self.wd_source.replace("*", " * ")
         return (f"peak lr {self.lr:.4g} ({lr_how}); decoupled weight decay {self.weight_decay:.4g} per step "
                 f"({wd_how}; torch AdamW weight_decay {self.torch_weight_decay:.4g})")
@@ -95,35 +103,60 @@ class LRChoice:
 
 def resolve_lr(cfg: TrainConfig, n_params: int) -> LRChoice:
     """Peak LR and weight decay: the config's values where set, else a fitted law from `train.lr_law`
-    (`mm1 hparams`), else the MM1 law for `n_params`."""
+    (`mm1 hparams`), else the MM1 law for `n_params`; at stage=sft the law's LR x `train.sft_lr_scale`."""
     slope, intercept, wd_ratio, source = LAW_SLOPE, LAW_INTERCEPT, WD_RATIO, "mm1_law"
     if cfg.lr_law:
         slope, intercept, wd_ratio = read_lr_law(cfg.lr_law)
         source = "lr_law"
-    lr = cfg.lr if cfg.lr is not None else mm1_lr(n_params, slope, intercept)
+    scale = cfg.sft_lr_scale if cfg.stage == "sft" and cfg.lr is None else 1.0
+    lr = cfg.lr if cfg.lr is not None else scale * mm1_lr(n_params, slope, intercept)
     wd = cfg.weight_decay if cfg.weight_decay is not None else wd_ratio * lr
     return LRChoice(lr, wd, n_params, "config" if cfg.lr is not None else source,
-                    "config" if cfg.weight_decay is not None else f"{wd_ratio:g}*lr")
+                    "config" if cfg.weight_decay is not None else f"{wd_ratio:g}*lr", scale)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices decay; biases, norm gains and learned positions/queries do not.
+PARTS = ("lm", "connector", "vision")  # the MLLM's parts; the first group is the LM's (the logged lr)
+
+
+def _part(name: str) -> str:
+    """Which MLLM part a parameter belongs to ('other' for e.g. the encoder stage's text tower)."""
+    pieces = name.split(".")
+    return next((p for p in PARTS if p in pieces), "other")
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 lr_mult: object | None = None) -> list[dict]:
+    """AdamW groups: matrices decay; biases, norm gains and learned positions/queries do not. With
+    `lr_mult` (train.lr_mult) each part gets its own pair at lr x its multiplier, and weight decay /
+    multiplier, so the per-step decay (lr x weight_decay) does not change with the multiplier.
 
     `weight_decay` is torch's coefficient (`LRChoice.torch_weight_decay`), not λ."""
-    decay, no_decay, seen = [], [], set()
+    mult = {p: float(getattr(lr_mult, p, 1.0)) for p in PARTS} if lr_mult is not None else {}
+    split = any(m != 1.0 for m in mult.values())
+    buckets: dict[tuple[str, bool], list] = {}
+    seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if p.ndim < 2 or _NO_DECAY.search(name) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    return [g for g in groups if g["params"]]
+        part = _part(name) if split else "all"
+        buckets.setdefault((part, p.ndim >= 2 and not _NO_DECAY.search(name)), []).append(p)
+    groups = []
+    for part in (*PARTS, "other") if split else ("all",):
+        m = mult.get(part, 1.0)
+        for decay in (True, False):
+            if buckets.get((part, decay)):
+                g = {"params": buckets[(part, decay)], "weight_decay": weight_decay / m if decay else 0.0,
+                     "name": ("decay" if decay else "no_decay") + ("" if part == "all" else f"/{part}")}
+                if lr is not None:
+                    g["lr"] = lr * m
+                groups.append(g)
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, choice: LRChoice) -> torch.optim.AdamW:
     """AdamW over `param_groups`; the fused kernel on CUDA, the multi-tensor (foreach) one elsewhere."""
-    groups = param_groups(model, choice.torch_weight_decay)
+    groups = param_groups(model, choice.torch_weight_decay, choice.lr, cfg.lr_mult)
     if not groups:
         raise ValueError("no trainable parameters: every part is frozen (check train.freeze_vision, "
                          "train.freeze_connector, train.freeze_lm)")

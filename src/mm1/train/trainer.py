@@ -145,7 +145,8 @@ class Trainer:
             info = {"stage": self.cfg.train.stage, "n_trainable_params": self.n_params,
                     "peak_lr": self.lr_choice.lr, "weight_decay": self.lr_choice.weight_decay,
                     "torch_weight_decay": self.lr_choice.torch_weight_decay,
-                    "lr_source": self.lr_choice.lr_source, "wd_source": self.lr_choice.wd_source,
+                    "lr_source": self.lr_choice.lr_source, "lr_scale": self.lr_choice.lr_scale,
+                    "wd_source": self.lr_choice.wd_source,
                     "strategy": self.strategy, "world_size": env.world_size, "device": str(env.device),
                     "precision": "bf16" if self.bf16 else "fp32", "start_step": start}
             (out / "run.json").write_text(json.dumps(info, indent=1))

@@ -21,7 +21,7 @@ from mm1.data.world import items
 from mm1.data.world.lexicon import lexicon_split, make_lexicon, text_question
 from mm1.data.world.writers import ShardWriter, dumps, write_bytes, write_json, write_jsonl, write_parquet
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: interleaved caption / Q&A lines end in a newline
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class WorldSize:
     vocab_size: int = 2048
     per_shard: int = 1000  # caption samples per tar shard
     per_part: int = 300  # interleaved documents per parquet file
+    layout: str = "scenes"  # scenes (the full world) | single (one shape per image: SFT + VQA only, see single.py)
 
     def scaled(self, factor: float, name: str | None = None) -> WorldSize:
         counts = ("captions", "interleaved", "text_train", "text_test", "sft", "eval_images", "multi_pairs",
@@ -54,6 +55,8 @@ TINY = WorldSize("tiny", captions=3000, interleaved=600, text_train=1500, text_t
                  eval_images=200, multi_pairs=100, text_questions=200)
 WORLD_SIZES: dict[str, WorldSize] = {
     "tiny": TINY,
+    "single": WorldSize("single", captions=0, interleaved=0, text_train=0, text_test=0, sft=6000, eval_images=300,
+                        multi_pairs=0, text_questions=0, layout="single"),
     "small": replace(TINY.scaled(5, "small"), lexicon=64),
     "base": replace(TINY.scaled(25, "base"), lexicon=128),
 }
@@ -132,6 +135,10 @@ def build_world(out: str | Path, size: str | WorldSize = "tiny", seed: int = 0, 
 
 
 def _write_all(root: Path, spec: WorldSize, seed: int, pool: Any) -> tuple[dict[str, int], list[str]]:
+    if spec.layout == "single":
+        from mm1.data.world.single import write_single
+
+        return write_single(root, spec, seed, lambda fn, args: _imap(fn, args, pool))
     px, counts, texts = spec.image_px, {}, []
 
     # eval test first: its image hashes are what every other part must avoid
@@ -255,6 +262,10 @@ def _print_summary(out: Path, m: dict, seconds: float, workers: int) -> None:
     mb = sum(m["bytes"].values()) / 1e6
     print(f"world {m['size']} (seed {m['seed']}) -> {out}  [{seconds:.1f} s, {workers} worker(s), {mb:.1f} MB, "
           f"{m['files']} files]")
+    if m["spec"].get("layout") == "single":
+        print(f"  one shape per image: sft {c['sft']} conversations | vqa train/test {c['vqa_train']}/{c['vqa_test']} "
+              f"questions on {c['eval_images_train']}/{c['eval_images_test']} images")
+        return
     print(f"  caption {c['caption']} pairs | interleaved {c['interleaved']} docs | text {c['text_train']}+"
           f"{c['text_test']} docs | sft {c['sft']} conversations")
     print(f"  eval per split (train/test): images {c['eval_images_train']}/{c['eval_images_test']}, "

@@ -37,7 +37,7 @@ def _merge(parts: list[str | Scene]) -> list[str | Scene]:
     out: list[str | Scene] = []
     for p in parts:
         if isinstance(p, str) and out and isinstance(out[-1], str):
-            out[-1] = f"{out[-1]} {p}"
+            out[-1] = f"{out[-1]}{'' if out[-1].endswith(chr(10)) else ' '}{p}"
         else:
             out.append(p)
     return out
@@ -48,20 +48,22 @@ def _summary(s: Scene, rng: np.random.Generator) -> str:
 
 
 def interleaved_document(rng: np.random.Generator) -> list[str | Scene]:
-    """A document of 2-6 images whose text is about those images."""
+    """A document of 2-6 images whose text is about those images. Caption and Q/A lines end in a
+    newline, as in the few-shot prompts (`<image>Question: q Short answer: a` + "\n"): a model that
+    never saw an answer end there would run on past it at evaluation."""
     k = int(rng.integers(2, 7))
     scenes = [sample_scene(rng) for _ in range(k)]
     kind = pick(rng, ["captions", "vqa", "comparison", "gallery", "quiz"])
     parts: list[str | Scene] = [pick(rng, INTROS)] if rng.random() < 0.6 else []
     if kind == "captions":
-        fmt = pick(rng, ["A short description: {c}", "{c}", "Picture {i}: {c}", "Caption: {c}"])
+        fmt = pick(rng, ["A short description: {c}\n", "{c}\n", "Picture {i}: {c}\n", "Caption: {c}\n"])
         for i, s in enumerate(scenes):
             parts += [s, fmt.format(c=short_caption(s, rng), i=i + 1)]
     elif kind == "vqa":
         for s in scenes:
             parts.append(s)
             for qa in ask_many(s, rng, int(rng.integers(1, 3))):
-                parts.append(f"Question: {qa.question} Short answer: {qa.answer}")
+                parts.append(f"Question: {qa.question} Short answer: {qa.answer}\n")
     elif kind == "comparison":
         parts += scenes[: min(k, 3)]
         lines = [f"The {ORDINALS[i]} image has {_summary(s, rng)}." for i, s in enumerate(scenes[:3])]
@@ -93,9 +95,9 @@ def interleaved_document(rng: np.random.Generator) -> list[str | Scene]:
         o = scenes[target].objects[0]
         holders = [i for i, s in enumerate(scenes) if s.count(o.shape, o.colour)]
         ans = join_ordinals(holders)
-        parts.append(f"Question: which picture shows {group_phrase(o.colour, o.shape, 1)}? Answer: the {ans}.")
+        parts.append(f"Question: which picture shows {group_phrase(o.colour, o.shape, 1)}? Answer: the {ans}.\n")
         sh = scenes[-1].objects[0].shape if rng.random() < 0.7 else o.shape
-        parts.append(f"Question: how many {plural(sh)} are in the last image? Short answer: {scenes[-1].count(sh)}")
+        parts.append(f"Question: how many {plural(sh)} are in the last image? Short answer: {scenes[-1].count(sh)}\n")
     return _merge(parts)
 
 

@@ -44,7 +44,7 @@ TONES: dict[str, tuple[int, int, int]] = {
     "teal": (90, 140, 140),
 }
 LABEL_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ2345679"  # no O/0, I/1: the label should be readable, not a trick
-SCALE = {"small": 0.075, "large": 0.14}  # shape radius as a fraction of the image side
+SCALE = {"small": 0.075, "large": 0.14, "huge": 0.25}  # shape radius as a fraction of the image side ("huge": the single world)
 SUPERSAMPLE = 2  # shapes are drawn at 2x and box-downsampled: cheap anti-aliasing
 
 
