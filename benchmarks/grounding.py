@@ -119,5 +119,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def main(argv: list[str] | None = None) -> int:
+    return cli(__doc__, add_arguments, run, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(cli(__doc__, add_arguments, run))
+    raise SystemExit(main())

@@ -101,3 +101,49 @@ def test_packed_benchmark_batches_restart_positions_and_never_target_slots() -> 
         assert len(starts) == 4 and starts[0] == 0
         doc = b["doc_ids"][row]
         assert all(int(doc[s]) == i for i, s in enumerate(starts))  # a new document at every restart
+
+
+@pytest.fixture(scope="module")
+def single_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dataclasses import replace
+
+    from mm1.data.world import build_world
+    from mm1.data.world.build import WORLD_SIZES
+
+    out = tmp_path_factory.mktemp("single") / "world-single"
+    build_world(out, replace(WORLD_SIZES["single"], sft=40, eval_images=8), seed=0, workers=1, verbose=False)
+    return out
+
+
+def test_grounding_shuffled_control_gives_every_question_another_image_and_moves_shared_images_together() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from grounding import deranged
+
+    from mm1.eval.tasks import Example
+
+    items = [Example(f"q{i}{j}", [f"/img/{i}.png"], [f"/img/{i}.png"], question=f"q{j}") for i in range(7) for j in range(3)]
+    a, b, c = deranged(items, 0), deranged(items, 0), deranged(items, 1)
+    assert [x.images for x in a] == [x.images for x in b] != [x.images for x in c]
+    assert all(x.images != y.images and x.image_keys == x.images for x, y in zip(a, items))
+    moved = {y.images[0]: x.images[0] for x, y in zip(a, items)}  # one image -> one image for all its questions
+    assert len(moved) == 7 and sorted(moved.values()) == sorted(moved)
+    assert [x.question for x in a] == [x.question for x in items]
+
+
+def test_grounding_benchmark_scores_accuracy_prior_and_shuffled(single_world: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    lines = run_bench("grounding.py", "--scratch", "--steps", "2", "--world", str(single_world), "--out",
+                      str(tmp_path / "run"), "--limit", "12", "model.lm.n_layers=1", "model.vision.depth=1",
+                      capsys=capsys)
+    last = lines[-1]
+    assert set(last) == {"accuracy", "prior", "shuffled", "steps", "seconds"} and last["steps"] == 2
+    assert all(0 <= last[k] <= 100 for k in ("accuracy", "prior", "shuffled")) and last["seconds"] > 0
+    assert set(lines[-2]["by_type"]) == {"colour", "shape", "yes/no"} and lines[-2]["n"] == 12
+
+
+def test_probe_benchmark_reports_an_accuracy_and_a_chance_level_per_attribute(tiny_world: Path,
+                                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    last = run_bench("probe.py", "--world", str(tiny_world), "--images", "120", capsys=capsys)[-1]
+    assert set(last) == {"chance", "vit_mean"}
+    for table in last.values():
+        assert set(table) == {"colour", "shape", "count", "position"} and all(0 <= v <= 100 for v in table.values())
