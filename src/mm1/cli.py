@@ -11,12 +11,20 @@ of an option (`--prompt "a.b=c"` stays a prompt).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import re
 import sys
 
+import yaml
+
 from mm1.data.skips import DataError
 from mm1.registry import ConfigError
+from mm1.train.checkpoint import CheckpointError
+
+# errors that come from the input, the files or the machine (a bad key, a damaged shard or checkpoint,
+# a busy run dir, a full disk): reported as one line with exit code 2. Anything else is a bug: traceback.
+EXPECTED = (ConfigError, DataError, CheckpointError, yaml.YAMLError, OSError)
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -84,15 +92,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except ConfigError as e:
-        print(f"mm1 {args.command}: config error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, FileNotFoundError) as e:
-        print(f"mm1 {args.command}: data error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"mm1 {args.command}: interrupted", file=sys.stderr)
         return 130
+    except EXPECTED as e:  # the user's input or machine, not a bug: one line, no traceback
+        print(f"mm1 {args.command}: {error_line(e)}", file=sys.stderr)
+        return 2
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an expected error: its kind, then its message with newlines folded."""
+    if isinstance(e, ConfigError):
+        kind = "config error"
+    elif isinstance(e, (DataError, FileNotFoundError)):
+        kind = "data error"
+    elif isinstance(e, CheckpointError):
+        kind = "checkpoint error"
+    elif isinstance(e, yaml.YAMLError):
+        kind = "YAML error"
+    elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"disk full while writing {e.filename or 'output'}: {e.strerror}; free space (or choose "
+                "another --out) and rerun; a half-written checkpoint is never used")
+    else:
+        kind = "error"
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return f"{kind}: {text}"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ are OmegaConf structured configs; the semantic checks (`validate`) run once at l
 from __future__ import annotations
 
 import math
+import re
 from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,11 @@ class DataConfig:
     num_workers: int = 0
     resize: str = "crop"  # crop | pad
     max_skip_rate: float = 0.05
+    # what untrusted data may make mm1 do (README "Security and trust"); the defaults are the safe side
+    allow_commands: bool = False  # pipe:CMD and URL sources (a shell command / network per shard)
+    allow_outside_paths: bool = False  # image paths in data/task files that leave the file's folder (or root)
+    max_member_bytes: int = 64 * 1024 * 1024  # tar members and image files above this are skipped and counted
+    image_formats: list[str] = field(default_factory=lambda: ["JPEG", "PNG", "WEBP"])  # decoders Pillow may use
 
 
 @dataclass
@@ -236,21 +242,62 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 base: Config | None = None) -> Config:
     """Load a preset (a name like `tiny` or a YAML path; or `base`, or the defaults), apply dotted
     overrides, validate, return a `Config`."""
-    merged = OmegaConf.structured(base if base is not None else Config)
-    layers = _read_yaml_chain(preset_path(path)) if path else []
+    layers = [(str(path), layer) for layer in _read_yaml_chain(preset_path(path))] if path else []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. model.connector.kind=attnpool")
+        key, value = item.split("=", 1)
+        _refuse_resolvers(value, key)
+        try:
+            layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_first_line(e)}); "
+                              "quote it, e.g. 'data.world=\"a:b\"'") from None
+    return _build(layers, base)
+
+
+def _build(layers: list[tuple[str, Any]], base: Config | None = None) -> Config:
+    """Merge `(where, mapping)` layers over `base` (or the defaults), refusing resolver interpolations,
+    and validate."""
+    merged = OmegaConf.structured(base if base is not None else Config)
+    for where, layer in layers:
+        _refuse_resolvers(layer if isinstance(layer, dict) else OmegaConf.to_container(layer), "", where)
     try:
-        for layer in layers:
+        for _, layer in layers:
             merged = OmegaConf.merge(merged, layer)
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"{key}: {e.msg if hasattr(e, 'msg') else e}".splitlines()[0]) from None
     validate(cfg)
-    return cfg
+    return cfg  # type: ignore[return-value]
+
+
+_KEY_REFERENCE = re.compile(r"\$\{[A-Za-z_][\w.]*\}")  # ${model.lm.dim}: another key's value, nothing else
+
+
+def _refuse_resolvers(value: Any, key: str, where: str = "") -> None:
+    """Refuse `${oc.env:VAR}`, `${oc.decode:...}` and any custom resolver anywhere in `value`.
+
+    OmegaConf resolves them when the config is built, so a shared preset or checkpoint could copy an
+    environment secret into config.yaml of the run and of every checkpoint. Only plain references to
+    other keys are kept."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_resolvers(v, f"{key}.{k}" if key else str(k), where)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _refuse_resolvers(v, f"{key}[{i}]", where)
+    elif isinstance(value, str) and "${" in _KEY_REFERENCE.sub("", value):
+        at = f" (in {where})" if where else ""
+        raise ConfigError(f"{key}={value!r}{at}: resolver interpolations such as ${{oc.env:...}} are off in mm1 "
+                          "configs (they would copy environment variables or files into config.yaml and every "
+                          "checkpoint); write the value itself")
+
+
+def _first_line(e: Exception) -> str:
+    what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+    return what or " ".join(str(e).split("\n")[0].split())
 
 
 # Package data (a link to the repo's configs/ in a checkout, real files in a wheel): found the same
@@ -273,12 +320,11 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
+def config_from_dict(data: dict[str, Any], where: str = "a saved config") -> Config:
     """Rebuild a validated Config from `to_dict` output (e.g. a checkpoint's config.yaml)."""
-    merged = OmegaConf.merge(OmegaConf.structured(Config), data)
-    cfg = OmegaConf.to_object(merged)
-    validate(cfg)
-    return cfg
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    return _build([(where, data)])
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -301,6 +347,58 @@ def _one_of(key: str, value: str, allowed: list[str]) -> None:
     _check(value in allowed, key, value, f"must be one of {', '.join(allowed)}")
 
 
+def _at_least(key: str, value: float, low: float) -> None:
+    _check(math.isfinite(value) and value >= low, key, value, f"must be >= {low} (allowed: [{low}, inf))")
+
+
+def _within(key: str, value: float, low: float, high: float, high_open: bool = False) -> None:
+    ok = math.isfinite(value) and low <= value and (value < high if high_open else value <= high)
+    _check(ok, key, value, f"must be in [{low}, {high}{')' if high_open else ']'}")
+
+
+IMAGE_FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]  # raster decoders only: never EPS/PS/PDF
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every numeric key with a valid range, checked at load time (a batch size of 0 used to train on nothing)."""
+    v, c, lm, d, t, e = cfg.model.vision, cfg.model.connector, cfg.model.lm, cfg.data, cfg.train, cfg.eval
+    for key, value in [("model.vision.image_size", v.image_size), ("model.vision.patch_size", v.patch_size),
+                       ("model.vision.width", v.width), ("model.vision.depth", v.depth),
+                       ("model.vision.heads", v.heads), ("model.vision.mlp_dim", v.mlp_dim),
+                       ("model.connector.mlp_depth", c.mlp_depth), ("model.connector.heads", c.heads),
+                       ("model.lm.vocab_size", lm.vocab_size), ("model.lm.dim", lm.dim),
+                       ("model.lm.n_layers", lm.n_layers), ("model.lm.n_heads", lm.n_heads),
+                       ("model.lm.ffn_dim", lm.ffn_dim), ("model.lm.max_seq_len", lm.max_seq_len),
+                       ("data.seq_len", d.seq_len), ("data.max_images", d.max_images),
+                       ("data.batch_size", d.batch_size), ("data.max_member_bytes", d.max_member_bytes),
+                       ("train.grad_accum", t.grad_accum), ("train.save_every", t.save_every),
+                       ("train.log_every", t.log_every), ("eval.trials", e.trials), ("eval.batch_size", e.batch_size),
+                       ("eval.max_new_tokens", e.max_new_tokens)]:
+        _at_least(key, value, 1)
+    for key, value in [("model.connector.depth", c.depth), ("model.connector.hidden_dim", c.hidden_dim),
+                       ("model.lm.n_kv_heads", lm.n_kv_heads), ("model.lm.n_experts", lm.n_experts),
+                       ("model.lm.moe_lb_coef", lm.moe_lb_coef), ("model.lm.moe_z_coef", lm.moe_z_coef),
+                       ("data.num_workers", d.num_workers), ("train.warmup_steps", t.warmup_steps),
+                       ("train.clip", t.clip), ("train.keep_last", t.keep_last), ("train.data_shards", t.data_shards),
+                       ("eval.limit", e.limit)]:
+        _at_least(key, value, 0)
+    for key, value in [("model.vision.norm_eps", v.norm_eps), ("model.lm.norm_eps", lm.norm_eps),
+                       ("model.lm.rope_theta", lm.rope_theta)]:
+        _check(math.isfinite(value) and value > 0, key, value, "must be > 0 (allowed: (0, inf))")
+    _check(-v.depth <= v.feature_layer < v.depth, "model.vision.feature_layer", v.feature_layer,
+           f"must be in [-{v.depth}, {v.depth - 1}] (a block of the {v.depth}-block encoder)")
+    _check(len(t.betas) == 2, "train.betas", t.betas, "needs two values (beta1, beta2)")
+    for i, b in enumerate(t.betas):
+        _within(f"train.betas[{i}]", b, 0.0, 1.0, high_open=True)
+    if t.weight_decay is not None:
+        _at_least("train.weight_decay", t.weight_decay, 0)
+    for name, src in d.sources.items():
+        _at_least(f"data.sources.{name}.weight", src.weight, 0)
+    _check(bool(d.image_formats) and all(f in IMAGE_FORMATS for f in d.image_formats), "data.image_formats",
+           d.image_formats, f"must be a non-empty list of {', '.join(IMAGE_FORMATS)} (never EPS/PS/PDF: "
+           "Pillow hands those to Ghostscript, which runs PostScript)")
+
+
 def validate(cfg: Config) -> None:
     """Semantic checks that types alone cannot express; raise ConfigError on the first failure."""
     from mm1.models.registry import CONNECTORS, ENCODERS, LANGUAGE_MODELS  # populated on import
@@ -309,6 +407,7 @@ def validate(cfg: Config) -> None:
     ENCODERS.get(v.kind)
     CONNECTORS.get(c.kind)
     LANGUAGE_MODELS.get(lm.kind)
+    _check_ranges(cfg)  # first: the checks below divide by these
     _check(v.image_size % v.patch_size == 0, "model.vision.image_size", v.image_size,
            f"must be divisible by model.vision.patch_size={v.patch_size}")
     _check(v.width % v.heads == 0, "model.vision.heads", v.heads, f"must divide model.vision.width={v.width}")
@@ -364,7 +463,8 @@ def validate(cfg: Config) -> None:
     _one_of("train.precision", t.precision, ["auto", "fp32", "bf16"])
     _one_of("train.nonfinite", t.nonfinite, ["stop", "skip"])
     _check(t.steps > 0, "train.steps", t.steps, "must be positive")
-    _check(t.lr is None or t.lr > 0, "train.lr", t.lr, "must be positive (or unset for the MM1 law)")
+    _check(t.lr is None or (math.isfinite(t.lr) and t.lr > 0), "train.lr", t.lr,
+           "must be > 0 (allowed: (0, inf)), or unset for the MM1 law")
     for part in ("vision", "connector", "lm"):
         _check(getattr(t.lr_mult, part) > 0, f"train.lr_mult.{part}", getattr(t.lr_mult, part),
                "must be positive (freeze a part with train.freeze_<part> instead)")

@@ -71,7 +71,8 @@ def verify_checkpoint(ckpt: Path) -> None:
     ckpt = Path(ckpt)
     sums_path = ckpt / CHECKSUMS
     if not sums_path.is_file():
-        raise CheckpointError(f"{ckpt} is not a complete checkpoint: {CHECKSUMS} is missing")
+        raise CheckpointError(f"{ckpt} cannot be verified: {CHECKSUMS} is missing, so it is not loaded (and not "
+                              "skipped past); delete that step directory to resume from the one before it")
     try:
         sums = json.loads(sums_path.read_text())
         assert isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())
@@ -79,6 +80,9 @@ def verify_checkpoint(ckpt: Path) -> None:
         raise CheckpointError(f"{sums_path} is damaged (not a JSON map of file -> sha256); "
                               "the checkpoint cannot be trusted — delete it and use an older one") from None
     for name, expected in sums.items():
+        if Path(name).name != name or name in ("", ".", ".."):  # a file of this directory, nothing else
+            raise CheckpointError(f"{sums_path} lists {name!r}, which is not a file name in {ckpt}; "
+                                  "the checkpoint cannot be trusted")
         f = ckpt / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {ckpt}: {name} is missing (listed in {CHECKSUMS})")
@@ -91,13 +95,15 @@ def verify_checkpoint(ckpt: Path) -> None:
 
 
 def list_checkpoints(run_or_ckpts: Path) -> list[Path]:
-    """Complete checkpoints (with checksums.json) of a run dir or checkpoints dir, oldest first."""
+    """Checkpoint step dirs of a run dir or checkpoints dir, oldest first. A step dir exists only once
+    complete (saves are renamed into place), so one without checksums.json is listed too: loading
+    it fails verification rather than a resume silently falling back to an older step or step 0."""
     root = Path(run_or_ckpts)
     if (root / "checkpoints").is_dir():
         root = root / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), d) for d in root.iterdir() if (m := STEP_DIR.match(d.name)) and (d / CHECKSUMS).is_file()]
+    found = [(int(m.group(1)), d) for d in root.iterdir() if (m := STEP_DIR.match(d.name)) and d.is_dir()]
     return [d for _, d in sorted(found)]
 
 
@@ -264,7 +270,7 @@ def read_config(ckpt: Path) -> Config:
     path = Path(ckpt) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{ckpt}: config.yaml is missing; not an mm1 checkpoint")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+    return config_from_dict(yaml.safe_load(path.read_text()), where=str(path))
 
 
 def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[MLLM, Config, Tokenizer]:

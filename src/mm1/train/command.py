@@ -23,14 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mm1.config import load_config
-    from mm1.train.checkpoint import CheckpointError
     from mm1.train.trainer import NonFiniteLoss, train
 
     out = Path(args.out)
     cfg = load_config(args.config, args.overrides)
     try:
         result = train(cfg, out, resume=args.resume)
-    except (NonFiniteLoss, CheckpointError, FileExistsError) as e:
+    except NonFiniteLoss as e:
         print(f"mm1 train: {e}", file=sys.stderr)
         return 1
     if result.get("final_loss") is not None and os.environ.get("RANK", "0") == "0":
