@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mm1.train.command", "train a stage (encoder / pretrain / sft) into a run dir; torchrun for many GPUs"),
     "eval": ("mm1.eval.command", "few-shot captioning / VQA / multiple-choice / text benchmarks on a checkpoint"),
     "generate": ("mm1.eval.command", "answer one interleaved image-text prompt with a checkpoint"),
+    "export": ("mm1.export.command", "write a checkpoint as a transformers LLaVA folder (--format hf)"),
     "demo": ("mm1.experiments.demo", "the whole workflow on the tiny synthetic world -> runs/demo/report.md"),
     "ablate": ("mm1.experiments.command", "sweep any config axes x seeds -> runs -> report (table, plots, configs)"),
     "lessons": ("mm1.experiments.command", "re-measure the MM1 paper's ablation lessons on the synthetic world"),

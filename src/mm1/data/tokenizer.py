@@ -192,6 +192,9 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(i)
+
     # ------------------------------------------------------------------ chat template (SFT)
 
     def chat(

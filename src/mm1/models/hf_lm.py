@@ -22,8 +22,8 @@ from mm1.models.lm import LanguageModel, is_moe_layer
 
 SUPPORTED = ("llama", "qwen2")
 
-# HF name (within model.layers.{i}.) -> ours (within layers.{i}.)
-_LAYER_KEYS = {
+# HF name (within model.layers.{i}.) -> ours (within layers.{i}.); the exporter reads it backwards
+LAYER_KEYS = {
     "self_attn.q_proj.weight": "attn.q.weight", "self_attn.q_proj.bias": "attn.q.bias",
     "self_attn.k_proj.weight": "attn.k.weight", "self_attn.k_proj.bias": "attn.k.bias",
     "self_attn.v_proj.weight": "attn.v.weight", "self_attn.v_proj.bias": "attn.v.bias",
@@ -34,7 +34,7 @@ _LAYER_KEYS = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
-_TOP_KEYS = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+TOP_KEYS = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
              "lm_head.weight": "output.weight"}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _BUFFERS_RE = re.compile(r"\.rotary_emb\.inv_freq$")  # a non-parameter some old checkpoints saved
@@ -117,16 +117,16 @@ def convert_hf_lm_state_dict(sd: dict[str, Tensor], cfg: LMConfig) -> dict[str, 
     for key, value in sd.items():
         if _BUFFERS_RE.search(key):
             continue
-        if key in _TOP_KEYS:
+        if key in TOP_KEYS:
             if key == "lm_head.weight" and cfg.tie_embeddings:
                 continue  # tied: the output projection is the embedding matrix
-            out[_TOP_KEYS[key]] = value
+            out[TOP_KEYS[key]] = value
             continue
         m = _LAYER_RE.match(key)
-        if m is None or m.group(2) not in _LAYER_KEYS or int(m.group(1)) >= cfg.n_layers:
+        if m is None or m.group(2) not in LAYER_KEYS or int(m.group(1)) >= cfg.n_layers:
             unknown.append(key)
             continue
-        i, ours = int(m.group(1)), _LAYER_KEYS[m.group(2)]
+        i, ours = int(m.group(1)), LAYER_KEYS[m.group(2)]
         if ours.startswith("ffn.") and is_moe_layer(cfg, i):
             name = ours.split(".")[1]  # gate | up | down
             out[f"layers.{i}.ffn.experts.{name}"] = value.unsqueeze(0).expand(cfg.n_experts, *value.shape).clone()

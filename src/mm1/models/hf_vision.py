@@ -127,8 +127,9 @@ def _tower_key(key: str, n_blocks: int, post_norm: bool) -> str | None:
     return None if key.startswith(("head.", "embeddings.position_ids")) else ""
 
 
-def _hf_name(ours: str, prefix: str) -> str:
-    """The checkpoint key(s) one of our parameters is loaded from, for error messages."""
+def hf_name(ours: str, prefix: str) -> str:
+    """The checkpoint key(s) one of our parameters is loaded from (error messages; the exporter writes
+    them): `{q,k,v}` stands for the three projections our fused `qkv` splits into."""
     fixed = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding.weight",
              "patch_embed.weight": "embeddings.patch_embedding.weight",
              "patch_embed.bias": "embeddings.patch_embedding.bias"}
@@ -188,7 +189,7 @@ def convert_hf_vision_state_dict(hf: dict[str, torch.Tensor], cfg: VisionConfig,
     if "patch_embed.bias" not in out and "patch_embed.weight" in out:  # CLIP's patch conv has no bias
         w = out["patch_embed.weight"]
         out["patch_embed.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
-    missing = [f"{k} (HF: {_hf_name(k, prefix)})" for k in expected if k not in out]
+    missing = [f"{k} (HF: {hf_name(k, prefix)})" for k in expected if k not in out]
     extra = [k for k in out if k not in expected]  # e.g. CLS in a config that says SigLIP
     bad = [f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(expected[k].shape)}"
            for k in expected if k in out and out[k].shape != expected[k].shape]
