@@ -129,7 +129,7 @@ def test_transformers_computes_what_mm1_computes(exported, name):
 
 
 def test_chat_template_tokenises_like_mm1(exported):
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
     _, folder = exported["mlp_clip"]
     hf_tok = AutoTokenizer.from_pretrained(folder)
@@ -137,12 +137,23 @@ def test_chat_template_tokenises_like_mm1(exported):
     turns = [{"role": "user", "content": "<image>\nwhat colour?"}, {"role": "assistant", "content": "red"},
              {"role": "user", "content": "and the shape?"}]
     text = hf_tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    assert AutoProcessor.from_pretrained(folder).chat_template == hf_tok.chat_template  # the processor has it too
     ours, _ = tok.chat(turns, 1, add_generation_prompt=True)
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours
     parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]}]
     text = hf_tok.apply_chat_template(parts, tokenize=False, add_generation_prompt=True)
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.chat(
         [{"role": "user", "content": "<image>\nwhat colour?"}], 1, add_generation_prompt=True)[0]
+
+
+def test_readme_loading_example_runs(exported, tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in readme.split("```python")[1:] if "AutoModelForImageTextToText" in b).split("```")[0]
+    (tmp_path / "exported").symlink_to(exported["mlp_clip"][1])
+    make_image().save(tmp_path / "photo.png")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})  # noqa: S102 (our own README)
+    assert capsys.readouterr().out.startswith("A short description:")
 
 
 def test_moe_and_subimage_models_are_refused_with_the_reason():

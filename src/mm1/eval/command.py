@@ -5,6 +5,7 @@ them apart by the subcommand name.
 
     mm1 eval configs/tiny.yaml --checkpoint runs/tiny --tasks world_caption,world_vqa --shots 0,4,8
     mm1 eval configs/tiny.yaml --blind                      # the blind baselines, no model needed
+    mm1 eval --hf exported/ --tasks world_vqa               # a transformers LLaVA folder, same runner
     mm1 generate --checkpoint runs/tiny --image a.png --prompt "<image>A short description:"
 """
 
@@ -45,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="preset name or YAML for eval/data settings (default: the checkpoint's)")
     parser.add_argument("--checkpoint", help="run dir or checkpoint dir (default: build the model from CONFIG, "
                                              "e.g. HF-initialised weights)")
+    parser.add_argument("--hf", metavar="PATH", help="a transformers LLaVA-format folder (e.g. from mm1 export) "
+                                                     "scored instead of a checkpoint (pip install 'mm1[hf]')")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="with --hf: allow the folder's own modeling file to run (mm1 exports of non-mlp connectors)")
     parser.add_argument("--tasks", help="comma-separated task names or task spec files (default: eval.tasks)")
     parser.add_argument("--shots", type=_ints, help="e.g. 0,4,8 (default: eval.shots)")
     parser.add_argument("--limit", type=int, help="test items per task (default: eval.limit; 0 = all)")
@@ -57,6 +62,18 @@ def _load(args: argparse.Namespace) -> tuple[object | None, Config, object | Non
     from mm1.data.tokenizer import Tokenizer
 
     cfg = load_config(args.config, args.overrides) if args.config else None
+    if args.hf:
+        if args.checkpoint:
+            raise SystemExit("mm1 eval: give --checkpoint or --hf, not both")
+        from mm1.eval.hf_model import load_hf_llava
+
+        try:
+            model, tok, resize = load_hf_llava(args.hf, args.trust_remote_code)
+        except (ValueError, ImportError) as e:
+            raise SystemExit(f"mm1 eval: --hf {args.hf}: {e}") from None
+        cfg = cfg or load_config(None, args.overrides)
+        cfg.model, cfg.data.resize = model.cfg, resize  # the folder decides its image input
+        return model, cfg, tok
     if args.checkpoint:
         from mm1.train import load_checkpoint
 
