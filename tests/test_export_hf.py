@@ -34,7 +34,7 @@ CASES = {  # name -> (connector, vision overrides)
     "mlp_clip": (ConnectorConfig(kind="mlp", num_tokens=16), CLIP_LIKE),
     "mlp_siglip": (ConnectorConfig(kind="mlp", num_tokens=16), dict(post_norm=False, act="gelu_tanh")),
     "mlp_postnorm": (ConnectorConfig(kind="mlp", num_tokens=16), {}),
-    "c_abstractor": (ConnectorConfig(kind="c_abstractor", num_tokens=4, depth=1), {}),
+    "c_abstractor": (ConnectorConfig(kind="c_abstractor", num_tokens=4, depth=1, out_norm=1.0), {}),
     "avgpool": (ConnectorConfig(kind="avgpool", num_tokens=4), CLIP_LIKE),
     "attnpool": (ConnectorConfig(kind="attnpool", num_tokens=4, heads=2), {}),
 }

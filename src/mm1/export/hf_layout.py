@@ -12,7 +12,8 @@ exactness, not resemblance:
   an mm1 ViT that normalises its features (`post_norm` on the last block, mm1's default) therefore
   needs mm1's projector module, which applies that norm before the connector.
 - connector: LLaVA's projector is Linear -> GELU -> Linear, which is mm1's `mlp` connector with
-  `mlp_depth=2`. Everything else (other depths, `avgpool`, `attnpool`, `c_abstractor`) runs through
+  `mlp_depth=2` and no `out_norm`. Everything else (other depths, an output norm, `avgpool`,
+  `attnpool`, `c_abstractor`) runs through
   the modeling file mm1 writes beside the weights (`trust_remote_code=True`).
 - language model: dense Llama (or Qwen2 when q/k/v have biases). MoE LMs are refused: transformers
   has no model with mm1's layout (top-k experts every `moe_every` layers, no shared expert, dense
@@ -85,6 +86,8 @@ def plan(cfg: ModelConfig) -> Layout:
         reasons.append(f"the {c.kind} connector is not LLaVA's projector")
     elif c.mlp_depth != 2:
         reasons.append(f"model.connector.mlp_depth={c.mlp_depth} (LLaVA's projector has exactly 2 layers)")
+    elif c.out_norm:
+        reasons.append(f"model.connector.out_norm={c.out_norm} (LLaVA's projector ends in a Linear)")
     if feature_norm:
         reasons.append("model.vision.post_norm=true normalises the features, which LLaVA reads before the "
                        "tower's final norm")

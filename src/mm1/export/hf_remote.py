@@ -21,7 +21,8 @@ MODEL_TYPE = "mm1_llava"
 
 # What the connector classes need, in dependency order.
 _FROM_VISION = [vision.interpolate_grid_embeddings, vision.regrid_on_load]
-_FROM_CONNECTORS = [connectors._pair, connectors.infer_grid, connectors._pooled_side, connectors.readout,
+_FROM_CONNECTORS = [connectors._pair, connectors.infer_grid, connectors._pooled_side, connectors.OutputNorm,
+                    connectors.readout,
                     connectors._Connector, connectors.MLPConnector, connectors.AvgPoolConnector,
                     connectors.AttnPoolConnector, connectors.LayerNorm2d, connectors.SqueezeExcite,
                     connectors.RegBottleneck, connectors.reg_stage, connectors.CAbstractor]
