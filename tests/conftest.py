@@ -3,7 +3,6 @@ test file can read real caption shards, parquet, SFT JSON and eval sets without 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -11,12 +10,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The `tiny` world (seed 0), built once; its build time is in `<parent>/build_seconds.txt`."""
+    """The `tiny` world (seed 0), built once per session (its build time is benchmarks/world.py's job)."""
     from mm1.data.world import build_world
 
-    root = tmp_path_factory.mktemp("world")
-    out = root / "world-tiny"
-    start = time.perf_counter()
+    out = tmp_path_factory.mktemp("world") / "world-tiny"
     build_world(out, "tiny", seed=0, verbose=False)
-    (root / "build_seconds.txt").write_text(f"{time.perf_counter() - start:.3f}\n")
     return out

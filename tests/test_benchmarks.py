@@ -147,3 +147,10 @@ def test_probe_benchmark_reports_an_accuracy_and_a_chance_level_per_attribute(ti
     assert set(last) == {"chance", "vit_mean"}
     for table in last.values():
         assert set(table) == {"colour", "shape", "count", "position"} and all(0 <= v <= 100 for v in table.values())
+
+
+def test_world_benchmark_reports_build_seconds_and_the_manifest(capsys: pytest.CaptureFixture[str]) -> None:
+    last = run_bench("world.py", "--size", "tiny", "--scale", "0.03", "--workers", "1", capsys=capsys)[-1]
+    assert last["seconds"] > 0 and last["size"] == "tinyx0.03"
+    assert last["counts"]["caption"] == 90 and set(last["bytes"]) >= {"caption", "eval", "tokenizer.json"}
+    assert {"cpu", "cores", "torch", "date"} <= set(last["machine"])

@@ -1,4 +1,4 @@
-"""The synthetic world: it builds fast, byte-identically per seed, in formats that standard tools
+"""The synthetic world: it builds byte-identically per seed, in formats that standard tools
 (tarfile, webdataset, pyarrow, json) read without mm1, with a clean train/test split."""
 
 from __future__ import annotations
@@ -46,9 +46,7 @@ def sha1(data: bytes) -> str:
 # ----------------------------------------------------------------------------- build
 
 
-def test_tiny_world_builds_in_under_a_minute_with_the_documented_counts(tiny_world: Path) -> None:
-    seconds = float((tiny_world.parent / "build_seconds.txt").read_text())
-    assert seconds < 60, f"tiny world took {seconds:.1f} s"
+def test_tiny_world_has_the_documented_counts(tiny_world: Path) -> None:
     m = json.loads((tiny_world / "world.json").read_text())
     assert (m["size"], m["seed"]) == ("tiny", 0)
     c = m["counts"]

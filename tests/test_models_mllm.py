@@ -89,7 +89,6 @@ def test_presets_size_matches_their_name(preset, target, tolerance):
     info = json.loads(out.stdout)
     assert abs(info["params"]["total"] - target) / target < tolerance, info["params"]
     assert info["image_tokens_per_image"] == 144
-    assert info["build_seconds"] < 30
 
 
 @pytest.mark.parametrize("preset, total, tolerance", [("mm1-3b-moe", 64e9, 0.10), ("mm1-7b-moe", 47e9, 0.10)])
