@@ -150,8 +150,37 @@ def test_evaluate_writes_one_result_per_task_and_shots(world, tiny_model, tmp_pa
             assert all(len(p["demo_ids"]) == 2 for p in saved["predictions"][0])
     mc = next(r for r in results if r["task"] == "world_mc")
     assert all(p["prediction"] in COLOURS for p in mc["predictions"][0])
+    # the image-shuffled control, on by default: same queries, each shown another test item's image
+    for r in results:
+        saved = json.loads((tmp_path / f"{r['task']}_{r['shots']}shot.json").read_text())
+        if r["task"] in ("world_caption", "world_vqa", "world_mc"):
+            assert saved["image_gain"] == pytest.approx(saved["score"] - saved["score_shuffled"])
+            assert len(saved["shuffled_trial_scores"]) == 2
+            for real, shuf in zip(saved["predictions"][0], saved["shuffled_predictions"][0]):
+                assert shuf["id"] == real["id"] and shuf["image_from"] != real["id"]
+                assert shuf["demo_ids"] == real["demo_ids"]
+        else:  # text: no image; this fixture's multi items all share one image: no derangement exists
+            assert saved["score_shuffled"] is None and saved["image_gain"] is None
+            assert saved["shuffle_note"].startswith("text-only" if r["task"] == "world_text" else "no derangement")
     table = format_table(results)
     assert "world_vqa" in table and "2-shot" in table and "±" in table
+    lines = table.splitlines()
+    vqa = next(i for i, line in enumerate(lines) if line.startswith("world_vqa"))
+    assert lines[vqa + 1].strip().startswith("shuffled") and lines[vqa + 2].strip().startswith("image gain")
+    text = next(i for i, line in enumerate(lines) if line.startswith("world_text"))
+    assert "no image" in lines[text + 1] and "no image" in lines[text + 2] and "0.00" not in lines[text + 2]
+
+
+def test_the_shuffled_control_can_be_switched_off(world, tiny_model):
+    root, tok = world
+    model, cfg = tiny_model
+    cfg.data.world, cfg.eval.max_new_tokens, cfg.eval.trials, cfg.eval.shuffled_control = str(root), 2, 1, False
+    try:
+        (r,) = evaluate(model, tok, cfg, ["world_vqa"], [0], limit=2, log=None)
+    finally:
+        cfg.eval.shuffled_control = True
+    assert r["score_shuffled"] is None and r["image_gain"] is None and r["shuffle_note"].startswith("off")
+    assert "shuffled_predictions" not in r and "off" in format_table([r]).splitlines()[-1]
 
 
 def test_evaluate_in_chat_mode_for_models_after_sft(world, tiny_model):

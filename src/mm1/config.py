@@ -205,6 +205,7 @@ class EvalConfig:
     add_bos: bool = False  # prepend BOS to prompts (HF LLMs trained with BOS; the world trains without)
     chat: bool = False  # wrap each query in the chat template (models after SFT)
     mc_normalize: str = "none"  # multiple choice: none (sum of log-probs) | length (mean per token)
+    shuffled_control: bool = True  # also score each query with another item's image (score_shuffled, image_gain)
 
 
 @dataclass

@@ -16,7 +16,7 @@ begins. Demonstrations and the query are joined by `spec.separator`.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mm1.data.tokenizer import IMAGE_TOKEN
 from mm1.eval.tasks import Example, Task, TaskSpec
@@ -123,14 +123,20 @@ def _chat_prompt(spec: TaskSpec, query: Example, demos: list[Example], rng: rand
                   list(query.options), chat=turns)
 
 
-def build_prompt(task: Task, query: Example, shots: int, seed: int = 0, chat: bool = False) -> Prompt:
-    """The prompt for one query; with `chat`, a conversation in the task's chat template."""
+def build_prompt(task: Task, query: Example, shots: int, seed: int = 0, chat: bool = False,
+                 image_donor: Example | None = None) -> Prompt:
+    """The prompt for one query; with `chat`, a conversation in the task's chat template.
+
+    With `image_donor` (the image-shuffled control, see `mm1.eval.shuffle`) the query shows the
+    donor's image(s) instead of its own; the demonstrations are drawn exactly as without it."""
     spec = task.spec
     rng = query_rng(seed, spec.name, query.id)
     n_demo = shots if shots > 0 else spec.zero_shot_demos
     if n_demo and not task.train:
         raise ValueError(f"task {spec.name}: {n_demo}-shot prompts need a train split (spec `train:`)")
     demos = sample_demos(task.train, query, n_demo, rng)
+    if image_donor is not None:
+        query = replace(query, images=list(image_donor.images), image_keys=list(image_donor.image_keys))
     if chat:
         return _chat_prompt(spec, query, demos if shots > 0 else [], rng)
     parts: list[str] = [spec.prefix] if spec.prefix else []
@@ -147,8 +153,10 @@ def build_prompt(task: Task, query: Example, shots: int, seed: int = 0, chat: bo
                   [k for d in demos for k in d.image_keys], list(query.options))
 
 
-def build_prompts(task: Task, queries: list[Example], shots: int, seed: int = 0, chat: bool = False) -> list[Prompt]:
-    return [build_prompt(task, q, shots, seed, chat) for q in queries]
+def build_prompts(task: Task, queries: list[Example], shots: int, seed: int = 0, chat: bool = False,
+                  image_donors: list[Example | None] | None = None) -> list[Prompt]:
+    donors = image_donors if image_donors is not None else [None] * len(queries)
+    return [build_prompt(task, q, shots, seed, chat, d) for q, d in zip(queries, donors, strict=True)]
 
 
 def extract_answer(generated: str, spec: TaskSpec) -> str:

@@ -3,7 +3,10 @@
 One result per (task, shots): the score (mean over trials, each trial re-drawing every query's
 demonstrations with seed `eval.seed + trial`), its std, the per-trial scores and seeds, the prompt
 protocol (template, separator, stop strings), the configuration, and every item's prediction, so a
-number can be audited and re-computed. `format_table` prints them the way papers do.
+number can be audited and re-computed. Unless `eval.shuffled_control=false`, every trial is scored a
+second time with each query's image(s) swapped for another test item's (`mm1.eval.shuffle`):
+`score_shuffled` and `image_gain = score - score_shuffled` (both None for a task without images,
+with `shuffle_note` saying why). `format_table` prints them the way papers do.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mm1.config import Config, to_dict
-from mm1.data.tokenizer import Tokenizer
+from mm1.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from mm1.eval.fewshot import build_prompts, extract_answer
 from mm1.eval.generate import GenerationConfig, generate
 from mm1.eval.metrics import cider_scores, exact_match, mean_std, option_accuracy, vqa_accuracy
 from mm1.eval.scoring import continuation_logprobs, perplexity
+from mm1.eval.shuffle import shuffled_donors
 from mm1.eval.tasks import Task, get_task
 from mm1.registry import ConfigError
 
@@ -52,16 +56,20 @@ def _score_generations(task: Task, items: list, preds: list[str], cfg: Config) -
 
 
 def run_trial(model, tokenizer: Tokenizer, task: Task, items: list, shots: int, seed: int,
-              cfg: Config) -> tuple[float, list[dict]]:
-    """One pass over `items` with demonstrations drawn from `seed`: (score, per-item records)."""
+              cfg: Config, image_donors: list | None = None) -> tuple[float, list[dict]]:
+    """One pass over `items` with demonstrations drawn from `seed`: (score, per-item records).
+    With `image_donors` (the shuffled control) query i shows `image_donors[i]`'s images."""
     spec = task.spec
     if spec.metric == "perplexity":  # shots do not apply: the text is scored on its own
         ppl, nll = perplexity(model, tokenizer, [ex.answers[0] for ex in items], cfg.eval.batch_size)
         return ppl, [{"id": ex.id, "nll": n} for ex, n in zip(items, nll)]
     chat = cfg.eval.chat
-    prompts = build_prompts(task, items, shots, seed, chat=chat)
+    prompts = build_prompts(task, items, shots, seed, chat=chat, image_donors=image_donors)
     inputs = [p.chat if chat else p.text for p in prompts]
     records = [{"id": ex.id, "demo_ids": p.demo_ids, "prompt": p.text} for ex, p in zip(items, prompts)]
+    if image_donors is not None:
+        for rec, d in zip(records, image_donors):
+            rec["image_from"] = d.id if d is not None else None
     if spec.metric == "option":  # every (query, option) row scored in batches of eval.batch_size
         rows = [(i, o if chat else " " + o) for i, p in enumerate(prompts) for o in p.options]
         lps = continuation_logprobs(model, tokenizer, [inputs[i] for i, _ in rows], [c for _, c in rows],
@@ -112,7 +120,9 @@ def evaluate(model, tokenizer: Tokenizer, cfg: Config, tasks: list[str] | None =
             spec = task.spec
             result = {
                 "task": task.name, "kind": spec.kind, "metric": spec.metric, "shots": k, "score": mean, "std": std,
-                "trial_scores": trial_scores, "seeds": seeds, "n": len(items), "seconds": round(time.time() - t0, 2),
+                "trial_scores": trial_scores, "seeds": seeds, "n": len(items),
+                **_shuffled_control(model, tokenizer, task, items, k, seeds, mean, cfg),
+                "seconds": round(time.time() - t0, 2),
                 "template": spec.chat_template if cfg.eval.chat else spec.template, "chat": cfg.eval.chat,
                 "separator": spec.separator, "prefix": spec.prefix, "stop": spec.stop,
                 "cot_marker": spec.cot_marker, "max_new_tokens": spec.max_new_tokens or cfg.eval.max_new_tokens,
@@ -120,11 +130,37 @@ def evaluate(model, tokenizer: Tokenizer, cfg: Config, tasks: list[str] | None =
             }
             results.append(result)
             if log:
-                log(f"{task.name:<16} {k}-shot  {spec.metric:<10} {mean:8.2f} ± {std:.2f}  "
+                gain = result["image_gain"]
+                shuffled = (f"  shuffled {result['score_shuffled']:.2f} (image gain {gain:+.2f})" if gain is not None
+                            else f"  ({result['shuffle_note']})")
+                log(f"{task.name:<16} {k}-shot  {spec.metric:<10} {mean:8.2f} ± {std:.2f}{shuffled}  "
                     f"(n={len(items)}, {result['seconds']:.1f}s)")
             if out_dir is not None:
                 write_result(result, out_dir)
     return results
+
+
+def _shuffled_control(model, tokenizer: Tokenizer, task: Task, items: list, shots: int, seeds: list[int],
+                      score: float, cfg: Config) -> dict[str, Any]:
+    """The image-shuffled control of one (task, shots): every trial re-run with deranged query images
+    (the derangement seeded like the trial). Null fields and a note where it does not apply."""
+    off = {"score_shuffled": None, "std_shuffled": None, "image_gain": None, "shuffled_trial_scores": []}
+    if not cfg.eval.shuffled_control:
+        return off | {"shuffle_note": "off (eval.shuffled_control=false)"}
+    template = task.spec.chat_template if cfg.eval.chat else task.spec.template
+    if task.spec.metric == "perplexity" or not any(m in template for m in (IMAGE_TOKEN, "{images}", "{image_lines}")):
+        return off | {"shuffle_note": "text-only prompt: no image to shuffle"}
+    scores, predictions, note = [], [], ""
+    for seed in seeds:
+        donors, note = shuffled_donors(items, seed, task.name)
+        if donors is None:
+            return off | {"shuffle_note": note}
+        s, records = run_trial(model, tokenizer, task, items, shots, seed, cfg, image_donors=donors)
+        scores.append(s)
+        predictions.append(records)
+    mean, std = mean_std(scores)
+    return {"score_shuffled": mean, "std_shuffled": std, "image_gain": score - mean, "shuffled_trial_scores": scores,
+            "shuffle_note": note, "shuffled_predictions": predictions}
 
 
 def write_result(result: dict, out_dir: str | Path) -> Path:
@@ -138,14 +174,25 @@ def write_result(result: dict, out_dir: str | Path) -> Path:
 
 
 def format_table(results: list[dict]) -> str:
-    """Rows = tasks, columns = shots, cells = mean ± std (± omitted with one trial)."""
+    """Rows = tasks, columns = shots, cells = mean ± std (± omitted with one trial). Under each task
+    evaluated with the shuffled control, a `shuffled` row (score_shuffled) and an `image gain` row
+    (score - score_shuffled); a task without images shows `no image` there instead of a number (`off`
+    when the control was switched off, `n/a` when no derangement existed: see the result's shuffle_note)."""
     shots = sorted({r["shots"] for r in results})
-    rows: dict[tuple[str, str], dict[int, str]] = {}
+    rows: dict[tuple[str, str, str], dict[int, str]] = {}  # (task, metric, row kind) -> shots -> cell
     for r in results:
         cell = f"{r['score']:.2f}" + (f" ± {r['std']:.2f}" if len(r.get("trial_scores", [])) > 1 else "")
-        rows.setdefault((r["task"], r["metric"]), {})[r["shots"]] = cell
+        rows.setdefault((r["task"], r["metric"], ""), {})[r["shots"]] = cell
+        if "score_shuffled" not in r:  # a blind baseline row, or a result from before the control existed
+            continue
+        shuffled, gain = r["score_shuffled"], r["image_gain"]
+        note = str(r.get("shuffle_note", ""))
+        missing = "off" if note.startswith("off") else "no image" if note.startswith("text-only") else "n/a"
+        rows.setdefault((r["task"], r["metric"], "shuffled"), {})[r["shots"]] = \
+            missing if shuffled is None else f"{shuffled:.2f}"
+        rows.setdefault((r["task"], "", "image gain"), {})[r["shots"]] = missing if gain is None else f"{gain:+.2f}"
     head = ["task", "metric"] + [f"{k}-shot" for k in shots]
-    body = [[t, m] + [cells.get(k, "-") for k in shots] for (t, m), cells in rows.items()]
+    body = [[f"  {kind}" if kind else t, m] + [cells.get(k, "-") for k in shots] for (t, m, kind), cells in rows.items()]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda xs: "  ".join(str(x).ljust(w) for x, w in zip(xs, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
