@@ -52,7 +52,9 @@ class FakeRunner:
     def evaluate(self, run_dir: Path, cfg: Config, config_path: Path) -> list[dict]:
         self.evaluated.append(run_dir.parent.name)
         bonus = 10.0 * cfg.data.sources["caption"].weight
-        return [{"task": t, "shots": s, "metric": "score", "score": bonus + s + cfg.train.seed}
+        # the image-shuffled control: shuffling costs half the caption-data bonus
+        return [{"task": t, "shots": s, "metric": "score", "score": bonus + s + cfg.train.seed,
+                 "score_shuffled": bonus / 2 + s + cfg.train.seed, "image_gain": bonus / 2}
                 for t in cfg.eval.tasks for s in cfg.eval.shots]
 
 
@@ -139,8 +141,13 @@ def test_report_has_mean_std_table_existing_pngs_and_exact_configs(tmp_path):
     # caption weight 0.9 -> score 9 + shots + seed, seeds 0 and 1 -> mean 9.5, std 0.707
     assert re.search(r"\| avgpool \| 100:0 \| 9\.5 ± 0\.707 \(2\)", text), text
     assert "world_vqa score@4" in text and "pretrain loss" in text
+    # each score is followed by its image-shuffled score and image gain (caption weight 0.9: gain 4.5)
+    header = next(line for line in text.splitlines() if line.startswith("| model.connector.kind"))
+    assert "world_vqa score@4 | world_vqa score_shuffled@4 | world_vqa score_image_gain@4" in header
+    assert re.search(r"\| avgpool \| 100:0 \| 9\.5 ± 0\.707 \(2\) \| 5 ± 0\.707 \(2\) \| 4\.5 ± 0 \(2\) \|", text)
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
-    assert len(images) == 3  # one plot per axis + loss curves
+    assert len(images) == 5  # per axis a score plot and an image-gain plot, + loss curves
+    assert sum("image-gain" in rel for rel in images) == 2
     for rel in images:
         assert (out / rel).is_file() and (out / rel).read_bytes()[:4] == b"\x89PNG"
     for link in re.findall(r"\]\((points/[^)]+\.yaml)\)", text):

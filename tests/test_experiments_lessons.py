@@ -110,7 +110,10 @@ class LessonRunner:
                 score -= cfg.data.synthetic_caption_ratio * 8  # synthetic captions hurt: not reproduced
                 metric = {"world_caption": "cider", "world_vqa": "vqa", "world_text": "exact",
                           "world_text_ppl": "perplexity"}[name]
-                out.append({"task": name, "shots": k, "metric": metric, "score": score})
+                has_image = name in ("world_caption", "world_vqa")
+                shuffled = score - cfg.model.vision.image_size / 16 if has_image else None
+                out.append({"task": name, "shots": k, "metric": metric, "score": score, "score_shuffled": shuffled,
+                            "image_gain": score - shuffled if has_image else None})
         return out
 
 
@@ -127,6 +130,10 @@ def test_the_lessons_report_covers_every_lesson_and_states_verdicts_from_the_num
         assert (tmp_path / "lessons" / rel).is_file()
     for lesson in LESSONS:
         assert (tmp_path / "lessons" / f"{lesson}.md").is_file()
+    # every image metric of a claim comes with its image gain (here resolution / 16), text ones without
+    assert re.search(r"\| `world_vqa vqa_image_gain@\d` \| 4 ± 0 \(2\) \| 2 ± 0 \(2\) \|", text), text
+    assert "text_image_gain" not in text and "exact_image_gain" not in text
+    assert re.search(r"!\[Encoder input resolution: image gain vs [^]]*\]\(plots/", text)
     summary = json.loads((tmp_path / "lessons" / "summary.json").read_text())
     counts = verdict_counts(summary)
     assert counts.get("reproduced", 0) >= 1 and counts.get("not reproduced", 0) >= 1

@@ -12,42 +12,43 @@ exactly as in the real run (same examples, same images) so the query's image is 
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import Collection, Hashable, Sequence
 
 from mm1.eval.tasks import Example
 
 
-def _clash(a: Example, b: Example) -> bool:
-    """Would showing `b`'s images with `a`'s question leave `a` with (part of) its own image?"""
-    return a.id == b.id or bool(set(a.image_keys) & set(b.image_keys))
-
-
-def derange(items: Sequence[Example], seed: int | str) -> list[int]:
-    """donor[i]: the index of the item whose images query i is shown; never i, never an item sharing
-    an image with i. Reproducible from `seed` alone (string seeds hash with SHA-512).
+def derange(keys: Sequence[Collection[Hashable]], seed: int | str) -> list[int]:
+    """donor[i]: the index whose images position i is shown; never i, never one sharing a key (an
+    image, or the sample it belongs to) with i. Reproducible from `seed` alone (string seeds hash
+    with SHA-512).
 
     A uniform shuffle, then each clash is repaired by swapping donors with another position where
     both sides become clash-free (in a seeded random order), so the result is a derangement for any
-    n >= 2 that allows one. Raises ValueError when none exists (one item, or one image shared by
-    more than half of them)."""
-    n = len(items)
+    n >= 2 that allows one. Raises ValueError when none exists (one item, or one key shared by more
+    than half of them)."""
+    n = len(keys)
     if n < 2:
-        raise ValueError(f"the image-shuffled control needs at least 2 test items with images, got {n}")
+        raise ValueError(f"the image-shuffled control needs at least 2 items with images, got {n}")
+    sets = [set(k) for k in keys]
+
+    def clash(i: int, j: int) -> bool:
+        return i == j or bool(sets[i] & sets[j])
+
     rng = random.Random(seed)
     donor = list(range(n))
     rng.shuffle(donor)
     for i in range(n):
-        if not _clash(items[i], items[donor[i]]):
+        if not clash(i, donor[i]):
             continue
         others = list(range(n))
         rng.shuffle(others)
         for j in others:
-            if not _clash(items[i], items[donor[j]]) and not _clash(items[j], items[donor[i]]):
+            if not clash(i, donor[j]) and not clash(j, donor[i]):
                 donor[i], donor[j] = donor[j], donor[i]
                 break
         else:
-            raise ValueError(f"no image derangement exists for item {items[i].id}: its image is shared by too many "
-                             "of the test items; raise eval.limit or set eval.shuffled_control=false")
+            raise ValueError(f"no image derangement exists for item {i} (keys {sorted(map(str, sets[i]))[:3]}): "
+                             "its image is shared by too many of the items")
     return donor
 
 
@@ -63,9 +64,9 @@ def shuffled_donors(items: Sequence[Example], seed: int, task: str) -> tuple[lis
         return None, "only one test item has an image: nothing to swap it with"
     sub = [items[i] for i in with_images]
     try:
-        perm = derange(sub, f"{seed}/shuffle/{task}")
+        perm = derange([ex.image_keys for ex in sub], f"{seed}/shuffle/{task}")
     except ValueError as e:  # reported in the result (score_shuffled null) rather than failing the eval
-        return None, f"no derangement: {e}"
+        return None, f"no derangement: {e}; raise eval.limit or set eval.shuffled_control=false"
     donors: list[Example | None] = [None] * len(items)
     for k, i in enumerate(with_images):
         donors[i] = sub[perm[k]]

@@ -1,5 +1,6 @@
-"""The demo's report: scores per stage and shots beside the blind baselines, example generations
-with their images, loss curves per data source and scores-by-shots plots; plus `summary.json`."""
+"""The demo's report: scores per stage and shots beside the blind baselines and the image-shuffled
+control (score_shuffled, image_gain), example generations with their images, loss curves per data
+source and scores-by-shots / image-gain plots; plus `summary.json`."""
 
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ def _examples(out: Path, results: list[dict], world: str, n: int) -> list[dict]:
     return shown
 
 
+def _fmt(x: float | None, sign: str = "") -> str:
+    return "no image" if x is None else f"{x:{sign}.2f}"
+
+
 def _score_rows(results: list[dict], baselines: dict[str, dict]) -> tuple[list[list[Any]], bool]:
     rows, beats = [], True
     for r in results:
@@ -40,7 +45,7 @@ def _score_rows(results: list[dict], baselines: dict[str, dict]) -> tuple[list[l
         if r["stage"] == "sft" and r["shots"] == 0:
             beats = beats and margin > 0
         rows.append([r["stage"], r["task"], r["metric"], r["shots"], f"{r['score']:.2f}",
-                     f"{base:.2f}", f"{margin:+.2f}"])
+                     _fmt(r.get("score_shuffled")), _fmt(r.get("image_gain"), "+"), f"{base:.2f}", f"{margin:+.2f}"])
     return rows, beats
 
 
@@ -56,13 +61,26 @@ def write_demo_report(out: Path, plan: Any, runs: dict[str, Path], results: list
     loss_pngs = {stage: plot_loss_curves(c, plots / f"loss_{stage}.png", title=f"{stage}: training loss per source")
                  for stage, c in curves.items() if c}
     series: dict[str, dict[int, tuple[float, float]]] = {}
+    styles: dict[str, str] = {}
     for r in results:
         series.setdefault(f"{r['task']} ({r['stage']})", {})[r["shots"]] = (r["score"], r.get("std", math.nan))
+    for r in results:  # the image-shuffled control of each curve, dashed, after the scores
+        if r.get("score_shuffled") is not None:
+            label = f"{r['task']} ({r['stage']}), images shuffled"
+            series.setdefault(label, {})[r["shots"]] = (r["score_shuffled"], r.get("std_shuffled") or math.nan)
+            styles[label] = "--"
     for name, b in baselines.items():
         shots = sorted({r["shots"] for r in results})
         series[f"{name} blind baseline"] = {s: (b["score"], math.nan) for s in shots}
+        styles[f"{name} blind baseline"] = ":"
     shots_png = plot_scores_by_shots(series, plots / "scores_by_shots.png", title="scores by shots",
-                                     ylabel="CIDEr / VQA accuracy (x100)")
+                                     ylabel="CIDEr / VQA accuracy (x100)", styles=styles)
+    gains = {}
+    for r in results:
+        if r.get("image_gain") is not None:
+            gains.setdefault(f"{r['task']} ({r['stage']})", {})[r["shots"]] = (r["image_gain"], math.nan)
+    gain_png = (plot_scores_by_shots(gains, plots / "image_gain_by_shots.png", ylabel="score − image-shuffled score",
+                                     title="image gain by shots (0 = the image is not used)") if gains else None)
     rows, beats = _score_rows(results, baselines)
     examples = _examples(out, results, _world_of(runs["pretrain"]), plan.examples)
 
@@ -72,15 +90,23 @@ def write_demo_report(out: Path, plan: Any, runs: dict[str, Path], results: list
              "## Scores", "",
              "CIDEr-D x100 for captioning, VQAv2 accuracy x100 for VQA. *Blind* baselines never look at the "
              "image: the best constant caption for CIDEr, the answer prior per question type for VQA. "
-             "The model's number means something only where it beats them.", "",
-             write_table(["stage", "task", "metric", "shots", "score", "blind baseline", "margin"], rows), "",
+             "The model's number means something only where it beats them. *Shuffled* is the same queries "
+             "scored with each query's image replaced by another test item's (demonstrations unchanged); "
+             "*image gain* = score − shuffled is what the query's own image is worth: near 0, the model "
+             "answers from the question and the demonstrations alone.", "",
+             write_table(["stage", "task", "metric", "shots", "score", "shuffled", "image gain", "blind baseline",
+                          "margin"], rows), "",
              f"After SFT, 0-shot beats every blind baseline: **{'yes' if beats else 'no'}**.", "",
              image_link(shots_png, out, "scores by shots"), "",
+             *([image_link(gain_png, out, "image gain by shots"), ""] if gain_png else []),
              "## Example generations (after SFT, 0-shot VQA)", ""]
     for ex in examples:
         lines += [f"{image_link(ex['image'], out, ex['id'])}", "",
                   f"- prompt: `<image>` {ex['question']}", f"- answer: **{ex['answer']}** (reference: {ex['truth']})", ""]
-    lines += ["## Training loss", ""] + [image_link(p, out, f"loss {s}") for s, p in loss_pngs.items()] + [""]
+    lines += ["## Training loss", "", "Per data source; `loss_probe` / `loss_shuffled`: one fixed batch scored every "
+              "`train.eval_every` steps with its own images / with its images deranged across documents (the gap "
+              "is what the images are worth to the model).", ""]
+    lines += [image_link(p, out, f"loss {s}") for s, p in loss_pngs.items()] + [""]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -90,8 +116,9 @@ def write_demo_report(out: Path, plan: Any, runs: dict[str, Path], results: list
         "scores": [{"task": r["task"], "metric": r["metric"], "shots": r["shots"], "stage": r["stage"],
                     "score": r["score"], "std": r.get("std"), "n": r["n"],
                     "baseline": baselines.get(r["task"], {}).get("score"),
-                    "baseline_kind": baselines.get(r["task"], {}).get("baseline")} for r in results],
-        "plots": [str(p) for p in [shots_png, *loss_pngs.values()]],
+                    "baseline_kind": baselines.get(r["task"], {}).get("baseline"),
+                    "score_shuffled": r.get("score_shuffled"), "image_gain": r.get("image_gain")} for r in results],
+        "plots": [str(p) for p in [shots_png, *([gain_png] if gain_png else []), *loss_pngs.values()]],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary

@@ -15,7 +15,7 @@ from mm1.experiments import report as R
 from mm1.experiments.ablate import _safe
 from mm1.experiments.lessons import (K_SE, Lesson, _stats, claim_outcome, judge_lesson, lesson_effects,
                                      load_lessons, pooled_points)
-from mm1.experiments.results import build_summary, write_sweep_report
+from mm1.experiments.results import build_summary, gain_column, write_sweep_report
 from mm1.experiments.sweep import run_sweep, write_commands, write_json_atomic
 
 
@@ -32,6 +32,18 @@ def _measured(lesson: Lesson, claim: Any, agg: list[dict], verdicts: list) -> st
     vals = "; ".join(f"{lab}: {_cell(agg, lesson.axis, lab, v.column)}" for lab in labels)
     more = f" (+{len(verdicts) - 1} more metrics)" if len(verdicts) > 1 else ""
     return f"`{v.column}` {vals}{more}"
+
+
+def _gain_table(lesson: Lesson, agg: list[dict], labels: list[str], columns: list[str]) -> list[str]:
+    """The image gain (score − image-shuffled score) behind a claim's image metrics, per setting: a
+    lesson about images is only shown where the model uses them (gain > 0)."""
+    have = {a["column"] for a in agg}
+    rows = [[f"`{gain_column(c)}`", *[_cell(agg, lesson.axis, lab, gain_column(c)) for lab in labels]]
+            for c in columns if gain_column(c) in have]
+    if not rows:
+        return []
+    return ["Image gain of these metrics (score − the same queries with shuffled images; near 0 = the image "
+            "is not used):", "", R.write_table(["image gain", *labels], rows, "l" + "r" * len(labels))]
 
 
 def write_lessons_report(lessons: list[Lesson], by_lesson: dict, records: dict, out: Path, budget: str,
@@ -78,10 +90,14 @@ def write_lessons_report(lessons: list[Lesson], by_lesson: dict, records: dict, 
                      {True: "yes", False: "no", None: "?"}[v.reproduced], v.detail] for v in verdicts]
             detail.append(R.write_table(["metric", *labels, "reproduced", "why"], rows, "l" + "r" * len(labels) + "ll")
                           if rows else "No metric matched " + ", ".join(f"`{m}`" for m in claim.metrics) + ".\n")
+            detail += _gain_table(lesson, agg, labels, [v.column for v in verdicts])
             claims_out.append({"text": claim.text, "outcome": outcome, "verdicts": [v.__dict__ for v in verdicts]})
         png = out / "plots" / lesson.name / f"axis-{_safe(lesson.axis)}.png"
         if png.is_file():
             detail += [R.image_link(png, out, f"{lesson.title}: scores vs {lesson.axis}"), ""]
+        gain_png = png.with_name(f"axis-{_safe(lesson.axis)}-image-gain.png")
+        if gain_png.is_file():
+            detail += [R.image_link(gain_png, out, f"{lesson.title}: image gain vs {lesson.axis}"), ""]
         detail += [f"Every metric, loss curves and exact configs: [{lesson.name}.md]({lesson.name}.md)", ""]
         summaries[lesson.name]["claims"] = claims_out
     lines += ["## Verdicts", "", R.write_table(["lesson", "claim (paper)", "measured here (mean ± std (seeds))",

@@ -147,14 +147,17 @@ def plot_loss_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], p
 
 
 def plot_scores_by_shots(series: dict[str, dict[int, tuple[float, float]]], path: str | Path,
-                         title: str = "score by shots", ylabel: str = "score") -> Path:
-    """Score vs number of in-context examples; `series[label][shots] = (mean, std)` (std may be NaN)."""
+                         title: str = "score by shots", ylabel: str = "score",
+                         styles: dict[str, str] | None = None) -> Path:
+    """Score vs number of in-context examples; `series[label][shots] = (mean, std)` (std may be NaN).
+    `styles[label]` is a matplotlib line style ("--" for an image-shuffled control, ":" for a baseline)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, by_shots in series.items():
         shots = sorted(by_shots)
         means = [by_shots[s][0] for s in shots]
         stds = [0.0 if math.isnan(by_shots[s][1]) else by_shots[s][1] for s in shots]
-        ax.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=label)
+        ax.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=label,
+                    linestyle=(styles or {}).get(label, "-"))
     ax.set_xlabel("shots")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

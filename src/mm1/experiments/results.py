@@ -23,6 +23,8 @@ from mm1.experiments.sweep import write_json_atomic
 _NOT_METRICS = {"shots", "n", "count", "items", "n_items", "seconds", "trials", "seed", "limit", "step",
                 "time", "elapsed", "num_examples", "examples"}
 LOWER_IS_BETTER = ("loss", "perplexity", "ppl")
+# result key -> metric suffix of the image-shuffled control's columns (`world_vqa vqa_image_gain@4`)
+CONTROLS = {"score_shuffled": "_shuffled", "image_gain": "_image_gain"}
 
 
 def eval_rows(result: dict) -> list[tuple[str, int | None, str, float]]:
@@ -34,6 +36,8 @@ def eval_rows(result: dict) -> list[tuple[str, int | None, str, float]]:
         items = list(result["metrics"].items())
     elif "metric" in result and ("score" in result or "value" in result):
         items = [(result["metric"], result.get("score", result.get("value")))]
+        # the image-shuffled control (None for text-only tasks: then no row, never a fake 0)
+        items += [(f"{result['metric']}{suffix}", result.get(key)) for key, suffix in CONTROLS.items()]
     else:
         items = [(k, v) for k, v in result.items() if k not in _NOT_METRICS]
     return [(task, shots, str(k), float(v)) for k, v in items
@@ -47,6 +51,24 @@ def column_name(stage: str, task: str, shots: int | None, metric: str, multi_sta
 
 def lower_is_better(column: str) -> bool:
     return any(w in column.split()[-1] for w in LOWER_IS_BETTER)
+
+
+def control_of(column: str) -> tuple[str, str]:
+    """(the score column, "" | "_shuffled" | "_image_gain"): `world_vqa vqa_image_gain@4` ->
+    (`world_vqa vqa@4`, "_image_gain"), so a control sorts and plots beside its score."""
+    head, at, shots = column.rpartition("@")
+    if not at:
+        head, shots = column, ""
+    for suffix in CONTROLS.values():
+        if head.endswith(suffix):
+            return head[:-len(suffix)] + (at + shots), suffix
+    return column, ""
+
+
+def gain_column(column: str) -> str:
+    """The image-gain column of a score column (`world_vqa vqa@4` -> `world_vqa vqa_image_gain@4`)."""
+    head, at, shots = column.rpartition("@")
+    return f"{head}{CONTROLS['image_gain']}@{shots}" if at else f"{column}{CONTROLS['image_gain']}"
 
 
 def point_rows(point: Point, record: dict, sweep_dir: Path) -> list[dict[str, Any]]:
@@ -124,8 +146,31 @@ def build_summary(spec: AblationSpec, points: list[Point], records: dict[str, di
 
 
 def _columns(summary: dict) -> list[str]:
+    """Scores first, each followed by its shuffled score and image gain; losses last."""
     cols = list(dict.fromkeys(a["column"] for a in summary["aggregate"]))
-    return sorted(cols, key=lambda c: (" loss" in c or c.startswith("train"), c))
+    order = ("", *CONTROLS.values())
+    return sorted(cols, key=lambda c: (" loss" in c or c.startswith("train"), control_of(c)[0],
+                                       order.index(control_of(c)[1])))
+
+
+def _axis_panels(ax: Any, axes: list[str], combos: list[tuple], cell: dict, cols: list[str]) -> dict:
+    """`plot_axis` panels for `cols`: one line per setting of the other axes."""
+    others = [x for x in axes if x != ax.name]
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for c in cols:
+        lines_by: dict[str, list[tuple[float, float]]] = {}
+        for combo in combos:
+            rest = ", ".join(f"{x}={combo[axes.index(x)]}" for x in others)
+            if rest in lines_by:
+                continue
+            pts = []
+            for lab in ax.labels:
+                key = tuple(lab if x == ax.name else combo[axes.index(x)] for x in axes)
+                a = cell.get((key, c))
+                pts.append((a["mean"], a["std"]) if a else (math.nan, math.nan))
+            lines_by[rest] = pts
+        panels[c] = lines_by
+    return panels
 
 
 def write_sweep_report(spec: AblationSpec, points: list[Point], summary: dict, sweep_dir: Path,
@@ -145,30 +190,25 @@ def write_sweep_report(spec: AblationSpec, points: list[Point], summary: dict, s
              f"compute of all points (train + eval, summed): {R.format_seconds(summary['compute_seconds'])}", "",
              "## Results", "", "Mean ± sample std over seeds (number of seeds). Loss and perplexity: lower is "
              "better; every other metric: higher is better. `loss` columns are the final training loss "
-             "(mean of the last 10 % of steps).", ""]
+             "(mean of the last 10 % of steps). `_shuffled`: the same queries scored with each query's image "
+             "replaced by another test item's; `_image_gain` = score − shuffled, what the image is worth "
+             "(text-only tasks have none).", ""]
     table = [[*combo, *(R.fmt_mean_std(cell[(combo, c)]["mean"], cell[(combo, c)]["std"], cell[(combo, c)]["n"])
                         if (combo, c) in cell else "–" for c in cols)] for combo in combos]
     lines.append(R.write_table([*(axes or ["point"]), *cols], [r if axes else ["base", *r] for r in table],
                                "l" * max(1, len(axes)) + "r" * len(cols)))
     if cols:
+        scores = [c for c in cols if not (" loss_" in c or c.startswith("train")) and not control_of(c)[1]][:9]
+        gains = [c for c in cols if control_of(c)[1] == CONTROLS["image_gain"]][:9]
         for ax in spec.axes:
-            others = [x for x in axes if x != ax.name]
-            panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
-            for c in [c for c in cols if not (" loss_" in c or c.startswith("train"))][:9]:
-                lines_by: dict[str, list[tuple[float, float]]] = {}
-                for combo in combos:
-                    rest = ", ".join(f"{x}={combo[axes.index(x)]}" for x in others)
-                    if rest in lines_by:
-                        continue
-                    pts = []
-                    for lab in ax.labels:
-                        key = tuple(lab if x == ax.name else combo[axes.index(x)] for x in axes)
-                        a = cell.get((key, c))
-                        pts.append((a["mean"], a["std"]) if a else (math.nan, math.nan))
-                    lines_by[rest] = pts
-                panels[c] = lines_by
-            png = R.plot_axis(ax.name, ax.labels, panels, plots / f"axis-{_safe(ax.name)}.png")
+            png = R.plot_axis(ax.name, ax.labels, _axis_panels(ax, axes, combos, cell, scores),
+                              plots / f"axis-{_safe(ax.name)}.png")
             lines += [f"### {ax.name}", "", R.image_link(png, sweep_dir, f"scores vs {ax.name}"), ""]
+            if gains:
+                png = R.plot_axis(ax.name, ax.labels, _axis_panels(ax, axes, combos, cell, gains),
+                                  plots / f"axis-{_safe(ax.name)}-image-gain.png")
+                lines += ["Image gain (score − the same queries with shuffled images; near 0 = the image is not "
+                          "used):", "", R.image_link(png, sweep_dir, f"image gain vs {ax.name}"), ""]
     curves = {}
     for p in points:
         recs = R.read_metrics(sweep_dir / "points" / p.run / p.stages[-1] / "metrics.jsonl")

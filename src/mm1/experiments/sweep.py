@@ -161,7 +161,7 @@ def write_stage_configs(point: Point, pdir: Path) -> dict[str, Path]:
     return paths
 
 
-_BULKY = {"predictions", "config"}  # kept in eval-STAGE.json for audits, left out of done.json / summaries
+_BULKY = {"predictions", "shuffled_predictions", "config"}  # kept in eval-STAGE.json for audits, left out of done.json / summaries
 
 
 class SpecChanged(RuntimeError):
