@@ -206,6 +206,7 @@ class EvalConfig:
     chat: bool = False  # wrap each query in the chat template (models after SFT)
     mc_normalize: str = "none"  # multiple choice: none (sum of log-probs) | length (mean per token)
     shuffled_control: bool = True  # also score each query with another item's image (score_shuffled, image_gain)
+    mc_mode: str = "loglik"  # multiple choice: loglik (most likely option) | generate (parse a generated letter)
 
 
 @dataclass

@@ -101,7 +101,7 @@ def _needs_world(tasks: list[str]) -> bool:
 @torch.no_grad()  # a scope, not a global switch: commands also run in-process (tests)
 def run_eval(args: argparse.Namespace) -> int:
     from mm1.eval.baselines import blind_baseline
-    from mm1.eval.runner import evaluate, format_table
+    from mm1.eval.runner import evaluate, format_average, format_table
     from mm1.eval.tasks import get_task
 
     model, cfg, tok = _load(args)
@@ -126,6 +126,8 @@ def run_eval(args: argparse.Namespace) -> int:
                     (Path(args.json_dir) / f"{name}_blind.json").write_text(json.dumps(b, indent=1))
     print()
     print(format_table(results))
+    if format_average(results):
+        print(format_average(results))
     return 0
 
 

@@ -22,6 +22,7 @@ from mm1.data.tokenizer import IMAGE_TOKEN
 from mm1.eval.tasks import Example, Task, TaskSpec
 
 TARGET_FIELDS = ("{caption}", "{answer}")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 @dataclass
@@ -36,12 +37,11 @@ class Prompt:
 
 
 def _fields(spec: TaskSpec, ex: Example, answer: str) -> dict[str, str]:
-    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     return {
         "caption": answer, "answer": answer, "a": answer, "question": ex.question, "q": ex.question,
         "rationale": ex.rationale, "images": IMAGE_TOKEN * len(ex.images),
         "image_lines": (IMAGE_TOKEN + "\n") * len(ex.images),
-        "options": "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(ex.options)),
+        "options": "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(ex.options)),
     }
 
 
@@ -64,10 +64,19 @@ def _images_for(text: str, ex: Example, spec: TaskSpec, what: str) -> list[str]:
                      f"has {len(ex.images)} images; fix the template (use {{images}} for a variable number)")
 
 
+def demo_answer(spec: TaskSpec, ex: Example, rng: random.Random) -> str:
+    """What a demonstration answers: one of a caption's references at random, the gold option's
+    letter when multiple choice is scored by generating a letter, else the example's target."""
+    if spec.kind == "caption" and ex.answers:
+        return rng.choice(ex.answers)
+    if spec.mc_mode == "generate" and ex.options and ex.label >= 0:
+        return LETTERS[ex.label]
+    return ex.target
+
+
 def render_demo(spec: TaskSpec, ex: Example, rng: random.Random) -> tuple[str, list[str]]:
-    """A complete demonstration; a captioning demo shows one of its references at random."""
-    answer = rng.choice(ex.answers) if spec.kind == "caption" and ex.answers else ex.target
-    text = spec.template.format(**_fields(spec, ex, answer))
+    """A complete demonstration (see `demo_answer`)."""
+    text = spec.template.format(**_fields(spec, ex, demo_answer(spec, ex, rng)))
     return text, _images_for(text, ex, spec, "demonstration")
 
 
@@ -116,8 +125,7 @@ def _chat_prompt(spec: TaskSpec, query: Example, demos: list[Example], rng: rand
         images += _images_for(user, ex, spec, "query" if ex is query else "demonstration")
         turns.append({"role": "user", "content": user})
         if ex is not query:
-            answer = rng.choice(ex.answers) if spec.kind == "caption" and ex.answers else ex.target
-            turns.append({"role": "assistant", "content": answer})
+            turns.append({"role": "assistant", "content": demo_answer(spec, ex, rng)})
     text = "\n".join(f"[{t['role']}] {t['content']}" for t in turns)
     return Prompt(query.id, text, images, [d.id for d in demos], [k for d in demos for k in d.image_keys],
                   list(query.options), chat=turns)
@@ -136,7 +144,11 @@ def build_prompt(task: Task, query: Example, shots: int, seed: int = 0, chat: bo
         raise ValueError(f"task {spec.name}: {n_demo}-shot prompts need a train split (spec `train:`)")
     demos = sample_demos(task.train, query, n_demo, rng)
     if image_donor is not None:
-        query = replace(query, images=list(image_donor.images), image_keys=list(image_donor.image_keys))
+        images, keys = list(image_donor.images), list(image_donor.image_keys)
+        if IMAGE_TOKEN in query.question:  # markers placed by the data (MMMU): keep their count, cycle the donor's
+            images = [images[i % len(images)] for i in range(len(query.images))]
+            keys = [keys[i % len(keys)] for i in range(len(query.image_keys))]
+        query = replace(query, images=images, image_keys=keys)
     if chat:
         return _chat_prompt(spec, query, demos if shots > 0 else [], rng)
     parts: list[str] = [spec.prefix] if spec.prefix else []

@@ -20,10 +20,11 @@ from mm1.config import Config, to_dict
 from mm1.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from mm1.eval.fewshot import build_prompts, extract_answer
 from mm1.eval.generate import GenerationConfig, generate
-from mm1.eval.metrics import cider_scores, exact_match, mean_std, option_accuracy, vqa_accuracy
+from mm1.eval.metrics import mean_std
 from mm1.eval.scoring import continuation_logprobs, perplexity
 from mm1.eval.shuffle import shuffled_donors
-from mm1.eval.tasks import Task, get_task
+from mm1.eval.task_metrics import SCORERS, choice_from_text
+from mm1.eval.tasks import MC_MODES, Task, get_task
 from mm1.registry import ConfigError
 
 
@@ -31,28 +32,39 @@ def _check_eval_config(cfg: Config) -> None:
     e = cfg.eval
     for key, value, allowed in (("eval.vqa_mode", e.vqa_mode, ("always", "official")),
                                 ("eval.cider_tokenizer", e.cider_tokenizer, ("python", "java")),
-                                ("eval.mc_normalize", e.mc_normalize, ("none", "length"))):
+                                ("eval.mc_normalize", e.mc_normalize, ("none", "length")),
+                                ("eval.mc_mode", e.mc_mode, MC_MODES)):
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
     if e.trials < 1:
         raise ConfigError(f"eval.trials={e.trials}: must be >= 1")
 
 
-def _score_generations(task: Task, items: list, preds: list[str], cfg: Config) -> tuple[float, list[float]]:
-    """Corpus score (x100) and per-item scores for generated answers."""
-    metric = task.spec.metric
-    if metric == "cider":
-        per = cider_scores({ex.id: p for ex, p in zip(items, preds)}, {ex.id: ex.answers for ex in items},
-                           tokenizer=cfg.eval.cider_tokenizer)
-        scores = [per[ex.id] for ex in items]
-        return sum(scores) / len(scores), scores
-    if metric == "vqa":
-        scores = [100.0 * vqa_accuracy(p, ex.answers, cfg.eval.vqa_mode) for ex, p in zip(items, preds)]
-    elif metric == "exact":
-        scores = [100.0 * exact_match(p, ex.answers) for ex, p in zip(items, preds)]
-    else:
-        raise ConfigError(f"task {task.name}: metric {metric!r} is not a generation metric")
-    return sum(scores) / len(scores), scores
+def _choose_by_loglik(model, tokenizer: Tokenizer, prompts: list, inputs: list, cfg: Config,
+                      records: list[dict]) -> list[int]:
+    """Every (query, option) row scored in batches of eval.batch_size; the most likely option wins."""
+    rows = [(i, o if cfg.eval.chat else " " + o) for i, p in enumerate(prompts) for o in p.options]
+    lps = continuation_logprobs(model, tokenizer, [inputs[i] for i, _ in rows], [c for _, c in rows],
+                                [prompts[i].images for i, _ in rows], cfg.eval.batch_size, cfg.eval.add_bos)
+    chosen, at = [], 0
+    for p, rec in zip(prompts, records):
+        scores = [lp / n if cfg.eval.mc_normalize == "length" else lp for lp, n in lps[at:at + len(p.options)]]
+        at += len(p.options)
+        chosen.append(max(range(len(scores)), key=lambda j: scores[j]))
+        rec["option_scores"] = scores
+    return chosen
+
+
+def _generate(model, tokenizer: Tokenizer, task: Task, prompts: list, inputs: list, cfg: Config,
+              records: list[dict]) -> list[str]:
+    spec = task.spec
+    gcfg = GenerationConfig(max_new_tokens=spec.max_new_tokens or cfg.eval.max_new_tokens, stop=list(spec.stop),
+                            batch_size=cfg.eval.batch_size, add_bos=cfg.eval.add_bos, resize=cfg.data.resize,
+                            stop_ids=[tokenizer.im_end_id] if cfg.eval.chat else [])
+    raw = generate(model, tokenizer, inputs, [p.images for p in prompts], gcfg)
+    for rec, r in zip(records, raw):
+        rec["raw"] = r
+    return [extract_answer(r, spec) for r in raw]
 
 
 def run_trial(model, tokenizer: Tokenizer, task: Task, items: list, shots: int, seed: int,
@@ -70,27 +82,31 @@ def run_trial(model, tokenizer: Tokenizer, task: Task, items: list, shots: int, 
     if image_donors is not None:
         for rec, d in zip(records, image_donors):
             rec["image_from"] = d.id if d is not None else None
-    if spec.metric == "option":  # every (query, option) row scored in batches of eval.batch_size
-        rows = [(i, o if chat else " " + o) for i, p in enumerate(prompts) for o in p.options]
-        lps = continuation_logprobs(model, tokenizer, [inputs[i] for i, _ in rows], [c for _, c in rows],
-                                    [prompts[i].images for i, _ in rows], cfg.eval.batch_size, cfg.eval.add_bos)
-        chosen, at = [], 0
-        for p, ex, rec in zip(prompts, items, records):
-            scores = [lp / n if cfg.eval.mc_normalize == "length" else lp for lp, n in lps[at:at + len(p.options)]]
-            at += len(p.options)
-            best = max(range(len(scores)), key=lambda j: scores[j])
-            chosen.append(best)
-            rec.update(prediction=ex.options[best], option_scores=scores, gold=ex.label, score=100.0 * (best == ex.label))
-        return 100.0 * option_accuracy(chosen, [ex.label for ex in items]), records
-    gcfg = GenerationConfig(max_new_tokens=spec.max_new_tokens or cfg.eval.max_new_tokens, stop=list(spec.stop),
-                            batch_size=cfg.eval.batch_size, add_bos=cfg.eval.add_bos, resize=cfg.data.resize,
-                            stop_ids=[tokenizer.im_end_id] if chat else [])
-    raw = generate(model, tokenizer, inputs, [p.images for p in prompts], gcfg)
-    preds = [extract_answer(r, spec) for r in raw]
-    score, per = _score_generations(task, items, preds, cfg)
-    for rec, r, pred, ex, s in zip(records, raw, preds, items, per):
-        rec.update(prediction=pred, raw=r, answers=ex.answers, score=s)
+    scorer = SCORERS.get(spec.metric)
+    if scorer.choice:  # an option index per item, from log-likelihoods or from a generated letter
+        if spec.mc_mode == "generate":
+            texts = _generate(model, tokenizer, task, prompts, inputs, cfg, records)
+            chosen = [choice_from_text(ex, t) for ex, t in zip(items, texts)]
+        else:
+            chosen = _choose_by_loglik(model, tokenizer, prompts, inputs, cfg, records)
+        score, per = scorer.score(items, chosen, cfg)
+        for rec, ex, c, s in zip(records, items, chosen, per):
+            rec.update(prediction=ex.options[c] if c >= 0 else rec.get("raw", ""), choice=c, gold=ex.label, score=s)
+        return score, records
+    preds = _generate(model, tokenizer, task, prompts, inputs, cfg, records)
+    score, per = scorer.score(items, preds, cfg)
+    for rec, pred, ex, s in zip(records, preds, items, per):
+        rec.update(prediction=pred, answers=ex.answers, score=s)
     return score, records
+
+
+def trial_details(task: Task, items: list, records: list[dict], cfg: Config) -> dict:
+    """The metric's breakdown of one trial (POPE's precision/recall/F1, per-category accuracy ...)."""
+    if task.spec.metric == "perplexity":
+        return {}
+    scorer = SCORERS.get(task.spec.metric)
+    values = [r["choice"] if scorer.choice else r["prediction"] for r in records]
+    return scorer.details(items, values, cfg)
 
 
 def evaluate(model, tokenizer: Tokenizer, cfg: Config, tasks: list[str] | None = None, shots: list[int] | None = None,
@@ -104,23 +120,25 @@ def evaluate(model, tokenizer: Tokenizer, cfg: Config, tasks: list[str] | None =
     limit = cfg.eval.limit if limit is None else limit
     results = []
     for name in tasks:
-        task = get_task(name, cfg.data.world)
+        task = get_task(name, cfg.data.world).resolved(cfg.eval.mc_mode)
         items = task.test[:limit] if limit else task.test
         if not items:
             raise ValueError(f"task {task.name}: the test split is empty")
         for k in shots:
             t0 = time.time()
             seeds = [cfg.eval.seed + t for t in range(cfg.eval.trials)]
-            trial_scores, predictions = [], []
+            trial_scores, predictions, details = [], [], []
             for seed in seeds:
                 score, records = run_trial(model, tokenizer, task, items, k, seed, cfg)
                 trial_scores.append(score)
                 predictions.append(records)
+                details.append(trial_details(task, items, records, cfg))
             mean, std = mean_std(trial_scores)
             spec = task.spec
             result = {
                 "task": task.name, "kind": spec.kind, "metric": spec.metric, "shots": k, "score": mean, "std": std,
-                "trial_scores": trial_scores, "seeds": seeds, "n": len(items),
+                "trial_scores": trial_scores, "details": details, "mc_mode": spec.mc_mode, "seeds": seeds,
+                "n": len(items),
                 **_shuffled_control(model, tokenizer, task, items, k, seeds, mean, cfg),
                 "seconds": round(time.time() - t0, 2),
                 "template": spec.chat_template if cfg.eval.chat else spec.template, "chat": cfg.eval.chat,
@@ -148,7 +166,9 @@ def _shuffled_control(model, tokenizer: Tokenizer, task: Task, items: list, shot
     if not cfg.eval.shuffled_control:
         return off | {"shuffle_note": "off (eval.shuffled_control=false)"}
     template = task.spec.chat_template if cfg.eval.chat else task.spec.template
-    if task.spec.metric == "perplexity" or not any(m in template for m in (IMAGE_TOKEN, "{images}", "{image_lines}")):
+    inline = any(IMAGE_TOKEN in ex.question for ex in items)  # MMMU: the data places the images
+    if task.spec.metric == "perplexity" or not (inline or any(m in template for m in (IMAGE_TOKEN, "{images}",
+                                                                                         "{image_lines}"))):
         return off | {"shuffle_note": "text-only prompt: no image to shuffle"}
     scores, predictions, note = [], [], ""
     for seed in seeds:
@@ -196,3 +216,25 @@ def format_table(results: list[dict]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda xs: "  ".join(str(x).ljust(w) for x, w in zip(xs, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def fewshot_average(results: list[dict]) -> dict[int, tuple[float, list[str]]]:
+    """MM1's summary row: at each shot count, the mean score over the model's tasks scored at it
+    (captioning CIDEr and VQA accuracies averaged as they are, as the paper's few-shot tables do).
+    Perplexity (lower is better) and blind baselines are left out."""
+    by_shots: dict[int, dict[str, float]] = {}
+    for r in results:
+        if r.get("kind") and r["metric"] != "perplexity":
+            by_shots.setdefault(r["shots"], {})[r["task"]] = r["score"]
+    return {k: (sum(v.values()) / len(v), sorted(v)) for k, v in sorted(by_shots.items())}
+
+
+def format_average(results: list[dict]) -> str:
+    """One line, e.g. `average over 3 tasks (MM1-style): 0-shot 41.20  4-shot 55.03`; "" without scores."""
+    avg = fewshot_average(results)
+    if not avg:
+        return ""
+    tasks = sorted({t for _, names in avg.values() for t in names})
+    cells = "  ".join(f"{k}-shot {mean:.2f}" + (f" ({len(names)} tasks)" if len(names) != len(tasks) else "")
+                      for k, (mean, names) in avg.items())
+    return f"average over {len(tasks)} tasks (MM1-style): {cells}"

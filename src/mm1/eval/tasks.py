@@ -1,40 +1,48 @@
 """Evaluation tasks: what to ask, from which files, scored how.
 
-A task is a `TaskSpec` (kind, train/test files, prompt template, metric, generation settings) and
-its examples, read from the formats real benchmarks ship in:
+A task is a `TaskSpec` (kind, train/test files in a registered `format`, prompt template, metric,
+generation settings) and its examples. mm1's own layouts:
 
-| kind      | files                                                        | metric                      |
-|-----------|--------------------------------------------------------------|-----------------------------|
-| caption   | COCO captions JSON (`images` + `annotations`)                | CIDEr-D                     |
-| vqa       | VQAv2 questions JSON + annotations JSON (`answers` x 10)     | VQA accuracy (or exact)     |
-| mc        | JSONL `{image(s), question, options, answer: index}`         | option log-likelihood acc.  |
-| text      | JSONL `{question, answer}` (or `{text}` for perplexity)      | exact match / perplexity    |
-| multi     | JSONL `{images: [...], question, answer}`                    | exact match                 |
+| kind      | format (default)                                                 | metric                      |
+|-----------|------------------------------------------------------------------|-----------------------------|
+| caption   | coco_captions: COCO captions JSON (`images` + `annotations`)     | CIDEr-D                     |
+| vqa       | vqav2: questions JSON + annotations JSON (`answers` x 10)        | VQA accuracy (or exact)     |
+| mc        | jsonl: `{image(s), question, options, answer: index}`            | option accuracy             |
+| text      | jsonl: `{question, answer}` (or `{text}` for perplexity)         | exact match / perplexity    |
+| multi     | jsonl: `{images: [...], question, answer}`                       | exact match                 |
 
-The synthetic world's sets are registered by name (`world_caption` ...); a real dataset is a small
-YAML/JSON spec with paths (see `load_spec`), e.g. for COCO Karpathy val or VQAv2 from local copies.
-Examples are read lazily and cached per task, so registering costs nothing.
+Released benchmark layouts are further formats (`mm1.eval.benchmarks`): a spec with `format: pope`
+needs no kind or metric. Multiple choice is scored by option log-likelihood (`mc_mode: loglik`) or
+by generating a letter and parsing it (`generate`, lmms-eval's way); `eval.mc_mode` picks for
+tasks whose spec leaves it open. The synthetic world's sets are registered by name (`world_caption`
+...); a real dataset is a small YAML/JSON spec with paths (see `load_spec`). Examples are read
+lazily and cached per task, so registering costs nothing.
 """
 
 from __future__ import annotations
 
-import json
-from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
+import mm1.eval.benchmarks  # noqa: F401  (registers the released benchmark formats)
+from mm1.eval.readers import FORMATS, Example, default_format
+from mm1.eval.task_metrics import SCORERS
 from mm1.registry import ConfigError, Registry
 
+__all__ = ["Example", "Task", "TaskSpec", "TASKS", "get_task", "load_spec"]
+
 KINDS = ("caption", "vqa", "mc", "text", "multi")
-METRICS = ("cider", "vqa", "exact", "option", "perplexity")
+MC_MODES = ("loglik", "generate")
 DEFAULT_METRIC = {"caption": "cider", "vqa": "vqa", "mc": "option", "text": "exact", "multi": "exact"}
+LETTER = "Answer with the option's letter from the given choices directly."
 DEFAULT_TEMPLATE = {
     "caption": "<image>A short description: {caption}",
     "vqa": "<image>Question: {question} Short answer: {answer}",
     "mc": "<image>Question: {question} Answer: {answer}",
+    "mc/generate": "<image>Question: {question}\n{options}\n" + LETTER + " Answer: {answer}",
     "text": "Question: {question} Answer: {answer}",
     "multi": "{images}Question: {question} Short answer: {answer}",
 }
@@ -44,41 +52,16 @@ DEFAULT_CHAT_TEMPLATE = {
     "caption": "{image_lines}Give a short caption for this image.",
     "vqa": "{image_lines}{question}\n" + SHORT,
     "mc": "{image_lines}{question}\n" + SHORT,
+    "mc/generate": "{image_lines}{question}\n{options}\n" + LETTER,
     "text": "{question}\n" + SHORT,
     "multi": "{image_lines}{question}\n" + SHORT,
 }
 
 
 @dataclass
-class Example:
-    """One evaluation item. `image_keys` identify the images (their resolved file paths: dataset image
-    ids repeat across splits) so the few-shot sampler keeps a query's own image out of its demos."""
-
-    id: str
-    images: list[str] = field(default_factory=list)  # image files, in prompt order
-    image_keys: list[str] = field(default_factory=list)
-    question: str = ""
-    answers: list[str] = field(default_factory=list)  # caption refs / VQA annotators / [answer]
-    options: list[str] = field(default_factory=list)
-    label: int = -1  # gold option index (mc)
-    rationale: str = ""  # few-shot chain-of-thought demonstrations
-    meta: dict[str, Any] = field(default_factory=dict)  # question_type, answer_type, ...
-
-    @property
-    def target(self) -> str:
-        """The answer a demonstration shows: the majority annotator answer, the first caption
-        (demonstrations re-draw captions, see fewshot), or the gold option."""
-        if self.options and self.label >= 0:
-            return self.options[self.label]
-        if self.meta.get("multiple_choice_answer"):
-            return str(self.meta["multiple_choice_answer"])
-        return Counter(self.answers).most_common(1)[0][0] if self.answers else ""
-
-
-@dataclass
 class TaskSpec:
     name: str
-    kind: str
+    kind: str  # "" = the format's kind
     test: Any  # a path, or for vqa {questions: path, annotations: path}
     train: Any = None  # demonstrations come from here; None = zero-shot only
     image_root: Any = None  # dir (or {train: dir, test: dir}) that image file names are relative to
@@ -93,18 +76,39 @@ class TaskSpec:
     stop: list[str] = field(default_factory=lambda: ["\n"])  # generation ends at the first of these
     cot_marker: str = ""  # chain-of-thought: the answer is what follows the last marker
     lowercase: bool = False  # post-processing of generated answers
+    format: str = ""  # a registered file layout (readers.FORMATS); "" = mm1's layout for the kind
+    mc_mode: str = ""  # multiple choice: loglik | generate; "" = eval.mc_mode
+    defaulted: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        fmt = FORMATS.get(self.format) if self.format else None
+        if fmt is not None and fmt.kind:
+            if self.kind and self.kind != fmt.kind:
+                raise ConfigError(f"task {self.name}: format {self.format!r} is a {fmt.kind} task, not kind={self.kind!r}; "
+                                  "drop `kind` from the spec")
+            self.kind = fmt.kind
         if self.kind not in KINDS:
-            raise ConfigError(f"task {self.name}: kind={self.kind!r}; allowed: {', '.join(KINDS)}")
-        self.metric = self.metric or DEFAULT_METRIC[self.kind]
-        if self.metric not in METRICS:
-            raise ConfigError(f"task {self.name}: metric={self.metric!r}; allowed: {', '.join(METRICS)}")
-        self.template = self.template or DEFAULT_TEMPLATE[self.kind]
-        self.chat_template = self.chat_template or DEFAULT_CHAT_TEMPLATE[self.kind]
+            raise ConfigError(f"task {self.name}: kind={self.kind!r}; allowed: {', '.join(KINDS)} "
+                              f"(or a format: {', '.join(FORMATS.names())})")
+        self.mc_mode = self.mc_mode or (fmt.mc_mode if fmt else "")
+        if self.mc_mode not in ("",) + MC_MODES:
+            raise ConfigError(f"task {self.name}: mc_mode={self.mc_mode!r}; allowed: {', '.join(MC_MODES)}")
+        self.defaulted = tuple(k for k in ("metric", "template", "chat_template") if not getattr(self, k))
+        key = "mc/generate" if self.kind == "mc" and self.mc_mode == "generate" else self.kind
+        self.metric = self.metric or (fmt.metric if fmt else "") or DEFAULT_METRIC[self.kind]
+        if self.metric not in SCORERS and self.metric != "perplexity":
+            raise ConfigError(f"task {self.name}: metric={self.metric!r}; allowed: {', '.join(SCORERS.names())}, "
+                              "perplexity")
+        self.template = self.template or (fmt.template if fmt else "") or DEFAULT_TEMPLATE[key]
+        self.chat_template = self.chat_template or (fmt.chat_template if fmt else "") or DEFAULT_CHAT_TEMPLATE[key]
         if self.cot_marker and "{rationale}" not in self.template:
             raise ConfigError(f"task {self.name}: cot_marker is set but the template has no {{rationale}} field, "
                               "e.g. '<image>Question: {question} Reasoning: {rationale} So the answer is {answer}'")
+
+
+    def with_mc_mode(self, mode: str) -> TaskSpec:
+        """The spec with a multiple-choice mode, its defaulted templates re-derived for that mode."""
+        return replace(self, mc_mode=mode, **{k: "" for k in self.defaulted})
 
 
 class Task:
@@ -132,125 +136,18 @@ class Task:
     def train(self) -> list[Example]:
         return self.split("train")
 
-
-# ----------------------------------------------------------------------------- readers
-
-
-def _json(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: eval file not found (build the world with `mm1 world`, or fix the task spec)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-
-
-def _jsonl(path: Path) -> list[tuple[int, dict]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: eval file not found (build the world with `mm1 world`, or fix the task spec)")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-    return rows
-
-
-def _root(spec: TaskSpec, split: str, data_file: Path) -> Path:
-    root = spec.image_root
-    if isinstance(root, dict):
-        root = root.get(split)
-    return Path(root) if root else data_file.parent
-
-
-def _image_path(root: Path, name: str, where: str) -> str:
-    """Image file names resolve against the root, then its `images/` folder (the world's layout)."""
-    p = Path(name)
-    for cand in [p] if p.is_absolute() else [root / p, root / "images" / p]:
-        if cand.is_file():
-            return str(cand.resolve())
-    raise FileNotFoundError(f"{where}: image {name!r} not found under {root} (or {root / 'images'}); "
-                            "set image_root in the task spec")
-
-
-def _read_caption(spec: TaskSpec, path: Path, split: str) -> list[Example]:
-    data, root = _json(path), _root(spec, split, path)
-    refs: dict[Any, list[str]] = {}
-    for n, ann in enumerate(data.get("annotations", [])):
-        if "image_id" not in ann or "caption" not in ann:
-            raise ValueError(f"{path}: annotations[{n}] needs image_id and caption (COCO captions format)")
-        refs.setdefault(ann["image_id"], []).append(str(ann["caption"]))
-    out = []
-    for img in data.get("images", []):
-        if img["id"] not in refs:
-            continue  # an image without references cannot be scored
-        file = _image_path(root, img.get("file_name") or img.get("image", ""), f"{path} image id {img['id']}")
-        out.append(Example(str(img["id"]), [file], [file], answers=refs[img["id"]]))
-    if not out:
-        raise ValueError(f"{path}: no images with captions (expected COCO format: images[], annotations[])")
-    return out
-
-
-def _read_vqa(spec: TaskSpec, src: Any, split: str) -> list[Example]:
-    if not isinstance(src, dict) or not {"questions", "annotations"} <= set(src):
-        raise ConfigError(f"task {spec.name}: a vqa split needs {{questions: path, annotations: path}}, got {src!r}")
-    qpath, apath = Path(src["questions"]), Path(src["annotations"])
-    questions, anns = _json(qpath), _json(apath)
-    by_qid = {a["question_id"]: a for a in anns.get("annotations", [])}
-    root, out = _root(spec, split, qpath), []
-    for q in questions.get("questions", []):
-        ann = by_qid.get(q["question_id"])
-        if ann is None:
-            raise ValueError(f"{apath}: no annotation for question_id {q['question_id']} of {qpath}")
-        name = q.get("image") or q.get("file_name") or (spec.image_pattern.format(image_id=q["image_id"])
-                                                         if spec.image_pattern else None)
-        if name is None:
-            raise ConfigError(f"task {spec.name}: {qpath} questions carry only image_id; "
-                              "set image_pattern (e.g. 'COCO_val2014_{image_id:012d}.jpg') and image_root")
-        file = _image_path(root, name, f"{qpath} question {q['question_id']}")
-        answers = [str(a["answer"]) if isinstance(a, dict) else str(a) for a in ann["answers"]]
-        meta = {k: ann[k] for k in ("question_type", "answer_type", "multiple_choice_answer") if k in ann}
-        out.append(Example(str(q["question_id"]), [file], [file], question=q["question"],
-                           answers=answers, rationale=str(ann.get("rationale", q.get("rationale", ""))), meta=meta))
-    return out
-
-
-def _read_jsonl(spec: TaskSpec, path: Path, split: str) -> list[Example]:
-    root, out = _root(spec, split, path), []
-    for n, row in _jsonl(path):
-        where = f"{path}:{n}"
-        imgs = row.get("images", [row["image"]] if row.get("image") else [])
-        files = [_image_path(root, str(i), where) for i in imgs]
-        if spec.kind in ("multi", "caption", "vqa") and not files:
-            raise ValueError(f"{where}: a {spec.kind} example needs images")
-        ans = row.get("answers", row.get("captions", row.get("answer", "")))
-        ex = Example(str(row.get("id", row.get("question_id", n))), files, files,
-                     question=str(row.get("question", row.get("prompt", ""))), rationale=str(row.get("rationale", "")),
-                     meta={k: v for k, v in row.items() if k in ("question_type", "type", "answer_type")})
-        if spec.kind == "mc":
-            opts = row.get("options")
-            if not isinstance(opts, list) or len(opts) < 2 or not isinstance(ans, int) or not 0 <= ans < len(opts):
-                raise ValueError(f"{where}: multiple choice needs options (>= 2 strings) and answer = an option index")
-            ex.options, ex.label, ex.answers = [str(o) for o in opts], ans, [str(opts[ans])]
-        elif spec.metric == "perplexity":
-            ex.answers = [str(row.get("text", ans))]
-        else:
-            ex.answers = [str(a) for a in ans] if isinstance(ans, list) else [str(ans)]
-            if not ex.answers or ex.answers == [""]:
-                raise ValueError(f"{where}: needs an answer")
-        out.append(ex)
-    return out
+    def resolved(self, mc_mode: str) -> Task:
+        """This task with `mc_mode` filled in where the spec left it open (examples are shared)."""
+        if self.spec.kind != "mc" or self.spec.mc_mode:
+            return self
+        task = Task(self.spec.with_mc_mode(mc_mode))
+        task._splits = self._splits
+        return task
 
 
 def read_examples(spec: TaskSpec, src: Any, split: str) -> list[Example]:
-    if spec.kind == "vqa":
-        return _read_vqa(spec, src, split)
-    path = Path(src)
-    if spec.kind == "caption" and path.suffix == ".json":
-        return _read_caption(spec, path, split)
-    return _read_jsonl(spec, path, split)
+    fmt = FORMATS.get(spec.format or default_format(spec.kind, src))
+    return fmt.read(spec, src if isinstance(src, dict) else Path(src), split)
 
 
 # ----------------------------------------------------------------------------- registry and specs
@@ -291,9 +188,10 @@ def load_spec(path: str | Path) -> TaskSpec:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from None
-    if not isinstance(data, dict) or "kind" not in data or "test" not in data:
-        raise ConfigError(f"{path}: a task spec needs at least `kind` ({'|'.join(KINDS)}) and `test`")
-    allowed = {f.name for f in fields(TaskSpec)}
+    if not isinstance(data, dict) or not {"kind", "format"} & set(data) or "test" not in data:
+        raise ConfigError(f"{path}: a task spec needs `test` and a `kind` ({'|'.join(KINDS)}) or a `format` "
+                          f"({'|'.join(FORMATS.names())})")
+    allowed = {f.name for f in fields(TaskSpec) if f.init}
     unknown = set(data) - allowed
     if unknown:
         raise ConfigError(f"{path}: unknown task spec keys {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -307,6 +205,7 @@ def load_spec(path: str | Path) -> TaskSpec:
         if data.get(key) is not None:
             data[key] = rel(data[key])
     data.setdefault("name", path.stem)
+    data.setdefault("kind", "")
     return TaskSpec(**data)
 
 
