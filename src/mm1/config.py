@@ -188,7 +188,9 @@ class TrainConfig:
     deterministic: bool = True
     nonfinite: str = "stop"  # stop | skip
     log_every: int = 1
-    tensorboard: bool = False
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard, wandb (mm1.train.loggers)
+    wandb_project: str = "mm1"
+    wandb_mode: str = "offline"  # offline (no network, `wandb sync` later) | online | disabled
 
 
 @dataclass
@@ -464,6 +466,7 @@ def validate(cfg: Config) -> None:
     _one_of("train.strategy", t.strategy, ["auto", "single", "ddp", "fsdp"])
     _one_of("train.precision", t.precision, ["auto", "fp32", "bf16"])
     _one_of("train.nonfinite", t.nonfinite, ["stop", "skip"])
+    _one_of("train.wandb_mode", t.wandb_mode, ["offline", "online", "disabled"])
     _check(t.steps > 0, "train.steps", t.steps, "must be positive")
     _check(t.lr is None or (math.isfinite(t.lr) and t.lr > 0), "train.lr", t.lr,
            "must be > 0 (allowed: (0, inf)), or unset for the MM1 law")

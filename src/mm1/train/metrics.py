@@ -1,23 +1,23 @@
-"""What a run reports while it trains: `metrics.jsonl`, a progress bar, optional TensorBoard.
+"""What a run reports while it trains: `metrics.jsonl`, a progress bar, optional TensorBoard / W&B.
 
 One JSON object per optimizer step (rank 0 writes), so a run can be plotted, compared and resumed
 from a plain file: `step`, `loss`, `lr` always; then `lm_loss`, `aux_loss`, `loss_<source>` for each
 data source kind present in the step, `grad_norm`, `tokens`, `tokens_per_s`, `images_per_s`, `mfu`
 (when the accelerator's peak is known), MoE balance statistics, `skipped` for a step dropped by
 `train.nonfinite=skip`. On resume the lines past the checkpoint are cut, so the file reads as one
-uninterrupted run.
+uninterrupted run. The sinks (`train.loggers`) live in `mm1.train.loggers`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-from mm1.registry import ConfigError
+from mm1.config import Config
+from mm1.train.loggers import build_loggers
 
 log = logging.getLogger("mm1.train")
 
@@ -42,45 +42,26 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/inf; keep the information as text
-    return v
-
-
 class MetricsLogger:
-    """Appends metrics.jsonl (rank 0), shows a progress bar on a terminal or a log line every
-    `log_every` steps elsewhere (cluster logs), mirrors scalars to TensorBoard if asked."""
+    """Sends each step's record to the configured sinks (rank 0), shows a progress bar on a terminal
+    or a log line every `log_every` steps elsewhere (cluster logs)."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, tensorboard: bool,
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, cfg: Config,
                  progress: bool, log_every: int = 1) -> None:
         self.enabled, self.total, self.log_every = enabled, total_steps, max(1, log_every)
-        self.file = self.bar = self.tb = None
-        if not enabled:
-            return
-        self.file = open(Path(run_dir) / "metrics.jsonl", "a")
-        if progress:
+        self.bar = None
+        self.sinks = build_loggers(run_dir, cfg) if enabled else []
+        if enabled and progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                             mininterval=1.0)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("train.tensorboard=true needs the tensorboard package: "
-                                  "pip install 'mm1[tensorboard]' (or set train.tensorboard=false)") from None
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self.tb.add_scalar(k, v, record["step"])
+        for sink in self.sinks:
+            sink.log(record)
         tps = record.get("tokens_per_s", 0.0)
         if self.bar is not None:
             self.bar.set_postfix({"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
@@ -95,7 +76,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        for sink in self.sinks:
+            sink.close()

@@ -251,7 +251,7 @@ class Trainer:
         self._setup()
         start = self._start_run_dir(resume)
         t = self.cfg.train
-        logger = MetricsLogger(self.out, t.steps, start, self.env.is_main, t.tensorboard,
+        logger = MetricsLogger(self.out, t.steps, start, self.env.is_main, self.cfg,
                                progress=sys.stderr.isatty(), log_every=t.log_every)
         first = last = None
         self.model.train()
