@@ -254,9 +254,11 @@ def test_benchmarks_score_end_to_end_with_their_metrics_and_an_average(tiny, mc_
     _mmbench(root / mc_mode)
     pope = _spec_file(root / mc_mode, "pope", format="pope", test="coco_pope_random.json", image_root="val2014")
     mmb = _spec_file(root / mc_mode, "mmb", format="mmbench", test="MMBench_DEV_EN.tsv")
+    _mmmu(root / mc_mode)
+    mmmu = _spec_file(root / mc_mode, "mmmu", format="mmmu", test="Art")
     cfg.eval.mc_mode = mc_mode
     try:
-        results = evaluate(model, tok, cfg, [pope, mmb], [0], limit=0, log=None)
+        results = evaluate(model, tok, cfg, [pope, mmb, mmmu], [0], limit=0, log=None)
     finally:
         cfg.eval.mc_mode = "loglik"
     by = {r["task"]: r for r in results}
@@ -272,6 +274,7 @@ def test_benchmarks_score_end_to_end_with_their_metrics_and_an_average(tiny, mc_
     for p in mmb_result["predictions"][0]:
         per_group.setdefault(int(p["id"]) % 1_000_000, []).append(p["score"] > 0)
     assert mmb_result["score"] == 100.0 * sum(all(v) for v in per_group.values()) / 2
+    assert by["mmmu"]["mc_mode"] == "generate" and by["mmmu"]["score_shuffled"] is not None  # images inline
     line = format_average(results)
-    assert line.startswith("average over 2 tasks (MM1-style): 0-shot ")
-    assert f"{(by['pope']['score'] + mmb_result['score']) / 2:.2f}" in line
+    assert line.startswith("average over 3 tasks (MM1-style): 0-shot ")
+    assert f"{(by['pope']['score'] + mmb_result['score'] + by['mmmu']['score']) / 3:.2f}" in line
