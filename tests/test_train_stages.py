@@ -30,7 +30,7 @@ def cfg_for(world: Path, *extra: str):
 @pytest.fixture(scope="module")
 def pretrain_run(tiny_world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrain") / "run"
-    train(cfg_for(tiny_world, "train.steps=24", "train.save_every=12"), out)
+    train(cfg_for(tiny_world, "train.steps=24", "train.save_every=12", "train.eval_every=10"), out)
     return out
 
 
@@ -42,6 +42,11 @@ def test_pretrain_loss_falls_and_every_step_is_logged(pretrain_run):
     for key in ("loss", "lr", "lm_loss", "grad_norm", "tokens_per_s", "images_per_s", "tokens", "images"):
         assert all(key in r for r in rows), key
     assert any(k.startswith("loss_") and k != "loss_" for k in rows[0])  # loss per source kind
+    # the image-reliance probe every train.eval_every=10 steps and at the last: own vs deranged images
+    probed = [r["step"] for r in rows if "loss_shuffled" in r]
+    assert probed == [10, 20, 24] and all("loss_probe" in r for r in rows if r["step"] in probed)
+    assert all(0 < r["loss_probe"] < 20 and 0 < r["loss_shuffled"] < 20 for r in rows if r["step"] in probed)
+    assert all(r["loss_shuffled"] != r["loss_probe"] for r in rows if r["step"] in probed)
     assert sorted(p.name for p in (pretrain_run / "checkpoints").iterdir()) == ["step-12", "step-24"]
     saved = config_from_dict(yaml.safe_load((pretrain_run / "config.yaml").read_text()))
     assert saved.train.steps == 24 and saved.model.lm.n_layers == 2

@@ -191,6 +191,7 @@ class TrainConfig:
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard, wandb (mm1.train.loggers)
     wandb_project: str = "mm1"
     wandb_mode: str = "offline"  # offline (no network, `wandb sync` later) | online | disabled
+    eval_every: int = 50  # loss_probe / loss_shuffled (own vs deranged images, one fixed batch); 0 = off
 
 
 @dataclass

@@ -4,8 +4,10 @@ One JSON object per optimizer step (rank 0 writes), so a run can be plotted, com
 from a plain file: `step`, `loss`, `lr` always; then `lm_loss`, `aux_loss`, `loss_<source>` for each
 data source kind present in the step, `grad_norm`, `tokens`, `tokens_per_s`, `images_per_s`, `mfu`
 (when the accelerator's peak is known), MoE balance statistics, `skipped` for a step dropped by
-`train.nonfinite=skip`. On resume the lines past the checkpoint are cut, so the file reads as one
-uninterrupted run. The sinks (`train.loggers`) live in `mm1.train.loggers`.
+`train.nonfinite=skip`; every `train.eval_every` steps (and at the last) `loss_probe` and
+`loss_shuffled`, one fixed batch's loss with its own and with deranged images (`mm1.train.probe`).
+On resume the lines past the checkpoint are cut, so the file reads as one uninterrupted run. The
+sinks (`train.loggers`) live in `mm1.train.loggers`.
 """
 
 from __future__ import annotations

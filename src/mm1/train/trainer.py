@@ -111,6 +111,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t, self.lr_choice)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.loader = ShardedLoader(cfg, self.tokenizer, env.rank, env.world_size)
+        self.probe = None
+        if t.eval_every > 0 and not self.encoder_stage:
+            from mm1.train.probe import ImageProbe
+
+            self.probe = ImageProbe(cfg, self.tokenizer, env)
         self.peak = None
         if env.device.type == "cuda":
             from mm1.models.flops import peak_flops, training_flops
@@ -284,6 +289,8 @@ class Trainer:
                             f"stopping. Last good checkpoint: {where}. Lower train.lr or check the data, then "
                             "continue with --resume; or set train.nonfinite=skip to drop such steps")
                     log.warning("step %d: non-finite loss/grad norm, step skipped (train.nonfinite=skip)", step + 1)
+                if self.probe is not None and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
+                    record.update(self.probe.measure(self.model, self._autocast))
                 first = record["loss"] if first is None else first
                 last = record["loss"]
                 logger.log(record)
