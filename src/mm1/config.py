@@ -385,6 +385,7 @@ def _check_ranges(cfg: Config) -> None:
                        ("model.lm.moe_lb_coef", lm.moe_lb_coef), ("model.lm.moe_z_coef", lm.moe_z_coef),
                        ("data.num_workers", d.num_workers), ("train.warmup_steps", t.warmup_steps),
                        ("train.clip", t.clip), ("train.keep_last", t.keep_last), ("train.data_shards", t.data_shards),
+                       ("train.eval_every", t.eval_every),
                        ("eval.limit", e.limit)]:
         _at_least(key, value, 0)
     for key, value in [("model.vision.norm_eps", v.norm_eps), ("model.lm.norm_eps", lm.norm_eps),
