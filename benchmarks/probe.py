@@ -11,6 +11,9 @@ fits a multinomial logistic regression per attribute on a train part, scoring he
 | count     | all                                     | 1-5     |
 | position  | one-object scenes (the object's cell)   | 9       |
 
+With `--world` pointing at a `single` world (one shape per image), its 600 eval images are probed
+for colour (8) and shape (4), the attributes `benchmarks/grounding.py` asks about.
+
 Two feature sets: the mean-pooled ViT patch features (what a contrastive encoder is trained to
 make linearly useful) and, for MLLM checkpoints, the connector's flattened output tokens (what the
 LM actually receives). The chance level (majority class of the held-out part) is printed beside
@@ -50,7 +53,8 @@ ATTRIBUTES = ("colour", "shape", "count", "position")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", default="", help="encoder/pretrain/SFT run or checkpoint ('' = random ViT)")
-    p.add_argument("--world", default="data/world-tiny", help="tiny world to read caption images from (built if missing)")
+    p.add_argument("--world", default="data/world-tiny",
+                   help="tiny world to read caption images from (built if missing), or a single world")
     p.add_argument("--images", type=int, default=3000, help="caption images to encode (default 3000)")
     p.add_argument("--test-frac", type=float, default=0.25, help="held-out share per attribute")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
@@ -59,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def labels(scene: dict) -> dict[str, int | None]:
     """The attribute classes of one scene (None where the attribute is not well defined)."""
     objs = scene["objects"]
+    if scene.get("single"):
+        return {"colour": COLOURS_INDEX[objs[0]["colour"]], "shape": SHAPES.index(objs[0]["shape"]),
+                "count": None, "position": None}
     one_kind = len({(o["colour"], o["shape"]) for o in objs}) == 1
     return {"colour": COLOURS_INDEX[objs[0]["colour"]] if one_kind else None,
             "shape": SHAPES.index(objs[0]["shape"]) if one_kind else None,
@@ -80,6 +87,25 @@ def caption_images(world: Path, n: int) -> tuple[list[bytes], list[dict]]:
                 scenes.append(json.loads(tar.extractfile(members[key + ".json"]).read())["scene"])
                 if len(pngs) == n:
                     return pngs, scenes
+    return pngs, scenes
+
+
+def single_images(world: Path) -> tuple[list[bytes], list[dict]]:
+    """The single world's eval images (train and test splits) with the colour and shape their VQA
+    annotations give, as one-object scenes."""
+    pngs, scenes = [], []
+    for split in ("train", "test"):
+        questions = json.loads((world / "eval" / f"vqa_{split}_questions.json").read_text())["questions"]
+        anns = json.loads((world / "eval" / f"vqa_{split}_annotations.json").read_text())["annotations"]
+        files = {q["image_id"]: q["file_name"] for q in questions}
+        found: dict[int, dict[str, str]] = {}
+        for a in anns:
+            if a["question_type"] in ("colour", "shape"):
+                found.setdefault(a["image_id"], {})[a["question_type"]] = a["multiple_choice_answer"]
+        for image_id, attrs in sorted(found.items()):
+            pngs.append((world / "eval" / files[image_id]).read_bytes())
+            scenes.append({"objects": [{"colour": attrs["colour"], "shape": attrs["shape"], "position": "center"}],
+                           "single": True})
     return pngs, scenes
 
 
@@ -143,13 +169,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_config(preset_path("tiny"), [f"data.world={args.world}"]).data
-    pngs, scenes = caption_images(ensure_world(data, verbose=False), args.images)
+    world = Path(args.world)
+    if (world / "world.json").is_file() and json.loads((world / "world.json").read_text())["size"] == "single":
+        pngs, scenes = single_images(world)
+    else:
+        pngs, scenes = caption_images(ensure_world(data, verbose=False), args.images)
     vision, connector, model_cfg = load_parts(args.checkpoint)
     feats = features(vision, connector, model_cfg, pngs)
     table = [labels(s) for s in scenes]
     result: dict[str, Any] = {"chance": {}}
     for attr in ATTRIBUTES:
         idx = [i for i, t in enumerate(table) if t[attr] is not None]
+        if not idx:
+            continue
         y = torch.tensor([table[i][attr] for i in idx])
         n_test = max(1, int(len(y) * args.test_frac))
         result["chance"][attr] = round(100.0 * float(torch.bincount(y[:n_test]).max()) / n_test, 1)

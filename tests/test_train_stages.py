@@ -90,6 +90,25 @@ def test_encoder_stage_trains_and_hands_its_vit_to_the_mllm(objective, tiny_worl
     assert vit and all(torch.equal(v, saved[f"vision.{k}"]) for k, v in vit.items())
 
 
+def test_hard_negative_captions_swap_only_the_grouped_words_and_flag_captions_without_any(tiny_world, tmp_path):
+    from mm1.data.tokenizer import Tokenizer
+    from mm1.train.encoder import WordSwapper
+
+    tok = Tokenizer.load(tiny_world / "tokenizer.json")
+    swap = WordSwapper([["circle", "square", "star"], ["not a single token here", "x"]], tok.encode)
+    assert len(swap.groups) == 2  # " circle"/"circle" forms; the multi-token group is skipped
+    rows = [tok.encode(" two red circle and a blue star"), tok.encode(" nice picture of red things")]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    neg, changed = swap(ids, torch.Generator().manual_seed(0))
+    assert changed.tolist() == [True, False] and torch.equal(neg[1], ids[1])
+    words = tok.decode(neg[0].tolist()).split()
+    assert words[:2] == ["two", "red"] and words[2] != "circle" and words[2] in ("square", "star")
+    assert words[-1] != "star" and words[-1] in ("circle", "square")
+    cfg = cfg_for(tiny_world, "train.stage=encoder", "train.steps=2", "train.hard_negatives=[[circle,square,star]]")
+    assert train(cfg, tmp_path / "hn")["final_loss"] is not None
+
+
 def test_sft_starts_from_pretrain_at_higher_resolution_with_subimages(pretrain_run, tiny_world, tmp_path):
     over = ["train.stage=sft", f"train.init_from={pretrain_run}", "model.vision.image_size=96",
             "model.subimage_grid=2", "data.seq_len=256", "data.batch_size=1", "train.steps=2"]

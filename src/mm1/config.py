@@ -181,6 +181,9 @@ class TrainConfig:
     freeze_lm: bool = False
     init_from: str = ""  # a previous stage's run dir or checkpoint dir
     encoder_objective: str = "clip"  # clip | siglip | aim (stage=encoder)
+    # stage=encoder, clip/siglip: groups of caption words swapped among themselves to make hard negative
+    # captions (NegCLIP); [] = none. The tiny preset swaps the world's shape names.
+    hard_negatives: list[list[str]] = field(default_factory=list)
     strategy: str = "auto"  # auto | single | ddp | fsdp
     data_shards: int = 0  # data-stream shards (0 = one per process); fixed = same global batch on any #processes
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16

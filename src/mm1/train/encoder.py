@@ -7,6 +7,11 @@ Two families, chosen by `train.encoder_objective`:
 - reconstructive, `aim` (AIM): the ViT runs with a prefix-causal mask over its patches (a random
   prefix attends bidirectionally, the rest causally) and an MLP head predicts the next patch's
   per-patch-normalised pixels, MSE on the non-prefix patches.
+Contrastive objectives can add *hard negative* captions (NegCLIP, Yuksekgonul et al. 2023): each
+caption with the words of a `train.hard_negatives` group swapped among themselves ("a red circle" ->
+"a red star"). In-batch negatives of the synthetic world differ in colour far more often than in
+shape, so without them the encoder learns colour and ignores shape (docs/grounding.md: linear shape
+probe at chance); a swapped caption can only be told apart by looking at the shape.
 The ViT is the same module class as `MLLM.vision` and its weights sit under `vision.` in the
 checkpoint, so a pretrain run with `train.init_from=<encoder run>` starts from exactly these.
 Contrastive losses gather features over ranks, so N processes see the same negatives as one.
@@ -77,16 +82,54 @@ def caption_pairs(batch: dict[str, torch.Tensor], image_id: int, tokens_per_imag
     return images, out, valid
 
 
-def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+class WordSwapper:
+    """Makes hard negative captions: token ids of each word group (single-token words, with and
+    without a leading space) are replaced by another word of the same group, a random non-zero
+    cyclic shift per caption. Groups whose words are not single tokens are skipped."""
+
+    def __init__(self, groups: list[list[str]], encode) -> None:
+        self.groups: list[list[int]] = []
+        for words in groups:
+            for form in (" {}", "{}"):
+                ids = [encode(form.format(w)) for w in words]
+                if len(words) > 1 and all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == len(ids):
+                    self.groups.append([i[0] for i in ids])
+
+    def __call__(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(negative ids [N, L], changed [N]: whether a caption had any word to swap)."""
+        out = ids.clone()
+        for group in self.groups:
+            table = torch.tensor(group, device=ids.device)
+            n = len(group)
+            shift = torch.randint(1, n, (ids.shape[0], 1), generator=generator).to(ids.device)  # [N, 1]
+            hit = torch.isin(ids, table)  # [N, L]
+            pos = (ids.unsqueeze(-1) == table).float().argmax(-1)  # [N, L] index within the group
+            out = torch.where(hit, table[(pos + shift) % n], out)
+        return out, (out != ids).any(1)
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, neg: torch.Tensor | None = None,
+              neg_ok: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE; with hard negative captions `neg` [M, E], images also have to reject those
+    (columns where `neg_ok` is False, captions with nothing swapped, are left out)."""
     logits = scale * img @ txt.T  # [N, N]
     labels = torch.arange(img.shape[0], device=img.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    i2t = logits
+    if neg is not None:
+        hard = (scale * img @ neg.T).masked_fill(~neg_ok[None, :], float("-inf"))  # [N, M]
+        i2t = torch.cat([logits, hard], dim=1)
+    return 0.5 * (F.cross_entropy(i2t, labels) + F.cross_entropy(logits.T, labels))
 
 
-def siglip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def siglip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                neg: torch.Tensor | None = None, neg_ok: torch.Tensor | None = None) -> torch.Tensor:
     logits = scale * img @ txt.T + bias  # [N, N]
     signs = 2 * torch.eye(img.shape[0], device=img.device) - 1
-    return -F.logsigmoid(signs * logits).sum() / img.shape[0]
+    loss = -F.logsigmoid(signs * logits).sum()
+    if neg is not None:  # every (image, swapped caption) pair is a negative
+        hard = -F.logsigmoid(-(scale * img @ neg.T + bias))  # [N, M]
+        loss = loss + (hard * neg_ok[None, :].to(hard.dtype)).sum()
+    return loss / img.shape[0]
 
 
 def _block_forward(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -101,7 +144,7 @@ def _block_forward(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> tor
 class EncoderPretrainer(nn.Module):
     """The ViT plus what its objective needs; `forward(batch)` returns the stage loss."""
 
-    def __init__(self, cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv) -> None:
+    def __init__(self, cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, encode=None) -> None:
         super().__init__()
         v = cfg.model.vision
         self.objective = cfg.train.encoder_objective
@@ -121,6 +164,8 @@ class EncoderPretrainer(nn.Module):
                 self.logit_bias = nn.Parameter(torch.tensor(-10.0))
             else:  # CLIP's: t = 1 / 0.07
                 self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        groups = cfg.train.hard_negatives if self.objective != "aim" else []
+        self.swapper = WordSwapper(groups, encode) if groups and encode is not None else None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.objective == "aim":
@@ -131,11 +176,16 @@ class EncoderPretrainer(nn.Module):
         img = F.normalize(self.image_proj(self.vision(images).mean(1)), dim=-1)  # [N, E]
         txt = F.normalize(self.text(ids.to(dev), valid.to(dev)), dim=-1)  # [N, E]
         img, txt = gather_with_grad(img.float(), self.env), gather_with_grad(txt.float(), self.env)
+        neg = neg_ok = None
+        if self.swapper is not None:
+            neg_ids, changed = self.swapper(ids)
+            neg = gather_with_grad(F.normalize(self.text(neg_ids.to(dev), valid.to(dev)), dim=-1).float(), self.env)
+            neg_ok = gather_with_grad(changed.to(dev).float(), self.env) > 0
         scale = self.logit_scale.exp().clamp(max=100.0)
         if self.objective == "siglip":
-            loss = siglip_loss(img, txt, scale, self.logit_bias)
+            loss = siglip_loss(img, txt, scale, self.logit_bias, neg, neg_ok)
         else:
-            loss = clip_loss(img, txt, scale)
+            loss = clip_loss(img, txt, scale, neg, neg_ok)
         with torch.no_grad():
             acc = ((img @ txt.T).argmax(-1) == torch.arange(img.shape[0], device=dev)).float().mean()
         return {"loss": loss, "retrieval_acc": acc, "n_images": torch.tensor(img.shape[0])}

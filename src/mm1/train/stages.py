@@ -115,12 +115,14 @@ def apply_freeze(model: nn.Module, cfg: Config) -> dict[str, bool]:
     return {k: v for k, v in flags.items() if hasattr(model, k)}
 
 
-def build_stage_module(cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str) -> nn.Module:
-    """The module the trainer optimises for `cfg.train.stage`, initialised and frozen as configured."""
+def build_stage_module(cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str,
+                       encode=None) -> nn.Module:
+    """The module the trainer optimises for `cfg.train.stage`, initialised and frozen as configured.
+    `encode` (text -> token ids) lets the encoder stage find its hard-negative words."""
     if cfg.train.stage == "encoder":
         from mm1.train.encoder import EncoderPretrainer
 
-        module = EncoderPretrainer(cfg, vocab_size, special_ids, env)
+        module = EncoderPretrainer(cfg, vocab_size, special_ids, env, encode)
         if cfg.model.vision.hf_path:
             from mm1.models.hf_vision import load_hf_vision_into
 

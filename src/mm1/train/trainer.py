@@ -100,7 +100,8 @@ class Trainer:
         if self.tokenizer.vocab_size > cfg.model.lm.vocab_size:
             raise ValueError(f"the tokenizer {tok_path} has {self.tokenizer.vocab_size} tokens but "
                              f"model.lm.vocab_size={cfg.model.lm.vocab_size}; raise model.lm.vocab_size")
-        module = build_stage_module(cfg, self.tokenizer.vocab_size, set(self.tokenizer.special_ids), env, self.strategy)
+        module = build_stage_module(cfg, self.tokenizer.vocab_size, set(self.tokenizer.special_ids), env, self.strategy,
+                                    self.tokenizer.encode)
         self.n_params = count_trainable(module)
         self.lr_choice = resolve_lr(t, self.n_params)
         if t.compile:
