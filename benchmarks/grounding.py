@@ -11,8 +11,9 @@ missing), from `--init RUN`, or from random weights (`--scratch`), then scores t
 VQA test split three ways, all with the same VQA accuracy:
 - `accuracy`: the fine-tuned model on each question with its own image;
 - `prior`: the blind baseline, the most frequent train answer for the same question (or type);
-- `shuffled`: the same model with every question given another test image (a seeded derangement
-  of the images: no question keeps its own); a model that reads the image falls to about the prior.
+- `shuffled`: the same model with every question given another test image (the eval runner's
+  image-shuffled control, a seeded derangement: no question keeps its own image); a model that
+  reads the image falls to about the prior.
 
     python benchmarks/grounding.py                      # demo pre-training -> SFT -> scores
     python benchmarks/grounding.py --scratch --steps 300
@@ -25,10 +26,8 @@ Output: per question type and overall, then a last line JSON
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from common import ROOT, cli, emit, machine_info  # noqa: E402
 from mm1.config import load_config, preset_path  # noqa: E402
 from mm1.data.world import ensure_world  # noqa: E402
 from mm1.eval.baselines import blind_baseline  # noqa: E402
-from mm1.eval.runner import run_trial  # noqa: E402
+from mm1.eval.runner import evaluate  # noqa: E402
 from mm1.eval.tasks import Example, get_task  # noqa: E402
 from mm1.experiments.demo import DemoPlan, train_pretrained  # noqa: E402
 from mm1.train.checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
@@ -54,22 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=300, help="SFT steps (default 300)")
     p.add_argument("--out", default=str(ROOT / "runs" / "grounding"), help="SFT run folder (replaced)")
     p.add_argument("--limit", type=int, default=0, help="test questions to score (0 = all 900)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image derangement")
+    p.add_argument("--seed", type=int, default=0, help="eval seed (the image derangement's)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for the SFT run (e.g. train.lr=2e-4)")
-
-
-def deranged(items: list[Example], seed: int) -> list[Example]:
-    """The items with their images permuted so that no item keeps an image it had (a derangement over
-    the distinct images; questions sharing an image move together)."""
-    keys = sorted({k for ex in items for k in ex.image_keys})
-    if len(keys) < 2:
-        raise ValueError("an image-shuffled control needs at least two distinct images")
-    order = keys[:]
-    random.Random(seed).shuffle(order)
-    move = {a: b for a, b in zip(order, order[1:] + order[:1])}  # one cycle through all: no fixed point
-    path = {k: f for ex in items for k, f in zip(ex.image_keys, ex.images)}
-    return [replace(ex, images=[path[move[k]] for k in ex.image_keys], image_keys=[move[k] for k in ex.image_keys])
-            for ex in items]
 
 
 def _init_checkpoint(args: argparse.Namespace) -> str:
@@ -105,16 +90,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.time() - start
 
     model, cfg, tokenizer = load_checkpoint(out)
-    cfg.eval.chat = True
+    cfg.eval.chat, cfg.eval.shuffled_control, cfg.eval.seed, cfg.data.world = True, True, args.seed, str(world)
     task = get_task("world_vqa", world)
     items = task.test[: args.limit] if args.limit else task.test
-    score, records = run_trial(model, tokenizer, task, items, 0, 0, cfg)
-    shuffled, shuffled_records = run_trial(model, tokenizer, task, deranged(items, args.seed), 0, 0, cfg)
+    res = evaluate(model.eval(), tokenizer, cfg, ["world_vqa"], [0], len(items), log=None)[0]
     prior = blind_baseline(task, limit=len(items))
-    result = {"accuracy": round(score, 2), "prior": round(prior["score"], 2), "shuffled": round(shuffled, 2),
-              "steps": args.steps, "seconds": round(seconds, 1)}
+    result = {"accuracy": round(res["score"], 2), "prior": round(prior["score"], 2),
+              "shuffled": round(res["score_shuffled"], 2), "steps": args.steps, "seconds": round(seconds, 1)}
     emit({"machine": machine_info(), "init": init or "scratch", "overrides": list(args.overrides), "n": len(items),
-          "by_type": _by_type(items, records), "by_type_shuffled": _by_type(items, shuffled_records)})
+          "by_type": _by_type(items, res["predictions"][0]),
+          "by_type_shuffled": _by_type(items, res["shuffled_predictions"][0])})
     emit(result)
     return result
 

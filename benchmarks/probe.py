@@ -28,7 +28,6 @@ Last line JSON: {"<features>": {"<attribute>": accuracy %, ...}, "chance": {...}
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import tarfile

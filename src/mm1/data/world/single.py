@@ -26,7 +26,7 @@ import numpy as np
 from mm1.data.world import items
 from mm1.data.world.language import pick
 from mm1.data.world.questions import ANSWER_TYPES, QA, annotator_answers
-from mm1.data.world.scenes import POSITIONS, TONES, Obj, Scene, png_bytes, render
+from mm1.data.world.scenes import POSITIONS, TONES, Obj, Scene
 from mm1.data.world.writers import write_bytes, write_json
 
 SINGLE_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown")
