@@ -55,3 +55,14 @@ def test_a_logger_whose_package_is_missing_is_refused_with_the_install_line(tiny
 def test_an_unknown_logger_names_the_allowed_ones(tiny_world, tmp_path):
     with pytest.raises(ConfigError, match="train.loggers='mlflow'.*allowed: jsonl, tensorboard, wandb"):
         train(_cfg(tiny_world, ["mlflow"]), tmp_path / "run")
+
+
+def test_a_config_saved_with_the_old_tensorboard_flag_still_loads():
+    from mm1.config import config_from_dict, to_dict
+
+    old = to_dict(load_config("tiny"))
+    del old["train"]["loggers"]
+    old["train"]["tensorboard"] = True
+    assert config_from_dict(old).train.loggers == ["jsonl", "tensorboard"]
+    old["train"]["tensorboard"] = False
+    assert config_from_dict(old).train.loggers == ["jsonl"]

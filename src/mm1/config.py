@@ -332,6 +332,11 @@ def config_from_dict(data: dict[str, Any], where: str = "a saved config") -> Con
     """Rebuild a validated Config from `to_dict` output (e.g. a checkpoint's config.yaml)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    train = data.get("train")
+    if isinstance(train, dict) and "tensorboard" in train:  # saved before train.loggers replaced the flag
+        train = {k: v for k, v in train.items() if k != "tensorboard"}
+        train.setdefault("loggers", ["jsonl", "tensorboard"] if data["train"]["tensorboard"] else ["jsonl"])
+        data = {**data, "train": train}
     return _build([(where, data)])
 
 
