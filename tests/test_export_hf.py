@@ -37,14 +37,15 @@ CASES = {  # name -> (connector, vision overrides)
     "c_abstractor": (ConnectorConfig(kind="c_abstractor", num_tokens=4, depth=1, out_norm=1.0), {}),
     "avgpool": (ConnectorConfig(kind="avgpool", num_tokens=4), CLIP_LIKE),
     "attnpool": (ConnectorConfig(kind="attnpool", num_tokens=4, heads=2), {}),
+    "mlp_moe": (ConnectorConfig(kind="mlp", num_tokens=16), CLIP_LIKE),  # MoE LM (tiny_config): Qwen2-MoE
 }
 PROMPT = "<image>the label reads"
 
 
-def tiny_config(tok: Tokenizer, connector: ConnectorConfig, vision: dict) -> Config:
+def tiny_config(tok: Tokenizer, connector: ConnectorConfig, vision: dict, moe: bool = False) -> Config:
     v = VisionConfig(image_size=32, patch_size=8, width=32, depth=3, heads=2, mlp_dim=64, **vision)
     lm = LMConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                  max_seq_len=128, rope_theta=5000.0)
+                  max_seq_len=128, rope_theta=5000.0, **(dict(n_experts=4, moe_every=2, moe_top_k=2) if moe else {}))
     cfg = Config(model=ModelConfig(vision=v, connector=connector, lm=lm, image_token_id=tok.image_id))
     cfg.data.seq_len = 64
     return cfg
@@ -75,7 +76,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
     out = {}
     for n, (name, (connector, vision)) in enumerate(CASES.items()):
         run, folder = root / f"run-{name}", root / f"hf-{name}"
-        write_checkpoint(run, tiny_config(tok, connector, vision), tok, seed=n)
+        write_checkpoint(run, tiny_config(tok, connector, vision, moe=name.endswith("moe")), tok, seed=n)
         assert main(["export", str(run), str(folder), "--format", "hf"]) == 0
         out[name] = (run, folder)
     return out
@@ -103,7 +104,7 @@ def test_transformers_computes_what_mm1_computes(exported, name):
     model, cfg, tok = load_checkpoint(run)
     hf, processor = load_hf(folder)
     plain = (folder / "modeling_mm1_llava.py").is_file() is False
-    assert plain == (name in ("mlp_clip", "mlp_siglip"))
+    assert plain == (name in ("mlp_clip", "mlp_siglip", "mlp_moe"))
     if plain:
         assert type(hf).__name__ == "LlavaForConditionalGeneration"
     image = make_image()
@@ -156,10 +157,7 @@ def test_readme_loading_example_runs(exported, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.startswith("A short description:")
 
 
-def test_moe_and_subimage_models_are_refused_with_the_reason():
-    moe = ModelConfig(lm=LMConfig(n_experts=4))
-    with pytest.raises(ExportError, match="MoE language models cannot be exported"):
-        plan(moe)
+def test_unexportable_models_are_refused_with_the_reason():
     with pytest.raises(ExportError, match="subimage_grid"):
         plan(ModelConfig(subimage_grid=2))
     with pytest.raises(ExportError, match="no vision tower with this combination"):

@@ -20,6 +20,7 @@ from mm1.config import Config
 from mm1.data.tokenizer import IMAGE_TOKEN, IM_END, IM_START, Tokenizer
 from mm1.eval.generate import banned_ids
 from mm1.export.hf_layout import Layout
+from mm1.export.hf_weights import SHARED_EXPERT_WIDTH
 from mm1.models.vision import ACTIVATIONS
 
 # mm1 activation -> transformers' ACT2FN name (the same function)
@@ -63,6 +64,10 @@ def text_config(cfg: Config, tok: Tokenizer, layout: Layout) -> dict[str, Any]:
         out.update(attention_bias=False, mlp_bias=False)
     else:
         out.update(use_sliding_window=False)
+    if layout.text == "qwen2_moe":  # see mm1.export.hf_layout: the same sparse layers, router and experts
+        out.update(decoder_sparse_step=lm.moe_every, num_experts=lm.n_experts, num_experts_per_tok=lm.moe_top_k,
+                   moe_intermediate_size=lm.ffn_dim, norm_topk_prob=True, mlp_only_layers=[], qkv_bias=True,
+                   shared_expert_intermediate_size=SHARED_EXPERT_WIDTH, router_aux_loss_coef=lm.moe_lb_coef)
     return out
 
 

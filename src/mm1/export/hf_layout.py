@@ -15,9 +15,11 @@ exactness, not resemblance:
   `mlp_depth=2` and no `out_norm`. Everything else (other depths, an output norm, `avgpool`,
   `attnpool`, `c_abstractor`) runs through
   the modeling file mm1 writes beside the weights (`trust_remote_code=True`).
-- language model: dense Llama (or Qwen2 when q/k/v have biases). MoE LMs are refused: transformers
-  has no model with mm1's layout (top-k experts every `moe_every` layers, no shared expert, dense
-  layers in between) to load them without remote code, and mm1 does not yet write one.
+- language model: dense Llama (or Qwen2 when q/k/v have biases). An MoE LM is a Qwen2-MoE: its
+  `decoder_sparse_step` is mm1's `moe_every` (the same layers are sparse), its router is mm1's
+  (softmax over experts, top-k, renormalised: `norm_topk_prob`), and the two things mm1 lacks are
+  written as exact zeros: a shared expert of width 1 whose output projection is zero, and q/k/v
+  biases. Training-only settings (load-balance and z-loss coefficients) do not change the output.
 - high resolution (`subimage_grid`): LLaVA feeds one crop per image; refused.
 """
 
@@ -40,7 +42,7 @@ class Layout:
     tower: str  # "clip" | "siglip": the transformers vision tower its ViT becomes
     blocks: int  # ViT blocks exported (those up to feature_layer)
     feature_norm: bool  # the ViT's final LayerNorm applies to the features LLaVA reads
-    text: str  # "llama" | "qwen2"
+    text: str  # "llama" | "qwen2" | "qwen2_moe"
     plain: bool  # loads as LlavaForConditionalGeneration without remote code
     why_remote: str  # empty when plain: why the modeling file is needed
 
@@ -61,13 +63,14 @@ def vision_tower(cfg: ModelConfig) -> str:
                       "only models whose ViT matches one of the two can be exported")
 
 
+def text_model(cfg: ModelConfig) -> str:
+    if cfg.lm.n_experts:
+        return "qwen2_moe"
+    return "qwen2" if cfg.lm.qkv_bias else "llama"
+
+
 def plan(cfg: ModelConfig) -> Layout:
     """The layout for `cfg`, or an ExportError naming what cannot be exported."""
-    if cfg.lm.n_experts:
-        raise ExportError(f"model.lm.n_experts={cfg.lm.n_experts}: MoE language models cannot be exported yet; "
-                          "transformers has no MoE decoder with mm1's layout (top-k SwiGLU experts every "
-                          f"{cfg.lm.moe_every} layers, dense layers between, no shared expert), so an export "
-                          "would need remote code for the LM as well. Export a dense model")
     if cfg.subimage_grid:
         raise ExportError(f"model.subimage_grid={cfg.subimage_grid}: LLaVA feeds one crop per image; models "
                           "trained on sub-image grids cannot be exported yet")
@@ -91,5 +94,5 @@ def plan(cfg: ModelConfig) -> Layout:
     if feature_norm:
         reasons.append("model.vision.post_norm=true normalises the features, which LLaVA reads before the "
                        "tower's final norm")
-    return Layout(tower=tower, blocks=blocks, feature_norm=feature_norm, text="qwen2" if cfg.lm.qkv_bias else "llama",
+    return Layout(tower=tower, blocks=blocks, feature_norm=feature_norm, text=text_model(cfg),
                   plain=not reasons, why_remote="; ".join(reasons))

@@ -20,6 +20,7 @@ from mm1.models.mllm import MLLM
 VISION = "vision_tower.vision_model."
 PROJECTOR = "multi_modal_projector."
 TEXT = "language_model."
+SHARED_EXPERT_WIDTH = 1  # Qwen2-MoE's shared expert, which mm1's MoE lacks: written as zeros
 
 
 def vision_weights(model: MLLM, layout: Layout) -> dict[str, Tensor]:
@@ -69,24 +70,50 @@ def projector_weights(model: MLLM, layout: Layout) -> dict[str, Tensor]:
     return out
 
 
-def text_weights(model: MLLM) -> dict[str, Tensor]:
-    """The decoder as a Llama / Qwen2 causal LM (`language_model.model.*`, `language_model.lm_head`);
-    with tied embeddings there is no head to write (transformers ties it on load)."""
+def moe_weights(layer: str, ffn: dict[str, Tensor], dim: int) -> dict[str, Tensor]:
+    """One MoE layer as Qwen2-MoE's `mlp`: the router is its `gate`, stacked experts become one
+    module per expert, and its shared expert is written as zeros (mm1 has none; a zero output
+    projection makes it add exactly nothing)."""
+    out = {f"{layer}.mlp.gate.weight": ffn["router.weight"]}
+    for name in ("gate", "up", "down"):
+        for e, w in enumerate(ffn[f"experts.{name}"]):
+            out[f"{layer}.mlp.experts.{e}.{name}_proj.weight"] = w.clone()
+    width = SHARED_EXPERT_WIDTH
+    out.update({f"{layer}.mlp.shared_expert.gate_proj.weight": torch.zeros(width, dim),
+                f"{layer}.mlp.shared_expert.up_proj.weight": torch.zeros(width, dim),
+                f"{layer}.mlp.shared_expert.down_proj.weight": torch.zeros(dim, width),
+                f"{layer}.mlp.shared_expert_gate.weight": torch.zeros(1, dim)})
+    return out
+
+
+def text_weights(model: MLLM, layout: Layout) -> dict[str, Tensor]:
+    """The decoder as a Llama / Qwen2 / Qwen2-MoE causal LM (`language_model.model.*`,
+    `language_model.lm_head`); with tied embeddings there is no head to write (transformers ties it
+    on load). Qwen2-MoE always has q/k/v biases: zeros when mm1's LM has none."""
     to_hf = {ours: f"model.layers.{{i}}.{hf}" for hf, ours in LAYER_KEYS.items()}
     top = {ours: hf for hf, ours in TOP_KEYS.items()}
+    cfg = model.cfg.lm
     out: dict[str, Tensor] = {}
+    moe: dict[str, dict[str, Tensor]] = {}
     for key, value in model.lm.state_dict().items():
         value = value.detach().float().contiguous()
         if key in top:
             out[TEXT + top[key]] = value
             continue
         _, i, rest = key.split(".", 2)  # layers.{i}.attn.q.weight
-        if rest not in to_hf:
-            raise KeyError(f"language model parameter {key} has no transformers name; is this a dense Llama LM?")
-        out[TEXT + to_hf[rest].format(i=i)] = value
+        if rest.startswith("ffn.") and rest not in to_hf:  # ffn.router.weight, ffn.experts.gate ...
+            moe.setdefault(i, {})[rest.removeprefix("ffn.")] = value
+        elif rest in to_hf:
+            out[TEXT + to_hf[rest].format(i=i)] = value
+        else:
+            raise KeyError(f"language model parameter {key} has no transformers name")
+        if layout.text == "qwen2_moe" and not cfg.qkv_bias and rest in ("attn.q.weight", "attn.k.weight", "attn.v.weight"):
+            out[TEXT + to_hf[rest].format(i=i).replace(".weight", ".bias")] = torch.zeros(value.shape[0])
+    for i, ffn in moe.items():
+        out.update(moe_weights(f"{TEXT}model.layers.{i}", ffn, cfg.dim))
     return out
 
 
 def llava_state_dict(model: MLLM, layout: Layout) -> dict[str, Tensor]:
     """Every tensor of the export, keyed as transformers' LLaVA checkpoint expects."""
-    return {**vision_weights(model, layout), **projector_weights(model, layout), **text_weights(model)}
+    return {**vision_weights(model, layout), **projector_weights(model, layout), **text_weights(model, layout)}
