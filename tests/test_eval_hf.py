@@ -50,13 +50,16 @@ def write_run(run: Path, world: Path, connector: ConnectorConfig, vision: dict) 
                     trainer_state={}, rank_state={}, extra=extra)
 
 
-def results(json_dir: Path) -> dict[str, tuple[float, list[str], list[float]]]:
-    """(task, shots) -> (score, every prediction, every option log-likelihood)."""
+def results(json_dir: Path) -> dict[str, tuple[float, list[str], list[float], float, list[str]]]:
+    """(task, shots) -> (score, every prediction, every option log-likelihood, and the image-shuffled
+    control's score and predictions: the runner adds it for any model, --hf included)."""
     out = {}
     for f in sorted(json_dir.glob("*.json")):
         r = json.loads(f.read_text())
         items = r["predictions"][0]
-        out[f.stem] = (r["score"], [p["prediction"] for p in items], [s for p in items for s in p.get("option_scores", [])])
+        shuffled = [p["prediction"] for p in (r.get("shuffled_predictions") or [[]])[0]]  # none: text-only task
+        out[f.stem] = (r["score"], [p["prediction"] for p in items],
+                       [s for p in items for s in p.get("option_scores", [])], r["score_shuffled"], shuffled)
     return out
 
 
@@ -75,11 +78,13 @@ def test_an_export_scores_what_its_checkpoint_scores(tiny_world, tmp_path, conne
     assert main(["eval", *common, "--hf", str(folder), *flags, "--json", str(tmp_path / "hf-eval")]) == 0
     ours, theirs = results(tmp_path / "mm1"), results(tmp_path / "hf-eval")
     assert set(ours) == set(theirs) and len(ours) == 10  # 5 tasks x 2 shots
-    for key, (score, preds, option_lls) in ours.items():
+    for key, (score, preds, option_lls, shuffled, shuffled_preds) in ours.items():
         assert theirs[key][0] == pytest.approx(score, abs=1e-9), key
         assert theirs[key][1] == preds, key  # every generated answer, item by item
         assert theirs[key][2] == pytest.approx(option_lls, abs=1e-3), key  # multiple choice log-likelihoods
-    generated = [p for key, (_, preds, _) in ours.items() if "world_mc" not in key for p in preds]
+        assert theirs[key][3] == pytest.approx(shuffled, abs=1e-9) and theirs[key][4] == shuffled_preds, key
+    assert sum(r[3] is not None for r in ours.values()) == 8  # the control ran on every task with images
+    generated = [p for key, (_, preds, *_) in ours.items() if "world_mc" not in key for p in preds]
     assert sum(bool(p.strip()) for p in generated) > len(generated) // 2  # not a comparison of empty strings
 
 
