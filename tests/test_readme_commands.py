@@ -4,7 +4,8 @@ for real, in README order, on a tiny run.
 Each command is parsed exactly as written (argparse + config / ablation spec / task spec load). It
 then runs in a scratch folder laid out like a checkout (`configs/`, `data/world-tiny`) when it is
 one of the cheap kinds: `info`, `train` (with tiny-run overrides appended: 2 steps, a 1-layer model),
-`eval` and `generate` on a run an earlier command trained (with a small `eval.limit`), `ablate` and
+`eval` and `generate` on a run an earlier command trained (with a small `eval.limit`), `export` of such
+a run and `eval --hf` on its export, `ablate` and
 `lessons` with `--dry-run`. Anything else (building a small world, `hparams`, torchrun and
 paper-sized presets, commands on folders no earlier command made) is only parsed; the test prints
 which commands ran and which were only parsed (`pytest -s`).
@@ -68,10 +69,15 @@ def runnable(argv: list[str]) -> list[str] | None:
         return argv
     if command == "train":  # the tiny preset only: the paper-sized ones are for clusters
         return argv + TINY_RUN if argv[1] in ("tiny", "configs/tiny.yaml") else None
+    if command == "export":  # a run an earlier command trained
+        return argv if Path(argv[1], "checkpoints").is_dir() else None
     if command in ("eval", "generate"):
         ckpt = argv[argv.index("--checkpoint") + 1] if "--checkpoint" in argv else ""
         if ckpt and Path(ckpt, "config.yaml").is_file():
             return argv + (CHEAP_EVAL if command == "eval" else ["--max-new-tokens", "2"])
+        hf = argv[argv.index("--hf") + 1] if "--hf" in argv else ""  # a folder an earlier export wrote
+        if hf and Path(hf, "config.json").is_file():
+            return argv + CHEAP_EVAL
         return None
     if command in ("ablate", "lessons"):
         return argv + ["--dry-run", "--out", "runs/dry-" + command]
