@@ -62,19 +62,21 @@ def write_demo_report(out: Path, plan: Any, runs: dict[str, Path], results: list
                  for stage, c in curves.items() if c}
     series: dict[str, dict[int, tuple[float, float]]] = {}
     styles: dict[str, str] = {}
+    colour_of: dict[str, str] = {}
     for r in results:
         series.setdefault(f"{r['task']} ({r['stage']})", {})[r["shots"]] = (r["score"], r.get("std", math.nan))
-    for r in results:  # the image-shuffled control of each curve, dashed, after the scores
+    for r in results:  # the image-shuffled control of each curve: dashed, in the curve's colour
         if r.get("score_shuffled") is not None:
             label = f"{r['task']} ({r['stage']}), images shuffled"
             series.setdefault(label, {})[r["shots"]] = (r["score_shuffled"], r.get("std_shuffled") or math.nan)
-            styles[label] = "--"
+            styles[label], colour_of[label] = "--", f"{r['task']} ({r['stage']})"
     for name, b in baselines.items():
         shots = sorted({r["shots"] for r in results})
         series[f"{name} blind baseline"] = {s: (b["score"], math.nan) for s in shots}
         styles[f"{name} blind baseline"] = ":"
+        colour_of[f"{name} blind baseline"] = next((k for k in series if k.startswith(f"{name} (")), "")
     shots_png = plot_scores_by_shots(series, plots / "scores_by_shots.png", title="scores by shots",
-                                     ylabel="CIDEr / VQA accuracy (x100)", styles=styles)
+                                     ylabel="CIDEr / VQA accuracy (x100)", styles=styles, colour_of=colour_of)
     gains = {}
     for r in results:
         if r.get("image_gain") is not None:

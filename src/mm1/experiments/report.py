@@ -148,16 +148,20 @@ def plot_loss_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], p
 
 def plot_scores_by_shots(series: dict[str, dict[int, tuple[float, float]]], path: str | Path,
                          title: str = "score by shots", ylabel: str = "score",
-                         styles: dict[str, str] | None = None) -> Path:
+                         styles: dict[str, str] | None = None, colour_of: dict[str, str] | None = None) -> Path:
     """Score vs number of in-context examples; `series[label][shots] = (mean, std)` (std may be NaN).
-    `styles[label]` is a matplotlib line style ("--" for an image-shuffled control, ":" for a baseline)."""
+    `styles[label]` is a matplotlib line style ("--" for an image-shuffled control, ":" for a baseline);
+    `colour_of[label]` names an earlier series whose colour it shares (a score and its control)."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    colours: dict[str, Any] = {}
     for label, by_shots in series.items():
         shots = sorted(by_shots)
         means = [by_shots[s][0] for s in shots]
         stds = [0.0 if math.isnan(by_shots[s][1]) else by_shots[s][1] for s in shots]
-        ax.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=label,
-                    linestyle=(styles or {}).get(label, "-"))
+        same = colours.get((colour_of or {}).get(label, ""))
+        line = ax.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=label,
+                           linestyle=(styles or {}).get(label, "-"), **({"color": same} if same else {}))
+        colours[label] = line[0].get_color()
     ax.set_xlabel("shots")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
