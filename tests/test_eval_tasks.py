@@ -202,3 +202,15 @@ def test_mm1_eval_blind_prints_a_table(world, capsys):
                  "--limit", "4"]) == 0
     out = capsys.readouterr().out
     assert "world_vqa (blind: answer prior)" in out and "world_caption (blind: constant caption)" in out
+
+
+def test_question_types_keep_one_slice_of_a_vqa_set(world):
+    root, _ = world
+    label = get_task("world_vqa_label", root)
+    assert label.name == "world_vqa_label" and label.spec.question_types == ["label"]
+    assert label.test == [] and label.split("train") == []  # this miniature world asks only about colour
+    colour = TASKS.get("world_vqa")(root)
+    colour.question_types = ["colour"]
+    from mm1.eval.tasks import Task
+
+    assert len(Task(colour).test) == 4 and all(ex.meta["question_type"] == "colour" for ex in Task(colour).test)

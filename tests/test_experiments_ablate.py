@@ -12,6 +12,7 @@ import yaml
 from mm1.config import Config
 from mm1.experiments.ablate import expand, load_spec, parse_spec, unique_runs
 from mm1.experiments.results import run_ablation
+from mm1.experiments.sweep import stage_dir
 from mm1.registry import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ class FakeRunner:
     def train(self, cfg: Config, config_path: Path, out: Path, resume: bool) -> None:
         if self.crash_at is not None and len(self.trained) == self.crash_at:
             raise KeyboardInterrupt  # the sweep is killed here
-        self.trained.append(out.parent.name)
+        self.trained.append(out.name)  # the stage dir: stages/pretrain-<key>
         out.mkdir(parents=True, exist_ok=True)
         offset = 0.5 if cfg.model.connector.kind == "attnpool" else 0.0
         with open(out / "metrics.jsonl", "w") as f:
@@ -50,7 +51,7 @@ class FakeRunner:
                                     "loss_caption": 4.0 / step, "lr": 1e-3}) + "\n")
 
     def evaluate(self, run_dir: Path, cfg: Config, config_path: Path) -> list[dict]:
-        self.evaluated.append(run_dir.parent.name)
+        self.evaluated.append(config_path.parent.name)  # points/<run>/pretrain.yaml
         bonus = 10.0 * cfg.data.sources["caption"].weight
         # the image-shuffled control: shuffling costs half the caption-data bonus
         return [{"task": t, "shots": s, "metric": "score", "score": bonus + s + cfg.train.seed,
@@ -115,11 +116,12 @@ def test_a_killed_sweep_rerun_runs_only_the_missing_points(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_ablation(spec, out, crashing, log=lambda s: None)
     finished = {p.parent.name for p in out.glob("points/*/done.json")}
-    assert len(finished) == 3 and set(crashing.trained) == finished
+    stage_of = {p.run: stage_dir(p, out, "pretrain").name for p in expand(spec)}
+    assert len(finished) == 3 and set(crashing.trained) == {stage_of[r] for r in finished}
     rerun = FakeRunner()
     run_ablation(spec, out, rerun, log=lambda s: None)
-    all_runs = {p.run for p in expand(spec)}
-    assert set(rerun.trained) == all_runs - finished and len(rerun.trained) == 5
+    all_runs = set(stage_of)
+    assert set(rerun.trained) == {stage_of[r] for r in all_runs - finished} and len(rerun.trained) == 5
     assert set(rerun.evaluated) == all_runs - finished
     third = FakeRunner()
     run_ablation(spec, out, third, log=lambda s: None)
@@ -169,18 +171,19 @@ def test_points_finished_by_cluster_jobs_are_collected_by_report_only_and_nothin
     assert main(["ablate", str(spec_path), "--dry-run", "--out", str(out)]) == 0
     commands = (out / "commands.sh").read_text()
     points = expand(load_spec(spec_path))
-    assert all(f"points/{p.run}/pretrain.yaml --out" in commands for p in points)
+    assert all(f"{stage_dir(p, out, 'pretrain')}.yaml --out {stage_dir(p, out, 'pretrain')}\n" in commands
+               for p in points)
     # what `mm1 train ... --out DIR` and `mm1 eval ... --json DIR` leave behind, for two of the four points
     for p in points[:2]:
-        pdir = out / "points" / p.run
-        (pdir / "pretrain" / "checkpoints" / "step-7").mkdir(parents=True)
-        (pdir / "pretrain" / "metrics.jsonl").write_text(json.dumps({"step": 7, "loss": 1.5}) + "\n")
+        sdir, pdir = stage_dir(p, out, "pretrain"), out / "points" / p.run
+        (sdir / "checkpoints" / "step-7").mkdir(parents=True)
+        (sdir / "metrics.jsonl").write_text(json.dumps({"step": 7, "loss": 1.5}) + "\n")
         (pdir / "eval-pretrain").mkdir()
         for task in ("world_caption", "world_vqa"):
             for k in (0, 4):
                 (pdir / "eval-pretrain" / f"{task}_{k}shot.json").write_text(
                     json.dumps({"task": task, "shots": k, "metric": "cider", "score": 3.0 + k}))
-    half_trained = out / "points" / points[2].run / "pretrain"
+    half_trained = stage_dir(points[2], out, "pretrain")
     (half_trained / "checkpoints" / "step-3").mkdir(parents=True)
     assert main(["ablate", str(spec_path), "--out", str(out), "--report-only"]) == 0
     assert sorted(p.parent.name for p in out.glob("points/*/done.json")) == sorted(p.run for p in points[:2])

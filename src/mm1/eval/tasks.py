@@ -79,6 +79,7 @@ class TaskSpec:
     format: str = ""  # a registered file layout (readers.FORMATS); "" = mm1's layout for the kind
     mc_mode: str = ""  # multiple choice: loglik | generate; "" = eval.mc_mode
     defaulted: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
+    question_types: list[str] = field(default_factory=list)  # keep only these `question_type`s (e.g. label)
 
     def __post_init__(self) -> None:
         fmt = FORMATS.get(self.format) if self.format else None
@@ -125,7 +126,10 @@ class Task:
     def split(self, which: str) -> list[Example]:
         if which not in self._splits:
             src = self.spec.test if which == "test" else self.spec.train
-            self._splits[which] = [] if src is None else read_examples(self.spec, src, which)
+            examples = [] if src is None else read_examples(self.spec, src, which)
+            if self.spec.question_types:  # a slice of a set, e.g. its TextVQA-like label questions
+                examples = [ex for ex in examples if ex.meta.get("question_type") in self.spec.question_types]
+            self._splits[which] = examples
         return self._splits[which]
 
     @property
@@ -155,20 +159,23 @@ def read_examples(spec: TaskSpec, src: Any, split: str) -> list[Example]:
 TASKS: Registry[Callable[[Path], TaskSpec]] = Registry("eval task", "eval.tasks")
 
 
-def _world(kind: str, stem: str, **kw: Any) -> Callable[[Path], TaskSpec]:
+def _world(kind: str, stem: str, name: str = "", **kw: Any) -> Callable[[Path], TaskSpec]:
     def build(world: Path) -> TaskSpec:
         ev = world / "eval"
         if kind == "vqa":
             split = {s: {"questions": ev / f"{stem}_{s}_questions.json", "annotations": ev / f"{stem}_{s}_annotations.json"}
                      for s in ("train", "test")}
-            return TaskSpec(f"world_{stem}", kind, split["test"], split["train"], image_root=ev, **kw)
+            return TaskSpec(name or f"world_{stem}", kind, split["test"], split["train"], image_root=ev, **kw)
         ext = "json" if kind == "caption" else "jsonl"
-        return TaskSpec(f"world_{stem}", kind, ev / f"{stem}_test.{ext}", ev / f"{stem}_train.{ext}", image_root=ev, **kw)
+        return TaskSpec(name or f"world_{stem}", kind, ev / f"{stem}_test.{ext}", ev / f"{stem}_train.{ext}",
+                        image_root=ev, **kw)
     return build
 
 
 TASKS.register("world_caption")(_world("caption", "caption"))
 TASKS.register("world_vqa")(_world("vqa", "vqa"))
+# the world's TextVQA role: questions about the printed label, legible only near the native 128 px
+TASKS.register("world_vqa_label")(_world("vqa", "vqa", "world_vqa_label", question_types=["label"]))
 TASKS.register("world_text")(_world("text", "text"))
 TASKS.register("world_multi")(_world("multi", "multi"))
 TASKS.register("world_mc")(_world("mc", "mc"))

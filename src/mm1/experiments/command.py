@@ -68,7 +68,7 @@ def _runner(args: argparse.Namespace):
 def _ablate(args: argparse.Namespace) -> int:
     from mm1.experiments.ablate import expand, load_spec, unique_runs
     from mm1.experiments.results import build_summary, run_ablation, write_sweep_report
-    from mm1.experiments.sweep import collect_finished, write_commands
+    from mm1.experiments.sweep import collect_finished, plan, write_commands
 
     spec = load_spec(args.spec)
     out = args.out or Path("runs") / "ablate" / spec.name
@@ -80,6 +80,8 @@ def _ablate(args: argparse.Namespace) -> int:
             shared = "" if p.run == p.name else f"  (same config as {p.run})"
             print(f"  {p.name}: stages {'+'.join(p.stages)}{shared}")
         out.mkdir(parents=True, exist_ok=True)
+        for line in plan(points):
+            print(f"  {line}")
         print(f"configs and commands: {write_commands(points, out)}")
         return 0
     if args.report_only:

@@ -1,31 +1,39 @@
 """`mm1 lessons`: MM1's ablations re-measured on the synthetic world, each beside the paper's claim.
 
 Every lesson is an ablation spec in `configs/lessons/<name>.yaml` with a `lesson:` block (the paper's
-claim and number, and the comparisons that test it); a budget file (`configs/lessons/budget-<b>.yaml`)
-supplies the base preset, run lengths, seeds and evaluation for all of them (a lesson's own
-`overrides` / `stage_overrides` are appended; `by_budget: {small: {...}}` replaces top-level keys,
-e.g. the axis values, for one budget). The lessons' points are
-pooled and deduplicated by resolved config, so the baseline (45:45:10, contrastive encoder, 16
-C-Abstractor tokens...) trains once per seed however many lessons compare against it.
+claim, the baseline arm, and the pre-registered claims that test it); a budget file
+(`configs/lessons/budget-<b>.yaml`) supplies the base preset, run lengths, seeds and evaluation for
+all of them (a lesson's own `overrides` / `stage_overrides` are appended; `by_budget: {small: {...}}`
+replaces top-level keys, e.g. the axis values, for one budget). The lessons' points are pooled and
+deduplicated by resolved config, so the baseline trains once per seed however many lessons compare
+against it, and the sweep shares each stage (e.g. the encoder pre-training) between the points whose
+stage configs agree.
 
-A verdict compares means with the seed spread instead of trusting a hard-coded answer:
-- `better`/`worse` claim: d = mean(better) − mean(worse) (sign flipped for losses), with the
-  standard error of the difference se = sqrt(s_b²/n_b + s_w²/n_w). d > 2·se: reproduced;
-  d < −2·se: not reproduced (the opposite); otherwise not reproduced (within the seed spread).
-- `similar` claim ("connector type barely matters"): the range of the means is compared with 2·se
-  of its extremes, and, when a `reference` lesson is named, with that lesson's effect on the same
-  metric: reproduced when the range is within the spread or smaller than the reference effect.
-With one seed there is no spread, and a metric on which every run scored the same (e.g. 0 VQA
-accuracy from a model too small to answer) carries no signal: such metrics are left out of the
-majority, and a claim with no informative metric is "undecided" rather than guessed.
+A claim is pre-registered in its spec, before any number is seen::
+
+    claims:
+      - text: "a higher input resolution scores higher"
+        better: "128"                     # axis labels; or `similar: [a, b, c]`
+        worse: "64"
+        primary: "world_vqa vqa@4"        # the ONE column that decides the verdict
+        paper_effect: 0.03                # the paper's effect, relative to the worse arm (power line)
+        margin: 3.0                       # `similar` claims: the equivalence margin, in primary units
+        secondary: ["world_caption cider@*"]   # reported beside it, never changing the verdict
+        images: true                      # default; gated by the baseline's image_gain
+
+`mm1.experiments.verdicts` turns the per-seed scores into `reproduced` / `contradicted` /
+`inconclusive` (Welch's t-test or TOST); a claim about images (`images: true`, the default; a claim
+on held-out text perplexity says `images: false`) is only judged where its lesson's `baseline` arm's
+image_gain is significantly above 0.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -35,17 +43,27 @@ from mm1.registry import ConfigError
 
 LESSON_DIR = PRESETS_DIR / "lessons"
 BUDGETS = ("tiny", "small")
-K_SE = 2.0  # how many standard errors a difference must clear
+MIN_SEEDS = 3  # no verdict rests on fewer seeds per arm
+_EVAL_COLUMN = re.compile(r"^(?:(?P<stage>\w+): )?(?P<task>\S+) (?P<metric>\S+)@(?P<shots>\d+)$")
 
 
 @dataclass
 class Claim:
+    """One pre-registered claim: the arms it compares, the single column that decides it, and why."""
+
     text: str
-    metrics: list[str]  # column globs, e.g. "world_vqa *@4"
-    better: str = ""  # axis label expected to score higher (kind = compare)
+    primary: str  # exact column, e.g. "world_vqa vqa@4"
+    better: str = ""  # axis label expected to score higher (lower, for a loss)
     worse: str = ""
-    similar: list[str] = field(default_factory=list)  # labels expected to score alike (kind = similar)
-    reference: str = ""  # for `similar`: a lesson whose effect this one should be smaller than
+    similar: list[str] = field(default_factory=list)  # labels expected to score alike
+    margin: float = math.nan  # `similar`: equivalence margin in the primary metric's units
+    paper_effect: float = math.nan  # compare: the paper's effect as a fraction of the worse arm's score
+    secondary: list[str] = field(default_factory=list)  # column globs, reported only
+    images: bool = True  # about images: judged only where the lesson's baseline uses the image
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.similar) if self.similar else [self.better, self.worse]
 
 
 @dataclass
@@ -57,16 +75,52 @@ class Lesson:
     claims: list[Claim]
     spec: AblationSpec
     axis: str  # the axis the claims' labels refer to
+    baseline: str  # the axis label that is the standard recipe: its image_gain gates image claims
     note: str = ""
 
 
-@dataclass
-class Verdict:
-    column: str
-    reproduced: bool | None  # None = cannot tell (one seed)
-    effect: float  # better − worse (sign-adjusted), or the range for `similar`
-    se: float
-    detail: str
+def parse_eval_column(column: str) -> dict[str, Any] | None:
+    """`[stage: ]task metric@shots` -> its parts (None for a training-loss column)."""
+    m = _EVAL_COLUMN.match(column)
+    return None if m is None else {"stage": m["stage"], "task": m["task"], "metric": m["metric"],
+                                   "shots": int(m["shots"])}
+
+
+def _number(value: Any, where: str, what: str) -> float:
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {what} must be a number, got {value!r}") from None
+
+
+def parse_claim(c: Any, labels: list[str], where: str) -> Claim:
+    """Validate one `lesson.claims` entry against the axis labels (see the module docstring)."""
+    if not isinstance(c, dict):
+        raise ConfigError(f"{where}: expected a mapping with text, primary and better/worse or similar; got {c!r}")
+    unknown = set(c) - {"text", "primary", "better", "worse", "similar", "margin", "paper_effect", "secondary", "images"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (the old `metrics` list is now one "
+                          "`primary` column plus `secondary` globs)")
+    claim = Claim(text=str(c.get("text", "")), primary=str(c.get("primary") or ""), better=str(c.get("better", "")),
+                  worse=str(c.get("worse", "")), similar=[str(x) for x in c.get("similar") or []],
+                  margin=_number(c.get("margin"), where, "margin"),
+                  paper_effect=_number(c.get("paper_effect"), where, "paper_effect"),
+                  secondary=[str(x) for x in c.get("secondary") or []], images=bool(c.get("images", True)))
+    if not claim.primary or any(ch in claim.primary for ch in "*?["):
+        raise ConfigError(f"{where}: needs `primary`: one exact column such as 'world_vqa vqa@4' (no globs)")
+    if claim.images and parse_eval_column(claim.primary) is None:
+        raise ConfigError(f"{where}: primary {claim.primary!r} is not an evaluation column ('task metric@shots'); "
+                          "an image lesson is gated by the image_gain of its primary task, which a loss has not")
+    if claim.similar:
+        if len(claim.similar) < 2 or not claim.margin > 0:
+            raise ConfigError(f"{where}: a `similar` claim needs >= 2 labels and an equivalence `margin` > 0")
+    elif not claim.better or not claim.worse or claim.better == claim.worse:
+        raise ConfigError(f"{where}: needs `better` and `worse` (two different labels) or `similar`")
+    if not all(lab in labels for lab in claim.labels):
+        raise ConfigError(f"{where}: labels {claim.labels} must be labels of the axis {labels}")
+    return claim
 
 
 def _merge_budget(body: dict, budget: dict, budget_name: str) -> dict:
@@ -100,7 +154,7 @@ def load_lessons(budget: str = "tiny", directory: Path = LESSON_DIR, only: list[
         body = yaml.safe_load(path.read_text()) or {}
         meta = body.pop("lesson", None)
         if not isinstance(meta, dict):
-            raise ConfigError(f"{path}: needs a `lesson:` block (number, title, paper, claims)")
+            raise ConfigError(f"{path}: needs a `lesson:` block (number, title, paper, baseline, claims)")
         if only and path.stem not in only:
             continue
         data = _merge_budget(body, budget_data, budget)
@@ -111,19 +165,21 @@ def load_lessons(budget: str = "tiny", directory: Path = LESSON_DIR, only: list[
         spec = parse_spec(data, path)
         if len(spec.axes) != 1:
             raise ConfigError(f"{path}: a lesson varies exactly one axis (or one paired group), found {len(spec.axes)}")
-        claims = []
-        for i, c in enumerate(meta.get("claims") or []):
-            claim = Claim(text=str(c.get("text", "")), metrics=list(c.get("metrics") or []), better=str(c.get("better", "")),
-                          worse=str(c.get("worse", "")), similar=[str(x) for x in c.get("similar") or []],
-                          reference=str(c.get("reference", "")))
-            labels = set(spec.axes[0].labels)
-            used = ([claim.better, claim.worse] if not claim.similar else claim.similar)
-            if not claim.metrics or not all(u in labels for u in used) or (not claim.similar and not claim.better):
-                raise ConfigError(f"{path}: lesson.claims[{i}] needs `metrics` and `better`/`worse` (or `similar`) "
-                                  f"naming labels of the axis ({sorted(labels)}); got {c}")
-            claims.append(claim)
+        if len(spec.seeds) < MIN_SEEDS:
+            raise ConfigError(f"{path}: seeds {spec.seeds}: a verdict needs at least {MIN_SEEDS} seeds per arm; "
+                              f"list {MIN_SEEDS} or more under `seeds` in the budget file")
+        labels = list(spec.axes[0].labels)
+        baseline = str(meta.get("baseline", ""))
+        if baseline not in labels:
+            raise ConfigError(f"{path}: lesson.baseline {baseline!r} must name the axis label of the standard recipe "
+                              f"(one of {labels})")
+        claims = [parse_claim(c, labels, f"{path}: lesson.claims[{i}]")
+                  for i, c in enumerate(meta.get("claims") or [])]
+        if not claims:
+            raise ConfigError(f"{path}: lesson.claims is empty; a lesson states at least one claim")
         lessons.append(Lesson(path.stem, int(meta.get("number", 0)), str(meta.get("title", path.stem)),
-                              str(meta.get("paper", "")), claims, spec, spec.axes[0].name, str(meta.get("note", ""))))
+                              str(meta.get("paper", "")), claims, spec, spec.axes[0].name, baseline,
+                              str(meta.get("note", ""))))
     lessons.sort(key=lambda lesson: (lesson.number, lesson.name))
     if only and len(lessons) != len(set(only)):
         missing = set(only) - {lesson.name for lesson in lessons}
@@ -156,106 +212,3 @@ def pooled_points(lessons: list[Lesson]) -> dict[str, list[Point]]:
     for p in everything:
         p.run = names.get(p.run, p.run)
     return by_lesson
-
-
-def _stats(agg: list[dict], axis: str, label: str, column: str) -> tuple[float, float, int]:
-    for a in agg:
-        if a["column"] == column and a["labels"].get(axis) == label:
-            return a["mean"], a["std"], a["n"]
-    return math.nan, math.nan, 0
-
-
-def _sign(column: str) -> float:
-    from mm1.experiments.results import lower_is_better
-
-    return -1.0 if lower_is_better(column) else 1.0
-
-
-def judge_compare(better: tuple[float, float, int], worse: tuple[float, float, int], column: str,
-                  k: float = K_SE) -> Verdict:
-    """Is `better` higher (lower, for a loss) than `worse` by more than k standard errors?"""
-    (mb, sb, nb), (mw, sw, nw) = better, worse
-    if nb == 0 or nw == 0 or math.isnan(mb) or math.isnan(mw):
-        return Verdict(column, None, math.nan, math.nan, "not measured")
-    d = _sign(column) * (mb - mw)
-    if d == 0 and not (sb or 0) and not (sw or 0):
-        return Verdict(column, None, d, 0.0, f"no signal: every run scored {mb:.3g}")
-    if nb < 2 or nw < 2:
-        return Verdict(column, None, d, math.nan, f"difference {d:+.3g}, one seed: no spread to compare with")
-    se = math.sqrt(sb**2 / nb + sw**2 / nw)
-    if d > k * se:
-        return Verdict(column, True, d, se, f"difference {d:+.3g} > {k:g}·se ({k * se:.3g})")
-    if d < -k * se:
-        return Verdict(column, False, d, se, f"opposite: difference {d:+.3g} < −{k:g}·se ({k * se:.3g})")
-    return Verdict(column, False, d, se, f"within the seed spread: |{d:+.3g}| ≤ {k:g}·se ({k * se:.3g})")
-
-
-def judge_similar(groups: list[tuple[float, float, int]], column: str, reference_effect: float = math.nan,
-                  k: float = K_SE) -> Verdict:
-    """Do the groups score alike: range within the spread, or smaller than a reference lesson's effect?"""
-    groups = [g for g in groups if g[2] > 0 and not math.isnan(g[0])]
-    if len(groups) < 2:
-        return Verdict(column, None, math.nan, math.nan, "not measured")
-    hi, lo = max(groups, key=lambda g: g[0]), min(groups, key=lambda g: g[0])
-    rng = hi[0] - lo[0]
-    if rng == 0 and all(not g[1] or math.isnan(g[1]) for g in groups) and all(g[2] > 1 for g in groups):
-        return Verdict(column, None, 0.0, 0.0, f"no signal: every run scored {hi[0]:.3g}")
-    ref = f"; reference effect {abs(reference_effect):.3g}" if not math.isnan(reference_effect) else ""
-    if hi[2] < 2 or lo[2] < 2:
-        if not math.isnan(reference_effect):
-            ok = rng < abs(reference_effect)
-            return Verdict(column, ok, rng, math.nan, f"range {rng:.3g} {'<' if ok else '≥'} reference effect "
-                                                       f"{abs(reference_effect):.3g} (one seed)")
-        return Verdict(column, None, rng, math.nan, f"range {rng:.3g}, one seed: no spread to compare with")
-    se = math.sqrt(hi[1] ** 2 / hi[2] + lo[1] ** 2 / lo[2])
-    if rng <= k * se:
-        return Verdict(column, True, rng, se, f"range {rng:.3g} ≤ {k:g}·se ({k * se:.3g}){ref}")
-    if not math.isnan(reference_effect) and rng < abs(reference_effect):
-        return Verdict(column, True, rng, se, f"range {rng:.3g} < reference effect {abs(reference_effect):.3g}")
-    return Verdict(column, False, rng, se, f"range {rng:.3g} > {k:g}·se ({k * se:.3g}){ref}")
-
-
-def matching_columns(globs: list[str], columns: list[str]) -> list[str]:
-    return [c for c in columns if any(fnmatch.fnmatchcase(c, g) for g in globs)]
-
-
-def judge_lesson(lesson: Lesson, agg: list[dict], effects: dict[tuple[str, str], float]) -> list[tuple[Claim, list[Verdict]]]:
-    """Verdicts of every claim of a lesson, one per matching metric column."""
-    columns = list(dict.fromkeys(a["column"] for a in agg))
-    out = []
-    for claim in lesson.claims:
-        verdicts = []
-        for col in matching_columns(claim.metrics, columns):
-            if claim.similar:
-                groups = [_stats(agg, lesson.axis, lab, col) for lab in claim.similar]
-                verdicts.append(judge_similar(groups, col, effects.get((claim.reference, col), math.nan)))
-            else:
-                verdicts.append(judge_compare(_stats(agg, lesson.axis, claim.better, col),
-                                              _stats(agg, lesson.axis, claim.worse, col), col))
-        out.append((claim, verdicts))
-    return out
-
-
-def lesson_effects(lesson: Lesson, agg: list[dict]) -> dict[str, float]:
-    """Per column, the size of a lesson's first compare claim (better − worse): a yardstick for others."""
-    claim = next((c for c in lesson.claims if not c.similar), None)
-    if claim is None:
-        return {}
-    cols = dict.fromkeys(a["column"] for a in agg)
-    return {c: _sign(c) * (_stats(agg, lesson.axis, claim.better, c)[0] - _stats(agg, lesson.axis, claim.worse, c)[0])
-            for c in cols}
-
-
-def claim_outcome(verdicts: list[Verdict]) -> str:
-    """One word per claim: reproduced if most informative metrics reproduced it."""
-    known = [v for v in verdicts if v.reproduced is not None]
-    if not verdicts or all(v.detail == "not measured" for v in verdicts):
-        return "not measured"
-    if not known:
-        return "undecided"
-    yes = sum(v.reproduced for v in known)
-    if yes * 2 > len(known):
-        return "reproduced"
-    if yes == 0:
-        return "not reproduced"
-    return "partly reproduced"

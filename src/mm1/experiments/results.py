@@ -18,7 +18,7 @@ from typing import Any
 from mm1.config import load_config
 from mm1.experiments import report as R
 from mm1.experiments.ablate import AblationSpec, Point, _safe
-from mm1.experiments.sweep import write_json_atomic
+from mm1.experiments.sweep import compute_seconds, stage_dir, write_json_atomic
 
 _NOT_METRICS = {"shots", "n", "count", "items", "n_items", "seconds", "trials", "seed", "limit", "step",
                 "time", "elapsed", "num_examples", "examples"}
@@ -83,7 +83,7 @@ def point_rows(point: Point, record: dict, sweep_dir: Path) -> list[dict[str, An
             rows.append(dict(base, stage=res.get("stage", ""), task=task, shots=shots, metric=metric, value=value,
                              column=column_name(res.get("stage", ""), task, shots, metric, multi)))
     for stage in point.stages:
-        curves = R.loss_curves(R.read_metrics(sweep_dir / "points" / point.run / stage / "metrics.jsonl"))
+        curves = R.loss_curves(R.read_metrics(stage_dir(point, sweep_dir, stage) / "metrics.jsonl"))
         for key, (_, values) in sorted(curves.items()):
             if key == "loss" or key.startswith("loss_"):
                 rows.append(dict(base, stage=stage, task="train", shots=None, metric=key,
@@ -130,7 +130,7 @@ def build_summary(spec: AblationSpec, points: list[Point], records: dict[str, di
                   wall_seconds: float) -> dict[str, Any]:
     axes = [ax.name for ax in spec.axes]
     rows = [r for p in points if p.run in records for r in point_rows(p, records[p.run], sweep_dir)]
-    compute = sum(sum(rec.get("seconds", {}).values()) for rec in records.values())
+    compute = compute_seconds(records)
     return {
         "name": spec.name, "spec": spec.source, "base": spec.base, "sweep_dir": str(sweep_dir),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": wall_seconds, "compute_seconds": compute,
@@ -187,7 +187,7 @@ def write_sweep_report(spec: AblationSpec, points: list[Point], summary: dict, s
              f"- spec: `{spec.source}`; base preset: `{spec.base or 'built-in defaults'}`",
              f"- stages: {', '.join(spec.stages)}; seeds: {spec.seeds}; {len(points)} points, {n_runs} distinct runs",
              f"- wall time of this invocation: {R.format_seconds(summary['wall_seconds'])}; "
-             f"compute of all points (train + eval, summed): {R.format_seconds(summary['compute_seconds'])}", "",
+             f"compute of all points (train, each shared stage once, + eval): {R.format_seconds(summary['compute_seconds'])}", "",
              "## Results", "", "Mean ± sample std over seeds (number of seeds). Loss and perplexity: lower is "
              "better; every other metric: higher is better. `loss` columns are the final training loss "
              "(mean of the last 10 % of steps). `_shuffled`: the same queries scored with each query's image "
@@ -211,7 +211,7 @@ def write_sweep_report(spec: AblationSpec, points: list[Point], summary: dict, s
                           "used):", "", R.image_link(png, sweep_dir, f"image gain vs {ax.name}"), ""]
     curves = {}
     for p in points:
-        recs = R.read_metrics(sweep_dir / "points" / p.run / p.stages[-1] / "metrics.jsonl")
+        recs = R.read_metrics(stage_dir(p, sweep_dir, p.stages[-1]) / "metrics.jsonl")
         c = R.loss_curves(recs).get("loss")
         label = ", ".join(f"{v}" for v in p.labels.values()) or "base"
         if c and f"{label} s{p.seed}" not in curves:

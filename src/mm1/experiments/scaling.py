@@ -25,6 +25,7 @@ import numpy as np
 
 from mm1.experiments import report as R
 from mm1.experiments.ablate import AblationSpec, parse_spec
+from mm1.experiments.sweep import stage_dir
 from mm1.train.optim import LAW_INTERCEPT, LAW_SLOPE, WD_RATIO, mm1_lr
 
 
@@ -144,7 +145,7 @@ def analyse(budget: HparamBudget, spec: AblationSpec, points: list, records: dic
            if a["column"] == "pretrain loss"}
     sizes, table, curves = [], [], {}
     for label in budget.sizes:
-        n = next((_n_params(out / "points" / p.run / "pretrain") for p in points
+        n = next((_n_params(stage_dir(p, out, "pretrain")) for p in points
                   if p.labels["size"] == label and p.run in records and "failed" not in records[p.run]), None)
         best = None
         for ratio in budget.wd_ratios:

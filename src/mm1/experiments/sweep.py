@@ -3,21 +3,26 @@
 Layout of a sweep directory::
 
     SWEEP/sweep.json                     the spec and every point (axis labels, seed, run)
-    SWEEP/points/RUN/STAGE.yaml          the exact resolved config of each stage (init_from filled in)
-    SWEEP/points/RUN/STAGE/              the stage's run dir (config.yaml, metrics.jsonl, checkpoints/)
-    SWEEP/points/RUN/STAGE.done.json     written when that stage's training finished
+    SWEEP/stages/STAGE-KEY/              a stage's run dir (config.yaml, metrics.jsonl, checkpoints/)
+    SWEEP/stages/STAGE-KEY.yaml          its exact resolved config (init_from = the previous stage's dir)
+    SWEEP/stages/STAGE-KEY.done.json     written when that stage's training finished
+    SWEEP/points/RUN/STAGE.yaml          the stage config as this point evaluates it (its eval settings)
     SWEEP/points/RUN/eval-STAGE.json     evaluation results of that stage's final checkpoint
     SWEEP/points/RUN/done.json           written atomically, last: the point is finished
-    SWEEP/commands.sh                    the same points as shell commands (see below)
+    SWEEP/commands.sh                    the same stages and evaluations as shell commands (see below)
     SWEEP/report.md, summary.json, plots/
 
-A sweep that is killed and rerun skips every point with a `done.json`, skips finished stages of a
-half-done point, and resumes a half-trained stage from its latest checkpoint.
+Stages are shared between points: KEY is a hash of what determines the stage's training (its
+resolved config without the evaluation settings, see `stage_view`) and of the KEY of the stage it
+starts from, so e.g. the encoder pre-training of a (encoder config, seed) is trained once and every
+point whose pre-training starts from it reuses it. A sweep that is killed and rerun skips every
+point with a `done.json` and every stage with a `.done.json`, and resumes a half-trained stage from
+its latest checkpoint.
 
 On a cluster: `mm1 ablate SPEC --dry-run --out SWEEP` writes every stage config and `commands.sh`
-(one `mm1 train` / `mm1 eval` line per stage, the same thing this module runs). Launch each line
-as its own job, replacing `mm1` by `torchrun --nnodes N --nproc_per_node 8 -m mm1` for training
-(e.g. one sbatch array task per point; a stage only starts after the previous stage of its point).
+(one `mm1 train` line per distinct stage, one `mm1 eval` line per evaluated point, the same
+thing this module runs). Launch each line as its own job, replacing `mm1` by `torchrun --nnodes N --nproc_per_node 8 -m mm1` for training
+(a stage only starts after the stage it is initialised from, which comes earlier in the file).
 Once the jobs are done, `mm1 ablate SPEC --out SWEEP` recognises the finished stages (a checkpoint
 at `train.steps`) and evaluations (`points/RUN/eval-STAGE/*.json`), runs whatever is missing and
 writes the `done.json` markers and the report. Alternatively let `mm1 ablate` drive everything
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -139,26 +145,93 @@ def _external_eval(out_dir: Path, cfg: Config) -> list[dict] | None:
     return res if want <= have else None
 
 
-def stage_configs(point: Point, pdir: Path) -> dict[str, Config]:
-    """Each stage's config with `train.init_from` chained to the previous stage's run dir."""
+def stage_view(stage: str, cfg: Config) -> dict[str, Any]:
+    """What determines a stage's training: its resolved config less what it never reads.
+
+    Evaluation settings never change training, and `train.init_from` is replaced by the key of the
+    stage it names. The encoder stage reads neither the LM nor the connector (only the slot count per
+    image, which lays out its caption batches) and only the caption sources, whose weights matter
+    relative to each other. Anything else stays, so two stages with one view train the same weights
+    (`tests/test_experiments_stages.py` checks this with the real trainer)."""
+    view = dataclasses.asdict(cfg)
+    view.pop("eval")
+    view["train"].pop("init_from")
+    if stage == "encoder":
+        model = view["model"]
+        del model["lm"], model["connector"]
+        model["tokens_per_image"] = cfg.model.tokens_per_image
+        caption = {k: src for k, src in view["data"]["sources"].items() if src["kind"] == "caption"}
+        total = sum(src["weight"] for src in caption.values()) or 1.0
+        for src in caption.values():
+            src["weight"] = src["weight"] / total
+        view["data"]["sources"] = caption
+    return view
+
+
+def stage_keys(point: Point) -> dict[str, str]:
+    """Stage -> `STAGE-HASH`: the hash of its view and of the key of the stage it starts from."""
+    keys: dict[str, str] = {}
+    prev = ""
+    for stage in point.stages:
+        blob = json.dumps({"stage": stage, "from": prev, "config": stage_view(stage, point.configs[stage])},
+                          sort_keys=True, default=str)
+        prev = keys[stage] = f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    return keys
+
+
+def stage_dir(point: Point, sweep_dir: Path, stage: str) -> Path:
+    """The run dir that holds `stage` of `point` (shared with every point whose stage has the same key)."""
+    return Path(sweep_dir) / "stages" / stage_keys(point)[stage]
+
+
+def stage_configs(point: Point, sweep_dir: Path) -> dict[str, Config]:
+    """Each stage's config with `train.init_from` chained to the previous stage's (shared) run dir."""
     out, prev = {}, None
+    keys = stage_keys(point)
     for stage in point.stages:
         cfg = copy.deepcopy(point.configs[stage])
         if prev is not None:
             cfg.train.init_from = str(prev)
         out[stage] = cfg
-        prev = pdir / stage
+        prev = Path(sweep_dir) / "stages" / keys[stage]
     return out
 
 
-def write_stage_configs(point: Point, pdir: Path) -> dict[str, Path]:
-    pdir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for stage, cfg in stage_configs(point, pdir).items():
-        paths[stage] = pdir / f"{stage}.yaml"
-        # the same YAML as mm1.config.to_yaml, without OmegaConf's (slow) round trip
-        paths[stage].write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    return paths
+def _dump(cfg: Config, path: Path) -> None:
+    # the same YAML as mm1.config.to_yaml, without OmegaConf's (slow) round trip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def write_stage_configs(point: Point, sweep_dir: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(stage -> the shared stage's YAML, used to train it; stage -> this point's YAML, used to evaluate it).
+
+    A shared stage's YAML is written once and never rewritten (a job may be reading it); the copy under
+    the point differs only in its evaluation settings."""
+    sweep_dir, keys = Path(sweep_dir), stage_keys(point)
+    pdir = sweep_dir / "points" / point.run
+    shared, own = {}, {}
+    for stage, cfg in stage_configs(point, sweep_dir).items():
+        shared[stage] = sweep_dir / "stages" / f"{keys[stage]}.yaml"
+        if not shared[stage].is_file():
+            _dump(cfg, shared[stage])
+        own[stage] = pdir / f"{stage}.yaml"
+        _dump(cfg, own[stage])
+    return shared, own
+
+
+def compute_seconds(records: dict[str, dict]) -> float:
+    """Training (each shared stage once) plus evaluation seconds of a sweep's finished points."""
+    stages: dict[str, float] = {}
+    evals = 0.0
+    for rec in records.values():
+        dirs = rec.get("stage_dirs", {})
+        for key, sec in rec.get("seconds", {}).items():
+            if key.startswith("eval-"):
+                evals += sec
+            else:
+                stages[dirs.get(key, f"{rec.get('run')}/{key}")] = sec
+    return sum(stages.values()) + evals
 
 
 _BULKY = {"predictions", "shuffled_predictions", "config"}  # kept in eval-STAGE.json for audits, left out of done.json / summaries
@@ -190,14 +263,17 @@ def collect_finished(points: list[Point], sweep_dir: Path, log: Callable[[str], 
     records = {}
     for p in unique_runs(points):
         try:
-            records[p.run] = run_point(p, sweep_dir / "points" / p.run, CollectOnlyRunner(), log=lambda s: None)
+            records[p.run] = run_point(p, sweep_dir, CollectOnlyRunner(), log=lambda s: None)
         except NotFinished as e:
             log(f"  not finished: {p.run} ({e})")
     return records
 
 
-def run_point(point: Point, pdir: Path, runner: Runner, log: Callable[[str], None] = print) -> dict:
-    """Run (or finish) one point; return its `done.json` record. Finished stages are not redone."""
+def run_point(point: Point, sweep_dir: Path, runner: Runner, log: Callable[[str], None] = print) -> dict:
+    """Run (or finish) one point; return its `done.json` record. Finished stages (its own or another
+    point's with the same key) are not redone."""
+    sweep_dir = Path(sweep_dir)
+    pdir = sweep_dir / "points" / point.run
     done_path = pdir / "done.json"
     if done_path.is_file():
         done = json.loads(done_path.read_text())
@@ -206,12 +282,14 @@ def run_point(point: Point, pdir: Path, runner: Runner, log: Callable[[str], Non
                               f"!= {point.fingerprint}); the spec or a preset changed since. Delete {pdir} to rerun "
                               "it, or pass another --out")
         return done
-    paths = write_stage_configs(point, pdir)
-    cfgs = stage_configs(point, pdir)
+    shared, own = write_stage_configs(point, sweep_dir)
+    cfgs = stage_configs(point, sweep_dir)
+    dirs = {stage: stage_dir(point, sweep_dir, stage) for stage in point.stages}
     stage_seconds: dict[str, float] = {}
     results: list[dict] = []
     for stage in point.stages:
-        marker, sdir = pdir / f"{stage}.done.json", pdir / stage
+        sdir = dirs[stage]
+        marker = sdir.with_name(f"{sdir.name}.done.json")
         steps = _checkpoint_steps(sdir)
         if not marker.is_file() and steps and steps[-1] >= cfgs[stage].train.steps:  # trained by a cluster job
             write_json_atomic(marker, {"seconds": 0.0, "resumed": False, "external": True})
@@ -221,10 +299,12 @@ def run_point(point: Point, pdir: Path, runner: Runner, log: Callable[[str], Non
             resume = bool(steps)
             if sdir.exists() and not resume:  # killed before its first checkpoint: nothing to keep
                 shutil.rmtree(sdir)
-            log(f"  {point.run}: {'resuming' if resume else 'training'} stage {stage}")
+            log(f"  {point.run}: {'resuming' if resume else 'training'} stage {sdir.name}")
             t0 = time.perf_counter()
-            runner.train(cfgs[stage], paths[stage], sdir, resume)
-            write_json_atomic(marker, {"seconds": time.perf_counter() - t0, "resumed": resume})
+            runner.train(cfgs[stage], shared[stage], sdir, resume)
+            write_json_atomic(marker, {"seconds": time.perf_counter() - t0, "resumed": resume, "by": point.run})
+        else:
+            log(f"  {point.run}: stage {sdir.name} already trained, reused")
         stage_seconds[stage] = float(json.loads(marker.read_text())["seconds"])
         if stage in point.eval_after:
             ej = pdir / f"eval-{stage}.json"
@@ -237,30 +317,66 @@ def run_point(point: Point, pdir: Path, runner: Runner, log: Callable[[str], Non
                 log(f"  {point.run}: evaluating {stage} ({', '.join(cfgs[stage].eval.tasks)}; "
                     f"shots {list(cfgs[stage].eval.shots)})")
                 t0 = time.perf_counter()
-                res = runner.evaluate(sdir, cfgs[stage], paths[stage])
+                res = runner.evaluate(sdir, cfgs[stage], own[stage])
                 write_json_atomic(ej, {"seconds": time.perf_counter() - t0, "results": res})
             ev = json.loads(ej.read_text())
             stage_seconds[f"eval-{stage}"] = float(ev["seconds"])
             results += [{k: v for k, v in r.items() if k not in _BULKY} | {"stage": stage} for r in ev["results"]]
     done = {"run": point.run, "fingerprint": point.fingerprint, "stages": point.stages,
+            "stage_dirs": {s: str(d.relative_to(sweep_dir)) for s, d in dirs.items()},
             "seconds": stage_seconds, "results": results, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_json_atomic(done_path, done)
     return done
 
 
+def plan(points: list[Point]) -> list[str]:
+    """What a sweep will run, for `--dry-run`: distinct stages and training steps per stage kind, and
+    the evaluations (generation calls = items x shots per task), so its cost can be estimated."""
+    stages: dict[str, dict[str, int]] = {}
+    evals = items = 0
+    for p in unique_runs(points):
+        for stage, key in stage_keys(p).items():
+            stages.setdefault(stage, {})[key] = p.configs[stage].train.steps
+        for stage in p.eval_after:
+            ev = p.configs[stage].eval
+            evals += 1
+            items += len(ev.tasks) * len(ev.shots) * (ev.limit or 0)
+    lines = [f"{stage}: {len(keys)} distinct stages, {sum(keys.values())} training steps "
+             f"(used by {sum(1 for q in unique_runs(points) if stage in q.stages)} runs)"
+             for stage, keys in stages.items()]
+    return lines + [f"evaluations: {evals} (about {items} task x shots x item queries)"]
+
+
 def write_commands(points: list[Point], sweep_dir: Path) -> Path:
-    """`commands.sh`: every stage of every distinct point as the `mm1` command that runs it."""
-    lines = ["#!/bin/sh", "# One line per stage; run a point's lines in order. Replace `mm1 train` by",
+    """`commands.sh`: every distinct stage once, then each point's evaluation, as the `mm1` commands.
+
+    A stage's line comes before the lines of every stage initialised from it."""
+    sweep_dir = Path(sweep_dir)
+    runs = unique_runs(points)
+    users: dict[str, list[str]] = {}
+    for p in runs:
+        for key in stage_keys(p).values():
+            users.setdefault(key, []).append(p.run)
+    lines = ["#!/bin/sh", "# One `mm1 train` line per distinct stage (shared stages appear once, before the stages",
+             "# that start from them), one `mm1 eval` line per evaluated point. Replace `mm1 train` by",
              "# `torchrun --nproc_per_node 8 -m mm1 train` on a GPU node, then rerun the same mm1 command for the report.",
              "set -e"]
-    for p in unique_runs(points):
-        pdir = sweep_dir / "points" / p.run
-        paths = write_stage_configs(p, pdir)
+    written: set[str] = set()
+    for p in runs:
+        shared, own = write_stage_configs(p, sweep_dir)
+        keys = stage_keys(p)
         lines.append(f"# {p.run}: " + ", ".join(f"{k}={v}" for k, v in p.labels.items()) + f", seed {p.seed}")
         for stage in p.stages:
-            lines.append(shlex.join(train_command(paths[stage], pdir / stage)))
+            sdir = sweep_dir / "stages" / keys[stage]
+            if keys[stage] not in written:
+                written.add(keys[stage])
+                n = len(users[keys[stage]])
+                if n > 1:
+                    lines.append(f"#   {keys[stage]} is shared by {n} points")
+                lines.append(shlex.join(train_command(shared[stage], sdir)))
             if stage in p.eval_after:
-                lines.append(shlex.join(eval_command(pdir / stage, paths[stage], pdir / f"eval-{stage}")))
+                out_dir = sweep_dir / "points" / p.run / f"eval-{stage}"
+                lines.append(shlex.join(eval_command(sdir, own[stage], out_dir)))
     path = sweep_dir / "commands.sh"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -278,7 +394,7 @@ def run_sweep(points: list[Point], sweep_dir: Path, runner: Runner, keep_going: 
         state = "done, skipped" if (pdir / "done.json").is_file() else "running"
         log(f"[{i}/{len(runs)}] {p.run} ({state})")
         try:
-            records[p.run] = run_point(p, pdir, runner, log)
+            records[p.run] = run_point(p, sweep_dir, runner, log)
         except (SpecChanged, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - reported per point when keep_going
