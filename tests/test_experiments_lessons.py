@@ -179,11 +179,11 @@ class LessonRunner:
 
 
 def test_the_lessons_report_and_summary_state_each_claim_with_its_statistics(tmp_path):
-    report = run_lessons("tiny", tmp_path / "lessons", LessonRunner(), log=lambda s: None)
+    # four lessons cover every kind of claim: compare (reproduced, contradicted), similar, and not about images
+    only = ["encoder-resolution", "synthetic-captions", "connector-type", "text-only-data"]
+    report = run_lessons("tiny", tmp_path / "lessons", LessonRunner(), only=only, log=lambda s: None)
     text = report.read_text()
-    for title in ("Encoder input resolution", "Encoder pre-training objective", "Encoder size",
-                  "Encoder pre-training data", "Number of image tokens", "Connector type",
-                  "Caption vs interleaved data", "Text-only data", "Synthetic captions"):
+    for title in ("Encoder input resolution", "Connector type", "Text-only data", "Synthetic captions"):
         assert f". {title}" in text, title
     assert re.search(r"a higher input resolution scores higher few-shot .* \| \*\*reproduced\*\*", text)
     assert re.search(r"synthetic captions \(7 % of caption data\) raise .* \| \*\*contradicted\*\*", text)
@@ -197,7 +197,8 @@ def test_the_lessons_report_and_summary_state_each_claim_with_its_statistics(tmp
     summary = json.loads((tmp_path / "lessons" / "summary.json").read_text())
     keys = {"lesson", "claim", "metric", "verdict", "p_value", "effect", "ci_low", "ci_high", "seeds",
             "baseline_image_gain"}
-    assert all(keys <= set(c) for c in summary) and len(summary) == sum(len(x.claims) for x in load_lessons("tiny"))
+    assert all(keys <= set(c) for c in summary)
+    assert len(summary) == sum(len(x.claims) for x in load_lessons("tiny", only=only))
     res = next(c for c in summary if c["lesson"] == "encoder-resolution")
     assert res["verdict"] == "reproduced" and res["seeds"] == 3 and res["ci_low"] > 0
     assert res["baseline_image_gain"] == pytest.approx(3.0 + (0.0 + 0.3 - 0.2) / 3)

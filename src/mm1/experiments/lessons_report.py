@@ -58,7 +58,7 @@ def _claim_section(lesson: Lesson, res: ClaimResult) -> list[str]:
     rows = [[f"`{lab}`", _arm_cell(v), ", ".join(R.fmt_number(x) for x in v) or "–"] for lab, v in p.arms.items()]
     out.append(R.write_table([lesson.axis, "mean ± sd (seeds)", "per seed"], rows, "lrl"))
     if claim.similar:
-        test = (f"largest pairwise difference {p.pair[0]} − {p.pair[1]}: |{_effect(p)}|; TOST within ±{claim.margin:g}: "
+        test = (f"largest pairwise |difference| ({p.pair[0]} vs {p.pair[1]}) {_effect(p)}; TOST within ±{claim.margin:g}: "
                 f"p = {_p(p.p_value)} (equivalent), p = {_p(p.p_opposite)} (beyond the margin)")
     else:
         test = (f"effect ({claim.better} over {claim.worse}, paper's direction positive) {_effect(p)}; Welch t, "
