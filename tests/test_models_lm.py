@@ -50,6 +50,28 @@ def test_packed_documents_do_not_attend_to_each_other(attention):
     assert (base[0, 5:12] - perturbed[0, 5:12]).abs().max() > 1e-3  # the edited document did change
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_fully_packed_rows_without_padding_still_separate_documents(attention, grad):
+    """The normal case for long-sequence training: every row full, no -1 anywhere in the batch."""
+    m = _model(attention=attention).train(grad)
+    doc = torch.tensor([[0] * 6 + [1] * 5 + [2] * 7, [0] * 9 + [1] * 9])  # [2, 18], no padding
+    ids = torch.randint(1, V, doc.shape, generator=torch.Generator().manual_seed(4))
+    pos = positions_from_docs(doc)
+    edited = ids.clone()
+    edited[0, 6:11] = (edited[0, 6:11] + 5) % V  # row 0, document 1
+    edited[1, 0:9] = (edited[1, 0:9] + 3) % V  # row 1, document 0
+    with torch.set_grad_enabled(grad):
+        base = m.forward_ids(ids, position_ids=pos, doc_ids=doc).logits.detach()
+        after = m.forward_ids(edited, position_ids=pos, doc_ids=doc).logits.detach()
+    untouched = torch.ones_like(doc, dtype=torch.bool)
+    untouched[0, 6:11] = False
+    untouched[1, 0:9] = False
+    assert (base[untouched] - after[untouched]).abs().max() <= 1e-6
+    assert (base[0, 6:11] - after[0, 6:11]).abs().max() > 1e-3  # the edits did reach their own documents
+    assert (base[1, :9] - after[1, :9]).abs().max() > 1e-3
+
+
 def test_a_packed_document_gives_the_same_logits_as_when_run_alone():
     m = _model()
     ids, doc = _packed_row()

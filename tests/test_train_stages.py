@@ -130,6 +130,28 @@ def test_frozen_parts_are_not_trained_and_not_counted(tiny_world):
     assert count_trainable(module) == sum(p.numel() for p in mllm.connector.parameters())
 
 
+@pytest.mark.parametrize("part", ["vision", "connector", "lm"])
+def test_a_run_with_a_frozen_part_takes_the_lr_law_at_the_trainable_count_and_leaves_it_untouched(
+        part, pretrain_run, tiny_world, tmp_path):
+    """Starts from the pretrain run, so the frozen part's starting weights are known exactly."""
+    out = tmp_path / part
+    train(cfg_for(tiny_world, f"train.freeze_{part}=true", f"train.init_from={pretrain_run}", "train.steps=2",
+                  "train.warmup_steps=1"), out)
+    start, _, _ = mm1.train.load_checkpoint(pretrain_run)
+    end, _, _ = mm1.train.load_checkpoint(out)
+    trainable = sum(p.numel() for name, p in start.named_parameters() if not name.startswith(f"{part}."))
+    info = json.loads((out / "run.json").read_text())
+    assert info["n_trainable_params"] == trainable and info["lr_source"] == "mm1_law"
+    assert info["peak_lr"] == pytest.approx(mm1_lr(trainable), rel=1e-12)
+    assert max(r["lr"] for r in read_metrics(out)) == pytest.approx(mm1_lr(trainable), rel=1e-12)
+    before, after = start.state_dict(), end.state_dict()
+    for name, value in after.items():
+        if name.startswith(f"{part}."):
+            assert torch.equal(value, before[name]), f"frozen {name} changed"
+    moved = [n for n, v in after.items() if not n.startswith(f"{part}.") and not torch.equal(v, before[n])]
+    assert len(moved) > 0.9 * sum(not n.startswith(f"{part}.") for n in after), "the other parts did not train"
+
+
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_a_non_finite_loss_is_caught(mode, tiny_world, tmp_path, monkeypatch):
     calls = {"n": 0}
