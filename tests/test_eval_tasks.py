@@ -4,6 +4,7 @@ baselines are scored like models, and `evaluate` / `mm1 eval` write one result p
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from PIL import Image
 from mm1.cli import main
 from mm1.config import Config
 from mm1.data.tokenizer import Tokenizer
+from mm1.eval import runner
 from mm1.eval.baselines import answer_prior, best_constant_caption, blind_baseline
+from mm1.eval.metrics import cider_scores, vqa_accuracy
 from mm1.eval.runner import evaluate, format_table
 from mm1.eval.tasks import TASKS, get_task, load_spec
 from mm1.models.build import build_model
@@ -181,6 +184,63 @@ def test_the_shuffled_control_can_be_switched_off(world, tiny_model):
         cfg.eval.shuffled_control = True
     assert r["score_shuffled"] is None and r["image_gain"] is None and r["shuffle_note"].startswith("off")
     assert "shuffled_predictions" not in r and "off" in format_table([r]).splitlines()[-1]
+
+
+SCRIPTED = {"world_caption": ["A red square.", "a plain picture of a square", "The blue background.", "green"],
+            "world_vqa": ["blue", "Red.", "green", "yellow"]}
+
+
+def _recompute(task_name: str, items: list, records: list[dict]) -> float:
+    """A trial's score from its saved predictions, with the metric functions and every reference."""
+    assert [r["id"] for r in records] == [ex.id for ex in items]
+    preds = [r["prediction"] for r in records]
+    if task_name == "world_caption":
+        per = cider_scores({ex.id: p for ex, p in zip(items, preds)}, {ex.id: ex.answers for ex in items},
+                           tokenizer="python")
+        return sum(per.values()) / len(per)
+    assert all(len(ex.answers) == 10 for ex in items)  # VQAv2: ten annotators per question
+    return sum(100.0 * vqa_accuracy(p, ex.answers) for ex, p in zip(items, preds)) / len(items)
+
+
+def test_saved_scores_equal_the_metrics_recomputed_from_the_saved_predictions(world, tiny_model, tmp_path,
+                                                                              monkeypatch):
+    """Generation is scripted (a random tiny model only says nothing scoreable), so the scores are
+    far from 0 and any reference the runner leaves out changes them."""
+    root, tok = world
+    model, cfg = tiny_model
+    cfg.data.world, cfg.eval.trials = str(root), 2
+
+    for name in SCRIPTED:
+        replies = SCRIPTED[name]
+        monkeypatch.setattr(runner, "generate", lambda m, t, prompts, images, g, r=replies:
+                            [r[i % len(r)] for i in range(len(prompts))])
+        (result,) = evaluate(model, tok, cfg, [name], [0], limit=4, out_dir=tmp_path, log=None)
+        saved = json.loads((tmp_path / f"{name}_0shot.json").read_text())
+        items = get_task(name, root).test[:4]
+        recomputed = [_recompute(name, items, trial) for trial in saved["predictions"]]
+        assert saved["trial_scores"] == pytest.approx(recomputed, abs=1e-9)
+        assert saved["score"] == pytest.approx(sum(recomputed) / len(recomputed), abs=1e-9)
+        assert [r["answers"] for r in saved["predictions"][0]] == [ex.answers for ex in items]
+        assert saved["score"] > 10 and (name == "world_caption" or saved["score"] < 100)  # partial credit
+
+
+def test_perplexity_task_score_is_exp_of_total_nll_over_total_tokens(world, tiny_model, tmp_path):
+    root, tok = world
+    model, cfg = tiny_model
+    docs = ["A red square.", "The blue background is plain and the green picture is small.", "a plain yellow"]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n"
+                                                 for i, t in enumerate(docs)))
+    (tmp_path / "ppl.yaml").write_text("kind: text\nmetric: perplexity\ntest: docs.jsonl\n")
+    (result,) = evaluate(model, tok, cfg, [str(tmp_path / "ppl.yaml")], [0], log=None)
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for text in docs:  # each document scored after an EOS, from its first token on
+            ids = torch.tensor([[tok.eos_id] + tok.encode(text)])
+            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
+            nll -= float(logp.gather(-1, ids[0, 1:, None]).sum())
+            tokens += ids.shape[1] - 1
+    assert result["score"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+    assert sum(r["nll"] for r in result["predictions"][0]) == pytest.approx(nll, rel=1e-4)
 
 
 def test_evaluate_in_chat_mode_for_models_after_sft(world, tiny_model):

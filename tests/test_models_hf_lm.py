@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from references import require  # tests/references.py: skip here, fail under `make test`
+
+transformers = require("transformers", module_level=True)
 
 from mm1.config import LMConfig  # noqa: E402
 from mm1.models.hf_lm import (  # noqa: E402

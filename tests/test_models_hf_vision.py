@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from references import require  # tests/references.py: skip here, fail under `make test`
+
+transformers = require("transformers", module_level=True)
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import mm1.models  # noqa: E402,F401
