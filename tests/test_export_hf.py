@@ -15,7 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("transformers")
+from references import require  # tests/references.py: skip here, fail under `make test`
+
+require("transformers", module_level=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mm1.cli import main  # noqa: E402
