@@ -14,6 +14,7 @@ from PIL import Image
 from mm1.data.formats import (CaptionRecord, InterleavedRecord, SFTRecord, TextRecord, open_source,
                               resolve_files)
 from mm1.data.images import load_image
+from mm1.data.safety import ReadPolicy
 from mm1.data.skips import DataError, DataFileNotFoundError, SkipCounter
 from mm1.data.writers import (write_caption_shard, write_interleaved_parquet, write_jsonl,
                               write_text_parquet)
@@ -71,7 +72,7 @@ def test_globs_brace_patterns_lists_and_pipes_name_the_same_shards(caption_dir):
     assert resolve_files("caption", [every[1], every[0], every[1]]) == every  # sorted, de-duplicated
     assert resolve_files("caption", "file://" + str(caption_dir)) == every
     pipe = "pipe:cat " + shlex.quote(every[1])
-    src = open_source("caption", pipe, SkipCounter())
+    src = open_source("caption", pipe, SkipCounter(), policy=ReadPolicy(allow_commands=True))
     assert src.files == [pipe]
     assert [r.caption for r in src] == [f"a grey square 1-{i}" for i in range(3)]
 

@@ -99,6 +99,7 @@ def config(data: Path, **sources: float) -> Config:
     cfg.data.sources = {name: SourceConfig(name.split("_")[0] if name != "caption_bad" else "caption",
                                            str(data / name), w) for name, w in weights.items()}
     cfg.data.sft = str(data / "sft" / "train.json")
+    cfg.data.allow_outside_paths = True  # the sources share the sibling img/ folder (../img/N.png)
     return cfg
 
 

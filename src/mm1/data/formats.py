@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mm1.data import tars
+from mm1.data.safety import ReadPolicy, check_regular, is_stream, stream_allowed
 from mm1.data.skips import DataError, DataFileNotFoundError, SkipCounter
 from mm1.registry import ConfigError
 
@@ -75,7 +76,7 @@ Record = Union[CaptionRecord, InterleavedRecord, TextRecord, SFTRecord]
 LAYOUTS: dict[str, str] = {
     "caption": ("WebDataset .tar shards in img2dataset layout (KEY.jpg|jpeg|png|webp + KEY.txt, optional KEY.json "
                 "with a 'dense' caption), given as a directory, glob, brace pattern (shard-{00000..00009}.tar), list, "
-                "or pipe:/http URL; or a JSONL manifest of {\"image\": path, \"caption\": str} lines (paths "
+                "or pipe:/http URL (with data.allow_commands=true); or a JSONL manifest of {\"image\": path, \"caption\": str} lines (paths "
                 "relative to the manifest)"),
     "interleaved": ("parquet files in OBELICS layout: columns texts: list<string|null> and images: "
                     "list<binary|string|null> (encoded image bytes or local paths), exactly one non-null per position"),
@@ -90,7 +91,6 @@ _DIR_SUFFIXES: dict[str, list[tuple[str, ...]]] = {
     "text": [(".jsonl", ".jsonl.gz", ".parquet")],
     "sft": [(".json", ".jsonl")],
 }
-_URL_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "hf://")  # streamed through webdataset's gopen
 OPEN_CHECKS = 64  # files whose format is checked at open; a bad file further on is skipped and counted
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "system": "system"}
 IMAGE_MARKER = "<image>"
@@ -106,16 +106,19 @@ class _Tally:
         if not self.muted:
             self.skips.ok()
 
-    def skip(self, reason: str, where: str, detail: str = "") -> None:
+    def skip(self, reason: str, where: str, detail: str = "", n: int = 1) -> None:
         if not self.muted:
-            self.skips.skip(reason, where, detail)
+            self.skips.skip(reason, where, detail, lost=n)
 
 
 class SourceReader:
     """The files of one source and a reader per file (format chosen by the file's suffix)."""
 
-    def __init__(self, kind: str, files: list[str], skips: SkipCounter, image_root: str | None = None) -> None:
+    def __init__(self, kind: str, files: list[str], skips: SkipCounter, image_root: str | None = None,
+                 policy: ReadPolicy = ReadPolicy()) -> None:
         self.kind, self.files, self.skips, self.image_root = kind, files, skips, image_root
+        self.policy = policy
+        self.shard_sizes = tars.ShardSizes()  # what a complete shard holds, to count a truncated one's loss
 
     def read(self, file: str, start: int = 0) -> Iterator[Record]:
         """Good records of `file`, in order, from the `start`-th on. Resuming replays the first
@@ -138,51 +141,56 @@ class SourceReader:
 
         if self.kind == "caption":
             if _suffix(file) in (".jsonl", ".jsonl.gz"):
-                yield from readers.read_caption_manifest(file, t)
+                yield from readers.read_caption_manifest(file, t, self.policy)
             else:
-                for key, where, image, caption, dense in tars.read_caption_tar(file, t):
+                for key, where, image, caption, dense in tars.read_caption_tar(file, t, self.policy, self.shard_sizes):
                     yield CaptionRecord(key, where, image, caption, dense)
         elif self.kind == "interleaved":
-            yield from readers.read_interleaved(file, t)
+            yield from readers.read_interleaved(file, t, self.policy)
         elif self.kind == "text":
             yield from readers.read_text(file, t)
         else:
-            yield from readers.read_sft(file, t, self.image_root)
+            yield from readers.read_sft(file, t, self.image_root, self.policy)
 
     def __repr__(self) -> str:
         return f"SourceReader({self.kind!r}, {len(self.files)} files, {self.skips.summary()})"
 
 
 def open_source(kind: str, path: str | os.PathLike | Sequence[str | os.PathLike], skips: SkipCounter | None = None,
-                image_root: str | None = None) -> SourceReader:
+                image_root: str | None = None, policy: ReadPolicy = ReadPolicy()) -> SourceReader:
     """Resolve `path` to files, check each one's format, and return a reader.
 
     Raises `DataFileNotFoundError` for a path that does not exist or a pattern matching nothing, and
     `DataError` for a file in the wrong format (the first `OPEN_CHECKS` files are checked; a bad one
     further on is counted as an unreadable file when read); both name the path and the expected layout.
     `image_root` (sft only) is what relative image paths are resolved against (default: the JSON's
-    directory; LLaVA's own data needs its image folder here).
+    directory; LLaVA's own data needs its image folder here). `policy` says what the data may make
+    mm1 do (`mm1.data.safety`): by default local regular files only, paths inside the data.
     """
     if kind not in LAYOUTS:
         raise ConfigError(f"data.sources.*.kind={kind!r}: unknown source kind; allowed: {', '.join(LAYOUTS)}")
-    files = resolve_files(kind, path)
+    files = resolve_files(kind, path, policy)
     for file in files[:OPEN_CHECKS]:  # a wrong path or format fails now, not an hour into the run
         check_file(kind, file)
-    return SourceReader(kind, files, skips if skips is not None else SkipCounter(name=kind), image_root)
+    return SourceReader(kind, files, skips if skips is not None else SkipCounter(name=kind), image_root, policy)
 
 
-def resolve_files(kind: str, path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Expand lists, brace patterns, globs and directories into a sorted, de-duplicated file list."""
+def resolve_files(kind: str, path: str | os.PathLike | Sequence[str | os.PathLike],
+                  policy: ReadPolicy = ReadPolicy()) -> list[str]:
+    """Expand lists, brace patterns, globs and directories into a sorted, de-duplicated list of
+    absolute paths of regular files (a bare name from a glob could read as `pipe:...`); streams only
+    with `policy.allow_commands`."""
     specs = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not specs:
         raise DataFileNotFoundError(f"no {kind} data path given; expected {LAYOUTS[kind]}")
     out: list[str] = []
     for spec in specs:
         spec = re.sub(r"^file:(//)?", "", os.fspath(spec))
-        if spec.startswith(_URL_PREFIXES):
+        if is_stream(spec):
             if kind != "caption":
                 raise DataError(f"{spec}: streaming URLs are supported for caption tar shards only; "
                                 f"download {kind} data to a local path ({LAYOUTS[kind]})")
+            stream_allowed(spec, policy)
             out.extend(braceexpand.braceexpand(spec))
             continue
         for item in braceexpand.braceexpand(os.path.expanduser(spec)):
@@ -192,8 +200,12 @@ def resolve_files(kind: str, path: str | os.PathLike | Sequence[str | os.PathLik
 
 def _expand_local(kind: str, item: str, spec: str) -> list[str]:
     hint = " (the {world} placeholder was not substituted)" if "{world}" in spec else ""
+    item = os.path.abspath(item)
     if glob.has_magic(item):
-        matches = sorted(p for p in glob.glob(item) if os.path.isfile(p))
+        found = sorted(glob.glob(item))
+        for p in found:
+            check_regular(p)
+        matches = [p for p in found if os.path.isfile(p)]
         if not matches:
             raise DataFileNotFoundError(f"{kind} data: pattern {item} matches no files{hint}; expected {LAYOUTS[kind]}")
         return matches
@@ -201,11 +213,14 @@ def _expand_local(kind: str, item: str, spec: str) -> list[str]:
         names = sorted(os.listdir(item))
         for group in _DIR_SUFFIXES[kind]:
             found = [os.path.join(item, n) for n in names if n.endswith(group) and not n.startswith(".")]
+            for p in found:
+                check_regular(p)
             if found:
                 return found
         wanted = ", ".join(s for g in _DIR_SUFFIXES[kind] for s in g)
         raise DataFileNotFoundError(f"{kind} data: directory {item} holds no {wanted} files "
                                     f"(it has: {', '.join(names[:8]) or 'nothing'}); expected {LAYOUTS[kind]}")
+    check_regular(item)
     if os.path.isfile(item):
         return [item]
     raise DataFileNotFoundError(f"{kind} data: {item} does not exist{hint}; expected {LAYOUTS[kind]}")
@@ -221,7 +236,7 @@ def _suffix(file: str) -> str:
 
 def check_file(kind: str, file: str) -> None:
     """Cheap open-time format check (header, schema or first byte) of one local file."""
-    if file.startswith(_URL_PREFIXES):
+    if is_stream(file):
         return  # streams are checked as they are read
     suffix = _suffix(file)
     allowed = {s for g in _DIR_SUFFIXES[kind] for s in g}

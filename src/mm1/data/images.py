@@ -4,7 +4,10 @@ Web images come in every mode Pillow knows: palettes with a transparent colour, 
 scans, CMYK JPEGs from print pipelines, camera photos whose pixels are stored sideways with an EXIF
 orientation tag, and the occasional decompression bomb. `load_image` turns all of them into an
 upright 8-bit RGB image (transparency composited on white, as a browser shows it) or raises
-`ImageError` with a `reason` the loader can count in its `SkipCounter`.
+`ImageError` with a `reason` the loader can count in its `SkipCounter`. Only the raster decoders in
+`data.image_formats` are tried (JPEG, PNG, WEBP by default): bytes named `.png` that are really EPS
+would otherwise make Pillow start Ghostscript, which runs PostScript. Files and byte strings over
+`data.max_member_bytes` are refused before decoding; a FIFO is refused without blocking.
 
 `preprocess` is the encoder's view of an image: resize the shorter side (bicubic) + centre crop, or
 pad to square with the mean colour, then normalise with the encoder's mean/std. `subimages` is the
@@ -19,14 +22,16 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mm1.data.safety import DEFAULT_IMAGE_FORMATS, DEFAULT_MAX_MEMBER_BYTES, open_regular
 from mm1.data.skips import DataError
 
 MAX_PIXELS = 64 * 1024 * 1024  # 67 Mpx (8192 x 8192); larger images are refused as likely bombs
@@ -45,46 +50,55 @@ class ImageError(DataError):
 
 
 def load_image(src: bytes | str | Path, where: str = "", *, max_pixels: int = MAX_PIXELS,
-               draft_size: int | None = None) -> Image.Image:
+               draft_size: int | None = None, formats: Sequence[str] = DEFAULT_IMAGE_FORMATS,
+               max_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Image.Image:
     """Decode `src` (encoded bytes or a file path) into an upright 8-bit RGB image.
 
     `where` names the sample in error messages (e.g. "shard-00003.tar:000123"). `draft_size` lets a
     JPEG decode at 1/2, 1/4 or 1/8 scale as long as both sides stay >= draft_size (pass the final
-    resolution). Images over `max_pixels` pixels are refused before any pixel is decoded.
+    resolution). Images over `max_pixels` pixels are refused before any pixel is decoded, and so are
+    `src` over `max_bytes` bytes and formats not in `formats` (Pillow format names).
     """
+    too_big = f"over data.max_member_bytes={max_bytes}; not decoded (raise the limit if such images are real)"
     if isinstance(src, (bytes, bytearray, memoryview)):
         where = where or "<image bytes>"
+        if len(src) > max_bytes:
+            raise ImageError("image too large", f"{where}: image is {len(src)} bytes, {too_big}", where)
         try:
-            return _decode(io.BytesIO(src), where, max_pixels, draft_size)
+            return _decode(io.BytesIO(src), where, max_pixels, draft_size, formats)
         except ImageError as e:
             e.where = where
             raise
     path = Path(src)
     where = where or str(path)
-    if not path.is_file():
+    if not path.exists():
         raise ImageError("missing image file", f"{where}: image file {path} does not exist", where)
     try:
-        with open(path, "rb") as fp:
-            return _decode(fp, where, max_pixels, draft_size)
+        with open_regular(str(path)) as fp:
+            size = os.fstat(fp.fileno()).st_size
+            if size > max_bytes:
+                raise ImageError("image too large", f"{where}: {path} is {size} bytes, {too_big}", where)
+            return _decode(fp, where, max_pixels, draft_size, formats)
     except ImageError as e:
         e.where = where
         raise
-    except OSError as e:
+    except (OSError, DataError) as e:  # unreadable, or not a regular file (a FIFO would block)
         raise ImageError("unreadable image file", f"{where}: cannot read {path}: {e}", where) from None
 
 
-def _decode(fp: io.IOBase, where: str, max_pixels: int, draft_size: int | None) -> Image.Image:
+def _decode(fp: Any, where: str, max_pixels: int, draft_size: int | None, formats: Sequence[str]) -> Image.Image:
     bomb_msg = (f"{where}: image has too many pixels (likely a decompression bomb); the limit is "
                 f"{max_pixels} pixels (mm1.data.images.MAX_PIXELS) and Pillow's Image.MAX_IMAGE_PIXELS="
                 f"{Image.MAX_IMAGE_PIXELS}")
     try:
         with warnings.catch_warnings():  # Pillow only warns between 1x and 2x its own limit
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            img = Image.open(fp, formats=list(formats))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError("image too large", f"{bomb_msg} ({e})") from None
     except UnidentifiedImageError:
-        raise ImageError("corrupt image", f"{where}: not a readable image (unknown format or damaged header)") from None
+        raise ImageError("corrupt image", f"{where}: not a readable image (a damaged header, or a format outside "
+                         f"data.image_formats={list(formats)})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError("corrupt image", f"{where}: cannot open image: {e}") from None
     w, h = img.size
@@ -205,10 +219,12 @@ def subimages(img: Image.Image, grid: int, size: int, overview_first: bool = Fal
 
 def image_tensors(src: bytes | str | Path, where: str, size: int, mean: Sequence[float], std: Sequence[float],
                   resize: str = "crop", grid: int = 0, overview_first: bool = False,
-                  max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+                  max_pixels: int = MAX_PIXELS, formats: Sequence[str] = DEFAULT_IMAGE_FORMATS,
+                  max_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> torch.Tensor:
     """Decode + preprocess one image into the crops its `<image>` slots take:
     [1, 3, size, size], or [grid*grid + 1, 3, size, size] at high resolution."""
-    img = load_image(src, where, max_pixels=max_pixels, draft_size=size * max(grid, 1))
+    img = load_image(src, where, max_pixels=max_pixels, draft_size=size * max(grid, 1), formats=formats,
+                     max_bytes=max_bytes)
     if grid:
         crops = subimages(img, grid, size, overview_first, resize, mean_color(mean))
         return torch.stack([normalize(c, mean, std) for c in crops])  # [g*g+1, 3, S, S]

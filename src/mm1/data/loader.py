@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from mm1.data.images import ImageError, image_tensors
 from mm1.data.mixture import MixtureDataset, SourceSpec
+from mm1.data.safety import ReadPolicy
 from mm1.data.sequence import DocBuilder, SampleError
 from mm1.data.skips import SkipCounter
 from mm1.registry import ConfigError
@@ -30,11 +31,11 @@ STATE_VERSION = 1
 class ImagePipeline:
     """(bytes | path, where) -> the image's crops, each [3, S, S]; failures become counted skips."""
 
-    def __init__(self, model_cfg: Any, resize: str = "crop") -> None:
+    def __init__(self, model_cfg: Any, resize: str = "crop", policy: ReadPolicy = ReadPolicy()) -> None:
         v = model_cfg.vision
         self.size, self.mean, self.std = int(v.image_size), list(v.mean), list(v.std)
         self.grid, self.overview_first = int(model_cfg.subimage_grid), bool(model_cfg.overview_first)
-        self.resize = resize
+        self.resize, self.policy = resize, policy
 
     @property
     def crops(self) -> int:
@@ -42,7 +43,8 @@ class ImagePipeline:
 
     def __call__(self, raw: Any, where: str) -> list[torch.Tensor]:
         try:
-            x = image_tensors(raw, where, self.size, self.mean, self.std, self.resize, self.grid, self.overview_first)
+            x = image_tensors(raw, where, self.size, self.mean, self.std, self.resize, self.grid, self.overview_first,
+                              formats=self.policy.image_formats, max_bytes=self.policy.max_member_bytes)
         except ImageError as e:
             raise SampleError(e.reason, where, str(e)) from None
         return list(x.unbind(0))  # crops of [3, S, S]
@@ -67,7 +69,8 @@ def resolve_sources(cfg: Any) -> list[SourceSpec]:
             world = str(d.world)
         else:
             world = str(ensure_world(d))
-    return [SourceSpec(name, kind, path.replace("{world}", world), w) for name, kind, path, w in raw]
+    policy = ReadPolicy.from_config(d)
+    return [SourceSpec(name, kind, path.replace("{world}", world), w, policy) for name, kind, path, w in raw]
 
 
 class Loader:
@@ -138,7 +141,7 @@ def build_dataset(cfg: Any, tokenizer: Any, rank: int = 0, world_size: int = 1,
                           f"{tokenizer.image_id}; set model.image_token_id={tokenizer.image_id}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-    images = ImagePipeline(cfg.model, cfg.data.resize)
+    images = ImagePipeline(cfg.model, cfg.data.resize, ReadPolicy.from_config(cfg.data))
     builder = DocBuilder(tokenizer, images, cfg.data.seq_len, cfg.data.max_images, cfg.model.tokens_per_image,
                          images.crops, cfg.data.synthetic_caption_ratio, cfg.train.seed)
     return MixtureDataset(resolve_sources(cfg), builder, cfg.data.batch_size, cfg.train.seed, rank, world_size,

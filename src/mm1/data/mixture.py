@@ -24,6 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mm1.data import SOURCE_KINDS
 from mm1.data.formats import open_source
+from mm1.data.safety import ReadPolicy
 from mm1.data.sequence import Doc, DocBuilder, RowPacker, SampleError, collate
 from mm1.data.skips import DataError, SkipCounter
 
@@ -40,6 +41,7 @@ class SourceSpec:
     kind: str
     path: str
     weight: float
+    policy: ReadPolicy = ReadPolicy()  # what the data may make mm1 read or run (`mm1.data.safety`)
 
 
 class MixtureSchedule:
@@ -91,7 +93,8 @@ class SourceStream:
         `skips` counts this shard's own records that fail to become sequences (bad images...)."""
         self.spec, self.builder, self.packer, self.skips = spec, builder, packer, skips
         self.shard, self.num_shards, self.seed = shard, num_shards, seed
-        self.reader = open_source(spec.kind, spec.path, read_skips if read_skips is not None else SkipCounter())
+        self.reader = open_source(spec.kind, spec.path, read_skips if read_skips is not None else SkipCounter(),
+                                  policy=spec.policy)
         self.files = list(self.reader.files)
         if not self.files:
             raise DataError(f"data source {spec.name!r} ({spec.kind}) at {spec.path} has no files")

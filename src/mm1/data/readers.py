@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from mm1.data.formats import (IMAGE_MARKER, CaptionRecord, InterleavedRecord, SFTRecord, TextRecord, _ROLES,
                               _Tally)
+from mm1.data.safety import ReadPolicy, inside_root
 from mm1.data.skips import DataError
 from mm1.data.tars import check_caption
 
@@ -55,6 +56,8 @@ def iter_jsonl(file: str, t: _Tally) -> Iterator[tuple[int, dict[str, Any]]]:
                 yield lineno, obj
     except (OSError, EOFError) as e:  # a truncated .gz, an unreadable file
         t.skip("truncated file", f"{file}:line {lineno + 1}", f"{e}; the rest of the file is lost")
+    except MemoryError:  # one line of gigabytes
+        t.skip("line too large", f"{file}:line {lineno + 1}", "out of memory reading it; the rest of the file is lost")
 
 
 def iter_parquet(file: str, required: list[str], optional: list[str],
@@ -72,20 +75,23 @@ def iter_parquet(file: str, required: list[str], optional: list[str],
     cols = required + [c for c in optional if c in names]
     row = 0
     for rg in range(pf.num_row_groups):
-        n_rows = pf.metadata.row_group(rg).num_rows
+        n_rows, first = pf.metadata.row_group(rg).num_rows, row
         try:
             for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[rg], columns=cols):
                 values = {c: batch.column(c).to_pylist() for c in cols}
                 for i in range(batch.num_rows):
                     yield row, {c: values[c][i] for c in cols}
                     row += 1
-        except (pa.ArrowException, OSError) as e:
-            t.skip("corrupt parquet row group", f"{file}:row group {rg}", f"{e}; its {n_rows} rows are lost")
+        except (pa.ArrowException, OSError, MemoryError) as e:
+            lost = max(1, n_rows - (row - first))
+            t.skip("corrupt parquet row group", f"{file}:row group {rg}",
+                   f"{e or type(e).__name__}; {lost} of its {n_rows} rows are lost", lost)
             row = sum(pf.metadata.row_group(i).num_rows for i in range(rg + 1))
 
 
-def _local_image(value: Any, base: str, where: str, t: _Tally) -> bytes | str | None:
-    """An image cell as bytes or an absolute existing path; None after counting a skip."""
+def _local_image(value: Any, base: str, where: str, t: _Tally, policy: ReadPolicy) -> bytes | str | None:
+    """An image cell as bytes or an absolute existing path inside `base` (the data file's folder or
+    a declared root; `mm1.data.safety.inside_root`); None after counting a skip."""
     if isinstance(value, dict):  # HF `Image` feature: {"bytes": ..., "path": ...}
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
@@ -99,21 +105,24 @@ def _local_image(value: Any, base: str, where: str, t: _Tally) -> bytes | str | 
     if value.startswith(("http://", "https://")):
         t.skip("image URL (not downloaded)", where, f"{value}: download the images (e.g. with img2dataset) first")
         return None
-    path = value if os.path.isabs(value) else os.path.join(base, value)
-    if not os.path.isfile(path):
-        t.skip("missing image file", where, f"{path} does not exist")
+    path, refused = inside_root(value, base, policy)
+    if refused:
+        t.skip("image path outside the data", where, refused)
         return None
-    return os.path.abspath(path)
+    if not os.path.isfile(path):
+        t.skip("missing image file", where, f"{path} does not exist or is not a regular file")
+        return None
+    return path
 
 
-def read_caption_manifest(file: str, t: _Tally) -> Iterator[CaptionRecord]:
+def read_caption_manifest(file: str, t: _Tally, policy: ReadPolicy = ReadPolicy()) -> Iterator[CaptionRecord]:
     base = os.path.dirname(os.path.abspath(file))
     for lineno, obj in iter_jsonl(file, t):
         where = f"{file}:line {lineno}"
         if "image" not in obj:
             t.skip("missing image", where, "no 'image' field")
             continue
-        image = _local_image(obj["image"], base, where, t)
+        image = _local_image(obj["image"], base, where, t, policy)
         if image is None:
             continue
         item = check_caption(obj.get("caption"), obj.get("dense"), where, t, image)
@@ -122,7 +131,7 @@ def read_caption_manifest(file: str, t: _Tally) -> Iterator[CaptionRecord]:
             yield CaptionRecord(str(obj.get("key", obj.get("id", f"{_stem(file)}-{lineno}"))), where, *item)
 
 
-def read_interleaved(file: str, t: _Tally) -> Iterator[InterleavedRecord]:
+def read_interleaved(file: str, t: _Tally, policy: ReadPolicy = ReadPolicy()) -> Iterator[InterleavedRecord]:
     base = os.path.dirname(os.path.abspath(file))
     for row, cells in iter_parquet(file, ["texts", "images"], ["id"], t):
         where = f"{file}:row {row}"
@@ -143,7 +152,7 @@ def read_interleaved(file: str, t: _Tally) -> Iterator[InterleavedRecord]:
             continue
         resolved: list[bytes | str | None] = []
         for y in images:
-            image = None if y is None else _local_image(y, base, where, t)
+            image = None if y is None else _local_image(y, base, where, t, policy)
             if y is not None and image is None:
                 break  # counted once for the document
             resolved.append(image)
@@ -178,6 +187,9 @@ def _sft_items(file: str, t: _Tally) -> Iterator[tuple[str, Any]]:
         try:
             with open(file, "rb") as f:
                 data = json.load(f)
+        except MemoryError:
+            raise DataError(f"{file}: out of memory parsing this JSON list; convert it to JSONL (one sample per "
+                            "line) so it is read line by line") from None
         except ValueError as e:
             raise DataError(f"{file}: not valid JSON ({e}); a LLaVA JSON file is one list of samples: fix the "
                             "file, or convert it to JSONL (one sample per line) so bad lines are skipped") from None
@@ -188,16 +200,17 @@ def _sft_items(file: str, t: _Tally) -> Iterator[tuple[str, Any]]:
             yield f"{file}:line {lineno}", obj
 
 
-def read_sft(file: str, t: _Tally, image_root: str | None = None) -> Iterator[SFTRecord]:
-    base = image_root or os.path.dirname(os.path.abspath(file))
+def read_sft(file: str, t: _Tally, image_root: str | None = None,
+             policy: ReadPolicy = ReadPolicy()) -> Iterator[SFTRecord]:
+    base = os.path.abspath(image_root) if image_root else os.path.dirname(os.path.abspath(file))
     for where, obj in _sft_items(file, t):
-        record = _sft_record(obj, where, base, t)
+        record = _sft_record(obj, where, base, t, policy)
         if record is not None:
             t.ok()
             yield record
 
 
-def _sft_record(obj: Any, where: str, base: str, t: _Tally) -> SFTRecord | None:
+def _sft_record(obj: Any, where: str, base: str, t: _Tally, policy: ReadPolicy) -> SFTRecord | None:
     if not isinstance(obj, dict):
         t.skip("malformed sample", where, f"expected an object, got {type(obj).__name__}")
         return None
@@ -224,7 +237,7 @@ def _sft_record(obj: Any, where: str, base: str, t: _Tally) -> SFTRecord | None:
         return None
     images: list[bytes | str] = []
     for p in paths:
-        image = _local_image(p, base, where, t)
+        image = _local_image(p, base, where, t, policy)
         if image is None:
             return None
         images.append(image)

@@ -67,15 +67,16 @@ class SkipCounter:
         if self.counts and self.seen - n < self.min_samples <= self.seen:  # the rate becomes judgeable
             self.check()
 
-    def skip(self, reason: str, where: str, detail: str = "", already_counted: bool = False) -> None:
-        """One sample was dropped for `reason` (a short fixed phrase, e.g. "corrupt image") at
-        `where` (file plus member/row/line). Logs, counts, and raises past the threshold."""
+    def skip(self, reason: str, where: str, detail: str = "", already_counted: bool = False, lost: int = 1) -> None:
+        """`lost` samples (one, or the rest of a damaged shard) were dropped for `reason` (a short
+        fixed phrase, e.g. "corrupt image") at `where` (file plus member/row/line). Logs, counts,
+        and raises past the threshold."""
         if not already_counted:
-            self.seen += 1
-        n = self.counts.get(reason, 0) + 1
+            self.seen += lost
+        n = self.counts.get(reason, 0) + lost
         self.counts[reason] = n
         self.examples.setdefault(reason, where)
-        if n <= self.log_first:
+        if lost > 1 or n <= self.log_first:
             log.warning("%s: skipped sample (%s) at %s%s", self.name, reason, where, f": {detail}" if detail else "")
             if n == self.log_first:
                 log.warning("%s: further '%s' skips are logged at every 10x", self.name, reason)

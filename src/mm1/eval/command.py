@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from mm1.config import Config, load_config
+from mm1.config import Config, DataConfig, load_config
+from mm1.registry import ConfigError
 
 
 def _ints(text: str) -> list[int]:
@@ -94,6 +95,15 @@ def _load(args: argparse.Namespace) -> tuple[object | None, Config, object | Non
     return build_model(cfg.model).eval(), cfg, tok
 
 
+def _check_world_is_yours(args: argparse.Namespace, cfg: Config) -> None:
+    """A world is built only where the user said (CONFIG or data.world=) or at the default path: a
+    checkpoint's config.yaml is data from whoever shared it, and checksums prove integrity, not origin."""
+    said = args.config or any(o.split("=", 1)[0] == "data.world" for o in args.overrides)
+    if not said and cfg.data.world != DataConfig().world:
+        raise ConfigError(f"the checkpoint's config names data.world={cfg.data.world}, which holds no world; mm1 eval "
+                          "builds a world only where you say: add data.world=PATH (or a CONFIG) to the command")
+
+
 def _needs_world(tasks: list[str]) -> bool:
     return any(t.startswith("world_") for t in tasks)
 
@@ -109,6 +119,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if _needs_world(tasks) and not (Path(cfg.data.world) / "eval").is_dir():
         from mm1.data.world import ensure_world  # a fresh machine: build the default world first
 
+        _check_world_is_yours(args, cfg)
         ensure_world(cfg.data)
     limit = cfg.eval.limit if args.limit is None else args.limit
     results = []
@@ -116,7 +127,7 @@ def run_eval(args: argparse.Namespace) -> int:
         results = evaluate(model, tok, cfg, tasks, args.shots, limit, args.json_dir)
     if args.blind:
         for name in tasks:
-            task = get_task(name, cfg.data.world)
+            task = get_task(name, cfg.data.world, cfg.data.allow_outside_paths)
             if task.spec.metric in ("cider", "vqa", "exact"):
                 b = blind_baseline(task, limit, cfg.eval.vqa_mode)
                 results.append({"task": f"{name} (blind: {b['baseline']})", "metric": b["metric"], "shots": 0,

@@ -12,12 +12,16 @@ and are decoded like files (JPEG/PNG/WEBP only).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from mm1.data.safety import ReadPolicy, inside_root
+from mm1.data.skips import DataError
 from mm1.registry import ConfigError, Registry
 
 @dataclass
@@ -107,12 +111,32 @@ def image_root(spec: Any, split: str, data_file: Path) -> Path:
     return Path(root) if root else data_file.parent
 
 
+# whether image names may leave the task's image root; set by `read_task_files` from the task spec
+# (or data.allow_outside_paths), so each format's reader need not pass it along
+OUTSIDE_PATHS_ALLOWED: ContextVar[bool] = ContextVar("outside_paths_allowed", default=False)
+
+
+@contextlib.contextmanager
+def read_task_files(allow_outside_paths: bool) -> Iterator[None]:
+    token = OUTSIDE_PATHS_ALLOWED.set(allow_outside_paths)
+    try:
+        yield
+    finally:
+        OUTSIDE_PATHS_ALLOWED.reset(token)
+
+
 def image_file(root: Path, name: str, where: str) -> str:
-    """Image file names resolve against the root, then its `images/` folder (the world's layout)."""
+    """Image file names resolve against the root, then its `images/` folder (the world's layout),
+    and must stay inside the root (`mm1.data.safety.inside_root`: a task file from the web may name
+    `../../etc/passwd`) unless the spec or data.allow_outside_paths allows it."""
+    policy = ReadPolicy(allow_outside_paths=OUTSIDE_PATHS_ALLOWED.get())
     p = Path(name)
     for cand in [p] if p.is_absolute() else [root / p, root / "images" / p]:
+        path, refused = inside_root(str(cand), str(root), policy)
+        if refused:
+            raise DataError(f"{where}: image {refused}; or set allow_outside_paths: true in the task spec")
         if cand.is_file():
-            return str(cand.resolve())
+            return str(Path(path).resolve())
     raise FileNotFoundError(f"{where}: image {name!r} not found under {root} (or {root / 'images'}); "
                             "set image_root in the task spec")
 

@@ -120,7 +120,7 @@ def evaluate(model, tokenizer: Tokenizer, cfg: Config, tasks: list[str] | None =
     limit = cfg.eval.limit if limit is None else limit
     results = []
     for name in tasks:
-        task = get_task(name, cfg.data.world).resolved(cfg.eval.mc_mode)
+        task = get_task(name, cfg.data.world, cfg.data.allow_outside_paths).resolved(cfg.eval.mc_mode)
         items = task.test[:limit] if limit else task.test
         if not items:
             raise ValueError(f"task {task.name}: the test split is empty")

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import yaml
 
 import mm1.eval.benchmarks  # noqa: F401  (registers the released benchmark formats)
-from mm1.eval.readers import FORMATS, Example, default_format
+from mm1.eval.readers import FORMATS, Example, default_format, read_task_files
 from mm1.eval.task_metrics import SCORERS
 from mm1.registry import ConfigError, Registry
 
@@ -78,6 +78,7 @@ class TaskSpec:
     lowercase: bool = False  # post-processing of generated answers
     format: str = ""  # a registered file layout (readers.FORMATS); "" = mm1's layout for the kind
     mc_mode: str = ""  # multiple choice: loglik | generate; "" = eval.mc_mode
+    allow_outside_paths: bool = False  # image names may leave image_root (or the task file's folder)
     defaulted: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
     question_types: list[str] = field(default_factory=list)  # keep only these `question_type`s (e.g. label)
 
@@ -151,7 +152,8 @@ class Task:
 
 def read_examples(spec: TaskSpec, src: Any, split: str) -> list[Example]:
     fmt = FORMATS.get(spec.format or default_format(spec.kind, src))
-    return fmt.read(spec, src if isinstance(src, dict) else Path(src), split)
+    with read_task_files(spec.allow_outside_paths):
+        return fmt.read(spec, src if isinstance(src, dict) else Path(src), split)
 
 
 # ----------------------------------------------------------------------------- registry and specs
@@ -216,9 +218,10 @@ def load_spec(path: str | Path) -> TaskSpec:
     return TaskSpec(**data)
 
 
-def get_task(name: str, world: str | Path = "data/world-tiny") -> Task:
-    """A registered task name (world tasks read `world`), or the path of a YAML/JSON task spec."""
+def get_task(name: str, world: str | Path = "data/world-tiny", allow_outside_paths: bool = False) -> Task:
+    """A registered task name (world tasks read `world`), or the path of a YAML/JSON task spec.
+    `allow_outside_paths` (data.allow_outside_paths) lets image names leave the task's image root."""
     p = Path(name)
-    if p.suffix in (".yaml", ".yml", ".json") and p.is_file():
-        return Task(load_spec(p))
-    return Task(TASKS.get(name)(Path(world)))
+    spec = load_spec(p) if p.suffix in (".yaml", ".yml", ".json") and p.is_file() else TASKS.get(name)(Path(world))
+    spec.allow_outside_paths = spec.allow_outside_paths or allow_outside_paths
+    return Task(spec)
