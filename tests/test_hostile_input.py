@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from mm1.data.skips import DataError, SkipCounter
 from mm1.data.writers import write_caption_shard
 from mm1.eval.tasks import get_task
 from mm1.train.metrics import read_metrics
+from mm1.train.run_dir import LOCK_NAME, RunDirLock
 
 TINY = ["model.lm.n_layers=1", "model.vision.depth=1", "data.seq_len=96", "data.batch_size=1",
         "train.warmup_steps=1", "data.sources.interleaved.weight=0", "data.sources.text.weight=0"]
@@ -362,3 +365,67 @@ def test_a_damaged_header_inside_a_tar_gz_is_detected_like_a_plain_tar(tmp_path)
     assert len(records) == 10
     assert list(skips.counts) == ["broken tar member"] and 25 <= skips.counts["broken tar member"] <= 35
     assert "estimated from the byte offset" in caplog_text(skips)
+
+
+# ----------------------------------------------------------------------------- resume and the run dir
+
+RUN2 = ["train.steps=2", "train.save_every=1", "train.keep_last=0"]
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {name: (run / name).read_bytes() for name in ("config.yaml", "run.json", "metrics.jsonl")}
+
+
+@pytest.mark.parametrize("override,shown", [
+    ("train.lr=0.05", "train.lr: None -> 0.05"),
+    ("model.lm.dim=128", "model.lm.dim: 256 -> 128"),
+    ("data.sources.caption.path=/elsewhere/caption", "data.sources.caption.path: '{world}/caption' -> '/elsewhere"),
+    ("train.steps=3", "train.steps: 2 -> 3. Nothing was written. To apply train.steps, add --allow-change train.steps"),
+])
+def test_resume_refuses_a_silent_change_and_writes_nothing(run2, tiny_world, tmp_path, capsys, override, shown):
+    run = copy_run(run2, tmp_path)
+    before = snapshot(run)
+    code, line = cli(capsys, *train_args(tiny_world, run, *RUN2, override), "--resume")
+    assert code == 2 and line.startswith(f"mm1 train: config error: --resume would change the run in {run}"), line
+    assert shown in line and "train.init_from=" in line
+    assert snapshot(run) == before
+
+
+def test_an_allowed_change_on_resume_is_applied_for_real_and_logged(run2, tiny_world, tmp_path, capsys):
+    run = copy_run(run2, tmp_path)
+    capsys.readouterr()
+    assert main(train_args(tiny_world, run, "train.steps=3", "train.save_every=1", "train.keep_last=0")
+                + ["--resume", "--allow-change", "train.steps"]) == 0
+    assert "--resume applies train.steps: 2 -> 3" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 3
+    code, line = cli(capsys, *train_args(tiny_world, run, "train.steps=3"), "--resume", "--allow-change", "model.lm.dim")
+    assert code == 2 and "--allow-change model.lm.dim: cannot change on resume" in line
+
+
+def test_a_restart_from_step_zero_truncates_the_metrics(run2, tiny_world, tmp_path, capsys):
+    run = copy_run(run2, tmp_path)
+    shutil.rmtree(run / "checkpoints")  # killed before its first checkpoint: steps 1, 2 are redone
+    assert main(train_args(tiny_world, run, *RUN2) + ["--resume"]) == 0
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]  # not 1, 2, 1, 2
+
+
+def test_a_second_process_on_a_run_dir_gets_one_line_naming_the_holder(run2, tiny_world, tmp_path, capsys):
+    run = copy_run(run2, tmp_path)
+    before = snapshot(run)
+    env = {**os.environ, "PYTHONPATH": str(Path("src").resolve()) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom mm1.train.run_dir import RunDirLock\n"
+                               "with RunDirLock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)\n",
+                               str(run)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, line = cli(capsys, *train_args(tiny_world, run, *RUN2), "--resume")
+        assert code == 2 and line == (f"mm1 train: error: {run} is in use by another mm1 train (pid {holder.pid} on "
+                                      f"{socket.gethostname()}; lock {run / LOCK_NAME}); wait for it to finish or "
+                                      "stop it, or use another --out")
+        assert snapshot(run) == before
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    with RunDirLock(run):  # the holder died without unlocking: its stale lock file does not block
+        assert "pid" in (run / LOCK_NAME).read_text()

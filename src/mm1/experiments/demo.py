@@ -62,7 +62,8 @@ def _train_stage(plan: DemoPlan, out: Path, stage: str, steps: int, extra: list[
         _say(f"{STAGE_NAMES[stage]}: already trained ({done}), reusing it")
         return run_dir
     _say(f"{STAGE_NAMES[stage]}: {steps} steps -> {run_dir}")
-    train(cfg, run_dir, resume=run_dir.exists())
+    # a rerun with another step budget continues the stage's run with the new length
+    train(cfg, run_dir, resume=run_dir.exists(), allow_change=("train.steps", "train.save_every"))
     return run_dir
 
 

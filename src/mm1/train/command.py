@@ -18,7 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="run directory to create (or continue with --resume)")
     parser.set_defaults(takes_overrides=True)  # e.g. train.steps=100 train.seed=1, anywhere on the line
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest complete checkpoint in --out (start fresh if none)")
+                        help="continue from the latest complete checkpoint in --out (start fresh if none); a "
+                             "config that differs from the checkpoint's is refused, naming each key")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                        help="with --resume: apply this changed key (repeatable), e.g. train.steps to train longer")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     cfg = load_config(args.config, args.overrides)
     try:
-        result = train(cfg, out, resume=args.resume)
+        result = train(cfg, out, resume=args.resume, allow_change=args.allow_change)
     except NonFiniteLoss as e:
         print(f"mm1 train: {e}", file=sys.stderr)
         return 1

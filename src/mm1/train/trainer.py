@@ -18,7 +18,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ from mm1.train.distributed import (DistEnv, all_reduce_sum, barrier, init_distri
                                    setup_logging, shutdown, transformer_blocks, wrap_model)
 from mm1.train.metrics import MetricsLogger, truncate_metrics
 from mm1.train.optim import build_optimizer, build_scheduler, count_trainable, resolve_lr
+from mm1.train.resume_guard import check_resume
+from mm1.train.run_dir import RunDirLock
 from mm1.train.stages import build_stage_module
 
 log = logging.getLogger("mm1.train")
@@ -40,14 +42,18 @@ class NonFiniteLoss(RuntimeError):
     """The loss or gradient norm became NaN/inf and `train.nonfinite=stop`."""
 
 
-def train(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Run `cfg.train.stage` into run dir `out` (continuing its latest checkpoint if `resume`)."""
+def train(cfg: Config, out: str | Path, resume: bool = False, allow_change: Sequence[str] = ()) -> dict[str, Any]:
+    """Run `cfg.train.stage` into run dir `out` (continuing its latest checkpoint if `resume`; a
+    config change on resume is refused unless `allow_change` names it, see `mm1.train.resume_guard`)."""
     env = init_distributed(cfg.train.strategy)
     setup_logging(env)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     ok = False
     try:
-        result = Trainer(cfg, Path(out), env).run(resume)
+        with RunDirLock(out, env):  # one job per run dir
+            if resume:
+                check_resume(cfg, Path(out), allow_change)  # before anything is written
+            result = Trainer(cfg, Path(out), env).run(resume)
         ok = True
         return result
     finally:
@@ -147,6 +153,8 @@ class Trainer:
             log.info("resumed from %s (step %d)", latest, start)
         elif resume:
             log.info("--resume: no checkpoint in %s yet, starting from step 0", out)
+            if env.is_main:
+                truncate_metrics(out / "metrics.jsonl", 0)  # the steps logged before are redone
         if env.is_main:
             info = {"stage": self.cfg.train.stage, "n_trainable_params": self.n_params,
                     "peak_lr": self.lr_choice.lr, "weight_decay": self.lr_choice.weight_decay,
