@@ -399,7 +399,8 @@ def test_an_allowed_change_on_resume_is_applied_for_real_and_logged(run2, tiny_w
     assert "--resume applies train.steps: 2 -> 3" in capsys.readouterr().err
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 3
-    code, line = cli(capsys, *train_args(tiny_world, run, "train.steps=3"), "--resume", "--allow-change", "model.lm.dim")
+    code, line = cli(capsys, *train_args(tiny_world, run, "train.steps=3"), "--resume",
+                     "--allow-change", "model.lm.dim")
     assert code == 2 and "--allow-change model.lm.dim: cannot change on resume" in line
 
 

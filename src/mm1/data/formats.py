@@ -76,7 +76,8 @@ Record = Union[CaptionRecord, InterleavedRecord, TextRecord, SFTRecord]
 LAYOUTS: dict[str, str] = {
     "caption": ("WebDataset .tar shards in img2dataset layout (KEY.jpg|jpeg|png|webp + KEY.txt, optional KEY.json "
                 "with a 'dense' caption), given as a directory, glob, brace pattern (shard-{00000..00009}.tar), list, "
-                "or pipe:/http URL (with data.allow_commands=true); or a JSONL manifest of {\"image\": path, \"caption\": str} lines (paths "
+                "or pipe:/http URL (with data.allow_commands=true); or a JSONL manifest of "
+                "{\"image\": path, \"caption\": str} lines (paths "
                 "relative to the manifest)"),
     "interleaved": ("parquet files in OBELICS layout: columns texts: list<string|null> and images: "
                     "list<binary|string|null> (encoded image bytes or local paths), exactly one non-null per position"),

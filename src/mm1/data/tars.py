@@ -202,7 +202,8 @@ def _lost_samples(url: str, delivered: int, read: float | None, typical: int) ->
             f"estimated from the byte offset: {delivered} samples in the first {read:.0%} of the file")
     if typical > delivered:
         return typical - delivered, f"estimated: the largest complete shard of this source held {typical}"
-    return 1, "how many is unknown (no index file, nothing after the damage, no complete shard to compare): counted as 1"
+    return 1, ("how many is unknown (no index file, nothing after the damage, no complete shard to compare): "
+               "counted as 1")
 
 
 def _index_count(url: str) -> int | None:
