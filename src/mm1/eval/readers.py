@@ -132,11 +132,11 @@ def image_file(root: Path, name: str, where: str) -> str:
     policy = ReadPolicy(allow_outside_paths=OUTSIDE_PATHS_ALLOWED.get())
     p = Path(name)
     for cand in [p] if p.is_absolute() else [root / p, root / "images" / p]:
-        path, refused = inside_root(str(cand), str(root), policy)
+        _, refused = inside_root(str(cand.absolute()), str(root), policy)
         if refused:
             raise DataError(f"{where}: image {refused}; or set allow_outside_paths: true in the task spec")
         if cand.is_file():
-            return str(Path(path).resolve())
+            return str(cand.resolve())
     raise FileNotFoundError(f"{where}: image {name!r} not found under {root} (or {root / 'images'}); "
                             "set image_root in the task spec")
 

@@ -8,7 +8,7 @@ command with the one the latest checkpoint was trained with, key by key, and
 
 - lets through keys that take effect for real when a run continues (`RESUMABLE`: the step count,
   how often to save/log, the skip threshold) only when named with `--allow-change KEY`, and logs them;
-- lets through `eval.*` and `name` (they do not touch training), logged;
+- lets through `eval.*`, `name` and `train.init_from` (a continued run does not read them), logged;
 - refuses every other change (model, data, optimizer, schedule, seed ...) naming each key, its saved
   and its new value, and how to get what was meant (a new run with `train.init_from`).
 """
@@ -30,7 +30,10 @@ log = logging.getLogger("mm1.train")
 
 # changes that a continued run really applies (the schedule and loop read train.steps from the config)
 RESUMABLE = ("train.steps", "train.save_every", "train.keep_last", "train.log_every", "train.nonfinite",
-             "train.loggers", "data.max_skip_rate")
+             "train.loggers", "train.eval_every", "data.max_skip_rate")
+# keys a continued run never reads: the evaluation settings, the run's name, and the weights a run
+# started from (a resume takes every weight from its checkpoint)
+UNUSED_ON_RESUME = ("name", "train.init_from")
 # set from the tokenizer when the run starts, not by the user
 DERIVED = ("model.image_token_id",)
 
@@ -49,7 +52,7 @@ def check_resume(cfg: Config, run_dir: Path, allow_change: Sequence[str] = ()) -
     saved = flatten(to_dict(saved_config(ckpt)))
     now = flatten(to_dict(cfg))
     changed = sorted(k for k in saved.keys() | now.keys() if k not in DERIVED and saved.get(k) != now.get(k))
-    refused = [k for k in changed if k not in allow_change and not (k.startswith("eval.") or k == "name")]
+    refused = [k for k in changed if k not in allow_change and not (k.startswith("eval.") or k in UNUSED_ON_RESUME)]
     if refused:
         what = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in refused)
         hint = [k for k in refused if k in RESUMABLE]
