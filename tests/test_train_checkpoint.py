@@ -12,7 +12,7 @@ from torch import nn
 
 from mm1.config import TrainConfig
 from mm1.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_training_state,
-                                  read_weights, save_checkpoint, verify_checkpoint)
+                                  read_checkpoint_weights, read_weights, save_checkpoint, verify_checkpoint)
 from mm1.train.distributed import DistEnv
 from mm1.train.optim import build_optimizer, build_scheduler, count_trainable, resolve_lr
 from mm1.train.state_io import decode, encode
@@ -84,16 +84,23 @@ def test_resuming_a_checkpoint_continues_the_exact_trajectory(tmp_path, monkeypa
 def test_checkpoint_files_are_safetensors_json_and_checksummed(tmp_path):
     model, opt, sched = make()
     step(model, opt, sched)
-    ckpt = save(tmp_path, 1, model, opt, sched)
-    names = {p.name for p in ckpt.iterdir()}
+    ckpt = save_checkpoint(tmp_path, 1, model, opt, sched, env=ENV, trainer_state={}, rank_state={"data": {}},
+                           consolidated=True)
+    names = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()}
     assert all(n.endswith((".json", ".safetensors", ".yaml")) for n in names)
+    assert any(n.startswith("model/") for n in names) and any(n.startswith("optim/") for n in names)
     sums = json.loads((ckpt / "checksums.json").read_text())
     assert set(sums) == names - {"checksums.json"}
-    weights = read_weights(ckpt / "model.safetensors")
-    assert torch.equal(weights["out.weight"], model.emb.weight.detach())
+    consolidated = read_weights(ckpt / "model.safetensors")  # asked for: the whole weights in one file
+    assert torch.equal(consolidated["out.weight"], model.emb.weight.detach())
+    sharded = read_checkpoint_weights(ckpt)
+    (ckpt / "model.safetensors").unlink()
+    assert torch.equal(read_checkpoint_weights(ckpt)["emb.weight"], sharded["emb.weight"])
+    assert torch.equal(sharded["emb.weight"], model.emb.weight.detach())
 
 
-@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.json", "rank-0.safetensors"])
+@pytest.mark.parametrize("victim", ["model/shard-00001-model-00001-of-00001.safetensors", "optimizer.json",
+                                    "rank-0.safetensors"])
 def test_a_flipped_byte_is_refused_with_a_message_naming_the_file(tmp_path, victim):
     model, opt, sched = make()
     step(model, opt, sched)

@@ -175,6 +175,7 @@ class TrainConfig:
     clip: float = 1.0
     save_every: int = 100
     keep_last: int = 2
+    save_consolidated: bool = False  # also write each checkpoint's weights as one model.safetensors
     seed: int = 0
     freeze_vision: bool = False
     freeze_connector: bool = False

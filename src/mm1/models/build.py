@@ -17,10 +17,18 @@ from mm1.models.mllm import MLLM
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> MLLM:
-    """Build the MLLM described by `cfg`; load HF vision / LM weights from local dirs if named."""
+def build_model(cfg: ModelConfig, device: str | torch.device | None = None, weights: bool = True) -> MLLM:
+    """Build the MLLM described by `cfg`; load HF vision / LM weights from local dirs if named
+    (`weights=False` leaves that to `load_pretrained`, after a meta-built model is materialised)."""
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = MLLM(cfg)
+    if weights:
+        load_pretrained(model, cfg)
+    return model
+
+
+def load_pretrained(model: MLLM, cfg: ModelConfig) -> None:
+    """Fill the parts whose config names a local HF dir (`model.vision.hf_path`, `model.lm.hf_path`)."""
     if cfg.vision.hf_path:
         from mm1.models.hf_vision import load_hf_vision_into
 
@@ -31,6 +39,5 @@ def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> M
 
         load_hf_lm_into(model.lm, cfg.lm.hf_path)
         log.info("language model weights from %s", cfg.lm.hf_path)
-    return model
 
 

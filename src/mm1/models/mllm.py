@@ -58,6 +58,11 @@ class MLLM(nn.Module):
         self.connector = build_connector(cfg.connector, cfg.vision.width, cfg.lm.dim, cfg.vision.grid)
         self.lm = LANGUAGE_MODELS.get(cfg.lm.kind)(cfg.lm)
 
+    def reset_parameters(self) -> None:
+        """Each part's own initialisation (what `mm1.train.materialise` replays after meta build)."""
+        for part in (self.vision, self.connector, self.lm):
+            part.reset_parameters()
+
     @property
     def image_token_id(self) -> int:
         return self.cfg.image_token_id

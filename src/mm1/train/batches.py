@@ -52,7 +52,7 @@ class ShardedLoader:
         ids, total, rows = shard_plan(cfg, rank, world_size)
         shard_cfg = copy.deepcopy(cfg)
         shard_cfg.data.batch_size = rows
-        self.shard_ids = ids
+        self.shard_ids, self.total = ids, total
         self.loaders = [build_loader(shard_cfg, tokenizer, rank=i, world_size=total) for i in ids]
         self._its: list[Iterator[dict[str, Any]]] | None = None
 
@@ -65,13 +65,18 @@ class ShardedLoader:
         return concat_batches([next(it) for it in self._its])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shards": {str(i): loader.state_dict() for i, loader in zip(self.shard_ids, self.loaders)}}
+        return {"total": self.total, "shards": {str(i): loader.state_dict() for i, loader in zip(self.shard_ids, self.loaders)}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Positions of this rank's shards, from a state that may hold every rank's (a resume on
+        another number of processes), provided the stream was split into the same shards."""
         saved = state["shards"]
-        if sorted(saved) != sorted(str(i) for i in self.shard_ids):
-            raise ConfigError(f"data state holds shards {sorted(saved)} but this process reads shards "
-                              f"{self.shard_ids}; resume with the same train.data_shards and process count")
+        total = state.get("total", len(saved))
+        missing = [i for i in self.shard_ids if str(i) not in saved]
+        if total != self.total or missing:
+            raise ConfigError(f"the checkpoint's data stream was split into {total} shard(s) ({sorted(saved)} saved), "
+                              f"this run splits it into {self.total} and reads shards {self.shard_ids}; to resume on "
+                              f"another number of processes set train.data_shards={total} (and keep it)")
         for i, loader in zip(self.shard_ids, self.loaders):
             loader.load_state_dict(saved[str(i)])
         self._its = None

@@ -1,20 +1,29 @@
-"""Checkpoints that resume bit-for-bit, survive a kill mid-write, and refuse to load when damaged.
+"""Checkpoints that resume bit-for-bit, reshard, survive a kill mid-write, and refuse to load when damaged.
 
     RUN/checkpoints/step-N/
-        model.safetensors              full (unsharded) weights, names as in the module's state_dict
-        optimizer.json|.safetensors    AdamW state keyed by parameter name (works for DDP and FSDP2)
-        trainer.json                   step, scheduler, counters
-        rank-R.json|.safetensors       per-rank RNG states and data-loader position
+        model/shard-R-*.safetensors    weights, through torch.distributed.checkpoint (DCP): each rank
+        optim/shard-R-*.safetensors      writes the slices it holds; names as in the MLLM's state_dict
+        optimizer.json                 AdamW param groups (the tensors are in optim/)
+        trainer.json                   step, scheduler, counters, process count
+        rank-R.json|.safetensors       per-rank RNG states and data-loader position (per data shard)
+        model.safetensors              the whole weights in one file, only when asked
+                                       (`train.save_consolidated`, export)
         config.yaml  tokenizer.json    what is needed to rebuild the model without the run dir
         checksums.json                 sha256 of every file above, written last
 
-A checkpoint is written into `checkpoints/.tmp-step-N` and renamed when complete, so a directory
-named `step-N` always holds a finished checkpoint; a killed save leaves only a temp dir, removed on
-the next save. Nothing is unpickled on load: tensors are safetensors, the rest JSON / YAML.
+Every rank writes its own shards (no gather of the full weights or optimizer state) and hashes
+them; rank 0 writes the small files and the checksums. Loading reads, on each rank, only the slices
+it needs, so a checkpoint of N processes resumes on M processes and under another strategy (DDP,
+FSDP2, single) - the data position follows `train.data_shards`, which must stay the same. The files
+are safetensors (DCP's HF storage, offsets in the header) and JSON: nothing is unpickled. A
+checkpoint is written into `checkpoints/.tmp-step-N` and renamed when complete, so a directory named
+`step-N` always holds a finished checkpoint; a killed save leaves only a temp dir, removed on the
+next save. `load_checkpoint` (eval, export) reads this layout and the older single-file one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,6 +31,8 @@ import os
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -30,6 +41,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -39,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mm1.train import state_io
-from mm1.train.distributed import DistEnv, barrier, broadcast_object, gather_objects
+from mm1.train.distributed import DistEnv, all_gather_objects, barrier, gather_objects
 
 if TYPE_CHECKING:
     from mm1.config import Config
@@ -49,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mm1.train")
 STEP_DIR = re.compile(r"^step-(\d+)$")
 CHECKSUMS = "checksums.json"
+MODEL_DIR, OPTIM_DIR, CONSOLIDATED = "model", "optim", "model.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -66,10 +80,9 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_checkpoint(ckpt: Path) -> None:
-    """Raise CheckpointError naming the first file whose sha256 differs from `checksums.json`."""
-    ckpt = Path(ckpt)
-    sums_path = ckpt / CHECKSUMS
+def read_checksums(ckpt: Path) -> dict[str, str]:
+    """`checksums.json` of a checkpoint (relative path -> sha256); CheckpointError if absent or damaged."""
+    sums_path = Path(ckpt) / CHECKSUMS
     if not sums_path.is_file():
         raise CheckpointError(f"{ckpt} cannot be verified: {CHECKSUMS} is missing, so it is not loaded (and not "
                               "skipped past); delete that step directory to resume from the one before it")
@@ -79,19 +92,47 @@ def verify_checkpoint(ckpt: Path) -> None:
     except (ValueError, AssertionError, UnicodeDecodeError):
         raise CheckpointError(f"{sums_path} is damaged (not a JSON map of file -> sha256); "
                               "the checkpoint cannot be trusted — delete it and use an older one") from None
-    for name, expected in sums.items():
-        if Path(name).name != name or name in ("", ".", ".."):  # a file of this directory, nothing else
-            raise CheckpointError(f"{sums_path} lists {name!r}, which is not a file name in {ckpt}; "
+    for name in sums:
+        if not _is_checkpoint_file(name):  # a file of this directory or its shard dirs, nothing else
+            raise CheckpointError(f"{sums_path} lists {name!r}, which is not a file of {ckpt}; "
                                   "the checkpoint cannot be trusted")
-        f = ckpt / name
+    return sums
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    parts = name.split("/")
+    return (all(p not in ("", ".", "..") and "\\" not in p for p in parts)
+            and (len(parts) == 1 or (len(parts) == 2 and parts[0] in (MODEL_DIR, OPTIM_DIR))))
+
+
+def verify_files(ckpt: Path, sums: dict[str, str], names: list[str]) -> None:
+    """Raise CheckpointError naming the first of `names` whose sha256 differs from `sums`."""
+    for name in names:
+        f = Path(ckpt) / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {ckpt}: {name} is missing (listed in {CHECKSUMS})")
         got = sha256(f)
-        if got != expected:
+        if got != sums[name]:
             raise CheckpointError(
                 f"checkpoint {ckpt} is damaged: {f} has sha256 {got[:16]}… but {CHECKSUMS} records "
-                f"{expected[:16]}…; the file changed after it was saved (disk error, partial copy, edit). "
+                f"{sums[name][:16]}…; the file changed after it was saved (disk error, partial copy, edit). "
                 "Refusing to load it: delete this step directory and resume from an older checkpoint")
+
+
+def verify_checkpoint(ckpt: Path, env: DistEnv | None = None) -> None:
+    """Check every file against `checksums.json`. With a process group the ranks split the files
+    (strided) and share their verdicts, so every rank raises the same error naming the file."""
+    ckpt = Path(ckpt)
+    env = env or DistEnv()
+    error = None
+    try:
+        sums = read_checksums(ckpt)
+        verify_files(ckpt, sums, sorted(sums)[env.rank::env.world_size])
+    except CheckpointError as e:
+        error = str(e)
+    errors = [e for e in all_gather_objects(error, env) if e]
+    if errors:
+        raise CheckpointError(errors[0])
 
 
 def list_checkpoints(run_or_ckpts: Path) -> list[Path]:
@@ -115,7 +156,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A step dir as given, or a run dir's latest complete checkpoint."""
     p = Path(path)
-    if (p / CHECKSUMS).is_file() or (p / "model.safetensors").is_file():
+    if (p / CHECKSUMS).is_file() or (p / CONSOLIDATED).is_file() or (p / MODEL_DIR).is_dir():
         return p
     latest = latest_checkpoint(p)
     if latest is None:
@@ -173,33 +214,136 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# ----------------------------------------------------------------------------- save / load
+# ----------------------------------------------------------------------------- sharded state
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def _aliases(model: nn.Module, prefix: str) -> dict[str, str]:
+    """Second names of shared parameters (tied embeddings) -> the first name, without `prefix`.
+    Found from the module structure, so every rank agrees whatever it holds."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        name = name.removeprefix("module.").removeprefix(prefix)
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
+
+
+def _model_shards(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """This rank's view of the weights (DTensor slices under FSDP2), one entry per distinct tensor."""
+    aliases = _aliases(model, prefix)
+    sd = {k.removeprefix(prefix): v for k, v in get_model_state_dict(model).items()}
+    return {k: v for k, v in sd.items() if k not in aliases}
+
+
+def _optim_shards(model: nn.Module, optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+    """(tensors keyed `param/key`, the rest as plain data) of the optimizer's sharded state dict."""
+    osd = get_optimizer_state_dict(model, optimizer)  # allocates AdamW's state if no step ran yet
+    tensors, plain = {}, {}
+    for name, state in osd["state"].items():
+        for key, value in state.items():
+            where = f"{name.removeprefix(prefix)}/{key}"
+            if torch.is_tensor(value):
+                tensors[where] = value
+            else:
+                plain[where] = value
+    groups = [{**g, "params": [n.removeprefix(prefix) for n in g["params"]]} for g in osd["param_groups"]]
+    return tensors, {"param_groups": groups, "state": plain}
+
+
+def _optim_state(tensors: dict, plain: dict, prefix: str) -> dict:
+    """Invert `_optim_shards`."""
+    state: dict[str, dict] = {}
+    for where, value in [*tensors.items(), *plain["state"].items()]:
+        name, key = where.rsplit("/", 1)
+        state.setdefault(prefix + name, {})[key] = value
+    groups = [{**g, "params": [prefix + n for n in g["params"]]} for g in plain["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _own_files(directory: Path, rank: int) -> list[Path]:
+    """The shard files DCP's HF writer made for `rank` (it numbers writers from 1)."""
+    return sorted(directory.glob(f"shard-{rank + 1:05d}-*.safetensors")) if directory.is_dir() else []
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns whenever it runs without a process group; here that is deliberate (1 process, eval)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _dcp_save(state: dict[str, torch.Tensor], directory: Path, env: DistEnv) -> None:
+    with _quiet_single_process():
+        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
+                 no_dist=not env.initialized)
+
+
+def _dcp_load(state: dict[str, torch.Tensor], directory: Path, env: DistEnv | None) -> None:
+    with _quiet_single_process():
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(directory)),
+                 no_dist=env is None or not env.initialized)
+
+
+def read_sharded_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Whole tensors from a DCP weights directory, in one process (eval, export, init_from)."""
+    meta = HuggingFaceStorageReader(str(directory)).read_metadata().state_dict_metadata
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()}
+    _dcp_load(state, directory, None)
+    return state
+
+
+def read_checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint in either layout (consolidated file first: one read), tied names
+    restored from the model layout is the caller's business (load with strict=False)."""
+    ckpt = Path(ckpt)
+    if (ckpt / CONSOLIDATED).is_file():
+        return read_weights(ckpt / CONSOLIDATED)
+    if (ckpt / MODEL_DIR).is_dir():
+        return read_sharded_weights(ckpt / MODEL_DIR)
+    raise CheckpointError(f"{ckpt}: no weights ({MODEL_DIR}/ or {CONSOLIDATED}); not an mm1 checkpoint")
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, *, env: DistEnv, trainer_state: dict, rank_state: dict,
-                    extra: Callable[[Path], None] | None = None, keep_last: int = 0, prefix: str = "") -> Path:
-    """Collective: every rank calls it. Rank 0 writes `checkpoints/step-N` atomically.
+                    extra: Callable[[Path], None] | None = None, keep_last: int = 0, prefix: str = "",
+                    consolidated: bool = False) -> Path:
+    """Collective: every rank calls it and writes its shards; rank 0 seals `checkpoints/step-N`.
 
     `rank_state` is this rank's plain-data state (data position); RNG states are added here.
     `extra(dir)` writes further files into the checkpoint before it is sealed (config, tokenizer).
-    `prefix` is the training wrapper's name for the user model (`mllm.`), left out of the weight
-    names so that model.safetensors loads straight into an MLLM."""
-    model_sd = {k.removeprefix(prefix): v for k, v in get_model_state_dict(model, options=_FULL).items()}
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL)
-    per_rank = gather_objects({**rank_state, "rng": rng_state()}, env)
+    `prefix` is the training wrapper's name for the user model (`mllm.`), left out of the stored
+    names so that the weights load straight into an MLLM. `consolidated` also writes the whole
+    weights as one safetensors file (gathered on rank 0: the one full copy, only when asked)."""
     ckpts = Path(run_dir) / "checkpoints"
-    final = ckpts / f"step-{step}"
+    final, tmp = ckpts / f"step-{step}", ckpts / f".tmp-step-{step}"
     if env.is_main:
         ckpts.mkdir(parents=True, exist_ok=True)
         for stale in ckpts.glob(".tmp-*"):  # left by a save that was killed
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = ckpts / f".tmp-step-{step}"
         tmp.mkdir()
-        write_weights(model_sd, tmp / "model.safetensors")
-        state_io.write_state(optim_sd, tmp, "optimizer")
+    barrier(env)
+    _dcp_save(_model_shards(model, prefix), tmp / MODEL_DIR, env)
+    optim_tensors, optim_plain = _optim_shards(model, optimizer, prefix)
+    _dcp_save(optim_tensors, tmp / OPTIM_DIR, env)
+    own = {str(f.relative_to(tmp)): sha256(f) for d in (MODEL_DIR, OPTIM_DIR) for f in _own_files(tmp / d, env.rank)}
+    full = None
+    if consolidated:
+        full = {k.removeprefix(prefix): v for k, v in get_model_state_dict(model, options=_FULL).items()}
+    per_rank = gather_objects({**rank_state, "rng": rng_state()}, env)
+    shard_sums = gather_objects(own, env)
+    if env.is_main:
+        state_io.write_state(optim_plain, tmp, "optimizer")
+        if full is not None:
+            write_weights(full, tmp / CONSOLIDATED)
         sched = scheduler.state_dict()
         sched["lr_lambdas"] = [None] * len(sched.get("lr_lambdas", []))  # the schedule comes from the config
         state_io.write_state({**trainer_state, "step": step, "world_size": env.world_size,
@@ -208,8 +352,13 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
             state_io.write_state(st, tmp, f"rank-{r}")
         if extra is not None:
             extra(tmp)
-        sums = {f.name: sha256(f) for f in sorted(tmp.iterdir())}
-        state_io.write_text(tmp / CHECKSUMS, json.dumps(sums, indent=1))
+        sums = {k: v for part in shard_sums for k, v in part.items()}
+        sums.update({f.name: sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()})
+        missing = [str(f.relative_to(tmp)) for d in (MODEL_DIR, OPTIM_DIR) if (tmp / d).is_dir()
+                   for f in (tmp / d).iterdir() if str(f.relative_to(tmp)) not in sums]
+        if missing:  # a file no rank claims: a writer naming scheme we do not know; refuse to seal
+            raise CheckpointError(f"checkpoint {tmp}: files written by no known rank: {missing[:4]}")
+        state_io.write_text(tmp / CHECKSUMS, json.dumps(dict(sorted(sums.items())), indent=1))
         if final.exists():  # re-saving a step (a resumed run reaching it again)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -231,35 +380,47 @@ def _fsync_dir(d: Path) -> None:
         pass
 
 
+def _rank_states(ckpt: Path) -> list[dict]:
+    n = len(list(ckpt.glob("rank-*.json")))
+    return [state_io.read_state(ckpt, f"rank-{r}") for r in range(n)]
+
+
 def load_training_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                         env: DistEnv, prefix: str = "") -> tuple[dict, dict]:
-    """Restore weights, optimizer, scheduler and this rank's RNG; return (trainer_state, rank_state).
+    """Restore weights, optimizer, scheduler and RNG; return (trainer_state, rank_state).
 
-    Rank 0 verifies the checksums first and every rank gets its verdict, so a damaged checkpoint
-    stops all ranks with the same message."""
+    The checkpoint may come from another number of processes or strategy: each rank reads the
+    slices it holds now. `rank_state["data"]["shards"]` holds every data shard's position (the
+    loader takes its own); the RNG is this rank's if the writer had such a rank, else left seeded.
+    The ranks verify the checksums first (split between them), so a damaged checkpoint stops all
+    ranks with the same message and nothing is loaded."""
     ckpt = Path(ckpt)
-    error = None
-    if env.is_main:
-        try:
-            verify_checkpoint(ckpt)
-        except CheckpointError as e:
-            error = str(e)
-    error = broadcast_object(error, env)
-    if error:
-        raise CheckpointError(error)
+    verify_checkpoint(ckpt, env)
+    if not (ckpt / MODEL_DIR).is_dir():
+        raise CheckpointError(f"{ckpt} has the single-file layout of an older mm1, which cannot be resumed; "
+                              f"start a new run with train.init_from={ckpt} to continue from its weights")
     trainer = state_io.read_state(ckpt, "trainer")
-    if trainer["world_size"] != env.world_size:
-        raise CheckpointError(
-            f"{ckpt} was written by {trainer['world_size']} processes, this run has {env.world_size}; the "
-            "data position and RNG streams are per rank, so an exact resume needs the same number of "
-            "processes (start a new run with train.init_from to continue from these weights instead)")
-    weights = {prefix + k: v for k, v in read_weights(ckpt / "model.safetensors").items()}
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
-    set_optimizer_state_dict(model, optimizer, state_io.read_state(ckpt, "optimizer"),
-                             options=StateDictOptions(full_state_dict=True))
+    weights = _model_shards(model, prefix)
+    _dcp_load(weights, ckpt / MODEL_DIR, env)
+    aliases = _aliases(model, prefix)
+    full_names = {**weights, **{a: weights[t] for a, t in aliases.items()}}
+    set_model_state_dict(model, {prefix + k: v for k, v in full_names.items()})
+    tensors, _ = _optim_shards(model, optimizer, prefix)
+    _dcp_load(tensors, ckpt / OPTIM_DIR, env)
+    plain = state_io.read_state(ckpt, "optimizer")
+    set_optimizer_state_dict(model, optimizer, _optim_state(tensors, plain, prefix))
     scheduler.load_state_dict(trainer.pop("scheduler"))
-    rank_state = state_io.read_state(ckpt, f"rank-{env.rank}")
-    set_rng_state(rank_state.pop("rng"))
+    ranks = _rank_states(ckpt)
+    rank_state = dict(ranks[env.rank]) if env.rank < len(ranks) else {}
+    rng = rank_state.pop("rng", None)
+    if rng is not None and len(ranks) == env.world_size:
+        set_rng_state(rng)
+    elif env.is_main:
+        log.warning("%s was written by %d process(es), this run has %d: RNG streams restart from the seed "
+                    "(data positions are restored per data shard)", ckpt, len(ranks), env.world_size)
+    if all("shards" in (r.get("data") or {}) for r in ranks):  # the trainer's per-shard data positions
+        shards = {k: v for r in ranks for k, v in r["data"]["shards"].items()}
+        rank_state["data"] = {**ranks[0]["data"], "shards": shards}
     return trainer, rank_state
 
 
@@ -276,9 +437,10 @@ def read_config(ckpt: Path) -> Config:
 def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[MLLM, Config, Tokenizer]:
     """(model, config, tokenizer) of a pretrain/SFT checkpoint: a step dir, or a run dir's latest one.
 
-    The model is built from the checkpoint's own config (HF paths ignored: the weights are here),
-    loaded strictly, on CPU, in eval mode. An encoder-stage checkpoint holds no MLLM: start an MLLM
-    run with `train.init_from` pointing at it instead."""
+    Either layout (sharded DCP weights or one model.safetensors). The model is built from the
+    checkpoint's own config (HF paths ignored: the weights are here), loaded strictly, on CPU, in
+    eval mode. An encoder-stage checkpoint holds no MLLM: start an MLLM run with `train.init_from`
+    pointing at it instead."""
     from mm1.data.tokenizer import Tokenizer
     from mm1.models.build import build_model
 
@@ -291,11 +453,19 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[MLLM, Config
                               f"use it as train.init_from={ckpt} in a pretrain run")
     cfg.model.vision.hf_path = ""
     cfg.model.lm.hf_path = ""
-    model = build_model(cfg.model)
-    state = read_weights(ckpt / "model.safetensors")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    state = read_checkpoint_weights(ckpt)
+    tied = _aliases(model, "")
+    state.update({alias: state[target] for alias, target in tied.items() if target in state})
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise CheckpointError(f"{ckpt}/model.safetensors does not match the model of its config.yaml: "
+        raise CheckpointError(f"{ckpt}: the weights do not match the model of its config.yaml: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    for alias, target in tied.items():  # assign replaced the shared parameter by two: tie them again
+        owner, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(target))
     model.eval()
     return model, cfg, Tokenizer.load(ckpt / "tokenizer.json")

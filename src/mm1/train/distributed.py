@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,9 +80,16 @@ def shutdown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, strategy: str, env: DistEnv, bf16: bool) -> nn.Module:
-    """DDP or FSDP2 around `model` (already on `env.device`); `single` returns it unchanged."""
+def wrap_model(model: nn.Module, strategy: str, env: DistEnv, bf16: bool,
+               materialise: Callable[[], None] | None = None) -> nn.Module:
+    """DDP or FSDP2 around `model`; `single` returns it unchanged.
+
+    `model` is on `env.device`, or on the meta device with `materialise` given: FSDP2 then shards
+    the meta parameters first, so `materialise` (to_empty + init) allocates only this rank's shards;
+    for DDP and single, every rank keeps a replica anyway and `materialise` runs before wrapping."""
     strategy = resolve_strategy(strategy, env.world_size)
+    if materialise is not None and strategy != "fsdp":
+        materialise()
     if strategy == "single":
         return model
     if strategy == "ddp":
@@ -101,6 +109,8 @@ def wrap_model(model: nn.Module, strategy: str, env: DistEnv, bf16: bool) -> nn.
         # join the reduce-scatter, or the ranks' collectives fall out of step
         if hasattr(model, "set_reduce_scatter_unused_params"):  # torch >= 2.12
             model.set_reduce_scatter_unused_params(True)
+        if materialise is not None:
+            materialise()
         return model
     raise ValueError(f"train.strategy={strategy!r}: must be one of auto, single, ddp, fsdp")
 
@@ -138,6 +148,15 @@ def gather_objects(obj: object, env: DistEnv) -> list[object]:
         return [obj]
     out: list[object] = [None] * env.world_size if env.is_main else []
     dist.gather_object(obj, out if env.is_main else None, dst=0)
+    return out
+
+
+def all_gather_objects(obj: object, env: DistEnv) -> list[object]:
+    """Every rank's `obj` on every rank; small plain-data objects only."""
+    if not (env.initialized and env.world_size > 1):
+        return [obj]
+    out: list[object] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
     return out
 
 

@@ -116,9 +116,12 @@ def apply_freeze(model: nn.Module, cfg: Config) -> dict[str, bool]:
 
 
 def build_stage_module(cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str,
-                       encode=None) -> nn.Module:
+                       encode=None, weights: bool = True) -> nn.Module:
     """The module the trainer optimises for `cfg.train.stage`, initialised and frozen as configured.
-    `encode` (text -> token ids) lets the encoder stage find its hard-negative words."""
+    `encode` (text -> token ids) lets the encoder stage find its hard-negative words.
+
+    `weights=False` (an MLLM stage built on the meta device) skips HF weights and `train.init_from`:
+    `load_stage_weights` applies them once the module is materialised."""
     if cfg.train.stage == "encoder":
         from mm1.train.encoder import EncoderPretrainer
 
@@ -131,13 +134,22 @@ def build_stage_module(cfg: Config, vocab_size: int, special_ids: set[int], env:
     else:
         from mm1.models.build import build_model
 
-        inner = build_model(cfg.model)
+        inner = build_model(cfg.model, weights=weights)
         vision = inner.vision
         module = MLLMObjective(inner, needs_vision_every_step=strategy in ("ddp", "fsdp"))
-    if cfg.train.init_from:
+    if cfg.train.init_from and weights:
         load_init(inner, vision, cfg)
     frozen = apply_freeze(inner, cfg)
     if any(frozen.values()):
         log.info("frozen: %s", ", ".join(k for k, v in frozen.items() if v))
     set_activation_checkpointing(inner, cfg.model.lm.activation_checkpointing)
     return module
+
+
+def load_stage_weights(mllm: nn.Module, cfg: Config) -> None:
+    """HF weights, then `train.init_from`, into a materialised (possibly sharded) MLLM."""
+    from mm1.models.build import load_pretrained
+
+    load_pretrained(mllm, cfg.model)
+    if cfg.train.init_from:
+        load_init(mllm, mllm.vision, cfg)

@@ -17,6 +17,7 @@ import math
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,9 +32,11 @@ from mm1.train.distributed import (DistEnv, all_reduce_sum, barrier, init_distri
                                    setup_logging, shutdown, transformer_blocks, wrap_model)
 from mm1.train.metrics import MetricsLogger, truncate_metrics
 from mm1.train.optim import build_optimizer, build_scheduler, count_trainable, resolve_lr
+from mm1.train.materialise import loading_into_shards, peak_rss_mb, reset_peak_rss, rss_mb, seeded_init
+from mm1.train.materialise import materialise as materialise_module
 from mm1.train.resume_guard import check_resume
 from mm1.train.run_dir import RunDirLock
-from mm1.train.stages import build_stage_module
+from mm1.train.stages import build_stage_module, load_stage_weights
 
 log = logging.getLogger("mm1.train")
 
@@ -106,15 +109,7 @@ class Trainer:
         if self.tokenizer.vocab_size > cfg.model.lm.vocab_size:
             raise ValueError(f"the tokenizer {tok_path} has {self.tokenizer.vocab_size} tokens but "
                              f"model.lm.vocab_size={cfg.model.lm.vocab_size}; raise model.lm.vocab_size")
-        module = build_stage_module(cfg, self.tokenizer.vocab_size, set(self.tokenizer.special_ids), env, self.strategy,
-                                    self.tokenizer.encode)
-        self.n_params = count_trainable(module)
-        self.lr_choice = resolve_lr(t, self.n_params)
-        if t.compile:
-            for block in transformer_blocks(module):
-                block.compile()
-        module.to(env.device)
-        self.model = wrap_model(module, self.strategy, env, self.bf16)
+        self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, t, self.lr_choice)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.loader = ShardedLoader(cfg, self.tokenizer, env.rank, env.world_size)
@@ -129,6 +124,36 @@ class Trainer:
 
             self.peak = peak_flops(torch.cuda.get_device_name(env.device))
             self.flops = training_flops(cfg.model, cfg.data.seq_len)
+
+    def _build_model(self) -> torch.nn.Module:
+        """The wrapped training module. MLLM stages are built on the meta device, sharded (FSDP2),
+        then materialised with the seeded init and any HF / init_from weights (`mm1.train.materialise`);
+        the encoder stage (small, constant-initialised heads) is built in place."""
+        cfg, env, t, tok = self.cfg, self.env, self.cfg.train, self.tokenizer
+        args = (cfg, tok.vocab_size, set(tok.special_ids), env, self.strategy, tok.encode)
+        materialise = None
+        if self.encoder_stage:
+            module = build_stage_module(*args).to(env.device)
+        else:
+            with torch.device("meta"):
+                module = build_stage_module(*args, weights=False)
+
+            def init() -> None:
+                seeded_init(module.mllm, t.seed)
+                with loading_into_shards(module.mllm):
+                    load_stage_weights(module.mllm, cfg)
+
+            materialise = partial(materialise_module, module, env.device, init)
+        self.n_params = count_trainable(module)
+        self.lr_choice = resolve_lr(t, self.n_params)
+        if t.compile:
+            for block in transformer_blocks(module):
+                block.compile()
+        reset_peak_rss()
+        before = rss_mb()
+        model = wrap_model(module, self.strategy, env, self.bf16, materialise)
+        self.build_rss_mb = peak_rss_mb() - before  # host memory materialising the model took on this rank
+        return model
 
     def _start_run_dir(self, resume: bool) -> int:
         """Create or reopen the run dir; restore the latest checkpoint on resume; return the start step."""
@@ -162,7 +187,8 @@ class Trainer:
                     "lr_source": self.lr_choice.lr_source, "lr_scale": self.lr_choice.lr_scale,
                     "wd_source": self.lr_choice.wd_source,
                     "strategy": self.strategy, "world_size": env.world_size, "device": str(env.device),
-                    "precision": "bf16" if self.bf16 else "fp32", "start_step": start}
+                    "precision": "bf16" if self.bf16 else "fp32", "start_step": start,
+                    "build_peak_rss_mb": round(self.build_rss_mb, 1)}
             (out / "run.json").write_text(json.dumps(info, indent=1))
         log.info("%s | %s on %d x %s (%s), %s | %s", self.cfg.train.stage, self.strategy, env.world_size,
                  env.device.type, "bf16" if self.bf16 else "fp32", f"N={self.n_params:,}", self.lr_choice.describe())
@@ -259,7 +285,8 @@ class Trainer:
         self.last_ckpt = ckpt_io.save_checkpoint(
             self.out, step, self.model, self.optimizer, self.scheduler, env=self.env,
             trainer_state={"n_trainable_params": self.n_params}, rank_state={"data": self.loader.state_dict()},
-            extra=extra, keep_last=cfg.train.keep_last, prefix=self.prefix)
+            extra=extra, keep_last=cfg.train.keep_last, prefix=self.prefix,
+            consolidated=cfg.train.save_consolidated)
 
     def run(self, resume: bool) -> dict[str, Any]:
         self._setup()
