@@ -45,7 +45,7 @@ from mm1.data.images import image_tensors  # noqa: E402
 from mm1.data.world import ensure_world  # noqa: E402
 from mm1.data.world.scenes import COLOURS, POSITIONS, SHAPES  # noqa: E402
 from mm1.models.build import build_model  # noqa: E402
-from mm1.train.checkpoint import read_config, read_weights, resolve_checkpoint  # noqa: E402
+from mm1.train.checkpoint import read_checkpoint_weights, read_config, resolve_checkpoint  # noqa: E402
 
 ATTRIBUTES = ("colour", "shape", "count", "position")
 
@@ -118,7 +118,7 @@ def load_parts(checkpoint: str) -> tuple[torch.nn.Module, torch.nn.Module | None
     cfg = read_config(ckpt)
     cfg.model.vision.hf_path = cfg.model.lm.hf_path = ""
     model = build_model(cfg.model)
-    state = read_weights(ckpt / "model.safetensors")
+    state = read_checkpoint_weights(ckpt)
     if cfg.train.stage == "encoder":
         vision = {k[len("vision."):]: v for k, v in state.items() if k.startswith("vision.")}
         model.vision.load_state_dict(vision)

@@ -13,7 +13,7 @@ import yaml
 import mm1.train
 from mm1.config import config_from_dict, load_config
 from mm1.models.build import build_model
-from mm1.train.checkpoint import read_weights
+from mm1.train.checkpoint import read_checkpoint_weights
 from mm1.train.distributed import DistEnv
 from mm1.train.metrics import read_metrics
 from mm1.train.optim import count_trainable, mm1_lr
@@ -66,7 +66,7 @@ def test_unset_lr_gives_the_mm1_law_for_the_trainable_parameter_count(pretrain_r
 def test_load_checkpoint_gives_model_config_and_tokenizer(pretrain_run):
     model, cfg, tok = mm1.train.load_checkpoint(pretrain_run)
     assert cfg.train.steps == 24 and tok.image_id == cfg.model.image_token_id
-    weights = read_weights(pretrain_run / "checkpoints" / "step-24" / "model.safetensors")
+    weights = read_checkpoint_weights(pretrain_run / "checkpoints" / "step-24")
     assert torch.equal(model.lm.norm.weight, weights["lm.norm.weight"])
     ids = torch.tensor([tok.encode("a red circle")])
     assert model(ids).logits.shape == (1, ids.shape[1], cfg.model.lm.vocab_size)
@@ -83,7 +83,7 @@ def test_encoder_stage_trains_and_hands_its_vit_to_the_mllm(objective, tiny_worl
     result = train(cfg_for(tiny_world, "train.stage=encoder", f"train.encoder_objective={objective}",
                            "train.steps=3"), out)
     assert result["final_loss"] is not None and all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(out))
-    saved = read_weights(out / "checkpoints" / "step-3" / "model.safetensors")
+    saved = read_checkpoint_weights(out / "checkpoints" / "step-3")
     cfg = cfg_for(tiny_world, f"train.init_from={out}")
     module = build_stage_module(cfg, 2048, set(), DistEnv(), "single")
     vit = module.mllm.vision.state_dict()
@@ -114,7 +114,7 @@ def test_sft_starts_from_pretrain_at_higher_resolution_with_subimages(pretrain_r
             "model.subimage_grid=2", "data.seq_len=256", "data.batch_size=1", "train.steps=2"]
     cfg = cfg_for(tiny_world, *over)
     module = build_stage_module(cfg, 2048, set(), DistEnv(), "single")
-    pre = read_weights(pretrain_run / "checkpoints" / "step-24" / "model.safetensors")
+    pre = read_checkpoint_weights(pretrain_run / "checkpoints" / "step-24")
     assert torch.equal(module.mllm.lm.tok_embeddings.weight, pre["lm.tok_embeddings.weight"])
     assert module.mllm.vision.pos_embed.shape[1] == (96 // 8) ** 2  # re-gridded from 8x8 to 12x12
     out = tmp_path / "sft"

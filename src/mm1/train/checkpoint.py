@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -278,14 +279,30 @@ def _quiet_single_process() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _dcp_errors(what: str, directory: Path) -> Iterator[None]:
+    """DCP reports a rank's failure as a BaseException holding every rank's error: surface a disk
+    error as the OSError it was, anything else as a CheckpointError naming the directory."""
+    try:
+        yield
+    except CheckpointException as e:
+        rank, (first, _) = next(iter(e.failures.items()))
+        if isinstance(first, OSError):
+            if first.filename is None:
+                first.filename = str(directory)
+            raise first from None
+        raise CheckpointError(f"{what} {directory} failed on rank {rank}: {type(first).__name__}: "
+                              f"{' '.join(str(first).split())[:300]}") from None
+
+
 def _dcp_save(state: dict[str, torch.Tensor], directory: Path, env: DistEnv) -> None:
-    with _quiet_single_process():
+    with _quiet_single_process(), _dcp_errors("writing", directory):
         dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
                  no_dist=not env.initialized)
 
 
 def _dcp_load(state: dict[str, torch.Tensor], directory: Path, env: DistEnv | None) -> None:
-    with _quiet_single_process():
+    with _quiet_single_process(), _dcp_errors("reading", directory):
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(directory)),
                  no_dist=env is None or not env.initialized)
 

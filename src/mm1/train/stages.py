@@ -19,7 +19,8 @@ from torch import nn
 
 from mm1.config import Config
 from mm1.data import SOURCE_KINDS
-from mm1.train.checkpoint import CheckpointError, read_config, read_weights, resolve_checkpoint, verify_checkpoint
+from mm1.train.checkpoint import (CheckpointError, read_checkpoint_weights, read_config, resolve_checkpoint,
+                                  verify_checkpoint)
 from mm1.train.distributed import DistEnv
 
 log = logging.getLogger("mm1.train")
@@ -82,7 +83,7 @@ def load_init(model: nn.Module, vision: nn.Module, cfg: Config) -> None:
     ckpt = resolve_checkpoint(cfg.train.init_from)
     verify_checkpoint(ckpt)
     src_cfg = read_config(ckpt)
-    state = read_weights(ckpt / "model.safetensors")
+    state = read_checkpoint_weights(ckpt)
     new_size = cfg.model.vision.image_size
     if src_cfg.model.vision.image_size != new_size:
         state = resize_position_embeddings(state, new_size)
@@ -99,7 +100,7 @@ def load_init(model: nn.Module, vision: nn.Module, cfg: Config) -> None:
     missing, unexpected = target.load_state_dict(part, strict=False)
     if missing or unexpected or not part:
         raise CheckpointError(
-            f"train.init_from={cfg.train.init_from}: {ckpt}/model.safetensors does not fit this model's "
+            f"train.init_from={cfg.train.init_from}: the weights of {ckpt} do not fit this model's "
             f"{what} (missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]}); the model config "
             "(widths, depths, vocab) must match the run that wrote it")
     log.info("init: %s from %s (stage %s)", what, ckpt, src_cfg.train.stage)
