@@ -214,6 +214,8 @@ class EvalConfig:
     mc_normalize: str = "none"  # multiple choice: none (sum of log-probs) | length (mean per token)
     shuffled_control: bool = True  # also score each query with another item's image (score_shuffled, image_gain)
     mc_mode: str = "loglik"  # multiple choice: loglik (most likely option) | generate (parse a generated letter)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    dtype: str = "auto"  # weights for eval/generate: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
 
 
 @dataclass
@@ -476,6 +478,8 @@ def validate(cfg: Config) -> None:
     _one_of("train.encoder_objective", t.encoder_objective, ["clip", "siglip", "aim"])
     _one_of("train.strategy", t.strategy, ["auto", "single", "ddp", "fsdp"])
     _one_of("train.precision", t.precision, ["auto", "fp32", "bf16"])
+    _one_of("eval.device", cfg.eval.device, ["auto", "cpu", "cuda"])
+    _one_of("eval.dtype", cfg.eval.dtype, ["auto", "fp32", "bf16"])
     _one_of("train.nonfinite", t.nonfinite, ["stop", "skip"])
     _one_of("train.wandb_mode", t.wandb_mode, ["offline", "online", "disabled"])
     _check(t.steps > 0, "train.steps", t.steps, "must be positive")

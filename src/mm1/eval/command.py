@@ -110,36 +110,54 @@ def _needs_world(tasks: list[str]) -> bool:
 
 @torch.no_grad()  # a scope, not a global switch: commands also run in-process (tests)
 def run_eval(args: argparse.Namespace) -> int:
-    from mm1.eval.baselines import blind_baseline
+    """Under torchrun every rank scores its share of the items (`mm1.eval.parallel`); rank 0 reports."""
+    from mm1.eval.parallel import Shards, eval_env, place
     from mm1.eval.runner import evaluate, format_average, format_table
-    from mm1.eval.tasks import get_task
+    from mm1.train.distributed import barrier, shutdown
 
     model, cfg, tok = _load(args)
-    tasks = args.tasks.split(",") if args.tasks else list(cfg.eval.tasks)
-    if _needs_world(tasks) and not (Path(cfg.data.world) / "eval").is_dir():
-        from mm1.data.world import ensure_world  # a fresh machine: build the default world first
+    env = eval_env(cfg.eval)
+    try:
+        if model is not None:
+            model = place(model, cfg.eval, env)
+        tasks = args.tasks.split(",") if args.tasks else list(cfg.eval.tasks)
+        if _needs_world(tasks) and not (Path(cfg.data.world) / "eval").is_dir():
+            from mm1.data.world import ensure_world  # a fresh machine: build the default world first
 
-        _check_world_is_yours(args, cfg)
-        ensure_world(cfg.data)
-    limit = cfg.eval.limit if args.limit is None else args.limit
-    results = []
-    if model is not None:
-        results = evaluate(model, tok, cfg, tasks, args.shots, limit, args.json_dir)
-    if args.blind:
-        for name in tasks:
-            task = get_task(name, cfg.data.world, cfg.data.allow_outside_paths)
-            if task.spec.metric in ("cider", "vqa", "exact"):
-                b = blind_baseline(task, limit, cfg.eval.vqa_mode)
-                results.append({"task": f"{name} (blind: {b['baseline']})", "metric": b["metric"], "shots": 0,
-                                "score": b["score"], "std": 0.0, "trial_scores": [b["score"]]})
-                if args.json_dir:
-                    Path(args.json_dir).mkdir(parents=True, exist_ok=True)
-                    (Path(args.json_dir) / f"{name}_blind.json").write_text(json.dumps(b, indent=1))
-    print()
-    print(format_table(results))
-    if format_average(results):
-        print(format_average(results))
+            _check_world_is_yours(args, cfg)
+            if env.is_main:
+                ensure_world(cfg.data)
+            barrier(env)
+        limit = cfg.eval.limit if args.limit is None else args.limit
+        results = []
+        if model is not None:
+            results = evaluate(model, tok, cfg, tasks, args.shots, limit, args.json_dir, shards=Shards(env))
+        if env.is_main:
+            results += _blind(args, cfg, tasks, limit) if args.blind else []
+            print()
+            print(format_table(results))
+            if format_average(results):
+                print(format_average(results))
+    finally:
+        shutdown(env)
     return 0
+
+
+def _blind(args: argparse.Namespace, cfg: Config, tasks: list[str], limit: int) -> list[dict]:
+    from mm1.eval.baselines import blind_baseline
+    from mm1.eval.tasks import get_task
+
+    results = []
+    for name in tasks:
+        task = get_task(name, cfg.data.world, cfg.data.allow_outside_paths)
+        if task.spec.metric in ("cider", "vqa", "exact"):
+            b = blind_baseline(task, limit, cfg.eval.vqa_mode)
+            results.append({"task": f"{name} (blind: {b['baseline']})", "metric": b["metric"], "shots": 0,
+                            "score": b["score"], "std": 0.0, "trial_scores": [b["score"]]})
+            if args.json_dir:
+                Path(args.json_dir).mkdir(parents=True, exist_ok=True)
+                (Path(args.json_dir) / f"{name}_blind.json").write_text(json.dumps(b, indent=1))
+    return results
 
 
 @torch.no_grad()  # a scope, not a global switch: commands also run in-process (tests)
@@ -147,8 +165,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from mm1.eval.generate import generate
     from mm1.train import load_checkpoint
 
+    from mm1.eval.parallel import DistEnv, place, resolve_device
+
     model, cfg, tok = load_checkpoint(args.checkpoint)
     cfg = load_config(overrides=args.overrides, base=cfg)
+    model = place(model, cfg.eval, DistEnv(device=resolve_device(cfg.eval.device)))
     prompt, missing = args.prompt, len(args.image) - args.prompt.count("<image>")
     if missing < 0:
         print(f"mm1 generate: the prompt has {prompt.count('<image>')} <image> markers but only "

@@ -177,6 +177,12 @@ def generate_ids(model, tokenizer: Tokenizer, prompts: list[PromptLike], images:
     return [row[:n] for row, n in zip(tokens, emitted.tolist())]
 
 
+def batch_order(prompts: Sequence[PromptLike]) -> list[int]:
+    """The order `generate` processes prompts in (by length, so a batch pads little); its batches are
+    consecutive runs of `batch_size` in this order (`mm1.eval.parallel` splits ranks along them)."""
+    return sorted(range(len(prompts)), key=lambda i: (len(str(prompts[i])), i))
+
+
 def generate(model, tokenizer: Tokenizer, prompts: list[PromptLike], images: list[Sequence[ImageSource]] | None = None,
              gcfg: GenerationConfig | None = None, **overrides) -> list[str]:
     """Continuations of `prompts` (texts with `<image>` markers; `images[i]` fills prompt i's
@@ -196,7 +202,7 @@ def generate(model, tokenizer: Tokenizer, prompts: list[PromptLike], images: lis
             raise ValueError(f"generate: prompt {i} has {image_markers(p)} <image> markers but {len(imgs)} images")
     was_training = model.training
     model.eval()
-    order = sorted(range(len(prompts)), key=lambda i: (len(str(prompts[i])), i))
+    order = batch_order(prompts)
     texts: list[str] = [""] * len(prompts)
     try:
         for start in range(0, len(order), max(1, gcfg.batch_size)):

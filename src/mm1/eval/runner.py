@@ -19,9 +19,10 @@ from typing import Any, Callable
 from mm1.config import Config, to_dict
 from mm1.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from mm1.eval.fewshot import build_prompts, extract_answer
-from mm1.eval.generate import GenerationConfig, generate
+from mm1.eval.generate import GenerationConfig, batch_order, generate
 from mm1.eval.metrics import mean_std
-from mm1.eval.scoring import continuation_logprobs, perplexity
+from mm1.eval.parallel import Shards
+from mm1.eval.scoring import continuation_logprobs, corpus_perplexity, text_logprobs
 from mm1.eval.shuffle import shuffled_donors
 from mm1.eval.task_metrics import SCORERS, choice_from_text
 from mm1.eval.tasks import MC_MODES, Task, get_task
@@ -41,11 +42,15 @@ def _check_eval_config(cfg: Config) -> None:
 
 
 def _choose_by_loglik(model, tokenizer: Tokenizer, prompts: list, inputs: list, cfg: Config,
-                      records: list[dict]) -> list[int]:
-    """Every (query, option) row scored in batches of eval.batch_size; the most likely option wins."""
+                      records: list[dict], shards: Shards) -> list[int]:
+    """Every (query, option) row scored in batches of eval.batch_size (this rank's share of them,
+    then gathered); the most likely option wins."""
     rows = [(i, o if cfg.eval.chat else " " + o) for i, p in enumerate(prompts) for o in p.options]
-    lps = continuation_logprobs(model, tokenizer, [inputs[i] for i, _ in rows], [c for _, c in rows],
-                                [prompts[i].images for i, _ in rows], cfg.eval.batch_size, cfg.eval.add_bos)
+    mine = shards.split(range(len(rows)), cfg.eval.batch_size)
+    local = continuation_logprobs(model, tokenizer, [inputs[rows[r][0]] for r in mine], [rows[r][1] for r in mine],
+                                  [prompts[rows[r][0]].images for r in mine], cfg.eval.batch_size,
+                                  cfg.eval.add_bos) if mine else []
+    lps = shards.gather(mine, local, len(rows))
     chosen, at = [], 0
     for p, rec in zip(prompts, records):
         scores = [lp / n if cfg.eval.mc_normalize == "length" else lp for lp, n in lps[at:at + len(p.options)]]
@@ -56,24 +61,32 @@ def _choose_by_loglik(model, tokenizer: Tokenizer, prompts: list, inputs: list, 
 
 
 def _generate(model, tokenizer: Tokenizer, task: Task, prompts: list, inputs: list, cfg: Config,
-              records: list[dict]) -> list[str]:
+              records: list[dict], shards: Shards) -> list[str]:
     spec = task.spec
     gcfg = GenerationConfig(max_new_tokens=spec.max_new_tokens or cfg.eval.max_new_tokens, stop=list(spec.stop),
                             batch_size=cfg.eval.batch_size, add_bos=cfg.eval.add_bos, resize=cfg.data.resize,
                             stop_ids=[tokenizer.im_end_id] if cfg.eval.chat else [])
-    raw = generate(model, tokenizer, inputs, [p.images for p in prompts], gcfg)
+    mine = shards.split(batch_order(inputs), gcfg.batch_size)  # the batches one process would form
+    local = generate(model, tokenizer, [inputs[i] for i in mine], [prompts[i].images for i in mine], gcfg) if mine else []
+    raw = shards.gather(mine, local, len(inputs))
     for rec, r in zip(records, raw):
         rec["raw"] = r
     return [extract_answer(r, spec) for r in raw]
 
 
 def run_trial(model, tokenizer: Tokenizer, task: Task, items: list, shots: int, seed: int,
-              cfg: Config, image_donors: list | None = None) -> tuple[float, list[dict]]:
+              cfg: Config, image_donors: list | None = None, shards: Shards | None = None) -> tuple[float, list[dict]]:
     """One pass over `items` with demonstrations drawn from `seed`: (score, per-item records).
-    With `image_donors` (the shuffled control) query i shows `image_donors[i]`'s images."""
+    With `image_donors` (the shuffled control) query i shows `image_donors[i]`'s images. With
+    `shards` (torchrun) the model sees this rank's share of the batches; everything after the model
+    (answer extraction, scoring) runs on the gathered outputs of all items, as in one process."""
+    shards = shards or Shards()
     spec = task.spec
     if spec.metric == "perplexity":  # shots do not apply: the text is scored on its own
-        ppl, nll = perplexity(model, tokenizer, [ex.answers[0] for ex in items], cfg.eval.batch_size)
+        texts = [ex.answers[0] for ex in items]
+        mine = shards.split(range(len(texts)), cfg.eval.batch_size)
+        local = text_logprobs(model, tokenizer, [texts[i] for i in mine], cfg.eval.batch_size) if mine else []
+        ppl, nll = corpus_perplexity(shards.gather(mine, local, len(items)))
         return ppl, [{"id": ex.id, "nll": n} for ex, n in zip(items, nll)]
     chat = cfg.eval.chat
     prompts = build_prompts(task, items, shots, seed, chat=chat, image_donors=image_donors)
@@ -85,15 +98,15 @@ def run_trial(model, tokenizer: Tokenizer, task: Task, items: list, shots: int, 
     scorer = SCORERS.get(spec.metric)
     if scorer.choice:  # an option index per item, from log-likelihoods or from a generated letter
         if spec.mc_mode == "generate":
-            texts = _generate(model, tokenizer, task, prompts, inputs, cfg, records)
+            texts = _generate(model, tokenizer, task, prompts, inputs, cfg, records, shards)
             chosen = [choice_from_text(ex, t) for ex, t in zip(items, texts)]
         else:
-            chosen = _choose_by_loglik(model, tokenizer, prompts, inputs, cfg, records)
+            chosen = _choose_by_loglik(model, tokenizer, prompts, inputs, cfg, records, shards)
         score, per = scorer.score(items, chosen, cfg)
         for rec, ex, c, s in zip(records, items, chosen, per):
             rec.update(prediction=ex.options[c] if c >= 0 else rec.get("raw", ""), choice=c, gold=ex.label, score=s)
         return score, records
-    preds = _generate(model, tokenizer, task, prompts, inputs, cfg, records)
+    preds = _generate(model, tokenizer, task, prompts, inputs, cfg, records, shards)
     score, per = scorer.score(items, preds, cfg)
     for rec, pred, ex, s in zip(records, preds, items, per):
         rec.update(prediction=pred, answers=ex.answers, score=s)
@@ -111,9 +124,12 @@ def trial_details(task: Task, items: list, records: list[dict], cfg: Config) -> 
 
 def evaluate(model, tokenizer: Tokenizer, cfg: Config, tasks: list[str] | None = None, shots: list[int] | None = None,
              limit: int | None = None, out_dir: str | Path | None = None,
-             log: Callable[[str], Any] | None = print) -> list[dict]:
+             log: Callable[[str], Any] | None = print, shards: Shards | None = None) -> list[dict]:
     """Every task x shots; returns one result dict each and, with `out_dir`, writes
-    `{out_dir}/{task}_{shots}shot.json` for each."""
+    `{out_dir}/{task}_{shots}shot.json` for each (rank 0 only under torchrun: see `mm1.eval.parallel`)."""
+    shards = shards or Shards()
+    if not shards.is_main:
+        log, out_dir = None, None
     _check_eval_config(cfg)
     tasks = tasks or list(cfg.eval.tasks)
     shots = list(cfg.eval.shots) if shots is None else shots
@@ -129,7 +145,7 @@ def evaluate(model, tokenizer: Tokenizer, cfg: Config, tasks: list[str] | None =
             seeds = [cfg.eval.seed + t for t in range(cfg.eval.trials)]
             trial_scores, predictions, details = [], [], []
             for seed in seeds:
-                score, records = run_trial(model, tokenizer, task, items, k, seed, cfg)
+                score, records = run_trial(model, tokenizer, task, items, k, seed, cfg, shards=shards)
                 trial_scores.append(score)
                 predictions.append(records)
                 details.append(trial_details(task, items, records, cfg))
@@ -139,7 +155,7 @@ def evaluate(model, tokenizer: Tokenizer, cfg: Config, tasks: list[str] | None =
                 "task": task.name, "kind": spec.kind, "metric": spec.metric, "shots": k, "score": mean, "std": std,
                 "trial_scores": trial_scores, "details": details, "mc_mode": spec.mc_mode, "seeds": seeds,
                 "n": len(items),
-                **_shuffled_control(model, tokenizer, task, items, k, seeds, mean, cfg),
+                **_shuffled_control(model, tokenizer, task, items, k, seeds, mean, cfg, shards),
                 "seconds": round(time.time() - t0, 2),
                 "template": spec.chat_template if cfg.eval.chat else spec.template, "chat": cfg.eval.chat,
                 "separator": spec.separator, "prefix": spec.prefix, "stop": spec.stop,
@@ -159,7 +175,7 @@ def evaluate(model, tokenizer: Tokenizer, cfg: Config, tasks: list[str] | None =
 
 
 def _shuffled_control(model, tokenizer: Tokenizer, task: Task, items: list, shots: int, seeds: list[int],
-                      score: float, cfg: Config) -> dict[str, Any]:
+                      score: float, cfg: Config, shards: Shards) -> dict[str, Any]:
     """The image-shuffled control of one (task, shots): every trial re-run with deranged query images
     (the derangement seeded like the trial). Null fields and a note where it does not apply."""
     off = {"score_shuffled": None, "std_shuffled": None, "image_gain": None, "shuffled_trial_scores": []}
@@ -175,7 +191,7 @@ def _shuffled_control(model, tokenizer: Tokenizer, task: Task, items: list, shot
         donors, note = shuffled_donors(items, seed, task.name)
         if donors is None:
             return off | {"shuffle_note": note}
-        s, records = run_trial(model, tokenizer, task, items, shots, seed, cfg, image_donors=donors)
+        s, records = run_trial(model, tokenizer, task, items, shots, seed, cfg, image_donors=donors, shards=shards)
         scores.append(s)
         predictions.append(records)
     mean, std = mean_std(scores)

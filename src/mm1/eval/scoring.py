@@ -68,8 +68,17 @@ def choose_options(model, tokenizer: Tokenizer, prompt: str, options: list[str],
 def perplexity(model, tokenizer: Tokenizer, texts: list[str], batch_size: int = 16) -> tuple[float, list[float]]:
     """Corpus perplexity exp(total NLL / total tokens) of `texts` (each scored from its first token
     on, after an EOS: training separates documents by EOS), and the per-text NLL sums."""
-    scored = continuation_logprobs(model, tokenizer, [""] * len(texts), texts, batch_size=batch_size,
-                                   prefix=[tokenizer.eos_id])
+    return corpus_perplexity(text_logprobs(model, tokenizer, texts, batch_size))
+
+
+def text_logprobs(model, tokenizer: Tokenizer, texts: list[str], batch_size: int = 16) -> list[tuple[float, int]]:
+    """(log-probability, tokens) of each text, scored after an EOS."""
+    return continuation_logprobs(model, tokenizer, [""] * len(texts), texts, batch_size=batch_size,
+                                 prefix=[tokenizer.eos_id])
+
+
+def corpus_perplexity(scored: list[tuple[float, int]]) -> tuple[float, list[float]]:
+    """(exp(total NLL / total tokens), per-text NLL sums) from `text_logprobs` output."""
     total_nll = -sum(lp for lp, _ in scored)
     total_tokens = sum(n for _, n in scored)
     return math.exp(total_nll / max(total_tokens, 1)), [-lp for lp, _ in scored]
