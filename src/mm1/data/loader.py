@@ -62,7 +62,7 @@ def resolve_sources(cfg: Any) -> list[SourceSpec]:
     if not any(w > 0 for *_, w in raw):
         raise ConfigError(f"data.sources: no source with a positive weight for train.stage={cfg.train.stage}")
     world = ""
-    if any("{world}" in r[2] for r in raw):
+    if any("{world}" in path and w > 0 for _, _, path, w in raw):
         try:
             from mm1.data.world import ensure_world
         except ImportError:

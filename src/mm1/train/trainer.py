@@ -68,9 +68,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False, allow_change: Sequ
 
 
 def _resolve_world(cfg: Config, env: DistEnv) -> str:
-    """Build the synthetic world (rank 0) if any path needs it; return its root ('' if unused)."""
+    """Build the synthetic world (rank 0) if a path this stage reads needs it; return its root ('' if unused)."""
     d = cfg.data
-    paths = [d.tokenizer or "{world}", d.sft] + [s.path for s in d.sources.values()]
+    read = [d.sft] if cfg.train.stage == "sft" else [s.path for s in d.sources.values() if s.weight > 0]
+    paths = [d.tokenizer or "{world}", *read]  # only what this stage reads: data.sft's default is not a need
     if not any("{world}" in p for p in paths):
         return ""
     from mm1.data.world import ensure_world
