@@ -151,3 +151,37 @@ def test_missing_weights_file_explains_what_is_read(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **TINY}))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_hf_lm(tmp_path)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_added_tokens_grow_the_vocab_with_mean_rows_and_keep_the_original_logits(tmp_path, tied):
+    hf = _save(tmp_path, "llama", num_key_value_heads=2, tie_word_embeddings=tied)
+    cfg = lm_config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    cfg.vocab_size = TINY["vocab_size"] + 5  # <image>, chat markers ... added by the tokenizer
+    ours = LanguageModel(cfg).eval()
+    load_hf_lm_into(ours, tmp_path)
+    emb = ours.tok_embeddings.weight
+    old = hf.model.embed_tokens.weight
+    assert emb.shape[0] == cfg.vocab_size
+    torch.testing.assert_close(emb[TINY["vocab_size"]:], old.mean(0, keepdim=True).expand(5, -1))
+    if tied:
+        assert ours.output is None  # the head is the embedding matrix: still one tensor
+    else:
+        torch.testing.assert_close(ours.output.weight[-1], hf.lm_head.weight.mean(0))
+    ids = torch.randint(0, TINY["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = hf(input_ids=ids).logits, ours.forward_ids(ids).logits
+    assert got.shape[-1] == cfg.vocab_size
+    assert (got[..., :TINY["vocab_size"]] - ref).abs().max() < 1e-5
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)  # and it trains, new tokens included
+    batch = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(2))
+    batch[:, 3] = cfg.vocab_size - 1
+    losses = []
+    for _ in range(2):
+        logits = ours.train().forward_ids(batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[1] < losses[0]

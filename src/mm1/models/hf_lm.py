@@ -140,7 +140,11 @@ def convert_hf_lm_state_dict(sd: dict[str, Tensor], cfg: LMConfig) -> dict[str, 
 
 
 def _check_compatible(model_cfg: LMConfig, hf_cfg: LMConfig, path: Path) -> None:
-    fields = ("vocab_size", "dim", "n_layers", "n_heads", "kv_heads", "ffn_dim", "tie_embeddings", "qkv_bias",
+    if model_cfg.vocab_size < hf_cfg.vocab_size:
+        raise ValueError(f"{path}/config.json has vocab_size={hf_cfg.vocab_size} but model.lm.vocab_size="
+                         f"{model_cfg.vocab_size}; set model.lm.vocab_size >= {hf_cfg.vocab_size} (larger adds rows "
+                         "for added tokens)")
+    fields = ("dim", "n_layers", "n_heads", "kv_heads", "ffn_dim", "tie_embeddings", "qkv_bias",
               "rope_theta", "norm_eps")
     diff = [(f, getattr(model_cfg, f), getattr(hf_cfg, f)) for f in fields
             if getattr(model_cfg, f) != getattr(hf_cfg, f)]
@@ -166,12 +170,26 @@ def load_state_dict_strict(lm: LanguageModel, ours: dict[str, Tensor], where: st
     lm.load_state_dict(ours, strict=False, assign=assign)
 
 
+def grow_vocab(ours: dict[str, Tensor], vocab_size: int) -> dict[str, Tensor]:
+    """Rows for tokens the checkpoint lacks (`<image>`, chat markers added by the tokenizer): each new
+    embedding / LM-head row is the mean of the old ones, so a new token starts as an average token
+    and the logits of the original vocabulary are unchanged (new columns are only appended)."""
+    out = dict(ours)
+    for key in ("tok_embeddings.weight", "output.weight"):
+        w = out.get(key)
+        if w is not None and w.shape[0] < vocab_size:
+            mean = w.float().mean(0, keepdim=True).to(w.dtype)
+            out[key] = torch.cat([w, mean.expand(vocab_size - w.shape[0], -1)])
+    return out
+
+
 def load_hf_lm_into(lm: LanguageModel, path: str | Path) -> None:
-    """Load a local HF checkpoint into an existing LanguageModel (dense or MoE -> upcycled)."""
+    """Load a local HF checkpoint into an existing LanguageModel (dense or MoE -> upcycled); a larger
+    `model.lm.vocab_size` than the checkpoint's gets mean-initialised rows (`grow_vocab`)."""
     path = Path(path)
     hf_cfg = lm_config_from_hf(read_hf_config(path), str(path / "config.json"))
     _check_compatible(lm.cfg, hf_cfg, path)
-    ours = convert_hf_lm_state_dict(read_hf_state_dict(path), lm.cfg)
+    ours = grow_vocab(convert_hf_lm_state_dict(read_hf_state_dict(path), lm.cfg), lm.cfg.vocab_size)
     load_state_dict_strict(lm, ours, str(path))
 
 

@@ -107,6 +107,10 @@ class Trainer:
         tok_path = (cfg.data.tokenizer or "{world}/tokenizer.json").replace("{world}", world)
         self.tokenizer = Tokenizer.load(tok_path)
         cfg.model.image_token_id = self.tokenizer.image_id
+        if self.tokenizer.vocab_size > cfg.model.lm.vocab_size and cfg.model.lm.hf_path:
+            log.info("model.lm.vocab_size %d -> %d: the tokenizer adds tokens to %s; their embedding rows start "
+                     "at the mean of the others", cfg.model.lm.vocab_size, self.tokenizer.vocab_size, cfg.model.lm.hf_path)
+            cfg.model.lm.vocab_size = self.tokenizer.vocab_size
         if self.tokenizer.vocab_size > cfg.model.lm.vocab_size:
             raise ValueError(f"the tokenizer {tok_path} has {self.tokenizer.vocab_size} tokens but "
                              f"model.lm.vocab_size={cfg.model.lm.vocab_size}; raise model.lm.vocab_size")
