@@ -57,6 +57,9 @@ def _assert_same_logits(hf, ours: LanguageModel) -> None:
         ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True, rope_theta=5000.0)),  # tied
         ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False)),  # qkv bias
         ("qwen2", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+        ("llama", dict(num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=512,  # Llama-3.1
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     ],
 )
 def test_hf_causal_lm_logits_match_within_1e4(tmp_path, arch, kw):
@@ -135,7 +138,7 @@ def test_config_mismatch_names_the_fields_to_set(tmp_path):
     "change,match",
     [
         ({"model_type": "gpt2"}, "model_type"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "llama3"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}}, "yarn"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"head_dim": 16}, "head_dim"),
     ],

@@ -78,6 +78,10 @@ class LMConfig:
     ffn_dim: int = 688
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_original_max_len: int = 0  # > 0: Llama-3 RoPE scaling (rope_scaling.original_max_position_embeddings)
+    rope_factor: float = 8.0  # Llama-3 scaling: factor, low_freq_factor, high_freq_factor
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
     max_seq_len: int = 2048
     tie_embeddings: bool = True
     qkv_bias: bool = False  # Qwen2 has biases on q, k, v

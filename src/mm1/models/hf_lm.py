@@ -54,8 +54,9 @@ def lm_config_from_hf(hf: dict, where: str = "config.json") -> LMConfig:
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise _unsupported(where, f"RoPE scaling {rope_type!r}")
+    if rope_type not in ("default", "llama3"):
+        raise _unsupported(where, f"RoPE scaling {rope_type!r} (supported: llama3)")
+    scale = {**scaling, **rope} if rope_type == "llama3" else {}
     if hf.get("attention_bias") and model_type == "llama":
         raise _unsupported(where, "attention_bias=true (a bias on the output projection)")
     if hf.get("mlp_bias"):
@@ -78,6 +79,10 @@ def lm_config_from_hf(hf: dict, where: str = "config.json") -> LMConfig:
         max_seq_len=hf.get("max_position_embeddings", 2048),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2",
+        rope_original_max_len=int(scale.get("original_max_position_embeddings", 0)),
+        rope_factor=float(scale.get("factor", 8.0)),
+        rope_low_freq_factor=float(scale.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(scale.get("high_freq_factor", 4.0)),
     )
 
 
@@ -144,7 +149,7 @@ def _check_compatible(model_cfg: LMConfig, hf_cfg: LMConfig, path: Path) -> None
         raise ValueError(f"{path}/config.json has vocab_size={hf_cfg.vocab_size} but model.lm.vocab_size="
                          f"{model_cfg.vocab_size}; set model.lm.vocab_size >= {hf_cfg.vocab_size} (larger adds rows "
                          "for added tokens)")
-    fields = ("dim", "n_layers", "n_heads", "kv_heads", "ffn_dim", "tie_embeddings", "qkv_bias",
+    fields = ("rope_original_max_len", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "dim", "n_layers", "n_heads", "kv_heads", "ffn_dim", "tie_embeddings", "qkv_bias",
               "rope_theta", "norm_eps")
     diff = [(f, getattr(model_cfg, f), getattr(hf_cfg, f)) for f in fields
             if getattr(model_cfg, f) != getattr(hf_cfg, f)]

@@ -60,11 +60,27 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def llama3_inv_freq(inv_freq: Tensor, factor: float, low: float, high: float, old_len: int) -> Tensor:
+    """Llama-3.1's RoPE scaling: wavelengths longer than old_len/low are stretched by `factor`, those
+    shorter than old_len/high kept, and the band between interpolated smoothly."""
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    mixed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, mixed, scaled)
+
+
+def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 cfg: LMConfig | None = None) -> tuple[Tensor, Tensor]:
     """cos, sin [B,T,hd] for per-token positions [B,T]. Computed on the fly (no buffers), so the
-    model builds on the meta device and positions may restart anywhere."""
+    model builds on the meta device and positions may restart anywhere. `cfg.rope_original_max_len`
+    > 0 applies Llama-3's frequency scaling."""
     exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (theta ** exponent)  # [hd/2]
+    if cfg is not None and cfg.rope_original_max_len > 0:
+        inv_freq = llama3_inv_freq(inv_freq, cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                                   cfg.rope_original_max_len)
     freqs = position_ids.float()[..., None] * inv_freq  # [B, T, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, hd]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -243,10 +259,10 @@ class LanguageModel(nn.Module):
         position the cache can hold, built once per generation instead of once per decoding step
         (the same values: the tables are elementwise in the position)."""
         if cache is None or cache.explicit_positions:
-            return rope_tables(*rope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, dtype))
+            return rope_tables(*rope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, dtype, self.cfg))
         if cache.rope is None or cache.rope[0].dtype != dtype or cache.rope[0].device != position_ids.device:
             every = torch.arange(cache.capacity, device=position_ids.device)[None]  # [1, C]
-            cos, sin = rope_tables(*rope_cos_sin(every, self.head_dim, self.cfg.rope_theta, dtype))  # [1,1,C,hd]
+            cos, sin = rope_tables(*rope_cos_sin(every, self.head_dim, self.cfg.rope_theta, dtype, self.cfg))  # [1,1,C,hd]
             cache.rope = (cos[0, 0], sin[0, 0])  # [C, hd]
         cos, sin = cache.rope
         return cos[position_ids][:, None], sin[position_ids][:, None]  # [B, 1, T, hd]
