@@ -36,6 +36,9 @@ RESUMABLE = ("train.steps", "train.save_every", "train.keep_last", "train.log_ev
 UNUSED_ON_RESUME = ("name", "train.init_from")
 # set from the tokenizer when the run starts, not by the user
 DERIVED = ("model.image_token_id",)
+# how a run is laid out over processes: a DCP checkpoint reshards, and with `train.data_shards` fixed
+# the global batch and data order do not depend on them (per-process batch = global / processes)
+LAYOUT = ("train.strategy", "data.batch_size")
 
 
 def check_resume(cfg: Config, run_dir: Path, allow_change: Sequence[str] = ()) -> list[str]:
@@ -52,7 +55,9 @@ def check_resume(cfg: Config, run_dir: Path, allow_change: Sequence[str] = ()) -
     saved = flatten(to_dict(saved_config(ckpt)))
     now = flatten(to_dict(cfg))
     changed = sorted(k for k in saved.keys() | now.keys() if k not in DERIVED and saved.get(k) != now.get(k))
-    refused = [k for k in changed if k not in allow_change and not (k.startswith("eval.") or k in UNUSED_ON_RESUME)]
+    layout = LAYOUT if cfg.train.data_shards > 0 and saved.get("train.data_shards") == cfg.train.data_shards else ()
+    refused = [k for k in changed if k not in allow_change and not (k.startswith("eval.") or k in UNUSED_ON_RESUME
+                                                                    or k in layout)]
     if refused:
         what = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in refused)
         hint = [k for k in refused if k in RESUMABLE]
