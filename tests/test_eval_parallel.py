@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mm1.cli import main
 from mm1.eval.parallel import Shards
@@ -51,7 +52,8 @@ def test_two_ranks_give_exactly_the_single_process_scores_and_records(run, tmp_p
     assert main(["eval", "--checkpoint", str(run), *EVAL, "--json", str(tmp_path / "one")]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mm1",
            "eval", "--checkpoint", str(run), *EVAL, "--json", str(tmp_path / "two")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    # the ranks compute with the parent's thread count: sums over 1 and 2 threads differ in the last bits
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
            "PYTHONPATH": str(Path("src").resolve()) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mm1.config import Config, load_config
 from mm1.experiments.ablate import expand, parse_spec
 from mm1.experiments.results import run_ablation
 from mm1.experiments.sweep import InProcessRunner, stage_dir, stage_keys, write_commands
+from mm1.train.checkpoint import read_checkpoint_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = ["model.vision.image_size=32", "model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2",
@@ -89,7 +89,7 @@ def _encoder_weights(world: Path, out: Path, extra: list[str]) -> dict[str, torc
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"),
                       MICRO + [f"data.world={world}", "train.stage=encoder", "train.steps=2", "train.seed=3"] + extra)
     train(cfg, out)
-    return load_file(str(out / "checkpoints" / "step-2" / "model.safetensors"))
+    return read_checkpoint_weights(out / "checkpoints" / "step-2")
 
 
 def test_what_the_encoder_key_leaves_out_does_not_change_the_encoder(tiny_world, tmp_path):
