@@ -53,7 +53,7 @@ MUTATIONS = [
     Mutation("grad-scale-off-by-world-size", "src/mm1/train/trainer.py",
              'objective = out["loss_sum"] / global_n * env.world_size + out["aux_loss"] / accum',
              'objective = out["loss_sum"] / global_n + out["aux_loss"] / accum',
-             ("tests/test_train_distributed.py::test_two_processes_match_one_process_with_the_same_global_batch",)),
+             ("tests/test_train_distributed.py::test_two_processes_match_one_and_their_checkpoint_resumes_on_one",)),
     Mutation("vqa-one-annotator", "src/mm1/eval/task_metrics.py",
              "_vqa = _per_item(lambda ex, p, cfg: vqa_accuracy(p, ex.answers, cfg.eval.vqa_mode))",
              "_vqa = _per_item(lambda ex, p, cfg: vqa_accuracy(p, ex.answers[:1], cfg.eval.vqa_mode))",
