@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from mm1.data.world import items
 from mm1.data.world.lexicon import lexicon_split, make_lexicon, text_question
-from mm1.data.world.writers import ShardWriter, dumps, write_bytes, write_json, write_jsonl, write_parquet
+from mm1.data.world.writers import (ShardWriter, dumps, vqa_records, write_bytes, write_json, write_jsonl,
+                                    write_parquet)
 
 GENERATOR_VERSION = "2"  # 2: interleaved caption / Q&A lines end in a newline
 
@@ -202,13 +203,10 @@ def _write_eval(root: Path, split: str, px: int, pool_items: list[dict], pairs: 
         images.append({"id": image_id, "file_name": rel, "width": px, "height": px})
         for c in it["captions"]:
             caps.append({"id": len(caps) + 1, "image_id": image_id, "caption": c})
-        for j, q in enumerate(it["vqa"]):
-            qid = image_id * 10 + j
-            questions.append({"question_id": qid, "image_id": image_id, "question": q["question"], "file_name": rel})
-            annotations.append({"question_id": qid, "image_id": image_id, "question_type": q["question_type"],
-                                "answer_type": q["answer_type"], "multiple_choice_answer": q["answer"],
-                                "answers": q["answers"]})
-            texts += [q["question"], q["answer"]]
+        qs, anns = vqa_records(image_id, rel, it["vqa"])
+        questions += qs
+        annotations += anns
+        texts += [t for q in it["vqa"] for t in (q["question"], q["answer"])]
         mc.append({"id": f"mc-{split}-{image_id:06d}", "image": rel, **it["mc"]})
         texts += it["captions"]
     for i, it in enumerate(pairs):

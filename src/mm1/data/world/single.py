@@ -27,7 +27,7 @@ from mm1.data.world import items
 from mm1.data.world.language import pick
 from mm1.data.world.questions import ANSWER_TYPES, QA, annotator_answers
 from mm1.data.world.scenes import POSITIONS, TONES, Obj, Scene
-from mm1.data.world.writers import write_bytes, write_json
+from mm1.data.world.writers import vqa_records, write_bytes, write_json
 
 SINGLE_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown")
 SINGLE_SHAPES = ("circle", "square", "triangle", "star")
@@ -99,13 +99,10 @@ def write_single(root: Any, spec: Any, seed: int, imap: Any) -> tuple[dict[str, 
         for i, it in enumerate(rows):
             image_id, rel = i + 1, f"images/{split}_{i + 1:06d}.png"
             write_bytes(root / "eval" / rel, it["png"])
-            for j, q in enumerate(it["vqa"]):
-                qid = image_id * 10 + j
-                questions.append({"question_id": qid, "image_id": image_id, "question": q["question"], "file_name": rel})
-                annotations.append({"question_id": qid, "image_id": image_id, "question_type": q["question_type"],
-                                    "answer_type": q["answer_type"], "multiple_choice_answer": q["answer"],
-                                    "answers": q["answers"]})
-                texts += [q["question"], q["answer"]] if split == "train" else []
+            qs, anns = vqa_records(image_id, rel, it["vqa"])
+            questions += qs
+            annotations += anns
+            texts += [t for q in it["vqa"] for t in (q["question"], q["answer"])] if split == "train" else []
         write_json(root / "eval" / f"vqa_{split}_questions.json", {"data_subtype": split, "questions": questions})
         write_json(root / "eval" / f"vqa_{split}_annotations.json", {"data_subtype": split, "annotations": annotations})
         counts.update({f"eval_images_{split}": len(rows), f"vqa_{split}": len(questions)})

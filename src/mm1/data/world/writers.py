@@ -98,3 +98,16 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
 def write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
+
+
+def vqa_records(image_id: int, file_name: str, vqa: list[dict]) -> tuple[list[dict], list[dict]]:
+    """One image's VQAv2 `questions` and `annotations` entries (question ids image_id * 10 + j), the
+    layout every world size writes, so the eval readers see one format."""
+    questions, annotations = [], []
+    for j, q in enumerate(vqa):
+        qid = image_id * 10 + j
+        questions.append({"question_id": qid, "image_id": image_id, "question": q["question"], "file_name": file_name})
+        annotations.append({"question_id": qid, "image_id": image_id, "question_type": q["question_type"],
+                            "answer_type": q["answer_type"], "multiple_choice_answer": q["answer"],
+                            "answers": q["answers"]})
+    return questions, annotations
