@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup demo test bench mutate clean
+.PHONY: setup demo test lint bench mutate clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -22,6 +22,10 @@ demo: $(STAMP)
 # missing fails instead of skipping (tests/references.py), so CI cannot pass by skipping them.
 test: $(STAMP)
 	MM1_REQUIRE_REFERENCES=1 OMP_NUM_THREADS=2 $(PY) -m pytest
+
+# ruff: lint rules and import order (pyproject.toml [tool.ruff]); CI runs it before the tests.
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # One-line bugs that once passed the suite, each applied to a temp copy: the tests named beside
 # each must fail (tools/mutate.py; about 10 minutes, not part of CI).

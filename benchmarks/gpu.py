@@ -172,7 +172,6 @@ def run_variant(name: str, cfg, batch: dict[str, torch.Tensor], device: torch.de
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "loss_first": losses[0], "loss_last": losses[-1], "steps": len(times),
     }
-    del model, optimizer, batch
     return record
 
 

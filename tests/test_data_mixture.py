@@ -257,7 +257,7 @@ def test_sft_stage_reads_the_sft_source_and_learns_only_assistant_turns(data: Pa
     cfg.data.seq_len = 96
     for b in take(build_loader(cfg, tok), 3):
         assert (b["source"] == 3).all()
-        for row_ids, row_tgt, row_doc in zip(b["input_ids"], b["targets"], b["doc_ids"]):
+        for row_tgt, row_doc in zip(b["targets"], b["doc_ids"]):
             for d in range(int(row_doc.max()) + 1):
                 learned = row_tgt[(row_doc == d) & (row_tgt != -100)].tolist()
                 text = tok.decode(learned)

@@ -15,6 +15,7 @@ import errno
 import importlib
 import re
 import sys
+from typing import Any
 
 import yaml
 
@@ -45,22 +46,41 @@ OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
 OVERRIDE_HELP = " [key.path=value ...]"
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that remembers its options taking a value (from the Action the public
+    `add_argument` returns), so overrides can be told apart from option values without argparse's
+    private tables. Subcommands add their options to the parser itself (argument groups would
+    bypass this record)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.value_options: set[str] = set()
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if action.nargs != 0:
+            self.value_options.update(action.option_strings)
+        return action
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Parser]]:
+    """The `mm1` parser and its subcommand parsers by name."""
     parser = argparse.ArgumentParser(prog="mm1", description="Multimodal LLMs the MM1 way.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    commands: dict[str, _Parser] = {}
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = commands[name] = sub.add_parser(name, help=help_text, description=help_text)
         mod = importlib.import_module(module)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)  # a subcommand using overrides sets takes_overrides=True
         if p.get_default("takes_overrides"):
             p.usage = (p.usage or p.format_usage().removeprefix("usage: ").strip()) + OVERRIDE_HELP
-    return parser
+    return parser, commands
 
 
-def split_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
-    """(the command line without overrides, the overrides in order)."""
-    value_options = {opt for action in parser._actions if action.nargs != 0 for opt in action.option_strings}
+def split_overrides(value_options: set[str], argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the command line without overrides, the overrides in order); `value_options` are the options
+    whose next token is their value, never an override."""
     rest: list[str] = []
     overrides: list[str] = []
     for i, tok in enumerate(argv):
@@ -74,13 +94,12 @@ def split_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[l
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse a command line; `args.overrides` holds its dotted overrides wherever they stood."""
-    parser = build_parser()
+    parser, commands = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    sub = parser._subparsers._group_actions[0].choices if parser._subparsers else {}  # type: ignore[union-attr]
-    at = next((i for i, tok in enumerate(argv) if tok in sub), None)
+    at = next((i for i, tok in enumerate(argv) if tok in commands), None)
     overrides: list[str] = []
     if at is not None:
-        tail, overrides = split_overrides(sub[argv[at]], argv[at:])
+        tail, overrides = split_overrides(commands[argv[at]].value_options, argv[at:])
         argv = argv[:at] + tail
     args = parser.parse_args(argv)
     if overrides and not getattr(args, "takes_overrides", False):

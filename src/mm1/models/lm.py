@@ -196,7 +196,7 @@ class LanguageModel(nn.Module):
         if self.output is not None:
             nn.init.normal_(self.output.weight, std=std)
 
-    def train(self, mode: bool = True) -> "LanguageModel":
+    def train(self, mode: bool = True) -> LanguageModel:
         """Training mode also puts every weight back in the standard [out, in] storage, in case
         decoding re-stored some (`mm1.models.decode_layout`): optimisers and distributed wrappers
         expect it."""

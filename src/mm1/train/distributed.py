@@ -132,7 +132,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside a DDP wrapper (FSDP2 modifies the module in place)."""
-    return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
