@@ -4,7 +4,10 @@ A multimodal sequence needs a few things a plain LLM tokenizer does not give: an
 that the literal `<image>` expands into k copies of (k = connector tokens x crops), chat markers
 for SFT with a loss mask that covers only what the assistant says, and a decode that hides slots.
 Any `tokenizer.json` (e.g. a Llama / Qwen2 / SmolLM dir) is accepted and the missing special tokens
-are added; the synthetic world trains its own byte-level BPE with ids 0-5 reserved.
+are added; when the dir carries its own chat template (tokenizer_config.json `chat_template`, or
+chat_template.jinja) SFT and chat prompts use it (`mm1.data.chat_template`), otherwise mm1's
+`<|im_start|>role\ncontent<|im_end|>\n`. The synthetic world trains its own byte-level BPE with ids 0-5
+reserved.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from mm1.data.chat_template import ChatTemplate
+
 IMAGE_TOKEN = "<image>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -27,7 +32,30 @@ RESERVED = ("<pad>", "<s>", "</s>", IMAGE_TOKEN, IM_START, IM_END)  # ids 0-5 of
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>", "[BOS]")
 _EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[EOS]")
 _PAD_NAMES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "[PAD]", "<unk>")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _message(n: int, turn: dict[str, str]) -> dict[str, str]:
+    """A LLaVA turn or a role/content message -> {"role": user|assistant|system, "content": str}."""
+    role = _ROLES.get(str(turn.get("from", turn.get("role"))).lower())
+    content = turn.get("value", turn.get("content"))
+    if role is None or not isinstance(content, str):
+        raise ValueError(f"conversation turn {n}: expected from=human|gpt (or role=user|assistant|system) and a "
+                         f"string value, got {turn!r}")
+    return {"role": role, "content": content}
+
+
+def _chat_template(folder: Path, configured: Any) -> str | None:
+    """The folder's chat template: chat_template.jinja, else tokenizer_config.json's `chat_template`
+    (a string, or HF's list of named templates, of which mm1 takes "default")."""
+    jinja = folder / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    if isinstance(configured, list):
+        named = {t.get("name"): t.get("template") for t in configured if isinstance(t, dict)}
+        configured = named.get("default")
+    return configured if isinstance(configured, str) and configured.strip() else None
 
 
 def _token_name(value: Any) -> str | None:
@@ -62,6 +90,10 @@ class Tokenizer:
         self.special_ids = frozenset(
             {self.image_id, self.im_start_id, self.im_end_id, self.eos_id, self.bos_id, self.pad_id}
         )
+        template = config.get("chat_template")
+        names = {k: n for k, v in config.items() if k.endswith("_token") and (n := _token_name(v)) is not None}
+        self.template = ChatTemplate(template, names, source or "tokenizer") if isinstance(template, str) else None
+        self._turn_end_id: int | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -98,6 +130,7 @@ class Tokenizer:
                 config = json.loads(cfg_file.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{cfg_file}: invalid JSON ({e}); fix or delete it") from None
+        config["chat_template"] = _chat_template(file.parent, config.get("chat_template"))
         return cls(tok, config, source=str(file))
 
     @classmethod
@@ -142,12 +175,16 @@ class Tokenizer:
         self._tok.save(str(tmp))
         os.replace(tmp, file)
         # BOS/EOS/PAD that loading would not find by their usual names (e.g. Llama 3's <|eot_id|> as
-        # EOS) are kept in a tokenizer_config.json beside it, as HF does; the usual case writes none
+        # EOS) are kept in a tokenizer_config.json beside it, as HF does, and so are the token names a
+        # chat template renders (its `bos_token`); the usual case writes none
         guessed = Tokenizer(HFTokenizer.from_str(self._tok.to_str()))
-        if (guessed.bos_id, guessed.eos_id, guessed.pad_id) != (self.bos_id, self.eos_id, self.pad_id):
+        if (guessed.bos_id, guessed.eos_id, guessed.pad_id) != (self.bos_id, self.eos_id, self.pad_id) or self.template:
             names = {k: self._tok.id_to_token(i) for k, i in
                      (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))}
+            names.update(self.template.tokens if self.template else {})
             (file.parent / "tokenizer_config.json").write_text(json.dumps(names, indent=1) + "\n")
+        if self.template is not None:  # HF's own file for it, read back by load() before tokenizer_config.json
+            (file.parent / CHAT_TEMPLATE_FILE).write_text(self.template.source, encoding="utf-8")
         return file
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers get a copy via pickle
@@ -203,25 +240,22 @@ class Tokenizer:
         tokens_per_image: int | None = None,
         add_generation_prompt: bool = False,
     ) -> tuple[list[int], list[bool]]:
-        """Ids and loss mask of `<|im_start|>role\\ncontent<|im_end|>\\n` turns.
+        """Ids and loss mask of the conversation in the tokenizer's own chat template, or else in
+        mm1's `<|im_start|>role\\ncontent<|im_end|>\\n` turns.
 
         `conversations` are LLaVA turns (`{"from": "human"|"gpt", "value": ...}`) or
         `{"role": "user"|"assistant"|"system", "content": ...}`. mask[t] is True where token t is to
-        be predicted: the assistant's content and its `<|im_end|>`, never the role header, the
-        user's turn or the newline after the end marker. `add_generation_prompt` appends an open
+        be predicted: the assistant's content and its end-of-turn marker, never the role header, the
+        user's turn or the separator after the end marker. `add_generation_prompt` appends an open
         assistant header (inference).
         """
+        messages = [_message(n, turn) for n, turn in enumerate(conversations)]
+        if self.template is not None:
+            return self._chat_from_template(messages, tokens_per_image, add_generation_prompt)
         ids: list[int] = []
         mask: list[bool] = []
-        for n, turn in enumerate(conversations):
-            raw_role = turn.get("from", turn.get("role"))
-            content = turn.get("value", turn.get("content"))
-            role = _ROLES.get(str(raw_role).lower())
-            if role is None or not isinstance(content, str):
-                raise ValueError(
-                    f"conversation turn {n}: expected from=human|gpt (or role=user|assistant|system) and a "
-                    f"string value, got {turn!r}"
-                )
+        for message in messages:
+            role, content = message["role"], message["content"]
             header = [self.im_start_id] + self.encode(f"{role}\n")
             body = self.encode(content, tokens_per_image) + [self.im_end_id]
             tail = self.encode("\n")
@@ -233,6 +267,32 @@ class Tokenizer:
             ids += header
             mask += [False] * len(header)
         return ids, mask
+
+    def _chat_from_template(self, messages: list[dict[str, str]], tokens_per_image: int | None,
+                            add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
+        """Each piece of the rendered template encoded on its own, so a reply's first token starts
+        where generation starts after the open assistant header."""
+        assert self.template is not None
+        ids: list[int] = []
+        mask: list[bool] = []
+        for text, learned in self.template.spans(messages, add_generation_prompt):
+            piece = self.encode(text, tokens_per_image)
+            ids += piece
+            mask += [learned and t != self.image_id for t in piece]
+        return ids, mask
+
+    @property
+    def turn_end_id(self) -> int:
+        """The token that ends an assistant reply: `<|im_end|>`, or the template's own (e.g. Llama 3's
+        `<|eot_id|>`: the last token of a reply it renders, when that is a special token; else EOS)."""
+        if self.template is None:
+            return self.im_end_id
+        if self._turn_end_id is None:
+            probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "a"}]
+            last = self.encode(next(text for text, learned in self.template.spans(probe) if learned))[-1]
+            added = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+            self._turn_end_id = last if last in added else self.eos_id
+        return self._turn_end_id
 
     def chat_prompt(self, user: str, tokens_per_image: int | None = None) -> list[int]:
         """Ids of a single user turn followed by an open assistant header, for generation."""

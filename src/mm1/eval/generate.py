@@ -76,7 +76,8 @@ def encode_prompt(tokenizer: Tokenizer, prompt: PromptLike, tokens_per_image: in
     if isinstance(prompt, str):
         return tokenizer.encode(prompt, tokens_per_image, bos=add_bos)
     ids, _ = tokenizer.chat(prompt, tokens_per_image, add_generation_prompt=True)
-    return ([tokenizer.bos_id] if add_bos else []) + ids
+    bos = add_bos and ids[:1] != [tokenizer.bos_id]  # a tokenizer's own template may put BOS first itself
+    return ([tokenizer.bos_id] if bos else []) + ids
 
 
 def image_markers(prompt: PromptLike) -> int:

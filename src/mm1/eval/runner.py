@@ -65,7 +65,7 @@ def _generate(model, tokenizer: Tokenizer, task: Task, prompts: list, inputs: li
     spec = task.spec
     gcfg = GenerationConfig(max_new_tokens=spec.max_new_tokens or cfg.eval.max_new_tokens, stop=list(spec.stop),
                             batch_size=cfg.eval.batch_size, add_bos=cfg.eval.add_bos, resize=cfg.data.resize,
-                            stop_ids=[tokenizer.im_end_id] if cfg.eval.chat else [])
+                            stop_ids=[tokenizer.turn_end_id] if cfg.eval.chat else [])
     mine = shards.split(batch_order(inputs), gcfg.batch_size)  # the batches one process would form
     local = generate(model, tokenizer, [inputs[i] for i in mine], [prompts[i].images for i in mine], gcfg) if mine else []
     raw = shards.gather(mine, local, len(inputs))
