@@ -20,7 +20,7 @@ import torch
 from mm1.config import load_config
 from mm1.data.loader import build_loader
 from mm1.data.sequence import packing_efficiency
-from mm1.data.tokenizer import Tokenizer
+from mm1.data.inputs import resolve_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,12 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.world:
         overrides.append(f"data.world={args.world}")
     cfg = load_config(args.config, overrides)
-    from mm1.data.world import ensure_world
-
-    world = ensure_world(cfg.data)
-    tokenizer = Tokenizer.load(cfg.data.tokenizer.replace("{world}", str(world)) or world / "tokenizer.json")
-    cfg.model.image_token_id = tokenizer.image_id
-    loader = build_loader(cfg, tokenizer, with_keys=True)
+    inputs = resolve_inputs(cfg)
+    cfg.model.image_token_id = inputs.tokenizer.image_id
+    loader = build_loader(cfg, inputs, with_keys=True)
 
     samples = rows = tokens = images = 0
     eff: list[float] = []

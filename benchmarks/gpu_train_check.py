@@ -30,7 +30,7 @@ from common import ROOT, machine_info  # noqa: E402
 
 TINY = ["train.warmup_steps=3", "train.save_every=1000", "data.num_workers=2"]
 DRY = ["data.num_workers=0", "model.lm.n_layers=2", "model.vision.depth=2", "data.seq_len=128", "data.batch_size=2"]
-BIG = ["data.world_size=tiny", "data.num_workers=6", "data.batch_size=1", "train.warmup_steps=2",
+BIG = ["data.world_preset=tiny", "data.num_workers=6", "data.batch_size=1", "train.warmup_steps=2",
        "train.save_every=1000", "model.lm.activation_checkpointing=true"]
 
 

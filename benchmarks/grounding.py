@@ -75,10 +75,10 @@ def _by_type(items: list[Example], records: list[dict]) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import shutil
 
-    data = load_config(preset_path("tiny"), [f"data.world={args.world}", "data.world_size=single"]).data
+    data = load_config(preset_path("tiny"), [f"data.world={args.world}", "data.world_preset=single"]).data
     world = ensure_world(data)
     init = _init_checkpoint(args)
-    overrides = ["train.stage=sft", f"data.world={world}", "data.world_size=single", f"train.steps={args.steps}",
+    overrides = ["train.stage=sft", f"data.world={world}", "data.world_preset=single", f"train.steps={args.steps}",
                  f"train.save_every={args.steps}", "model.subimage_grid=0"]
     if init:
         overrides += [f"train.init_from={init}", f"data.tokenizer={Path(init) / 'tokenizer.json'}"]

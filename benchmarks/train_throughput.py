@@ -39,12 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def time_loader(cfg, warmup: int, steps: int) -> dict[str, float]:
     """Batches/s of the loader alone, with the tokens (non-pad) and images they carry."""
-    from mm1.data.mixture import build_loader
-    from mm1.data.tokenizer import Tokenizer
+    from mm1.data.inputs import resolve_inputs
+    from mm1.data.loader import build_loader
 
-    tok = Tokenizer.from_config(cfg.data)
-    cfg.model.image_token_id = tok.image_id
-    it = iter(build_loader(cfg, tok))
+    inputs = resolve_inputs(cfg)
+    cfg.model.image_token_id = inputs.tokenizer.image_id
+    it = iter(build_loader(cfg, inputs))
     for _ in range(warmup):
         next(it)
     tokens = images = 0
@@ -79,11 +79,11 @@ def time_training(cfg, warmup: int, steps: int) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mm1.config import load_config
-    from mm1.data.world import ensure_world
+    from mm1.data.inputs import resolve_inputs
 
     overrides = list(args.overrides) + ([f"data.world={args.world}"] if args.world else [])
     cfg = load_config(args.config, overrides)
-    ensure_world(cfg.data)
+    resolve_inputs(cfg)  # builds the world (if a path needs it) before anything is timed
     loader = time_loader(load_config(args.config, overrides), args.warmup, args.steps)
     emit({"bench": "train_throughput", "part": "loader", **loader})
     trained = time_training(cfg, args.warmup, args.steps)

@@ -44,9 +44,9 @@ def test_an_option_value_that_looks_like_an_override_stays_the_value():
 
 def test_a_command_without_config_refuses_overrides_in_one_line(capsys):
     with pytest.raises(SystemExit) as e:
-        parse_args(["world", "out", "data.world_size=small"])
+        parse_args(["world", "out", "data.world_preset=small"])
     assert e.value.code == 2
-    assert "mm1 world takes no config overrides, got data.world_size=small" in capsys.readouterr().err
+    assert "mm1 world takes no config overrides, got data.world_preset=small" in capsys.readouterr().err
 
 
 def test_info_takes_a_preset_name_and_overrides_after_options(capsys):

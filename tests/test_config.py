@@ -66,6 +66,16 @@ def test_unknown_key_and_wrong_type_are_reported_by_key():
         load_config(CONFIGS / "tiny.yaml", ["model.lm.dim=wide"])
 
 
+def test_the_renamed_world_size_key_names_its_new_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.world_size='small'.*renamed; write data.world_preset=small"):
+        load_config(CONFIGS / "tiny.yaml", ["data.world_size=small"])
+    old = tmp_path / "old.yaml"
+    old.write_text(f"base: {CONFIGS / 'tiny.yaml'}\ndata:\n  world_size: base\n")
+    with pytest.raises(ConfigError, match=r"in .*old.yaml.*write data.world_preset=base"):
+        load_config(old)
+    assert load_config(CONFIGS / "tiny.yaml", ["data.world_preset=small"]).data.world_preset == "small"
+
+
 def test_override_without_equals_sign_is_refused():
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(CONFIGS / "tiny.yaml", ["model.lm.dim"])

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from mm1.config import Config, SourceConfig
-from mm1.data.loader import build_dataset
-from mm1.data.mixture import MixtureSchedule, SourceStream, build_loader
+from mm1.data.inputs import resolve_inputs
+from mm1.data.loader import build_dataset, build_loader
+from mm1.data.mixture import MixtureSchedule, SourceStream
 from mm1.data.sequence import RowPacker, packing_efficiency
 from mm1.data.skips import SkipCounter
 from mm1.data.tokenizer import Tokenizer
@@ -103,6 +104,11 @@ def config(data: Path, **sources: float) -> Config:
     return cfg
 
 
+def loader_of(cfg: Config, tok: Tokenizer, **kw):
+    """The mixture loader of `cfg` with the test's own tokenizer."""
+    return build_loader(cfg, resolve_inputs(cfg, tok), **kw)
+
+
 def take(loader, n: int) -> list[dict]:
     out = []
     for batch in loader:
@@ -124,7 +130,7 @@ def test_mixture_shares_match_the_weights_within_one_percent() -> None:
 
 def test_each_row_comes_from_the_scheduled_source(data: Path, tok: Tokenizer) -> None:
     cfg = config(data)
-    batches = take(build_loader(cfg, tok), 6)
+    batches = take(loader_of(cfg, tok), 6)
     kinds = [int(s) for b in batches for s in b["source"]]
     schedule = MixtureSchedule([0.45, 0.45, 0.10], cfg.train.seed, shard=0)
     assert kinds == [schedule(j) for j in range(len(kinds))]  # caption=0, interleaved=1, text=2
@@ -132,7 +138,7 @@ def test_each_row_comes_from_the_scheduled_source(data: Path, tok: Tokenizer) ->
 
 def epoch0_records(data: Path, tok: Tokenizer, name: str, shard: int, shards: int) -> list[str]:
     cfg = config(data)
-    ds = build_dataset(cfg, tok)
+    ds = build_dataset(cfg, resolve_inputs(cfg, tok))
     spec = next(s for s in ds.sources if s.name == name)
     stream = SourceStream(spec, ds.builder, RowPacker(64, 4), shard, shards, 0, SkipCounter())
     keys = []
@@ -159,9 +165,9 @@ def test_two_ranks_with_two_workers_see_disjoint_samples_covering_one_process(da
         return [k.split("|")[0] for b in batches for row in b["keys"] for k in row if k.split("|")[1] == "0"]
 
     cfg.data.num_workers = 2
-    seen = [epoch0(take(build_loader(cfg, tok, rank=r, world_size=2, with_keys=True), 24)) for r in range(2)]
+    seen = [epoch0(take(loader_of(cfg, tok, rank=r, world_size=2, with_keys=True), 24)) for r in range(2)]
     cfg.data.num_workers = 0
-    single = epoch0(take(build_loader(cfg, tok, with_keys=True), 40))
+    single = epoch0(take(loader_of(cfg, tok, with_keys=True), 40))
     flat = seen[0] + seen[1]
     assert len(flat) == len(set(flat)), "a sample was seen twice"
     assert set(seen[0]).isdisjoint(seen[1])
@@ -173,11 +179,11 @@ def test_resuming_from_a_saved_state_continues_with_exactly_the_next_batch(data:
                                                                            workers: int) -> None:
     cfg = config(data)
     cfg.data.num_workers = workers
-    loader = build_loader(cfg, tok)
+    loader = loader_of(cfg, tok)
     take(loader, 5)
     state = json.loads(json.dumps(loader.state_dict()))  # checkpoints may store it as JSON
     expected = take(loader, 5)
-    resumed = build_loader(cfg, tok)
+    resumed = loader_of(cfg, tok)
     resumed.load_state_dict(state)
     got = take(resumed, 5)
     for a, b in zip(expected, got):
@@ -188,7 +194,7 @@ def test_resuming_from_a_saved_state_continues_with_exactly_the_next_batch(data:
 
 def test_resume_is_exact_across_epochs_and_documents_cut_over_rows(data: Path, tok: Tokenizer) -> None:
     cfg = config(data, interleaved=1.0)  # 24 documents, most longer than one 64-token row
-    loader = build_loader(cfg, tok, with_keys=True)
+    loader = loader_of(cfg, tok, with_keys=True)
     for n, _ in enumerate(loader):  # stop where a cut document waits in the buffer, in epoch >= 1
         state = loader.state_dict()
         pending = state["workers"]["0"]["sources"]["interleaved"]["pending"]
@@ -197,7 +203,7 @@ def test_resume_is_exact_across_epochs_and_documents_cut_over_rows(data: Path, t
             break
         assert n < 40, "test data never left a split document waiting"
     expected = take(loader, 3)
-    resumed = build_loader(cfg, tok, with_keys=True)
+    resumed = loader_of(cfg, tok, with_keys=True)
     resumed.load_state_dict(state)
     for a, b in zip(expected, take(resumed, 3)):
         assert a["keys"] == b["keys"]
@@ -206,17 +212,17 @@ def test_resume_is_exact_across_epochs_and_documents_cut_over_rows(data: Path, t
 
 def test_resume_refuses_a_state_from_a_different_worker_count(data: Path, tok: Tokenizer) -> None:
     cfg = config(data)
-    loader = build_loader(cfg, tok)
+    loader = loader_of(cfg, tok)
     take(loader, 1)
     cfg.data.num_workers = 2
     with pytest.raises(ConfigError, match="num_workers"):
-        build_loader(cfg, tok).load_state_dict(loader.state_dict())
+        loader_of(cfg, tok).load_state_dict(loader.state_dict())
 
 
 def test_batches_follow_the_table_and_never_split_an_image_slot_run(data: Path, tok: Tokenizer) -> None:
     cfg = config(data)
     k = cfg.model.tokens_per_image
-    for b in take(build_loader(cfg, tok), 8):
+    for b in take(loader_of(cfg, tok), 8):
         B, T = b["input_ids"].shape
         assert (B, T) == (4, 64) and b["source"].shape == (4,)
         for key in ("targets", "position_ids", "doc_ids"):
@@ -236,7 +242,7 @@ def test_batches_follow_the_table_and_never_split_an_image_slot_run(data: Path, 
 def test_caption_rows_are_packed_at_least_95_percent_full(data: Path, tok: Tokenizer) -> None:
     cfg = config(data, caption=1.0)
     cfg.data.seq_len = 256  # the tiny preset's row length; pairs here are 7-20 tokens long
-    batches = take(build_loader(cfg, tok), 6)
+    batches = take(loader_of(cfg, tok), 6)
     assert min(packing_efficiency(b) for b in batches) >= 0.95
     assert all(int(b["doc_ids"].max()) >= 10 for b in batches)  # many pairs per row, beyond max_images=4
 
@@ -244,7 +250,7 @@ def test_caption_rows_are_packed_at_least_95_percent_full(data: Path, tok: Token
 def test_corrupt_images_are_skipped_and_counted(data: Path, tok: Tokenizer) -> None:
     cfg = config(data, caption_bad=1.0)
     cfg.data.max_skip_rate = 0.5
-    loader = build_loader(cfg, tok)
+    loader = loader_of(cfg, tok)
     batches = take(loader, 4)
     skips = loader.skips["caption_bad"]
     assert skips.counts.get("corrupt image", 0) >= 10 and skips.seen >= 40
@@ -255,7 +261,7 @@ def test_sft_stage_reads_the_sft_source_and_learns_only_assistant_turns(data: Pa
     cfg = config(data)
     cfg.train.stage = "sft"
     cfg.data.seq_len = 96
-    for b in take(build_loader(cfg, tok), 3):
+    for b in take(loader_of(cfg, tok), 3):
         assert (b["source"] == 3).all()
         for row_tgt, row_doc in zip(b["targets"], b["doc_ids"]):
             for d in range(int(row_doc.max()) + 1):
@@ -269,7 +275,7 @@ def test_high_resolution_images_become_grid_crops_plus_overview(data: Path, tok:
     cfg = config(data, caption=1.0)
     cfg.model.subimage_grid = 2
     cfg.data.seq_len = 128
-    b = take(build_loader(cfg, tok), 1)[0]
+    b = take(loader_of(cfg, tok), 1)[0]
     n_images = int((b["input_ids"] == tok.image_id).sum()) // cfg.model.tokens_per_image
     assert cfg.model.tokens_per_image == 4 * 5
     assert b["images"].shape == (5 * n_images, 3, 16, 16)
@@ -279,4 +285,4 @@ def test_loader_refuses_a_model_whose_image_token_differs_from_the_tokenizer(dat
     cfg = config(data)
     cfg.model.image_token_id = 7
     with pytest.raises(ConfigError, match="image_token_id"):
-        build_loader(cfg, tok)
+        loader_of(cfg, tok)

@@ -75,17 +75,17 @@ def test_building_over_an_existing_world_needs_overwrite(mini_world: Path) -> No
 
 def test_ensure_world_builds_once_and_rejects_a_world_of_another_seed(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(world_build.WORLD_SIZES, "tiny", replace(MINI, name="tiny"))
-    cfg = SimpleNamespace(world=str(tmp_path / "w"), world_size="tiny", world_seed=5)
+    cfg = SimpleNamespace(world=str(tmp_path / "w"), world_preset="tiny", world_seed=5)
     path = ensure_world(cfg, verbose=False)
     assert (path / "world.json").is_file() and (path / "tokenizer.json").is_file()
     stamp = (path / "world.json").stat().st_mtime_ns
     assert ensure_world(cfg, verbose=False) == path and (path / "world.json").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="world_seed=6"):
-        ensure_world(SimpleNamespace(world=str(path), world_size="tiny", world_seed=6))
+        ensure_world(SimpleNamespace(world=str(path), world_preset="tiny", world_seed=6))
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("not a world")
     with pytest.raises(FileNotFoundError, match="no world.json"):
-        ensure_world(SimpleNamespace(world=str(tmp_path / "junk"), world_size="tiny", world_seed=0))
+        ensure_world(SimpleNamespace(world=str(tmp_path / "junk"), world_preset="tiny", world_seed=0))
 
 
 def test_cli_world_command_writes_a_world(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -135,7 +135,7 @@ def _default_sources() -> dict[str, SourceConfig]:
 @dataclass
 class DataConfig:
     world: str = "data/world-tiny"  # built by `mm1 world` if missing
-    world_size: str = "tiny"
+    world_preset: str = "tiny"  # the world's size preset (mm1 world --size), not the number of processes
     world_seed: int = 0
     tokenizer: str = ""  # tokenizer.json or HF model dir; "" = {world}/tokenizer.json
     sources: dict[str, SourceConfig] = field(default_factory=_default_sources)
@@ -276,7 +276,9 @@ def _build(layers: list[tuple[str, Any]], base: Config | None = None) -> Config:
     and validate."""
     merged = OmegaConf.structured(base if base is not None else Config)
     for where, layer in layers:
-        _refuse_resolvers(layer if isinstance(layer, dict) else OmegaConf.to_container(layer), "", where)
+        tree = layer if isinstance(layer, dict) else OmegaConf.to_container(layer)
+        _refuse_resolvers(tree, "", where)
+        _refuse_renamed(tree, where)
     try:
         for _, layer in layers:
             merged = OmegaConf.merge(merged, layer)
@@ -308,6 +310,22 @@ def _refuse_resolvers(value: Any, key: str, where: str = "") -> None:
         raise ConfigError(f"{key}={value!r}{at}: resolver interpolations such as ${{oc.env:...}} are off in mm1 "
                           "configs (they would copy environment variables or files into config.yaml and every "
                           "checkpoint); write the value itself")
+
+
+RENAMED = {"data.world_size": "data.world_preset"}  # old key -> its new name
+
+
+def _refuse_renamed(tree: Any, where: str) -> None:
+    """A key that was renamed fails with its new name, instead of OmegaConf's 'not in DataConfig'."""
+    for old, new in RENAMED.items():
+        node = tree
+        for part in old.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            raise ConfigError(f"{old}={node!r} (in {where}): the key was renamed; write {new}={node} instead")
+
+
+_ABSENT = object()
 
 
 def _first_line(e: Exception) -> str:
@@ -463,7 +481,7 @@ def validate(cfg: Config) -> None:
 
     d = cfg.data
     _one_of("data.resize", d.resize, ["crop", "pad"])
-    _one_of("data.world_size", d.world_size, ["tiny", "small", "base", "single"])
+    _one_of("data.world_preset", d.world_preset, ["tiny", "small", "base", "single"])
     _check(d.seq_len > cfg.model.tokens_per_image, "data.seq_len", d.seq_len,
            f"must exceed the {cfg.model.tokens_per_image} slot tokens of one image")
     _check(d.seq_len <= lm.max_seq_len, "data.seq_len", d.seq_len, f"must be <= model.lm.max_seq_len={lm.max_seq_len}")

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from mm1.data.images import ImageError, image_tensors
-from mm1.data.mixture import MixtureDataset, SourceSpec
+from mm1.data.inputs import Inputs
+from mm1.data.mixture import MixtureDataset
 from mm1.data.safety import ReadPolicy
 from mm1.data.sequence import DocBuilder, SampleError
 from mm1.data.skips import SkipCounter
@@ -48,29 +49,6 @@ class ImagePipeline:
         except ImageError as e:
             raise SampleError(e.reason, where, str(e)) from None
         return list(x.unbind(0))  # crops of [3, S, S]
-
-
-def resolve_sources(cfg: Any) -> list[SourceSpec]:
-    """The stage's sources with `{world}` filled in (building the synthetic world if one is needed)."""
-    d = cfg.data
-    if cfg.train.stage == "sft":
-        raw = [("sft", "sft", d.sft, 1.0)]
-    else:
-        raw = [(name, s.kind, s.path, float(s.weight)) for name, s in d.sources.items()]
-        if cfg.train.stage == "encoder":  # encoder pre-training learns from image-caption pairs only
-            raw = [r for r in raw if r[1] == "caption"]
-    if not any(w > 0 for *_, w in raw):
-        raise ConfigError(f"data.sources: no source with a positive weight for train.stage={cfg.train.stage}")
-    world = ""
-    if any("{world}" in path and w > 0 for _, _, path, w in raw):
-        try:
-            from mm1.data.world import ensure_world
-        except ImportError:
-            world = str(d.world)
-        else:
-            world = str(ensure_world(d))
-    policy = ReadPolicy.from_config(d)
-    return [SourceSpec(name, kind, path.replace("{world}", world), w, policy) for name, kind, path, w in raw]
 
 
 class Loader:
@@ -134,8 +112,12 @@ class Loader:
         return out
 
 
-def build_dataset(cfg: Any, tokenizer: Any, rank: int = 0, world_size: int = 1,
+def build_dataset(cfg: Any, inputs: Inputs, rank: int = 0, world_size: int = 1,
                   with_keys: bool = False) -> MixtureDataset:
+    """The mixture of `inputs.sources` (from `mm1.data.inputs.resolve_inputs`) for this rank."""
+    tokenizer = inputs.tokenizer
+    if tokenizer is None:
+        raise ValueError("build_dataset needs a tokenizer: resolve the inputs with load_tokenizer=True")
     if cfg.model.image_token_id != tokenizer.image_id:
         raise ConfigError(f"model.image_token_id={cfg.model.image_token_id} but the tokenizer's <image> id is "
                           f"{tokenizer.image_id}; set model.image_token_id={tokenizer.image_id}")
@@ -144,13 +126,13 @@ def build_dataset(cfg: Any, tokenizer: Any, rank: int = 0, world_size: int = 1,
     images = ImagePipeline(cfg.model, cfg.data.resize, ReadPolicy.from_config(cfg.data))
     builder = DocBuilder(tokenizer, images, cfg.data.seq_len, cfg.data.max_images, cfg.model.tokens_per_image,
                          images.crops, cfg.data.synthetic_caption_ratio, cfg.train.seed)
-    return MixtureDataset(resolve_sources(cfg), builder, cfg.data.batch_size, cfg.train.seed, rank, world_size,
+    return MixtureDataset(inputs.sources, builder, cfg.data.batch_size, cfg.train.seed, rank, world_size,
                           cfg.data.max_skip_rate, with_keys)
 
 
-def build_loader(cfg: Any, tokenizer: Any, rank: int = 0, world_size: int = 1, with_keys: bool = False) -> Loader:
+def build_loader(cfg: Any, inputs: Inputs, rank: int = 0, world_size: int = 1, with_keys: bool = False) -> Loader:
     """Batches for `cfg.train.stage` on this rank; `with_keys` adds each row's sample ids (tests, debugging)."""
-    return Loader(build_dataset(cfg, tokenizer, rank, world_size, with_keys), cfg.data.num_workers)
+    return Loader(build_dataset(cfg, inputs, rank, world_size, with_keys), cfg.data.num_workers)
 
 
-__all__ = ["ImagePipeline", "Loader", "build_dataset", "build_loader", "resolve_sources"]
+__all__ = ["ImagePipeline", "Loader", "build_dataset", "build_loader"]

@@ -268,11 +268,4 @@ class MixtureDataset(IterableDataset):
             yield batch
 
 
-def build_loader(cfg: Any, tokenizer: Any, rank: int = 0, world_size: int = 1, with_keys: bool = False) -> Any:
-    """The batch iterator for `cfg.train.stage` (a `mm1.data.loader.Loader`, with state_dict())."""
-    from mm1.data.loader import build_loader as _build  # loader imports this module
-
-    return _build(cfg, tokenizer, rank=rank, world_size=world_size, with_keys=with_keys)
-
-
-__all__ = ["MixtureDataset", "MixtureSchedule", "SourceSpec", "SourceStream", "build_loader"]
+__all__ = ["MixtureDataset", "MixtureSchedule", "SourceSpec", "SourceStream"]

@@ -134,16 +134,6 @@ class Tokenizer:
         return cls(tok, config, source=str(file))
 
     @classmethod
-    def from_config(cls, data_cfg: Any) -> Tokenizer:
-        """`data.tokenizer`, or the synthetic world's tokenizer.json (building the world if missing)."""
-        path = str(data_cfg.tokenizer or "{world}/tokenizer.json")
-        if "{world}" in path:
-            from mm1.data.world import ensure_world  # only needed for the embedded default
-
-            path = path.replace("{world}", str(ensure_world(data_cfg)))
-        return cls.load(path)
-
-    @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, path: str | os.PathLike[str]) -> Tokenizer:
         """Train a byte-level BPE on `texts` (ids 0-5 = RESERVED) and save it as tokenizer.json.
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from mm1.config import Config, DataConfig, load_config
+from mm1.data.inputs import resolve_inputs
 from mm1.registry import ConfigError
 
 
@@ -60,8 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[object | None, Config, object | None]:
     """(model, config, tokenizer); the model is None for a blind-only run."""
-    from mm1.data.tokenizer import Tokenizer
-
     cfg = load_config(args.config, args.overrides) if args.config else None
     if args.hf:
         if args.checkpoint:
@@ -89,8 +89,7 @@ def _load(args: argparse.Namespace) -> tuple[object | None, Config, object | Non
         return None, cfg, None
     from mm1.models.build import build_model
 
-    tok_path = cfg.data.tokenizer or str(Path(cfg.data.world) / "tokenizer.json")
-    tok = Tokenizer.load(tok_path)
+    tok = resolve_inputs(cfg, sources=False).tokenizer
     cfg.model.image_token_id = tok.image_id
     return build_model(cfg.model).eval(), cfg, tok
 
@@ -121,13 +120,11 @@ def run_eval(args: argparse.Namespace) -> int:
         if model is not None:
             model = place(model, cfg.eval, env)
         tasks = args.tasks.split(",") if args.tasks else list(cfg.eval.tasks)
-        if _needs_world(tasks) and not (Path(cfg.data.world) / "eval").is_dir():
-            from mm1.data.world import ensure_world  # a fresh machine: build the default world first
-
+        world_files = _needs_world(tasks)
+        if world_files and not (Path(cfg.data.world) / "world.json").is_file():  # a fresh machine
             _check_world_is_yours(args, cfg)
-            if env.is_main:
-                ensure_world(cfg.data)
-            barrier(env)
+        resolve_inputs(cfg, tok, load_tokenizer=False, sources=False, world_files=world_files, is_main=env.is_main,
+                       barrier=partial(barrier, env))
         limit = cfg.eval.limit if args.limit is None else args.limit
         results = []
         if model is not None:

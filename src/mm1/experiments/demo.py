@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mm1.config import Config, load_config, preset_path
+from mm1.data.inputs import resolve_inputs
 from mm1.train.checkpoint import latest_checkpoint
 
 STAGE_NAMES = {"encoder": "0. encoder pre-training", "pretrain": "1. MLLM pre-training", "sft": "2. SFT"}
@@ -95,23 +96,20 @@ def _baselines(plan: DemoPlan, cfg: Config) -> dict[str, dict]:
 
 def train_pretrained(plan: DemoPlan, out: Path) -> Path:
     """Stages 0 and 1 into `out` (reused when already trained); the pre-training run dir."""
-    from mm1.data.world import ensure_world
-
-    ensure_world(_stage_config(plan, "pretrain", []).data)
+    resolve_inputs(_stage_config(plan, "pretrain", []), load_tokenizer=False, world_files=True)
     encoder = _train_stage(plan, out, "encoder", plan.encoder_steps, [])
     return _train_stage(plan, out, "pretrain", plan.pretrain_steps, [f"train.init_from={encoder}"])
 
 
 def run_demo(plan: DemoPlan, out: Path) -> dict[str, Any]:
     """Run every stage into `out` and write report.md + summary.json; returns the summary."""
-    from mm1.data.world import ensure_world
     from mm1.experiments.demo_report import write_demo_report
 
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     base = _stage_config(plan, "pretrain", [])
-    _say(f"synthetic world ({base.data.world_size}) at {base.data.world}")
-    ensure_world(base.data)
+    _say(f"synthetic world ({base.data.world_preset}) at {base.data.world}")
+    resolve_inputs(base, load_tokenizer=False, world_files=True)  # built (and its summary printed) up front
 
     pretrain = train_pretrained(plan, out)
     encoder = out / "encoder"

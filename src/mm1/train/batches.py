@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from mm1.config import Config
+from mm1.data.inputs import Inputs
+from mm1.data.loader import build_loader
 from mm1.registry import ConfigError
 
 
@@ -46,14 +48,12 @@ def concat_batches(parts: list[dict[str, Any]]) -> dict[str, Any]:
 class ShardedLoader:
     """One data loader per shard this rank owns, yielding their concatenated batches."""
 
-    def __init__(self, cfg: Config, tokenizer: Any, rank: int, world_size: int) -> None:
-        from mm1.data.mixture import build_loader
-
+    def __init__(self, cfg: Config, inputs: Inputs, rank: int, world_size: int) -> None:
         ids, total, rows = shard_plan(cfg, rank, world_size)
         shard_cfg = copy.deepcopy(cfg)
         shard_cfg.data.batch_size = rows
         self.shard_ids, self.total = ids, total
-        self.loaders = [build_loader(shard_cfg, tokenizer, rank=i, world_size=total) for i in ids]
+        self.loaders = [build_loader(shard_cfg, inputs, rank=i, world_size=total) for i in ids]
         self._its: list[Iterator[dict[str, Any]]] | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

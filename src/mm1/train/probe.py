@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mm1.config import Config
+from mm1.data.inputs import Inputs
 from mm1.eval.shuffle import derange
 from mm1.train.batches import ShardedLoader, to_device
 from mm1.train.distributed import DistEnv, all_reduce_sum
@@ -58,13 +59,13 @@ def shuffled_images(batch: dict[str, torch.Tensor], image_id: int, crops: int, s
 class ImageProbe:
     """One fixed batch per rank, scored with its own and with deranged images."""
 
-    def __init__(self, cfg: Config, tokenizer: Any, env: DistEnv) -> None:
+    def __init__(self, cfg: Config, inputs: Inputs, env: DistEnv) -> None:
         probe_cfg = copy.deepcopy(cfg)
         probe_cfg.train.seed = cfg.train.seed + PROBE_SEED_OFFSET
         probe_cfg.data.num_workers = 0
-        self.env, self.image_id, self.seed = env, tokenizer.image_id, probe_cfg.train.seed
+        self.env, self.image_id, self.seed = env, cfg.model.image_token_id, probe_cfg.train.seed
         with _keep_rng():  # drawing the probe must not move the training run's random streams
-            batch = next(ShardedLoader(probe_cfg, tokenizer, env.rank, env.world_size))
+            batch = next(ShardedLoader(probe_cfg, inputs, env.rank, env.world_size))
         self.batch = to_device({k: v for k, v in batch.items() if torch.is_tensor(v)}, env.device)
         self.shuffled = shuffled_images(self.batch, self.image_id, crops_per_image(cfg), self.seed)
 

@@ -26,6 +26,7 @@ import torch
 
 from mm1.config import Config, to_yaml
 from mm1.data import SOURCE_KINDS
+from mm1.data.inputs import resolve_inputs
 from mm1.train import checkpoint as ckpt_io
 from mm1.train.batches import ShardedLoader, to_device
 from mm1.train.distributed import (DistEnv, all_reduce_sum, barrier, init_distributed, resolve_strategy,
@@ -67,21 +68,6 @@ def train(cfg: Config, out: str | Path, resume: bool = False, allow_change: Sequ
             torch.distributed.destroy_process_group()
 
 
-def _resolve_world(cfg: Config, env: DistEnv) -> str:
-    """Build the synthetic world (rank 0) if a path this stage reads needs it; return its root ('' if unused)."""
-    d = cfg.data
-    read = [d.sft] if cfg.train.stage == "sft" else [s.path for s in d.sources.values() if s.weight > 0]
-    paths = [d.tokenizer or "{world}", *read]  # only what this stage reads: data.sft's default is not a need
-    if not any("{world}" in p for p in paths):
-        return ""
-    from mm1.data.world import ensure_world
-
-    if env.is_main:
-        ensure_world(d)
-    barrier(env)
-    return str(ensure_world(d, verbose=False))
-
-
 class Trainer:
     def __init__(self, cfg: Config, out: Path, env: DistEnv) -> None:
         self.cfg, self.out, self.env = copy.deepcopy(cfg), out, env
@@ -95,34 +81,31 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _setup(self) -> None:
-        from mm1.data.tokenizer import Tokenizer
-
         cfg, env, t = self.cfg, self.env, self.cfg.train
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(t.seed)  # identical model init on every rank
         random.seed(t.seed + env.rank)
         np.random.seed(t.seed + env.rank)
-        world = _resolve_world(cfg, env)
-        tok_path = (cfg.data.tokenizer or "{world}/tokenizer.json").replace("{world}", world)
-        self.tokenizer = Tokenizer.load(tok_path)
+        self.inputs = resolve_inputs(cfg, is_main=env.is_main, barrier=partial(barrier, env))
+        self.tokenizer = tok = self.inputs.tokenizer
         cfg.model.image_token_id = self.tokenizer.image_id
         if self.tokenizer.vocab_size > cfg.model.lm.vocab_size and cfg.model.lm.hf_path:
             log.info("model.lm.vocab_size %d -> %d: the tokenizer adds tokens to %s; their embedding rows start "
                      "at the mean of the others", cfg.model.lm.vocab_size, self.tokenizer.vocab_size, cfg.model.lm.hf_path)
             cfg.model.lm.vocab_size = self.tokenizer.vocab_size
         if self.tokenizer.vocab_size > cfg.model.lm.vocab_size:
-            raise ValueError(f"the tokenizer {tok_path} has {self.tokenizer.vocab_size} tokens but "
+            raise ValueError(f"the tokenizer {tok.source} has {self.tokenizer.vocab_size} tokens but "
                              f"model.lm.vocab_size={cfg.model.lm.vocab_size}; raise model.lm.vocab_size")
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, t, self.lr_choice)
         self.scheduler = build_scheduler(self.optimizer, t)
-        self.loader = ShardedLoader(cfg, self.tokenizer, env.rank, env.world_size)
+        self.loader = ShardedLoader(cfg, self.inputs, env.rank, env.world_size)
         self.probe = None
         if t.eval_every > 0 and not self.encoder_stage:
             from mm1.train.probe import ImageProbe
 
-            self.probe = ImageProbe(cfg, self.tokenizer, env)
+            self.probe = ImageProbe(cfg, self.inputs, env)
         self.peak = None
         if env.device.type == "cuda":
             from mm1.models.flops import peak_flops, training_flops

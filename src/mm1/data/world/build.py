@@ -8,6 +8,7 @@ consumed in order, so the bytes do not depend on the number of workers.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -17,8 +18,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from mm1.data.tokenizer import Tokenizer
 from mm1.data.world import items
 from mm1.data.world.lexicon import lexicon_split, make_lexicon, text_question
+from mm1.data.world.single import write_single
 from mm1.data.world.writers import (ShardWriter, dumps, vqa_records, write_bytes, write_json, write_jsonl,
                                     write_parquet)
 
@@ -118,8 +121,6 @@ def build_world(out: str | Path, size: str | WorldSize = "tiny", seed: int = 0, 
         finally:
             if pool is not None:
                 pool.terminate()
-        from mm1.data.tokenizer import Tokenizer
-
         Tokenizer.train(texts, spec.vocab_size, tmp / "tokenizer.json")
         manifest = _manifest(tmp, spec, seed, counts)
         write_json(tmp / "world.json", manifest, indent=2)
@@ -137,8 +138,6 @@ def build_world(out: str | Path, size: str | WorldSize = "tiny", seed: int = 0, 
 
 def _write_all(root: Path, spec: WorldSize, seed: int, pool: Any) -> tuple[dict[str, int], list[str]]:
     if spec.layout == "single":
-        from mm1.data.world.single import write_single
-
         return write_single(root, spec, seed, lambda fn, args: _imap(fn, args, pool))
     px, counts, texts = spec.image_px, {}, []
 
@@ -282,18 +281,16 @@ def ensure_world(data_cfg: Any, verbose: bool = True) -> Path:
             raise FileNotFoundError(f"{out} exists but has no world.json: it is not a complete mm1 world; "
                                     "delete it or set data.world to another folder")
         try:
-            build_world(out, data_cfg.world_size, data_cfg.world_seed, verbose=verbose)
+            build_world(out, data_cfg.world_preset, data_cfg.world_seed, verbose=verbose)
         except OSError:
             if not manifest.is_file():  # lost a race with a concurrent build: theirs is as good as ours
                 raise
         return out
-    import json
-
     m = json.loads(manifest.read_text())
     if (m.get("size"), m.get("seed"), m.get("generator_version")) != (
-            data_cfg.world_size, data_cfg.world_seed, GENERATOR_VERSION):
+            data_cfg.world_preset, data_cfg.world_seed, GENERATOR_VERSION):
         raise ValueError(f"{manifest}: world was built with size={m.get('size')!r} seed={m.get('seed')!r} "
                          f"generator {m.get('generator_version')!r}, but the config asks for "
-                         f"data.world_size={data_cfg.world_size!r} data.world_seed={data_cfg.world_seed!r} "
+                         f"data.world_preset={data_cfg.world_preset!r} data.world_seed={data_cfg.world_seed!r} "
                          f"(generator {GENERATOR_VERSION}); point data.world to another folder or delete {out}")
     return out
