@@ -16,9 +16,11 @@ from PIL import Image
 
 from mm1.data.formats import open_source
 from mm1.data.images import ImageError, load_image
+from mm1.data.kinds.caption import write_caption_shard
+from mm1.data.kinds.interleaved import write_interleaved_parquet
 from mm1.data.safety import ReadPolicy
 from mm1.data.skips import DataError, SkipCounter
-from mm1.data.writers import write_caption_shard, write_interleaved_parquet, write_jsonl
+from mm1.data.writers import write_jsonl
 
 
 def png(value: int = 128, size: int = 16) -> bytes:
@@ -268,7 +270,7 @@ def test_skip_counts_survive_a_resume_and_merge_across_workers():
 def test_open_time_checks_also_reject_unknown_kinds():
     from mm1.registry import ConfigError
 
-    with pytest.raises(ConfigError, match="captions.*allowed: caption, interleaved, text, sft"):
+    with pytest.raises(ConfigError, match="captions.*unknown data kind; allowed: caption, interleaved, sft, text"):
         open_source("captions", ".", SkipCounter())
 
 

@@ -13,6 +13,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from mm1.data.kinds import get_kind
 from mm1.data.sequence import DocBuilder, collate
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.generate import encode_prompt
@@ -90,7 +91,7 @@ def test_the_tokenizers_own_template_renders_the_prompt_and_trains_only_the_repl
 
 def test_sft_documents_use_the_template_and_their_targets_are_the_replies(llama: Tokenizer) -> None:
     b = DocBuilder(llama, lambda raw, where: [torch.zeros(3, 2, 2)], 128, 4, 3)
-    (doc,) = b.sft(NS(key="k", where="w", images=[b"x"], conversations=CONV))
+    (doc,) = get_kind("sft").to_docs(b, NS(key="k", where="w", images=[b"x"], conversations=CONV))
     batch = collate([[doc]], 128, llama.pad_id, llama.image_id, [3])
     targets = batch["targets"][0][batch["targets"][0] != -100].tolist()
     eot = llama.token_to_id("<|eot_id|>")

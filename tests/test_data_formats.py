@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mm1.data.formats import (CaptionRecord, InterleavedRecord, SFTRecord, TextRecord, open_source,
-                              resolve_files)
+from mm1.data.formats import open_source, resolve_files
 from mm1.data.images import load_image
+from mm1.data.kinds.caption import CaptionRecord, write_caption_shard
+from mm1.data.kinds.interleaved import InterleavedRecord, write_interleaved_parquet
+from mm1.data.kinds.sft import SFTRecord
+from mm1.data.kinds.text import TextRecord, write_text_parquet
 from mm1.data.safety import ReadPolicy
 from mm1.data.skips import DataError, DataFileNotFoundError, SkipCounter
-from mm1.data.writers import (write_caption_shard, write_interleaved_parquet, write_jsonl,
-                              write_text_parquet)
+from mm1.data.writers import write_jsonl
 
 
 def png(value: int, size: int = 4) -> bytes:

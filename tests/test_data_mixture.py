@@ -16,6 +16,7 @@ from PIL import Image
 
 from mm1.config import Config, SourceConfig
 from mm1.data.inputs import resolve_inputs
+from mm1.data.kinds import KINDS
 from mm1.data.loader import build_dataset, build_loader
 from mm1.data.mixture import MixtureSchedule, SourceStream
 from mm1.data.sequence import RowPacker, packing_efficiency
@@ -131,9 +132,10 @@ def test_mixture_shares_match_the_weights_within_one_percent() -> None:
 def test_each_row_comes_from_the_scheduled_source(data: Path, tok: Tokenizer) -> None:
     cfg = config(data)
     batches = take(loader_of(cfg, tok), 6)
-    kinds = [int(s) for b in batches for s in b["source"]]
+    kinds = [KINDS.names()[int(s)] for b in batches for s in b["source"]]  # the column holds kind ids
     schedule = MixtureSchedule([0.45, 0.45, 0.10], cfg.train.seed, shard=0)
-    assert kinds == [schedule(j) for j in range(len(kinds))]  # caption=0, interleaved=1, text=2
+    sources = list(cfg.data.sources.values())
+    assert kinds == [sources[schedule(j)].kind for j in range(len(kinds))]
 
 
 def epoch0_records(data: Path, tok: Tokenizer, name: str, shard: int, shards: int) -> list[str]:
@@ -262,7 +264,7 @@ def test_sft_stage_reads_the_sft_source_and_learns_only_assistant_turns(data: Pa
     cfg.train.stage = "sft"
     cfg.data.seq_len = 96
     for b in take(loader_of(cfg, tok), 3):
-        assert (b["source"] == 3).all()
+        assert (b["source"] == KINDS.names().index("sft")).all()
         for row_tgt, row_doc in zip(b["targets"], b["doc_ids"]):
             for d in range(int(row_doc.max()) + 1):
                 learned = row_tgt[(row_doc == d) & (row_tgt != -100)].tolist()

@@ -8,6 +8,7 @@ from types import SimpleNamespace as NS
 import pytest
 import torch
 
+from mm1.data.kinds import get_kind
 from mm1.data.sequence import Doc, DocBuilder, RowPacker, SampleError, collate, packing_efficiency
 from mm1.data.tokenizer import Tokenizer
 
@@ -23,6 +24,11 @@ def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 
 def fake_images(raw, where):  # an "image" is its id; the crop is filled with it so order is checkable
     return [torch.full((3, 2, 2), float(raw))]
+
+
+def to_docs(b: DocBuilder, kind: str, record) -> list[Doc]:
+    """The docs the registered `kind` makes of `record` with builder `b`."""
+    return get_kind(kind).to_docs(b, record)
 
 
 def builder(tok: Tokenizer, seq_len: int = 64, k: int = 4, max_images: int = 16, ratio: float = 0.0) -> DocBuilder:
@@ -48,7 +54,7 @@ def pack_all(docs: list[Doc], seq_len: int, max_images: int = 16, lookahead: int
 
 
 def test_caption_pair_is_image_slots_then_caption_then_eos(tok: Tokenizer) -> None:
-    (doc,) = builder(tok).caption(NS(key="k0", where="w", image=7, caption="a red star", dense=None))
+    (doc,) = to_docs(builder(tok), "caption", NS(key="k0", where="w", image=7, caption="a red star", dense=None))
     assert doc.ids == [tok.image_id] * 4 + tok.encode(" a red star") + [tok.eos_id]
     assert doc.learn == [False] * 4 + [True] * (len(doc.ids) - 4)
     assert len(doc.images) == 1 and doc.images[0][0, 0, 0] == 7
@@ -58,11 +64,11 @@ def test_synthetic_caption_ratio_picks_dense_captions_deterministically_per_key(
     b = builder(tok, ratio=0.3)
     recs = [NS(key=f"s{i}", where="w", image=0, caption="alt", dense="dense words") for i in range(2000)]
     dense = tok.encode(" dense words")
-    picks = [b.caption(r)[0].ids[4:-1] == dense for r in recs]
+    picks = [to_docs(b, "caption", r)[0].ids[4:-1] == dense for r in recs]
     assert abs(sum(picks) / len(picks) - 0.3) < 0.04
     again = builder(tok, ratio=0.3)  # e.g. another worker, or after a resume
-    assert picks == [again.caption(r)[0].ids[4:-1] == dense for r in recs]  # same key, same choice
-    no_dense = b.caption(NS(key="s1", where="w", image=0, caption="alt", dense=None))[0]
+    assert picks == [to_docs(again, "caption", r)[0].ids[4:-1] == dense for r in recs]  # same key, same choice
+    no_dense = to_docs(b, "caption", NS(key="s1", where="w", image=0, caption="alt", dense=None))[0]
     assert no_dense.ids[4:-1] == tok.encode(" alt")
 
 
@@ -71,7 +77,7 @@ def test_caption_packing_fills_at_least_95_percent_of_the_tokens(tok: Tokenizer)
     b = builder(tok, seq_len=256, k=16, ratio=0.5)
     recs = [NS(key=f"c{i}", where="w", image=i, caption=sentence(rng, 2, 6), dense=sentence(rng, 12, 30))
             for i in range(600)]
-    docs = [d for r in recs for d in b.caption(r)]
+    docs = [d for r in recs for d in to_docs(b, "caption", r)]
     rows = pack_all(docs, 256)
     batch = collate(rows, 256, tok.pad_id, tok.image_id, [0] * len(rows))
     assert sorted(d.key for row in rows for d in row) == sorted(r.key for r in recs)  # nothing lost
@@ -80,8 +86,8 @@ def test_caption_packing_fills_at_least_95_percent_of_the_tokens(tok: Tokenizer)
 
 def test_packed_rows_restart_positions_and_number_documents(tok: Tokenizer) -> None:
     b = builder(tok, seq_len=40)
-    docs = [d for i in range(3) for d in b.caption(NS(key=f"c{i}", where="w", image=i, caption="a red star",
-                                                      dense=None))]
+    pairs = [NS(key=f"c{i}", where="w", image=i, caption="a red star", dense=None) for i in range(3)]
+    docs = [d for r in pairs for d in to_docs(b, "caption", r)]
     batch = collate([docs], 40, tok.pad_id, tok.image_id, [0])
     n = len(docs[0])
     assert batch["position_ids"][0, :n].tolist() == list(range(n))
@@ -93,8 +99,8 @@ def test_packed_rows_restart_positions_and_number_documents(tok: Tokenizer) -> N
 
 def test_targets_are_shifted_and_ignore_slots_padding_and_document_ends(tok: Tokenizer) -> None:
     b = builder(tok, seq_len=40)
-    docs = [d for i in range(2) for d in b.caption(NS(key=f"c{i}", where="w", image=i, caption="blue circle",
-                                                      dense=None))]
+    pairs = [NS(key=f"c{i}", where="w", image=i, caption="blue circle", dense=None) for i in range(2)]
+    docs = [d for r in pairs for d in to_docs(b, "caption", r)]
     batch = collate([docs], 40, tok.pad_id, tok.image_id, [0])
     ids, tgt, n = batch["input_ids"][0], batch["targets"][0], len(docs[0])
     for t in range(40):
@@ -117,7 +123,7 @@ def test_interleaved_documents_are_cut_between_slot_runs_only(tok: Tokenizer) ->
             texts.append(sentence(rng, 1, 9))
             images.append(None)
     rec = NS(key="doc", where="w", texts=texts, images=images)
-    docs = b.interleaved(rec)
+    docs = to_docs(b, "interleaved", rec)
     assert len(docs) > 2
     shown = []
     for d in docs:
@@ -132,13 +138,14 @@ def test_interleaved_documents_are_cut_between_slot_runs_only(tok: Tokenizer) ->
             assert run % 8 == 0
         shown += [int(x[0, 0, 0]) for x in d.images]
     assert shown == [i for i in images if i is not None]  # all of them, in document order
-    (whole,) = builder(tok, seq_len=10_000, k=8, max_images=100).interleaved(rec)
+    (whole,) = to_docs(builder(tok, seq_len=10_000, k=8, max_images=100), "interleaved", rec)
     assert [x for d in docs for x in d.ids] == whole.ids  # cutting loses nothing here
 
 
 def test_rows_never_hold_more_than_max_images(tok: Tokenizer) -> None:
     b = builder(tok, seq_len=256, k=2, max_images=3)
-    docs = [d for i in range(50) for d in b.caption(NS(key=f"c{i}", where="w", image=i, caption="red", dense=None))]
+    pairs = [NS(key=f"c{i}", where="w", image=i, caption="red", dense=None) for i in range(50)]
+    docs = [d for r in pairs for d in to_docs(b, "caption", r)]
     rows = pack_all(docs, 256, max_images=3)
     assert all(sum(len(d.images) for d in row) <= 3 for row in rows)
     assert sum(len(row) for row in rows) == 50
@@ -146,7 +153,7 @@ def test_rows_never_hold_more_than_max_images(tok: Tokenizer) -> None:
 
 def test_text_longer_than_a_row_becomes_several_documents(tok: Tokenizer) -> None:
     text = " ".join(WORDS * 10)
-    docs = builder(tok, seq_len=32).text(NS(key="t", where="w", text=text))
+    docs = to_docs(builder(tok, seq_len=32), "text", NS(key="t", where="w", text=text))
     assert all(len(d) <= 32 for d in docs)
     assert [i for d in docs for i in d.ids] == tok.encode(text) + [tok.eos_id]
 
@@ -155,7 +162,7 @@ def test_sft_targets_cover_only_assistant_turns(tok: Tokenizer) -> None:
     b = builder(tok, seq_len=128)
     conv = [{"from": "human", "value": "<image>\nwhat colour?"}, {"from": "gpt", "value": "blue"},
             {"from": "human", "value": "shape?"}, {"from": "gpt", "value": "a square"}]
-    (doc,) = b.sft(NS(key="q", where="w", images=[5], conversations=conv))
+    (doc,) = to_docs(b, "sft", NS(key="q", where="w", images=[5], conversations=conv))
     batch = collate([[doc]], 128, tok.pad_id, tok.image_id, [3])
     learned = batch["targets"][0][batch["targets"][0] != -100].tolist()
     assert learned == tok.encode("blue") + [tok.im_end_id] + tok.encode("a square") + [tok.im_end_id]
@@ -164,17 +171,17 @@ def test_sft_targets_cover_only_assistant_turns(tok: Tokenizer) -> None:
 
 def test_sft_without_image_marker_puts_the_image_first_and_mismatch_is_skipped(tok: Tokenizer) -> None:
     b = builder(tok, seq_len=128)
-    (doc,) = b.sft(NS(key="q", where="w", images=[1], conversations=[{"from": "human", "value": "hi"},
+    (doc,) = to_docs(b, "sft", NS(key="q", where="w", images=[1], conversations=[{"from": "human", "value": "hi"},
                                                                      {"from": "gpt", "value": "red"}]))
     assert doc.ids.count(tok.image_id) == 4
     with pytest.raises(SampleError) as err:
-        b.sft(NS(key="q", where="f.json:3", images=[1], conversations=[{"from": "human", "value": "<image><image>"},
-                                                                       {"from": "gpt", "value": "red"}]))
+        conv = [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "red"}]
+        to_docs(b, "sft", NS(key="q", where="f.json:3", images=[1], conversations=conv))
     assert err.value.reason == "image_count_mismatch" and "f.json:3" in str(err.value)
 
 
 def test_literal_image_marker_in_raw_text_does_not_create_slots(tok: Tokenizer) -> None:
-    (doc,) = builder(tok).text(NS(key="t", where="w", text="html says <image> here"))
+    (doc,) = to_docs(builder(tok), "text", NS(key="t", where="w", text="html says <image> here"))
     assert tok.image_id not in doc.ids
 
 
@@ -183,7 +190,7 @@ def test_text_and_interleaved_rows_are_topped_up_by_splitting_the_oldest_doc(tok
     b = builder(tok, seq_len=256, k=8)
     recs = [NS(key=f"d{i}", where="w", texts=[sentence(rng, 3, 40), None, sentence(rng, 3, 60)],
                images=[None, i, None]) for i in range(40)]
-    docs = [d for r in recs for d in b.interleaved(r)]
+    docs = [d for r in recs for d in to_docs(b, "interleaved", r)]
     source, buffer, rows = iter(docs), [], []
 
     def refill() -> None:

@@ -26,9 +26,9 @@ from PIL import Image
 from mm1.cli import main
 from mm1.data.formats import open_source
 from mm1.data.images import ImageError, load_image
+from mm1.data.kinds.caption import write_caption_shard
 from mm1.data.safety import ReadPolicy
 from mm1.data.skips import DataError, SkipCounter
-from mm1.data.writers import write_caption_shard
 from mm1.eval.tasks import get_task
 from mm1.train.metrics import read_metrics
 from mm1.train.run_dir import LOCK_NAME, RunDirLock

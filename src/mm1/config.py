@@ -20,6 +20,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mm1.data.kinds import KINDS
 from mm1.registry import ConfigError
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -119,7 +120,7 @@ class ModelConfig:
 class SourceConfig:
     """One data source of a mixture; `path` may use `{world}` for the synthetic world's root."""
 
-    kind: str = "caption"  # caption | interleaved | text | sft
+    kind: str = "caption"  # a registered data kind (mm1.data.kinds): caption | interleaved | text | sft
     path: str = ""
     weight: float = 1.0
 
@@ -486,7 +487,7 @@ def validate(cfg: Config) -> None:
            f"must exceed the {cfg.model.tokens_per_image} slot tokens of one image")
     _check(d.seq_len <= lm.max_seq_len, "data.seq_len", d.seq_len, f"must be <= model.lm.max_seq_len={lm.max_seq_len}")
     for name, src in d.sources.items():
-        _one_of(f"data.sources.{name}.kind", src.kind, ["caption", "interleaved", "text", "sft"])
+        _one_of(f"data.sources.{name}.kind", src.kind, KINDS.names())
         _check(src.weight >= 0, f"data.sources.{name}.weight", src.weight, "must be >= 0")
     if d.sources:
         _check(sum(s.weight for s in d.sources.values()) > 0, "data.sources", "all weights 0",

@@ -1,3 +1,4 @@
-"""Data: the synthetic world, real on-disk formats, images, tokenizer, packing and mixtures."""
+"""Data: the synthetic world, real on-disk formats, images, tokenizer, packing and mixtures.
 
-SOURCE_KINDS: tuple[str, ...] = ("caption", "interleaved", "text", "sft")
+The kinds of training data (caption, interleaved, text, sft, and any registered later) live in
+`mm1.data.kinds`; a batch's `source` column is a kind's index in `KINDS.names()`."""

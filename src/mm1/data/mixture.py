@@ -22,15 +22,13 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mm1.data import SOURCE_KINDS
 from mm1.data.formats import open_source
+from mm1.data.kinds import KINDS, get_kind
 from mm1.data.safety import ReadPolicy
 from mm1.data.sequence import Doc, DocBuilder, RowPacker, SampleError, collate
 from mm1.data.skips import DataError, SkipCounter
 
 PHI = (math.sqrt(5.0) - 1.0) / 2.0
-SPLITTABLE = ("text", "interleaved")  # kinds whose docs may be split to fill the end of a row
-LOOKAHEAD = {"caption": 32, "text": 16, "interleaved": 4, "sft": 8}  # docs kept for best-fit packing
 
 
 @dataclass
@@ -92,6 +90,7 @@ class SourceStream:
         """`read_skips` counts what the reader drops (every record it parses, owned or not);
         `skips` counts this shard's own records that fail to become sequences (bad images...)."""
         self.spec, self.builder, self.packer, self.skips = spec, builder, packer, skips
+        self.kind = get_kind(spec.kind)  # reads the records, makes the docs, says how they pack
         self.shard, self.num_shards, self.seed = shard, num_shards, seed
         self.reader = open_source(spec.kind, spec.path, read_skips if read_skips is not None else SkipCounter(),
                                   policy=spec.policy)
@@ -100,7 +99,7 @@ class SourceStream:
             raise DataError(f"data source {spec.name!r} ({spec.kind}) at {spec.path} has no files")
         n = len(self.files)
         self.by_file = n % num_shards == 0 or n >= 4 * num_shards  # else every S-th record
-        self.lookahead = LOOKAHEAD[spec.kind]
+        self.lookahead = self.kind.lookahead
         self.buffer: list[Entry] = []
         self._files: tuple[int, list[str]] = (-1, [])
         self._seek((0, 0, 0, 0), 0)
@@ -146,7 +145,7 @@ class SourceStream:
 
     def _build(self, record: Any) -> list[Doc]:
         try:
-            docs = self.builder.build(self.spec.kind, record)
+            docs = self.kind.to_docs(self.builder, record)
         except SampleError as e:
             self.skips.skip(e.reason, e.where, str(e))
             return []
@@ -172,7 +171,7 @@ class SourceStream:
         return Entry(e.seq, e.chunk, e.cursor, head, e.offset), Entry(e.seq, e.chunk, e.cursor, tail, e.offset + end)
 
     def next_row(self) -> list[Entry]:
-        split = self._split if self.spec.kind in SPLITTABLE else None
+        split = self._split if self.kind.splittable else None
         return self.packer.fill(self.buffer, lambda e: e.doc, self._refill, split)
 
     # ------------------------------------------------------------------ resume
@@ -193,7 +192,7 @@ class SourceStream:
             cursor, record = self._next_record()
             seq, self.seq = self.seq, self.seq + 1
             if seq in seqs:
-                for i, doc in enumerate(self.builder.build(self.spec.kind, record)):
+                for i, doc in enumerate(self.kind.to_docs(self.builder, record)):
                     rebuilt[(seq, i)] = Entry(seq, i, cursor, doc)
         missing = wanted - rebuilt.keys()
         if missing:
@@ -211,9 +210,8 @@ class MixtureDataset(IterableDataset):
     def __init__(self, sources: list[SourceSpec], builder: DocBuilder, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, max_skip_rate: float = 0.05, with_keys: bool = False) -> None:
         super().__init__()
-        bad = [s.kind for s in sources if s.kind not in SOURCE_KINDS]
-        if bad:
-            raise ValueError(f"unknown source kind(s) {bad}; allowed: {', '.join(SOURCE_KINDS)}")
+        for s in sources:
+            get_kind(s.kind)  # an unknown kind is a ConfigError naming the registered ones
         self.sources = [s for s in sources if s.weight > 0]
         self.builder, self.batch_size, self.seed = builder, batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -230,10 +228,11 @@ class MixtureDataset(IterableDataset):
         logical, n_workers = self.worker()
         shard, n_shards = self.rank * n_workers + logical, self.world_size * n_workers
         b = self.builder
-        # data.max_images bounds interleaved/SFT rows (MM1: <= 16 per sequence); caption rows are
-        # bounded by seq_len alone, or 4096-token rows of 144-slot pairs could never be filled
-        packers = {kind: RowPacker(b.seq_len, b.max_images if kind in ("interleaved", "sft") else b.seq_len,
-                                   b.crops_per_image) for kind in SOURCE_KINDS}
+        # data.max_images bounds a row of interleaved/SFT data (MM1: <= 16 per sequence); a kind
+        # that says otherwise (caption pairs) is bounded by seq_len alone
+        kind_ids = KINDS.names()  # a batch's `source` column
+        packers = {s.kind: RowPacker(b.seq_len, b.max_images if get_kind(s.kind).images_per_row_bounded
+                                     else b.seq_len, b.crops_per_image) for s in self.sources}
         skips = {f"{s.name}{part}": SkipCounter(self.max_skip_rate, name=f"{s.name}{part} (shard {shard})")
                  for s in self.sources for part in ("", ":read")}
         streams = [SourceStream(s, b, packers[s.kind], shard, n_shards, self.seed, skips[s.name],
@@ -248,15 +247,15 @@ class MixtureDataset(IterableDataset):
             for name, counter in skips.items():
                 counter.load_state_dict(state["skips"][name])  # the re-read above counted again
         while True:
-            rows, kinds, keys = [], [], []
+            rows, source_ids, keys = [], [], []
             for _ in range(self.batch_size):
                 i = schedule(row)
                 row += 1
                 entries = streams[i].next_row()
                 rows.append([e.doc for e in entries])
-                kinds.append(SOURCE_KINDS.index(self.sources[i].kind))
+                source_ids.append(kind_ids.index(self.sources[i].kind))
                 keys.append([f"{e.doc.key}|{e.cursor[0]}|{e.chunk}.{e.offset}" for e in entries])
-            batch: dict[str, Any] = collate(rows, b.seq_len, b.tokenizer.pad_id, b.tokenizer.image_id, kinds,
+            batch: dict[str, Any] = collate(rows, b.seq_len, b.tokenizer.pad_id, b.tokenizer.image_id, source_ids,
                                             getattr(b.images, "size", 1))
             if self.with_keys:
                 batch["keys"] = keys

@@ -1,8 +1,9 @@
-"""Records -> documents -> packed rows -> batches: how every kind of sample becomes a training sequence.
+"""Documents -> packed rows -> batches: how every kind of sample becomes a training sequence.
 
 A `Doc` is one packable unit: token ids with `<image>` already expanded to slot runs, which tokens
-are learned, and the image crops that fill the slot runs. Builders turn records into docs (a long
-interleaved or text record becomes several docs, cut only between slot runs); `RowPacker` fills rows
+are learned, and the image crops that fill the slot runs. Each data kind turns its records into docs
+with the `DocBuilder` helpers (`mm1.data.kinds`: a long interleaved or text record becomes several
+docs, cut only between slot runs); `RowPacker` fills rows
 of `seq_len` tokens from a small look-ahead buffer (oldest doc first so nothing starves, then
 best-fit, which keeps caption packing above 95 %); `collate` writes the batch table of
 CONTRIBUTING.md. Position ids restart and doc ids increment at every doc, so no token attends across
@@ -50,14 +51,15 @@ def unit_hash(*parts: Any) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-def _plain(text: str) -> str:
+def plain_text(text: str) -> str:
     """Raw text may contain a literal `<image>`; it must not turn into slots without an image."""
     return text.replace(IMAGE_TOKEN, "<image >")
 
 
 @dataclass
 class DocBuilder:
-    """Turns records of every kind into docs with one tokenizer and one image pipeline."""
+    """What every kind needs to turn its records into docs (`DataKind.to_docs`): one tokenizer, one
+    image pipeline, the row limits, and the cutting of a long doc into pieces that fit a row."""
 
     tokenizer: Tokenizer
     images: ImageFn
@@ -68,93 +70,22 @@ class DocBuilder:
     synthetic_caption_ratio: float = 0.0
     seed: int = 0
 
-    def _slot_run(self) -> list[int]:
+    def slot_run(self) -> list[int]:
+        """The slot ids one `<image>` expands to."""
         return [self.tokenizer.image_id] * self.tokens_per_image
 
-    def _crops(self, raw: Any, where: str) -> list[torch.Tensor]:
+    def crops(self, raw: Any, where: str) -> list[torch.Tensor]:
+        """The image's crops, each [3, S, S] (a failure raises `SampleError`, counted by the loader)."""
         crops = self.images(raw, where)
         if len(crops) != self.crops_per_image:
             raise RuntimeError(f"{where}: image pipeline gave {len(crops)} crops, expected {self.crops_per_image}")
         return crops
 
-    def caption(self, rec: Any) -> list[Doc]:
-        """`<image> caption</s>`; the dense caption with probability synthetic_caption_ratio (per key)."""
-        dense = getattr(rec, "dense", None)
-        use_dense = bool(dense) and unit_hash(self.seed, "dense", rec.key) < self.synthetic_caption_ratio
-        text = (dense if use_dense else rec.caption) or ""
-        if not text.strip():
-            raise SampleError("empty_caption", rec.where, "caption is empty")
-        crops = self._crops(rec.image, rec.where)
-        words = self.tokenizer.encode(" " + _plain(text.strip())) + [self.tokenizer.eos_id]
-        room = self.seq_len - self.tokens_per_image
-        words = words[:room]  # a caption longer than a row keeps its beginning
-        ids = self._slot_run() + words
-        return [Doc(ids, [False] * self.tokens_per_image + [True] * len(words), crops, rec.key)]
-
-    def text(self, rec: Any) -> list[Doc]:
-        ids = self.tokenizer.encode(_plain(rec.text)) + [self.tokenizer.eos_id]
-        if len(ids) < 2:
-            raise SampleError("empty_text", rec.where, "text is empty")
-        return self._cut(Doc(ids, [True] * len(ids), [], rec.key))
-
-    def interleaved(self, rec: Any) -> list[Doc]:
-        """Texts and images in document order, cut into docs of <= seq_len tokens / max_images images."""
-        if len(rec.texts) != len(rec.images):
-            raise SampleError("bad_interleaved", rec.where, f"{len(rec.texts)} texts vs {len(rec.images)} images")
-        ids: list[int] = []
-        learn: list[bool] = []
-        crops: list[torch.Tensor] = []
-        prev_text = ""
-        for i, (text, image) in enumerate(zip(rec.texts, rec.images)):
-            if (text is None) == (image is None):
-                raise SampleError("bad_interleaved", f"{rec.where} position {i}",
-                                  "needs exactly one of texts[i] / images[i] to be non-null")
-            if image is not None:
-                crops += self._crops(image, f"{rec.where} image {i}")
-                ids += self._slot_run()
-                learn += [False] * self.tokens_per_image
-                prev_text = ""
-                continue
-            if prev_text and not prev_text[-1].isspace() and text[:1] and not text[0].isspace():
-                text = " " + text  # two adjacent paragraphs would otherwise glue words together
-            piece = self.tokenizer.encode(_plain(text))
-            ids += piece
-            learn += [True] * len(piece)
-            prev_text = text
-        ids.append(self.tokenizer.eos_id)
-        learn.append(True)
-        return self._cut(Doc(ids, learn, crops, rec.key))
-
-    def sft(self, rec: Any) -> list[Doc]:
-        """Chat template, loss on assistant turns only; a conversation longer than a row is truncated."""
-        turns = [dict(t) for t in rec.conversations]
-        markers = sum(str(t.get("value", t.get("content", ""))).count(IMAGE_TOKEN) for t in turns)
-        if markers == 0 and rec.images and turns:  # LLaVA files may omit the marker: image goes first
-            key = "value" if "value" in turns[0] else "content"
-            turns[0][key] = IMAGE_TOKEN + "\n" + str(turns[0].get(key, ""))
-            markers = len(rec.images)
-        if markers != len(rec.images):
-            raise SampleError("image_count_mismatch", rec.where,
-                              f"{markers} {IMAGE_TOKEN} markers but {len(rec.images)} images")
-        try:
-            ids, learn = self.tokenizer.chat(turns, self.tokens_per_image)
-        except ValueError as e:
-            raise SampleError("bad_conversation", rec.where, str(e)) from None
-        crops = [c for i, img in enumerate(rec.images) for c in self._crops(img, f"{rec.where} image {i}")]
-        doc = Doc(ids, learn, crops, rec.key)
-        head = self._pieces(doc)[0] if len(ids) > self.seq_len or len(rec.images) > self.max_images else doc
-        if not any(head.learn[1:]):
-            raise SampleError("too_long", rec.where, f"no assistant tokens within data.seq_len={self.seq_len}")
-        return [head]
-
-    def build(self, kind: str, rec: Any) -> list[Doc]:
-        return getattr(self, kind)(rec)
-
-    def _cut(self, doc: Doc) -> list[Doc]:
+    def cut(self, doc: Doc) -> list[Doc]:
         """`doc` in pieces that fit a row; pieces with nothing to learn (a trailing image) are dropped."""
-        return [p for p in self._pieces(doc) if any(p.learn[1:])]
+        return [p for p in self.pieces(doc) if any(p.learn[1:])]
 
-    def _pieces(self, doc: Doc) -> list[Doc]:
+    def pieces(self, doc: Doc) -> list[Doc]:
         """Split `doc` into pieces of <= seq_len tokens and <= max_images images, never inside a
         slot run (an image that does not fit starts the next piece); each piece restarts at 0."""
         pieces, start = [], 0

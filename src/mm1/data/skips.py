@@ -136,6 +136,26 @@ class SkipCounter:
         return f"SkipCounter({self.summary()})"
 
 
+class Tally:
+    """One file's ok/skip reports as a reader makes them, routed to a `SkipCounter`.
+
+    `muted` while a resume replays records the restored counter already counted; `reported` counts
+    every sample reported either way (what a file delivered, e.g. to size a truncated tar shard)."""
+
+    def __init__(self, skips: SkipCounter, muted: bool = False) -> None:
+        self.skips, self.muted, self.reported = skips, muted, 0
+
+    def ok(self) -> None:
+        self.reported += 1
+        if not self.muted:
+            self.skips.ok()
+
+    def skip(self, reason: str, where: str, detail: str = "", n: int = 1) -> None:
+        self.reported += n
+        if not self.muted:
+            self.skips.skip(reason, where, detail, lost=n)
+
+
 def _is_power_of_ten(n: int) -> bool:
     while n >= 10 and n % 10 == 0:
         n //= 10

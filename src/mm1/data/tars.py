@@ -21,20 +21,16 @@ import os
 import tarfile
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator
 
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys
 
 from mm1.data.safety import ReadPolicy, is_stream, open_regular, stream_allowed
+from mm1.data.skips import Tally
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
 _BLOCK = tarfile.BLOCKSIZE
-
-
-class Tally(Protocol):
-    def ok(self) -> None: ...
-    def skip(self, reason: str, where: str, detail: str = "", n: int = 1) -> None: ...
 
 
 @dataclass
@@ -56,21 +52,6 @@ class ShardSizes:
 
     def record(self, samples: int) -> None:
         self.largest = max(self.largest, samples)
-
-
-class _Counting:
-    """A tally that also counts what one shard delivered (good and skipped samples)."""
-
-    def __init__(self, t: Tally) -> None:
-        self.t, self.n = t, 0
-
-    def ok(self) -> None:
-        self.n += 1
-        self.t.ok()
-
-    def skip(self, reason: str, where: str, detail: str = "", n: int = 1) -> None:
-        self.n += n
-        self.t.skip(reason, where, detail, n)
 
 
 @dataclass(frozen=True)
@@ -171,24 +152,25 @@ def read_caption_tar(url: str, t: Tally, policy: ReadPolicy = ReadPolicy(),
 
     A shard that stops short counts every sample it could not deliver (`_lost_samples`), so that
     `data.max_skip_rate` sees a half-uploaded shard as the hundreds of samples it lost, not as one."""
-    counted, damage = _Counting(t), []
+    first, damage = t.reported, []
     sizes = sizes if sizes is not None else ShardSizes()
 
     def handler(exn: Exception) -> bool:  # group_by_keys: e.g. a duplicate member name
-        counted.skip("duplicate tar member", url, str(exn.args[0]) if exn.args else repr(exn))
+        t.skip("duplicate tar member", url, str(exn.args[0]) if exn.args else repr(exn))
         return True
 
     for sample in group_by_keys(_members(url, policy, damage), handler=handler):
         key = str(sample["__key__"])
         where = f"{url}:{key}"
-        item = caption_from_members(sample, where, counted)
+        item = caption_from_members(sample, where, t)
         if item is not None:
-            counted.ok()
+            t.ok()
             yield (key, where, *item)
+    delivered = t.reported - first  # good and skipped samples of this shard
     if not damage:
-        sizes.record(counted.n)
+        sizes.record(delivered)
     for d in damage:
-        n, how = _lost_samples(url, counted.n, d.read, sizes.largest)
+        n, how = _lost_samples(url, delivered, d.read, sizes.largest)
         t.skip(d.reason, d.where, f"{d.detail}; {n} sample{'s' * (n != 1)} lost ({how})", n)
 
 

@@ -120,10 +120,10 @@ def run_eval(args: argparse.Namespace) -> int:
         if model is not None:
             model = place(model, cfg.eval, env)
         tasks = args.tasks.split(",") if args.tasks else list(cfg.eval.tasks)
-        world_files = _needs_world(tasks)
-        if world_files and not (Path(cfg.data.world) / "world.json").is_file():  # a fresh machine
+        part = "eval" if _needs_world(tasks) else ""
+        if part and not (Path(cfg.data.world) / part).is_dir():  # a fresh machine: the world is built first
             _check_world_is_yours(args, cfg)
-        resolve_inputs(cfg, tok, load_tokenizer=False, sources=False, world_files=world_files, is_main=env.is_main,
+        resolve_inputs(cfg, tok, load_tokenizer=False, sources=False, world_part=part, is_main=env.is_main,
                        barrier=partial(barrier, env))
         limit = cfg.eval.limit if args.limit is None else args.limit
         results = []

@@ -96,7 +96,7 @@ def _baselines(plan: DemoPlan, cfg: Config) -> dict[str, dict]:
 
 def train_pretrained(plan: DemoPlan, out: Path) -> Path:
     """Stages 0 and 1 into `out` (reused when already trained); the pre-training run dir."""
-    resolve_inputs(_stage_config(plan, "pretrain", []), load_tokenizer=False, world_files=True)
+    resolve_inputs(_stage_config(plan, "pretrain", []), load_tokenizer=False, world_part="eval")
     encoder = _train_stage(plan, out, "encoder", plan.encoder_steps, [])
     return _train_stage(plan, out, "pretrain", plan.pretrain_steps, [f"train.init_from={encoder}"])
 
@@ -109,7 +109,7 @@ def run_demo(plan: DemoPlan, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     base = _stage_config(plan, "pretrain", [])
     _say(f"synthetic world ({base.data.world_preset}) at {base.data.world}")
-    resolve_inputs(base, load_tokenizer=False, world_files=True)  # built (and its summary printed) up front
+    resolve_inputs(base, load_tokenizer=False, world_part="eval")  # built (and its summary printed) up front
 
     pretrain = train_pretrained(plan, out)
     encoder = out / "encoder"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mm1.config import Config
-from mm1.data import SOURCE_KINDS
+from mm1.data.kinds import KINDS
 from mm1.train.checkpoint import (CheckpointError, read_checkpoint_weights, read_config, resolve_checkpoint,
                                   verify_checkpoint)
 from mm1.train.distributed import DistEnv
@@ -51,7 +51,7 @@ class MLLMObjective(nn.Module):
         row_sum = out.token_loss.float().sum(1)  # [B]
         row_n = valid.sum(1).float()  # [B]
         src = batch["source"]
-        kinds = len(SOURCE_KINDS)
+        kinds = len(KINDS.names())
         per_source = torch.zeros(2, kinds, device=row_sum.device)
         per_source[0].index_add_(0, src, row_sum.detach())
         per_source[1].index_add_(0, src, row_n)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mm1.config import Config, to_yaml
-from mm1.data import SOURCE_KINDS
+from mm1.data.kinds import KINDS
 from mm1.data.inputs import resolve_inputs
 from mm1.train import checkpoint as ckpt_io
 from mm1.train.batches import ShardedLoader, to_device
@@ -247,7 +247,7 @@ class Trainer:
             aux = float(reduced["aux"])
             record.update(loss=lm + aux, lm_loss=lm, aux_loss=aux)
             ps = reduced["per_source"]
-            for j, kind in enumerate(SOURCE_KINDS):
+            for j, kind in enumerate(KINDS.names()):
                 if float(ps[1, j]) > 0:
                     record[f"loss_{kind}"] = float(ps[0, j] / ps[1, j])
         for k in keys:

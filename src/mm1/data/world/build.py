@@ -22,8 +22,8 @@ from mm1.data.tokenizer import Tokenizer
 from mm1.data.world import items
 from mm1.data.world.lexicon import lexicon_split, make_lexicon, text_question
 from mm1.data.world.single import write_single
-from mm1.data.world.writers import (ShardWriter, dumps, vqa_records, write_bytes, write_json, write_jsonl,
-                                    write_parquet)
+from mm1.data.world.writers import ShardWriter, vqa_records, write_parquet
+from mm1.data.writers import dumps, write_bytes, write_json, write_jsonl
 
 GENERATOR_VERSION = "2"  # 2: interleaved caption / Q&A lines end in a newline
 
@@ -177,7 +177,8 @@ def _write_all(root: Path, spec: WorldSize, seed: int, pool: Any) -> tuple[dict[
     for split, n in (("train", spec.text_train), ("test", spec.text_test)):
         docs = list(_imap(items.text_item, ((seed, i, split, spec.lexicon) for i in range(n)), pool))
         path = root / "text" / "train.jsonl" if split == "train" else root / "eval" / "text_docs_test.jsonl"
-        counts[f"text_{split}"] = write_jsonl(path, docs)
+        write_jsonl(path, docs)
+        counts[f"text_{split}"] = len(docs)
         if split == "train":
             texts += [d["text"] for d in docs]
 
@@ -237,7 +238,8 @@ def _write_text_eval(root: Path, spec: WorldSize, seed: int, texts: list[str]) -
                 rows.append({"id": f"text-{split}-q{len(rows) + 1:05d}", "question": q, "answer": a})
             if len(rows) == spec.text_questions:
                 break
-        counts[f"text_qa_{split}"] = write_jsonl(root / f"text_{split}.jsonl", rows)
+        write_jsonl(root / f"text_{split}.jsonl", rows)
+        counts[f"text_qa_{split}"] = len(rows)
         texts += [r["question"] + " " + r["answer"] for r in rows] if split == "train" else []
     return counts
 

@@ -27,7 +27,8 @@ from mm1.data.world import items
 from mm1.data.world.language import pick
 from mm1.data.world.questions import ANSWER_TYPES, QA, annotator_answers
 from mm1.data.world.scenes import POSITIONS, TONES, Obj, Scene
-from mm1.data.world.writers import vqa_records, write_bytes, write_json
+from mm1.data.world.writers import vqa_records
+from mm1.data.writers import write_bytes, write_json
 
 SINGLE_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown")
 SINGLE_SHAPES = ("circle", "square", "triangle", "star")

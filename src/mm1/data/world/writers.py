@@ -1,32 +1,20 @@
-"""Writers for the real on-disk formats, with every source of byte-level nondeterminism pinned.
+"""The world's bulk writers: caption shards, interleaved parquet parts and VQAv2 records.
 
-tar members get mtime 0, uid/gid 0, empty owner names and mode 0644; parquet is written with fixed
-compression, row-group size and no statistics timestamps (parquet has none); JSON is dumped with a
-fixed separator style and a trailing newline. So the same records always give the same bytes, and
-a user's checksum of a world identifies it.
+Byte-deterministic like every writer in `mm1.data.writers` (tar headers and JSON come from there);
+parquet is written with fixed compression, row-group size and no statistics timestamps (parquet has
+none). So the same records always give the same bytes, and a user's checksum of a world identifies it.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from pathlib import Path
-from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.size = size
-    ti.mtime = 0
-    ti.mode = 0o644
-    ti.uid = ti.gid = 0
-    ti.uname = ti.gname = ""
-    ti.type = tarfile.REGTYPE
-    return ti
+from mm1.data.writers import tar_info
 
 
 class ShardWriter:
@@ -45,7 +33,7 @@ class ShardWriter:
             self._open(self.count // self.per_shard)
         assert self._tar is not None
         for ext, data in members.items():
-            self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+            self._tar.addfile(tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
         self.count += 1
 
     def _open(self, shard: int) -> None:
@@ -73,31 +61,6 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, compression="zstd", compression_level=3, row_group_size=128,
                    write_statistics=False, use_dictionary=["id"], data_page_version="1.0")
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
-
-
-def write_json(path: Path, obj: Any, indent: int | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, ensure_ascii=False, indent=indent) if indent else dumps(obj)
-    path.write_text(text + "\n", encoding="utf-8")
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(dumps(row) + "\n")
-            n += 1
-    return n
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
 
 
 def vqa_records(image_id: int, file_name: str, vqa: list[dict]) -> tuple[list[dict], list[dict]]:
