@@ -176,7 +176,7 @@ def _held_out_accuracy(world: Path, run: Path | None) -> float:
     torch.manual_seed(0)
     module = build_stage_module(cfg, tok.vocab_size, set(tok.special_ids), DistEnv(), "single").eval()
     with torch.no_grad():
-        accs = [float(module(b)["retrieval_acc"]) for b in _held_out_batches(world, cfg, tok)]
+        accs = [float(module(b)["metrics"]["retrieval_acc"]) for b in _held_out_batches(world, cfg, tok)]
     return sum(accs) / len(accs)
 
 

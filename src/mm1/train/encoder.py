@@ -28,6 +28,7 @@ from torch import nn
 from mm1.config import Config
 from mm1.models.registry import ENCODERS
 from mm1.train.distributed import DistEnv, gather_with_grad
+from mm1.train.objective import ObjectiveOutput
 
 
 class TextTower(nn.Module):
@@ -142,7 +143,9 @@ def _block_forward(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> tor
 
 
 class EncoderPretrainer(nn.Module):
-    """The ViT plus what its objective needs; `forward(batch)` returns the stage loss."""
+    """The ViT plus what its objective needs; `forward(batch)` returns the stage loss. Each loss is a
+    mean over its micro-batch (contrastive pairs are not independent), so a micro-batch is one unit
+    (`mm1.train.objective`)."""
 
     def __init__(self, cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, encode=None) -> None:
         super().__init__()
@@ -167,10 +170,12 @@ class EncoderPretrainer(nn.Module):
         groups = cfg.train.hard_negatives if self.objective != "aim" else []
         self.swapper = WordSwapper(groups, encode) if groups and encode is not None else None
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return 1
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         if self.objective == "aim":
-            loss = self.aim_loss(batch["images"])
-            return {"loss": loss, "n_images": torch.tensor(batch["images"].shape[0])}
+            return ObjectiveOutput(loss_sum=self.aim_loss(batch["images"]), metrics={})
         images, ids, valid = caption_pairs(batch, self.image_id, self.k, self.special, self.text.max_len)
         dev = images.device
         img = F.normalize(self.image_proj(self.vision(images).mean(1)), dim=-1)  # [N, E]
@@ -188,7 +193,7 @@ class EncoderPretrainer(nn.Module):
             loss = clip_loss(img, txt, scale, neg, neg_ok)
         with torch.no_grad():
             acc = ((img @ txt.T).argmax(-1) == torch.arange(img.shape[0], device=dev)).float().mean()
-        return {"loss": loss, "retrieval_acc": acc, "n_images": torch.tensor(img.shape[0])}
+        return ObjectiveOutput(loss_sum=loss, metrics={"retrieval_acc": acc})
 
     def aim_loss(self, pixels: torch.Tensor) -> torch.Tensor:
         vit, p = self.vision, self.vision.cfg.patch_size

@@ -84,7 +84,7 @@ class ImageProbe:
                     batch["images"] = images
                 with autocast():
                     out = model(batch)
-                sums += [out["loss_sum"].double(), out["n_targets"].double()]
+                sums += [out["loss_sum"].double(), (batch["targets"] != -100).sum().double()]
         finally:
             model.train(was_training)
         ok = torch.tensor(0.0 if self.shuffled is None else 1.0, dtype=torch.float64, device=self.env.device)

@@ -4,6 +4,7 @@
 - `pretrain` / `sft`: the MLLM inside `MLLMObjective`, which returns per-token loss *sums* so the
   trainer can normalise by the token count of the whole global batch (exactly what one process
   with the same global batch computes, whatever the split over ranks and micro-steps).
+Both return `mm1.train.objective.ObjectiveOutput`.
 
 Initialisation order: random (seeded) -> HF weights (`model.*.hf_path`, by `build_model`) ->
 `train.init_from` (an encoder run gives the ViT only; a pretrain/SFT run gives the whole model, the
@@ -22,12 +23,14 @@ from mm1.data.kinds import KINDS
 from mm1.train.checkpoint import (CheckpointError, read_checkpoint_weights, read_config, resolve_checkpoint,
                                   verify_checkpoint)
 from mm1.train.distributed import DistEnv
+from mm1.train.objective import ObjectiveOutput
 
 log = logging.getLogger("mm1.train")
 
 
 class MLLMObjective(nn.Module):
-    """Wraps the MLLM for training: forward(batch) -> loss sums and statistics (no mean yet).
+    """Wraps the MLLM for training: forward(batch) -> the token-loss sum and statistics (no mean yet);
+    its units are the batch's target tokens.
 
     Under FSDP/DDP every rank must run the image encoder every micro-step (its parameters are
     gathered / reduced collectively); a rank whose micro-batch holds no image encodes one blank
@@ -38,7 +41,10 @@ class MLLMObjective(nn.Module):
         self.mllm = mllm
         self.needs_vision_every_step = needs_vision_every_step
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["targets"] != -100).sum())
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         images = batch.get("images")
         extra = None
         if self.needs_vision_every_step and (images is None or images.shape[0] == 0):
@@ -58,11 +64,9 @@ class MLLMObjective(nn.Module):
         aux = out.aux_loss if out.aux_loss is not None else row_sum.new_zeros(())
         if extra is not None:
             aux = aux + extra
-        result = {"loss_sum": row_sum.sum(), "n_targets": row_n.sum(), "aux_loss": aux, "per_source": per_source}
-        for k, v in (out.moe_stats or {}).items():
-            if torch.is_tensor(v) and v.numel() == 1:
-                result[f"moe_{k}"] = v.detach().float()
-        return result
+        metrics = {f"moe_{k}": v.detach().float() for k, v in (out.moe_stats or {}).items()
+                   if torch.is_tensor(v) and v.numel() == 1}
+        return ObjectiveOutput(loss_sum=row_sum.sum(), aux_loss=aux, per_source=per_source, metrics=metrics)
 
 
 def set_activation_checkpointing(model: nn.Module, on: bool) -> None:

@@ -32,6 +32,7 @@ from mm1.train.batches import ShardedLoader, to_device
 from mm1.train.distributed import (DistEnv, all_reduce_sum, barrier, init_distributed, resolve_strategy,
                                    setup_logging, shutdown, transformer_blocks, wrap_model)
 from mm1.train.metrics import MetricsLogger, truncate_metrics
+from mm1.train.objective import StageObjective
 from mm1.train.optim import build_optimizer, build_scheduler, count_trainable, resolve_lr
 from mm1.train.materialise import loading_into_shards, peak_rss_mb, reset_peak_rss, rss_mb, seeded_init
 from mm1.train.materialise import materialise as materialise_module
@@ -139,6 +140,7 @@ class Trainer:
                 block.compile()
         reset_peak_rss()
         before = rss_mb()
+        self.objective: StageObjective = module  # the unwrapped module: `units(batch)` before each forward
         model = wrap_model(module, self.strategy, env, self.bf16, materialise)
         self.build_rss_mb = peak_rss_mb() - before  # host memory materialising the model took on this rank
         return model
@@ -197,6 +199,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _step(self) -> tuple[dict[str, float], torch.Tensor]:
+        """One optimizer step's gradients and log record, the same for every stage: the stage's
+        objective says how many units each micro-batch's loss sums over (`mm1.train.objective`)."""
         env, accum = self.env, self.cfg.train.grad_accum
         micro = [next(self.loader) for _ in range(accum)]
         stats: dict[str, torch.Tensor] = {}
@@ -205,27 +209,25 @@ class Trainer:
             v = value.detach().double().to(env.device)
             stats[key] = stats[key] + v if key in stats else v
 
-        global_n = None
-        if not self.encoder_stage:
-            local_n = sum(int((mb["targets"] != -100).sum()) for mb in micro)
-            global_n = all_reduce_sum(torch.tensor(float(local_n), device=env.device), env).clamp(min=1)
+        local_n = sum(self.objective.units(mb) for mb in micro)
+        global_n = all_reduce_sum(torch.tensor(float(local_n), device=env.device), env).clamp(min=1)
+        metric_keys: set[str] = set()
         for i, mb in enumerate(micro):
             batch = to_device(mb, env.device)
             with self._sync(i == accum - 1):
                 with self._autocast():
                     out = self.model(batch)
-                if self.encoder_stage:
-                    objective = out["loss"] / accum
-                    add("enc_loss", out["loss"] / accum / env.world_size)
-                else:
-                    objective = out["loss_sum"] / global_n * env.world_size + out["aux_loss"] / accum
-                    add("loss_sum", out["loss_sum"])
+                objective = out["loss_sum"] / global_n * env.world_size
+                if "aux_loss" in out:
+                    objective = objective + out["aux_loss"] / accum
                     add("aux", out["aux_loss"] / accum / env.world_size)
+                add("loss_sum", out["loss_sum"])
+                if "per_source" in out:
                     add("per_source", out["per_source"])
                 objective.backward()
-            for k, v in out.items():
-                if k.startswith("moe_") or k == "retrieval_acc":
-                    add(k, v / accum / env.world_size)
+            for k, v in out["metrics"].items():
+                add(k, v / accum / env.world_size)
+                metric_keys.add(k)
             add("images", torch.tensor(float(mb["images"].shape[0]) if "images" in mb else 0.0))
             add("tokens", (mb["doc_ids"] >= 0).sum() if "doc_ids" in mb else torch.tensor(float(mb["input_ids"].numel())))
         keys = sorted(stats)
@@ -239,20 +241,18 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], clip)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        record: dict[str, float] = {}
-        if self.encoder_stage:
-            record["loss"] = float(reduced["enc_loss"])
-        else:
-            lm = float(reduced["loss_sum"]) / float(global_n)
+        loss = float(reduced["loss_sum"]) / float(global_n)
+        record: dict[str, float] = {"loss": loss}
+        if "aux" in reduced:  # an objective with an auxiliary loss logs both parts
             aux = float(reduced["aux"])
-            record.update(loss=lm + aux, lm_loss=lm, aux_loss=aux)
+            record.update(loss=loss + aux, lm_loss=loss, aux_loss=aux)
+        if "per_source" in reduced:
             ps = reduced["per_source"]
             for j, kind in enumerate(KINDS.names()):
                 if float(ps[1, j]) > 0:
                     record[f"loss_{kind}"] = float(ps[0, j] / ps[1, j])
-        for k in keys:
-            if k.startswith("moe_") or k == "retrieval_acc":
-                record[k] = float(reduced[k])
+        for k in sorted(metric_keys):
+            record[k] = float(reduced[k])
         record["grad_norm"] = float(norm)
         record["tokens"] = float(reduced["tokens"])
         record["images"] = float(reduced["images"])
