@@ -92,3 +92,35 @@ def test_missing_preset_and_bad_yaml_say_which_file(tmp_path):
     loop.write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(loop)
+
+
+def test_a_component_registered_with_rules_has_them_checked_at_load(monkeypatch):
+    import mm1.registry as registry
+
+    monkeypatch.setattr(registry, "_SELECTED", [])  # the toy registry below alone decides the connector
+    toy = registry.Registry("toy connector", "model.connector.kind", registry.at_key("model.connector.kind"))
+    assert registry._SELECTED == [toy]
+
+    def seven_tokens(cfg) -> None:
+        registry.check(cfg.model.connector.num_tokens == 7, "model.connector.num_tokens",
+                       cfg.model.connector.num_tokens, "the toy connector makes 7 tokens")
+
+    toy.register("toy", validate=seven_tokens)(object)
+    assert load_config(CONFIGS / "tiny.yaml", ["model.connector.kind=toy", "model.connector.num_tokens=7"])
+    with pytest.raises(ConfigError, match="num_tokens=8: the toy connector makes 7 tokens"):
+        load_config(CONFIGS / "tiny.yaml", ["model.connector.kind=toy", "model.connector.num_tokens=8"])
+    with pytest.raises(ConfigError, match="'c_abstractor': unknown toy connector; allowed: toy"):
+        load_config(CONFIGS / "tiny.yaml")
+
+
+def test_the_config_layer_imports_no_component_package():
+    import ast
+
+    import mm1.config
+
+    tree = ast.parse(Path(mm1.config.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    above = {m for m in imported if m.split(".")[:2] in (["mm1", p] for p in ("models", "data", "train", "eval",
+                                                                               "experiments", "export"))}
+    assert not above, f"mm1.config imports {sorted(above)}; a component's rules belong with it (mm1.registry)"

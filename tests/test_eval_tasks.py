@@ -3,6 +3,7 @@ baselines are scored like models, and `evaluate` / `mm1 eval` write one result p
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -81,6 +82,24 @@ def test_world_tasks_are_registered_and_read_every_format(world):
     assert len(multi.images) == 2 and multi.answers == ["no"]
     assert get_task("world_text", root).test[0].answers == ["1"]
     assert get_task("world_multi", root).spec.template.startswith("{images}")
+
+
+def test_world_text_ppl_scores_the_held_out_documents_like_the_spec_file_it_replaces(world, tiny_model, tmp_path):
+    root, tok = world
+    model, cfg = tiny_model
+    _jsonl(root / "eval" / "text_docs_test.jsonl",
+           [{"id": f"d{i}", "text": t} for i, t in enumerate(["A red square.", "a plain yellow", "The blue circle."])])
+    task = get_task("world_text_ppl", root)
+    assert task.spec.kind == "text" and task.spec.metric == "perplexity" and task.spec.train is None
+    # what `mm1 lessons` used to write at run time
+    (tmp_path / "world_text_ppl.yaml").write_text(
+        f"name: world_text_ppl\nkind: text\nmetric: perplexity\ntest: {root / 'eval' / 'text_docs_test.jsonl'}\n")
+    cfg = copy.deepcopy(cfg)
+    cfg.data.world = str(root)
+    (registered,) = evaluate(model, tok, cfg, ["world_text_ppl"], [0], log=None)
+    (from_file,) = evaluate(model, tok, cfg, [str(tmp_path / "world_text_ppl.yaml")], [0], log=None)
+    assert registered["score"] == from_file["score"] and math.isfinite(registered["score"])
+    assert len(task.test) == 3
 
 
 def test_a_task_spec_file_evaluates_local_copies_with_relative_paths(world, tmp_path):

@@ -21,7 +21,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mm1.data.kinds import KINDS
-from mm1.registry import ConfigError
+from mm1.registry import ConfigError, check_config
+from mm1.registry import check as _check
+from mm1.registry import one_of as _one_of
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -377,15 +379,6 @@ def to_yaml(cfg: Config) -> str:
 # ----------------------------------------------------------------------------- validation
 
 
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: {allowed}")
-
-
-def _one_of(key: str, value: str, allowed: list[str]) -> None:
-    _check(value in allowed, key, value, f"must be one of {', '.join(allowed)}")
-
-
 def _at_least(key: str, value: float, low: float) -> None:
     _check(math.isfinite(value) and value >= low, key, value, f"must be >= {low} (allowed: [{low}, inf))")
 
@@ -425,8 +418,6 @@ def _check_ranges(cfg: Config) -> None:
     for key, value in [("model.vision.norm_eps", v.norm_eps), ("model.lm.norm_eps", lm.norm_eps),
                        ("model.lm.rope_theta", lm.rope_theta)]:
         _check(math.isfinite(value) and value > 0, key, value, "must be > 0 (allowed: (0, inf))")
-    _check(-v.depth <= v.feature_layer < v.depth, "model.vision.feature_layer", v.feature_layer,
-           f"must be in [-{v.depth}, {v.depth - 1}] (a block of the {v.depth}-block encoder)")
     _check(len(t.betas) == 2, "train.betas", t.betas, "needs two values (beta1, beta2)")
     for i, b in enumerate(t.betas):
         _within(f"train.betas[{i}]", b, 0.0, 1.0, high_open=True)
@@ -440,44 +431,15 @@ def _check_ranges(cfg: Config) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Semantic checks that types alone cannot express; raise ConfigError on the first failure."""
-    from mm1.models.registry import CONNECTORS, ENCODERS, LANGUAGE_MODELS  # populated on import
+    """Semantic checks that types alone cannot express; raise ConfigError on the first failure.
 
-    v, c, lm = cfg.model.vision, cfg.model.connector, cfg.model.lm
-    ENCODERS.get(v.kind)
-    CONNECTORS.get(c.kind)
-    LANGUAGE_MODELS.get(lm.kind)
+    The rules of a component chosen by name (encoder, connector, LM, eval tasks) live with it and
+    are run by `check_config` (`mm1.registry`); this file checks what no single component owns."""
+    lm = cfg.model.lm
     _check_ranges(cfg)  # first: the checks below divide by these
-    _check(v.image_size % v.patch_size == 0, "model.vision.image_size", v.image_size,
-           f"must be divisible by model.vision.patch_size={v.patch_size}")
-    _check(v.width % v.heads == 0, "model.vision.heads", v.heads, f"must divide model.vision.width={v.width}")
-    _one_of("model.vision.act", v.act, ["gelu", "quick_gelu", "gelu_tanh"])
-    _check(len(v.mean) == 3 and len(v.std) == 3 and all(s > 0 for s in v.std), "model.vision.std", v.std,
-           "mean and std need 3 values (RGB), std > 0")
-    _check(c.num_tokens > 0, "model.connector.num_tokens", c.num_tokens, "must be positive")
-    _check(c.out_norm >= 0, "model.connector.out_norm", c.out_norm, "must be >= 0 (0 = no output norm)")
-    if c.kind in ("avgpool", "c_abstractor"):
-        root = math.isqrt(c.num_tokens)
-        _check(root * root == c.num_tokens, "model.connector.num_tokens", c.num_tokens,
-               f"must be a perfect square for {c.kind} (it pools to sqrt(k) x sqrt(k)), e.g. 16, 64, 144")
-        _check(root <= v.grid, "model.connector.num_tokens", c.num_tokens,
-               f"pooling cannot make more tokens than the {v.grid}x{v.grid} patch grid")
-    if c.kind == "mlp":
-        _check(c.num_tokens == v.grid**2, "model.connector.num_tokens", c.num_tokens,
-               f"the mlp connector keeps every patch: must equal grid^2 = {v.grid**2}")
-    if c.kind == "attnpool":
-        _check(lm.dim % c.heads == 0, "model.connector.heads", c.heads, f"must divide model.lm.dim={lm.dim}")
-    _check(lm.dim % lm.n_heads == 0, "model.lm.n_heads", lm.n_heads, f"must divide model.lm.dim={lm.dim}")
-    _check((lm.dim // lm.n_heads) % 2 == 0, "model.lm.n_heads", lm.n_heads, "head dim must be even for RoPE")
-    _check(lm.n_heads % lm.kv_heads == 0, "model.lm.n_kv_heads", lm.n_kv_heads,
-           f"must divide model.lm.n_heads={lm.n_heads}")
+    check_config(cfg)
     _check(0 <= cfg.model.image_token_id < lm.vocab_size, "model.image_token_id", cfg.model.image_token_id,
            f"must be a token id below model.lm.vocab_size={lm.vocab_size}")
-    if lm.n_experts:
-        _check(1 <= lm.moe_top_k <= lm.n_experts, "model.lm.moe_top_k", lm.moe_top_k,
-               f"must be between 1 and model.lm.n_experts={lm.n_experts}")
-        _check(lm.moe_every >= 1, "model.lm.moe_every", lm.moe_every, "must be >= 1")
-    _one_of("model.lm.attention", lm.attention, ["auto", "sdpa", "flex"])
     _check(cfg.model.subimage_grid >= 0, "model.subimage_grid", cfg.model.subimage_grid, "must be >= 0")
 
     d = cfg.data
@@ -501,8 +463,6 @@ def validate(cfg: Config) -> None:
     _one_of("train.encoder_objective", t.encoder_objective, ["clip", "siglip", "aim"])
     _one_of("train.strategy", t.strategy, ["auto", "single", "ddp", "fsdp"])
     _one_of("train.precision", t.precision, ["auto", "fp32", "bf16"])
-    _one_of("eval.device", cfg.eval.device, ["auto", "cpu", "cuda"])
-    _one_of("eval.dtype", cfg.eval.dtype, ["auto", "fp32", "bf16"])
     _one_of("train.nonfinite", t.nonfinite, ["stop", "skip"])
     _one_of("train.wandb_mode", t.wandb_mode, ["offline", "online", "disabled"])
     _check(t.steps > 0, "train.steps", t.steps, "must be positive")
@@ -515,4 +475,4 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
     _check(t.save_every >= 1, "train.save_every", t.save_every, "must be >= 1")
-    _check(all(s >= 0 for s in cfg.eval.shots), "eval.shots", cfg.eval.shots, "shots must be >= 0")
+

@@ -25,20 +25,7 @@ from mm1.eval.parallel import Shards
 from mm1.eval.scoring import continuation_logprobs, corpus_perplexity, text_logprobs
 from mm1.eval.shuffle import shuffled_donors
 from mm1.eval.task_metrics import SCORERS, choice_from_text
-from mm1.eval.tasks import MC_MODES, Task, get_task
-from mm1.registry import ConfigError
-
-
-def _check_eval_config(cfg: Config) -> None:
-    e = cfg.eval
-    for key, value, allowed in (("eval.vqa_mode", e.vqa_mode, ("always", "official")),
-                                ("eval.cider_tokenizer", e.cider_tokenizer, ("python", "java")),
-                                ("eval.mc_normalize", e.mc_normalize, ("none", "length")),
-                                ("eval.mc_mode", e.mc_mode, MC_MODES)):
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
-    if e.trials < 1:
-        raise ConfigError(f"eval.trials={e.trials}: must be >= 1")
+from mm1.eval.tasks import Task, check_eval_options, get_task
 
 
 def _choose_by_loglik(model, tokenizer: Tokenizer, prompts: list, inputs: list, cfg: Config,
@@ -130,7 +117,7 @@ def evaluate(model, tokenizer: Tokenizer, cfg: Config, tasks: list[str] | None =
     shards = shards or Shards()
     if not shards.is_main:
         log, out_dir = None, None
-    _check_eval_config(cfg)
+    check_eval_options(cfg)  # also run at config load; again here for a config changed since
     tasks = tasks or list(cfg.eval.tasks)
     shots = list(cfg.eval.shots) if shots is None else shots
     limit = cfg.eval.limit if limit is None else limit

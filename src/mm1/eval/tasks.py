@@ -30,9 +30,9 @@ import yaml
 import mm1.eval.benchmarks  # noqa: F401  (registers the released benchmark formats)
 from mm1.eval.readers import FORMATS, Example, default_format, read_task_files
 from mm1.eval.task_metrics import SCORERS
-from mm1.registry import ConfigError, Registry
+from mm1.registry import ConfigError, Registry, check, one_of
 
-__all__ = ["Example", "Task", "TaskSpec", "TASKS", "get_task", "load_spec"]
+__all__ = ["Example", "Task", "TaskSpec", "TASKS", "check_eval_options", "get_task", "load_spec"]
 
 KINDS = ("caption", "vqa", "mc", "text", "multi")
 MC_MODES = ("loglik", "generate")
@@ -158,7 +158,28 @@ def read_examples(spec: TaskSpec, src: Any, split: str) -> list[Example]:
 
 # ----------------------------------------------------------------------------- registry and specs
 
-TASKS: Registry[Callable[[Path], TaskSpec]] = Registry("eval task", "eval.tasks")
+SPEC_SUFFIXES = (".yaml", ".yml", ".json")  # an eval.tasks entry ending so is a task spec file, not a name
+
+
+def _task_names(cfg: Any) -> list[str]:
+    return [t for t in cfg.eval.tasks if Path(t).suffix not in SPEC_SUFFIXES]
+
+
+TASKS: Registry[Callable[[Path], TaskSpec]] = Registry("eval task", "eval.tasks", _task_names)
+
+
+@TASKS.validates
+def check_eval_options(cfg: Any) -> None:
+    """The `eval.*` choices every task is run with (config load, and `evaluate` for a changed config)."""
+    e = cfg.eval
+    one_of("eval.vqa_mode", e.vqa_mode, ("always", "official"))
+    one_of("eval.cider_tokenizer", e.cider_tokenizer, ("python", "java"))
+    one_of("eval.mc_normalize", e.mc_normalize, ("none", "length"))
+    one_of("eval.mc_mode", e.mc_mode, MC_MODES)
+    one_of("eval.device", e.device, ("auto", "cpu", "cuda"))
+    one_of("eval.dtype", e.dtype, ("auto", "fp32", "bf16"))
+    check(e.trials >= 1, "eval.trials", e.trials, "must be >= 1")
+    check(all(s >= 0 for s in e.shots), "eval.shots", e.shots, "shots must be >= 0")
 
 
 def _world(kind: str, stem: str, name: str = "", **kw: Any) -> Callable[[Path], TaskSpec]:
@@ -181,6 +202,9 @@ TASKS.register("world_vqa_label")(_world("vqa", "vqa", "world_vqa_label", questi
 TASKS.register("world_text")(_world("text", "text"))
 TASKS.register("world_multi")(_world("multi", "multi"))
 TASKS.register("world_mc")(_world("mc", "mc"))
+# held-out text documents (kept out of training): the LM's text ability as perplexity, no demonstrations
+TASKS.register("world_text_ppl")(lambda world: TaskSpec("world_text_ppl", "text", world / "eval" / "text_docs_test.jsonl",
+                                                        metric="perplexity"))
 
 
 def load_spec(path: str | Path) -> TaskSpec:
@@ -222,6 +246,6 @@ def get_task(name: str, world: str | Path = "data/world-tiny", allow_outside_pat
     """A registered task name (world tasks read `world`), or the path of a YAML/JSON task spec.
     `allow_outside_paths` (data.allow_outside_paths) lets image names leave the task's image root."""
     p = Path(name)
-    spec = load_spec(p) if p.suffix in (".yaml", ".yml", ".json") and p.is_file() else TASKS.get(name)(Path(world))
+    spec = load_spec(p) if p.suffix in SPEC_SUFFIXES and p.is_file() else TASKS.get(name)(Path(world))
     spec.allow_outside_paths = spec.allow_outside_paths or allow_outside_paths
     return Task(spec)

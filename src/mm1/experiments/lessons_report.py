@@ -144,33 +144,11 @@ def write_lessons_report(lessons: list[Lesson], by_lesson: dict, records: dict, 
     return path
 
 
-def _text_perplexity_task(lessons: list[Lesson], out: Path) -> None:
-    """`world_text_ppl` in a budget's eval tasks: perplexity on the world's held-out text documents.
-
-    The world registers no such task, so a task spec file pointing at `<world>/eval/text_docs_test.jsonl` is
-    written into the output directory and named in `eval.tasks` instead."""
-    import yaml
-
-    from mm1.config import load_config
-
-    for lesson in lessons:
-        tasks = lesson.spec.eval_tasks or []
-        if "world_text_ppl" not in tasks:
-            continue
-        world = Path(load_config(lesson.spec.base or None, lesson.spec.overrides).data.world).resolve()
-        path = out.resolve() / "tasks" / "world_text_ppl.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump({"name": "world_text_ppl", "kind": "text", "metric": "perplexity",
-                                        "test": str(world / "eval" / "text_docs_test.jsonl")}))
-        lesson.spec.eval_tasks = [str(path) if t == "world_text_ppl" else t for t in tasks]
-
-
 def run_lessons(budget: str, out: Path, runner: Any, only: list[str] | None = None, keep_going: bool = False,
                 log: Callable[[str], None] = print, dry_run: bool = False) -> Path:
     """Run every lesson's points (pooled, deduplicated, resumable) and write `report.md`."""
     t0 = time.perf_counter()
     lessons = load_lessons(budget, only=only)
-    _text_perplexity_task(lessons, out)
     by_lesson = pooled_points(lessons)
     points = [p for pts in by_lesson.values() for p in pts]
     out.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from mm1.registry import one_of
 from torch import Tensor
 
 BACKENDS = ("auto", "sdpa", "flex")
@@ -124,8 +126,7 @@ def choose_backend(backend: str, device: torch.device, packed: bool, cached: boo
     """"auto" takes FlexAttention on CUDA for packed training passes (fixed shapes, gradients, no
     cache) and SDPA elsewhere: the compiled kernel is specialised to one shape, while inference
     shapes (decoding, prompts of every length) change from call to call."""
-    if backend not in BACKENDS:
-        raise ValueError(f"model.lm.attention={backend!r}: must be one of {', '.join(BACKENDS)}")
+    one_of("model.lm.attention", backend, BACKENDS)
     if backend == "auto":
         return "flex" if device.type == "cuda" and packed and not cached and training else "sdpa"
     return backend

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm1.config import ConnectorConfig
+from mm1.config import Config, ConnectorConfig
 from mm1.models.registry import CONNECTORS
 from mm1.models.vision import interpolate_grid_embeddings, regrid_on_load
-from mm1.registry import ConfigError
+from mm1.registry import ConfigError, check
 
 
 def _pair(grid: int | tuple[int, int]) -> tuple[int, int]:
@@ -51,12 +51,37 @@ def infer_grid(n_patches: int, grid: int | tuple[int, int] | None = None) -> tup
     return side, side
 
 
+# ----------------------------------------------------------------------------- rules (run at config load)
+
+
+@CONNECTORS.validates
+def _check_any(cfg: Config) -> None:
+    c = cfg.model.connector
+    check(c.num_tokens > 0, "model.connector.num_tokens", c.num_tokens, "must be positive")
+    check(c.out_norm >= 0, "model.connector.out_norm", c.out_norm, "must be >= 0 (0 = no output norm)")
+
+
 def _pooled_side(cfg: ConnectorConfig) -> int:
     side = math.isqrt(cfg.num_tokens)
-    if side * side != cfg.num_tokens:
-        raise ConfigError(f"model.connector.num_tokens={cfg.num_tokens}: must be a perfect square for "
-                          f"{cfg.kind} (it pools to sqrt(k) x sqrt(k)), e.g. 16, 64, 144")
+    check(side * side == cfg.num_tokens, "model.connector.num_tokens", cfg.num_tokens,
+          f"must be a perfect square for {cfg.kind} (it pools to sqrt(k) x sqrt(k)), e.g. 16, 64, 144")
     return side
+
+
+def _check_pooling(cfg: Config) -> None:
+    c, grid = cfg.model.connector, cfg.model.vision.grid
+    check(_pooled_side(c) <= grid, "model.connector.num_tokens", c.num_tokens,
+          f"pooling cannot make more tokens than the {grid}x{grid} patch grid")
+
+
+def _check_every_patch(cfg: Config) -> None:
+    c, grid = cfg.model.connector, cfg.model.vision.grid
+    check(c.num_tokens == grid**2, "model.connector.num_tokens", c.num_tokens,
+          f"the mlp connector keeps every patch: must equal grid^2 = {grid**2}")
+
+
+def _check_heads(heads: int, lm_dim: int) -> None:
+    check(lm_dim % heads == 0, "model.connector.heads", heads, f"must divide model.lm.dim={lm_dim}")
 
 
 class OutputNorm(nn.RMSNorm):
@@ -132,8 +157,7 @@ class AttnPoolConnector(_Connector):
 
     def __init__(self, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, grid: int | tuple[int, int]) -> None:
         super().__init__()
-        if lm_dim % cfg.heads:
-            raise ConfigError(f"model.connector.heads={cfg.heads}: must divide the LM width {lm_dim}")
+        _check_heads(cfg.heads, lm_dim)
         self.num_tokens, self.heads = cfg.num_tokens, cfg.heads
         self.queries = nn.Parameter(torch.empty(cfg.num_tokens, lm_dim))
         self.ln_q = nn.LayerNorm(lm_dim)
@@ -233,10 +257,11 @@ class CAbstractor(_Connector):
         return self.readout(x)  # [N, k, D_lm]
 
 
-CONNECTORS.register("mlp")(MLPConnector)
-CONNECTORS.register("avgpool")(AvgPoolConnector)
-CONNECTORS.register("attnpool")(AttnPoolConnector)
-CONNECTORS.register("c_abstractor")(CAbstractor)
+CONNECTORS.register("mlp", validate=_check_every_patch)(MLPConnector)
+CONNECTORS.register("avgpool", validate=_check_pooling)(AvgPoolConnector)
+CONNECTORS.register("attnpool", validate=lambda cfg: _check_heads(cfg.model.connector.heads, cfg.model.lm.dim))(
+    AttnPoolConnector)
+CONNECTORS.register("c_abstractor", validate=_check_pooling)(CAbstractor)
 
 
 def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int, grid: int | tuple[int, int]) -> nn.Module:

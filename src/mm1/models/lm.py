@@ -28,11 +28,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from mm1.config import LMConfig
-from mm1.models.attention import (AttentionMask, KVCache, attend, build_mask, choose_backend, merge_doc_ids,
+from mm1.models.attention import (BACKENDS, AttentionMask, KVCache, attend, build_mask, choose_backend, merge_doc_ids,
                                   positions_from_docs)
 from mm1.models.decode_layout import restore_standard_layout
 from mm1.models.moe import MoEFeedForward
 from mm1.models.registry import LANGUAGE_MODELS
+from mm1.registry import check, one_of
 
 __all__ = ["KVCache", "LMOutput", "LanguageModel", "RMSNorm", "rope_cos_sin"]
 
@@ -159,7 +160,20 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x)), None, {}
 
 
-@LANGUAGE_MODELS.register("llama")
+def check_llama(lm: LMConfig) -> None:
+    """The decoder's rules on its config (run at config load)."""
+    check(lm.dim % lm.n_heads == 0, "model.lm.n_heads", lm.n_heads, f"must divide model.lm.dim={lm.dim}")
+    check((lm.dim // lm.n_heads) % 2 == 0, "model.lm.n_heads", lm.n_heads, "head dim must be even for RoPE")
+    check(lm.n_heads % lm.kv_heads == 0, "model.lm.n_kv_heads", lm.n_kv_heads,
+          f"must divide model.lm.n_heads={lm.n_heads}")
+    if lm.n_experts:
+        check(1 <= lm.moe_top_k <= lm.n_experts, "model.lm.moe_top_k", lm.moe_top_k,
+              f"must be between 1 and model.lm.n_experts={lm.n_experts}")
+        check(lm.moe_every >= 1, "model.lm.moe_every", lm.moe_every, "must be >= 1")
+    one_of("model.lm.attention", lm.attention, BACKENDS)
+
+
+@LANGUAGE_MODELS.register("llama", validate=lambda cfg: check_llama(cfg.model.lm))
 class LanguageModel(nn.Module):
     """Decoder-only LM over input embeddings (the MLLM splices image features into them)."""
 

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mm1.config import VisionConfig
 from mm1.models.registry import ENCODERS
-from mm1.registry import ConfigError
+from mm1.registry import ConfigError, check, one_of
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +89,26 @@ class Block(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.ln2(x))))
 
 
-@ENCODERS.register("vit")
+def check_vit(v: VisionConfig) -> None:
+    """The ViT's rules on its config (run at config load and when a ViT is built)."""
+    check(v.image_size % v.patch_size == 0, "model.vision.image_size", v.image_size,
+          f"must be divisible by model.vision.patch_size={v.patch_size}")
+    check(v.width % v.heads == 0, "model.vision.heads", v.heads, f"must divide model.vision.width={v.width}")
+    one_of("model.vision.act", v.act, list(ACTIVATIONS))
+    check(len(v.mean) == 3 and len(v.std) == 3 and all(s > 0 for s in v.std), "model.vision.std", v.std,
+          "mean and std need 3 values (RGB), std > 0")
+    check(-v.depth <= v.feature_layer < v.depth, "model.vision.feature_layer", v.feature_layer,
+          f"must be in [-{v.depth}, {v.depth - 1}] (a block of the {v.depth}-block encoder)")
+
+
+@ENCODERS.register("vit", validate=lambda cfg: check_vit(cfg.model.vision))
 class ViT(nn.Module):
     """`forward(pixels [N,3,H,W]) -> [N, h*w, width]` patch features (CLS dropped), H and W any
     multiple of the patch size."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        if cfg.act not in ACTIVATIONS:
-            raise ConfigError(f"model.vision.act={cfg.act!r}: must be one of {', '.join(ACTIVATIONS)}")
-        if cfg.image_size % cfg.patch_size or cfg.width % cfg.heads:
-            raise ConfigError(f"model.vision: image_size={cfg.image_size} must be divisible by patch_size="
-                              f"{cfg.patch_size} and width={cfg.width} by heads={cfg.heads}")
+        check_vit(cfg)
         self.cfg = cfg
         d, g = cfg.width, cfg.grid
         self.n_prefix = 1 if cfg.use_cls else 0
