@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mm1.config import Config
-from mm1.experiments.scaling import BUDGETS, best_lr, fit_law, grid_spec, run_hparams
+from mm1.experiments.scaling import best_lr, fit_law, grid_of, load_budget, run_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
 A, B = -0.4, -0.214  # the law the fake runs follow
@@ -37,13 +37,14 @@ def test_best_lr_interpolates_between_grid_points_and_flags_the_grid_edge():
     assert lr == 1e-3 and edge
 
 
-def test_the_grid_is_an_ablation_over_size_and_lr_with_weight_decay_tied_to_lr():
-    budget = BUDGETS["tiny"]
-    spec = grid_spec(budget, str(ROOT / "configs" / "tiny.yaml"))
+def test_the_grid_is_an_ablation_spec_over_size_and_lr_with_weight_decay_tied_to_lr():
+    spec = load_budget("tiny")  # configs/hparams/budget-tiny.yaml, the schema of `mm1 ablate`
+    grid = grid_of(spec)
     from mm1.experiments.ablate import expand
 
     points = expand(spec)
-    assert len(points) == len(budget.sizes) * len(budget.lrs) * len(budget.wd_ratios) * len(budget.seeds)
+    assert spec.base == str((ROOT / "configs" / "tiny.yaml").resolve()) and grid.wd_ratios == [0.1]
+    assert len(points) == len(grid.sizes) * len(grid.lrs) * len(grid.wd_ratios) * len(grid.seeds) == 15
     for p in points:
         t = p.configs["pretrain"].train
         assert t.weight_decay == pytest.approx(0.1 * t.lr) and t.freeze_vision and t.freeze_connector

@@ -25,6 +25,7 @@ Spec file (YAML; `base` is relative to the spec, then the working directory, the
         data.sources.interleaved.weight: [0.0, 0.45]
     seeds: [0, 1]
     eval: {tasks: [world_caption, world_vqa], shots: [0, 4], limit: 20, after: [pretrain]}
+    lesson: {...}                           # optional: claims `mm1 lessons` judges (mm1.experiments.lessons)
 
 A key `STAGE:key` applies to that stage only (`pretrain:train.lr: [1e-3, 3e-3]`); the pseudo-key
 `stages` varies the stage list itself (e.g. with vs without encoder pre-training). Overrides apply
@@ -49,7 +50,7 @@ from mm1.config import PRESETS_DIR, Config, load_config
 from mm1.registry import ConfigError
 
 STAGES = ("encoder", "pretrain", "sft")
-_SPEC_KEYS = {"name", "base", "overrides", "stages", "stage_overrides", "axes", "paired", "seeds", "eval"}
+_SPEC_KEYS = {"name", "base", "overrides", "stages", "stage_overrides", "axes", "paired", "seeds", "eval", "lesson"}
 _EVAL_KEYS = {"tasks", "shots", "limit", "after", "trials"}
 
 
@@ -78,6 +79,7 @@ class AblationSpec:
     eval_trials: int | None = None
     eval_after: list[str] | None = None  # None = the last stage of each point
     source: str = ""  # the spec file, for error messages
+    lesson: dict[str, Any] | None = None  # `mm1 lessons`: the paper's claim and the pre-registered claims
 
 
 @dataclass
@@ -200,7 +202,8 @@ def parse_spec(data: dict[str, Any], path: str | Path | None = None) -> Ablation
         overrides=_string_list(src, "overrides", data.get("overrides")), stages=stages,
         stage_overrides={k: _string_list(src, f"stage_overrides.{k}", v) for k, v in stage_over.items()},
         axes=axes, seeds=list(seeds), eval_tasks=ev.get("tasks"), eval_shots=ev.get("shots"),
-        eval_limit=ev.get("limit"), eval_trials=ev.get("trials"), eval_after=ev.get("after"), source=src)
+        eval_limit=ev.get("limit"), eval_trials=ev.get("trials"), eval_after=ev.get("after"), source=src,
+        lesson=data.get("lesson"))
 
 
 def load_spec(path: str | Path) -> AblationSpec:

@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--dry-run", action="store_true", help="write configs and commands.sh, run nothing")
     else:
         parser.add_argument("--budget", choices=["tiny", "small"], default="tiny",
-                            help="tiny: a few minutes on 2 CPU cores; small: more sizes, LRs, seeds")
-        parser.add_argument("--base", default="", help="base preset name or YAML (default tiny)")
+                            help="the grid configs/hparams/budget-<budget>.yaml (an ablation spec): tiny takes a "
+                                 "few minutes on 2 CPU cores; small has more sizes, LRs, seeds")
+        parser.add_argument("--base", default="", help="base preset name or YAML (default: the budget's, tiny)")
         parser.add_argument("--out", type=Path, help="output directory (default runs/hparams-<budget>)")
     _runner_args(parser)
 
@@ -109,8 +110,9 @@ def _lessons(args: argparse.Namespace) -> int:
 def _hparams(args: argparse.Namespace) -> int:
     from mm1.experiments.scaling import run_hparams
 
-    base = str(preset_path(args.base or "tiny"))
-    load_config(base)  # fail early on a bad preset
+    base = str(preset_path(args.base)) if args.base else ""
+    if base:
+        load_config(base)  # fail early on a bad preset
     out = args.out or Path("runs") / f"hparams-{args.budget}"
     report = run_hparams(args.budget, out, _runner(args), base, keep_going=args.keep_going,
                          log=lambda s: print(s, file=sys.stderr))

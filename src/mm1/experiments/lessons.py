@@ -1,7 +1,8 @@
 """`mm1 lessons`: MM1's ablations re-measured on the synthetic world, each beside the paper's claim.
 
-Every lesson is an ablation spec in `configs/lessons/<name>.yaml` with a `lesson:` block (the paper's
-claim, the baseline arm, and the pre-registered claims that test it); a budget file
+Every lesson is an ablation spec (the schema of `mm1 ablate`) in `configs/lessons/<name>.yaml` whose
+`lesson:` block holds the paper's claim, the baseline arm and the pre-registered claims that test it;
+a budget file
 (`configs/lessons/budget-<b>.yaml`) supplies the base preset, run lengths, seeds and evaluation for
 all of them (a lesson's own `overrides` / `stage_overrides` are appended; `by_budget: {small: {...}}`
 replaces top-level keys, e.g. the axis values, for one budget). The lessons' points are pooled and
@@ -124,7 +125,7 @@ def parse_claim(c: Any, labels: list[str], where: str) -> Claim:
 
 
 def _merge_budget(body: dict, budget: dict, budget_name: str) -> dict:
-    spec = {k: v for k, v in budget.items() if k != "lesson_overrides"}
+    spec = dict(budget)
     for k, v in body.items():
         if k in ("overrides", "stage_overrides"):
             continue
@@ -152,8 +153,7 @@ def load_lessons(budget: str = "tiny", directory: Path = LESSON_DIR, only: list[
         if path.name.startswith("budget-"):
             continue
         body = yaml.safe_load(path.read_text()) or {}
-        meta = body.pop("lesson", None)
-        if not isinstance(meta, dict):
+        if not isinstance(body.get("lesson"), dict):
             raise ConfigError(f"{path}: needs a `lesson:` block (number, title, paper, baseline, claims)")
         if only and path.stem not in only:
             continue
@@ -163,6 +163,7 @@ def load_lessons(budget: str = "tiny", directory: Path = LESSON_DIR, only: list[
         if base and not Path(base).is_absolute():  # budget paths are relative to the budget file
             data["base"] = str((directory / base).resolve())
         spec = parse_spec(data, path)
+        meta = spec.lesson
         if len(spec.axes) != 1:
             raise ConfigError(f"{path}: a lesson varies exactly one axis (or one paired group), found {len(spec.axes)}")
         if len(spec.seeds) < MIN_SEEDS:

@@ -5,8 +5,9 @@ each size and fitted log η = a·ln N + b with a = −0.4214, b = −0.5535 (and
 does the same at the sizes a machine can afford: short text-only pre-training runs with the image
 encoder and connector frozen, so N is the language model's trainable parameter count (what
 `mm1.train.optim` uses for the law). Weight decay has the trainer's meaning: `train.weight_decay` = λ =
-ratio·η, the decoupled per-step decay (torch AdamW gets λ/η = ratio). The grid is an ordinary ablation sweep (`size` x `lr`
-paired axes, resumable, with its own report); this module then
+ratio·η, the decoupled per-step decay (torch AdamW gets λ/η = ratio). The grid is an ordinary
+ablation spec, `configs/hparams/budget-<name>.yaml` with paired axes `size` x `lr` (resumable, with
+its own sweep report); this module then
 - picks the best LR per size from the final training loss (mean over seeds), refined by a parabola
   through the grid minimum and its neighbours in log-LR (flagged when the minimum sits at the grid's edge),
 - fits a, b by least squares (numpy), and plots the measured optima, the fit and the paper's line,
@@ -23,60 +24,60 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mm1.config import PRESETS_DIR
 from mm1.experiments import report as R
-from mm1.experiments.ablate import AblationSpec, parse_spec
+from mm1.experiments.ablate import AblationSpec, load_spec
+from mm1.registry import ConfigError
 from mm1.experiments.sweep import stage_dir
 from mm1.train.optim import LAW_INTERCEPT, LAW_SLOPE, WD_RATIO, mm1_lr
 
 
+HPARAMS_DIR = PRESETS_DIR / "hparams"  # budget-<name>.yaml: ablation specs with a `size` and an `lr` axis
+BUDGETS = ("tiny", "small")
+
+
 @dataclass
-class HparamBudget:
-    sizes: dict[str, dict[str, int]]  # label -> model.lm fields
+class Grid:
+    """What the analysis needs from an hparams spec: its `size` labels and its (lr, λ/η) cells."""
+
+    sizes: list[str]
     lrs: list[float]
     wd_ratios: list[float]  # decoupled weight decay λ = ratio * lr (train.weight_decay)
-    steps: int
+    cells: dict[tuple[float, float], str]  # (lr, ratio) -> the `lr` axis label of that cell
     seeds: list[int]
-    overrides: list[str]
+
+    def label(self, lr: float, ratio: float) -> str | None:
+        return self.cells.get((lr, ratio))
 
 
-_TEXT_ONLY = ["data.sources.caption.weight=0", "data.sources.interleaved.weight=0", "data.sources.text.weight=1",
-              "train.freeze_vision=true", "train.freeze_connector=true"]
-_SMALL_VISION = ["model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2", "model.vision.mlp_dim=64",
-                 "model.connector.kind=avgpool", "model.connector.num_tokens=4"]
-
-BUDGETS = {
-    "tiny": HparamBudget(
-        sizes={"xs": dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=88),
-               "s": dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=172),
-               "m": dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=344)},
-        lrs=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], wd_ratios=[WD_RATIO], steps=60, seeds=[0],
-        overrides=_TEXT_ONLY + _SMALL_VISION + ["data.seq_len=128", "data.batch_size=8", "train.warmup_steps=6"]),
-    "small": HparamBudget(
-        sizes={"xs": dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=172),
-               "s": dict(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=344),
-               "m": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=688),
-               "l": dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024)},
-        lrs=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], wd_ratios=[0.0, WD_RATIO], steps=200, seeds=[0, 1],
-        overrides=_TEXT_ONLY + _SMALL_VISION + ["data.seq_len=256", "data.batch_size=8", "train.warmup_steps=20"]),
-}
+def load_budget(name: str, base: str = "") -> AblationSpec:
+    """`configs/hparams/budget-<name>.yaml`, its base preset replaced by `base` when given."""
+    path = HPARAMS_DIR / f"budget-{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--budget {name!r}: no {path}; budgets: {', '.join(BUDGETS)}")
+    spec = load_spec(path)
+    if base:
+        spec.base = str(Path(base).resolve())
+    return spec
 
 
-def cell_label(budget: HparamBudget, lr: float, ratio: float) -> str:
-    """How a grid cell is named: `0.004`, or `0.004,wd=0.1` when weight decay is gridded too."""
-    return f"{lr:g}" if len(budget.wd_ratios) == 1 else f"{lr:g},wd={ratio:g}"
-
-
-def grid_spec(budget: HparamBudget, base: str, name: str = "hparams") -> AblationSpec:
-    """The LR x weight-decay x size grid as an ablation spec (one run per cell and seed)."""
-    fields = list(next(iter(budget.sizes.values())))
-    size = {"labels": list(budget.sizes)} | {f"model.lm.{f}": [s[f] for s in budget.sizes.values()] for f in fields}
-    cells = [(lr, r) for lr in budget.lrs for r in budget.wd_ratios]
-    lr_wd = {"labels": [cell_label(budget, lr, r) for lr, r in cells],
-             "train.lr": [float(lr) for lr, _ in cells], "train.weight_decay": [float(lr * r) for lr, r in cells]}
-    return parse_spec({"name": name, "base": base, "seeds": budget.seeds, "stages": ["pretrain"],
-                       "overrides": budget.overrides + [f"train.steps={budget.steps}", f"train.save_every={budget.steps}",
-                                                        "train.keep_last=1"],
-                       "paired": {"size": size, "lr": lr_wd}, "eval": {"after": []}})
+def grid_of(spec: AblationSpec) -> Grid:
+    """The grid of an hparams spec: paired axes `size` (model.lm fields) and `lr` (train.lr and, optionally,
+    train.weight_decay; without it λ = 0.1·η as in MM1)."""
+    axes = {ax.name: ax for ax in spec.axes}
+    if sorted(axes) != ["lr", "size"] or "train.lr" not in axes["lr"].keys:
+        raise ConfigError(f"hparams spec {spec.source}: needs exactly two paired axes, `size` (model.lm fields) and "
+                          f"`lr` (train.lr, optionally train.weight_decay); found {sorted(axes)}")
+    lr_axis = axes["lr"]
+    i_lr = lr_axis.keys.index("train.lr")
+    i_wd = lr_axis.keys.index("train.weight_decay") if "train.weight_decay" in lr_axis.keys else None
+    cells = {}
+    for label, values in zip(lr_axis.labels, lr_axis.values):
+        lr = float(values[i_lr])
+        ratio = round(float(values[i_wd]) / lr, 9) if i_wd is not None else WD_RATIO
+        cells[(lr, ratio)] = label
+    return Grid(list(axes["size"].labels), sorted({lr for lr, _ in cells}), sorted({r for _, r in cells}), cells,
+                list(spec.seeds))
 
 
 def best_lr(lrs: list[float], losses: list[float]) -> tuple[float, bool]:
@@ -136,7 +137,7 @@ def _n_params(run_dir: Path) -> int | None:
     return None
 
 
-def analyse(budget: HparamBudget, spec: AblationSpec, points: list, records: dict[str, dict], out: Path) -> dict[str, Any]:
+def analyse(grid: Grid, points: list, records: dict[str, dict], out: Path) -> dict[str, Any]:
     """Best (lr, wd) per size, the fitted law, the plots and the report section; returns the law dict."""
     from mm1.experiments.results import aggregate, point_rows
 
@@ -144,15 +145,15 @@ def analyse(budget: HparamBudget, spec: AblationSpec, points: list, records: dic
     agg = {(a["labels"]["size"], a["labels"]["lr"]): a for a in aggregate(rows, ["size", "lr"])
            if a["column"] == "pretrain loss"}
     sizes, table, curves = [], [], {}
-    for label in budget.sizes:
+    for label in grid.sizes:
         n = next((_n_params(stage_dir(p, out, "pretrain")) for p in points
                   if p.labels["size"] == label and p.run in records and "failed" not in records[p.run]), None)
         best = None
-        for ratio in budget.wd_ratios:
-            cells = [agg.get((label, cell_label(budget, lr, ratio))) for lr in budget.lrs]
+        for ratio in grid.wd_ratios:
+            cells = [agg.get((label, grid.label(lr, ratio))) for lr in grid.lrs]
             losses = [c["mean"] if c else math.nan for c in cells]
-            curves[f"{label} (wd {ratio:g}·lr)"] = (budget.lrs, losses)
-            lr, edge = best_lr(budget.lrs, losses)
+            curves[f"{label} (wd {ratio:g}·lr)"] = (grid.lrs, losses)
+            lr, edge = best_lr(grid.lrs, losses)
             low = np.nanmin(losses) if np.isfinite(losses).any() else math.nan
             if best is None or low < best[3]:
                 best = (lr, edge, ratio, low)
@@ -172,14 +173,14 @@ def analyse(budget: HparamBudget, spec: AblationSpec, points: list, records: dic
     return law
 
 
-def write_hparams_report(budget: HparamBudget, law: dict[str, Any], out: Path, wall: float) -> Path:
+def write_hparams_report(grid: Grid, steps: int, law: dict[str, Any], out: Path, wall: float) -> Path:
     """`lr_law.json`, `plots/lr-law.png`, `plots/loss-vs-lr.png` and `hparams.md`."""
-    lines = ["# Learning-rate law", "", f"Text-only pre-training runs of {budget.steps} steps, seeds {budget.seeds}, "
+    lines = ["# Learning-rate law", "", f"Text-only pre-training runs of {steps} steps, seeds {grid.seeds}, "
              "image encoder and connector frozen (N = the language model's trainable parameters). "
              f"Loss = final training loss (mean of the last 10 % of steps). Wall time {R.format_seconds(wall)}.", ""]
     fig_curves = {k: v for k, v in law["curves"].items()}
     png = _plot_loss_vs_lr(fig_curves, out / "plots" / "loss-vs-lr.png")
-    lines += [R.write_table(["size", "N", "λ / η", *[f"lr {lr:g}" for lr in budget.lrs], "best lr"], law["table"]),
+    lines += [R.write_table(["size", "N", "λ / η", *[f"lr {lr:g}" for lr in grid.lrs], "best lr"], law["table"]),
               R.image_link(png, out, "final loss vs peak LR"), ""]
     if "a" in law:
         s = law["sizes"]
@@ -222,7 +223,7 @@ def _plot_loss_vs_lr(curves: dict[str, tuple[list[float], list[float]]], path: P
     return R.save_figure(fig, path)
 
 
-def run_hparams(budget_name: str, out: Path, runner: Any, base: str, keep_going: bool = False,
+def run_hparams(budget_name: str, out: Path, runner: Any, base: str = "", keep_going: bool = False,
                 log: Callable[[str], None] = print) -> Path:
     """Run the grid (resumable), write the sweep report, then the LR-law report and `lr_law.json`."""
     import time
@@ -232,14 +233,15 @@ def run_hparams(budget_name: str, out: Path, runner: Any, base: str, keep_going:
     from mm1.experiments.sweep import run_sweep, write_commands
 
     t0 = time.perf_counter()
-    budget = BUDGETS[budget_name]
-    spec = grid_spec(budget, base, name=f"hparams-{budget_name}")
+    spec = load_budget(budget_name, base)
+    grid = grid_of(spec)
     points = expand(spec)
     out.mkdir(parents=True, exist_ok=True)
     write_commands(points, out)
-    log(f"mm1 hparams: {len(budget.sizes)} sizes x {len(budget.lrs)} LRs x {len(budget.wd_ratios)} weight decays "
-        f"x {len(budget.seeds)} seeds = {len(points)} runs -> {out}")
+    log(f"mm1 hparams: {len(grid.sizes)} sizes x {len(grid.lrs)} LRs x {len(grid.wd_ratios)} weight decays "
+        f"x {len(grid.seeds)} seeds = {len(points)} runs -> {out}")
     records = run_sweep(points, out, runner, keep_going=keep_going, log=log)
     write_sweep_report(spec, points, build_summary(spec, points, records, out, time.perf_counter() - t0), out)
-    law = analyse(budget, spec, points, records, out)
-    return write_hparams_report(budget, law, out, time.perf_counter() - t0)
+    law = analyse(grid, points, records, out)
+    steps = points[0].configs["pretrain"].train.steps
+    return write_hparams_report(grid, steps, law, out, time.perf_counter() - t0)
