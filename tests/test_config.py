@@ -121,6 +121,6 @@ def test_the_config_layer_imports_no_component_package():
     tree = ast.parse(Path(mm1.config.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    above = {m for m in imported if m.split(".")[:2] in (["mm1", p] for p in ("models", "data", "train", "eval",
+    above = {m for m in imported if m.split(".")[:2] in (["mm1", p] for p in ("models", "train", "eval",
                                                                                "experiments", "export"))}
     assert not above, f"mm1.config imports {sorted(above)}; a component's rules belong with it (mm1.registry)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import textwrap
 
+from mm1 import registry
 from mm1.models import connectors, vision
 from mm1.models.registry import CONNECTORS
 
@@ -20,9 +21,10 @@ MODULE = "modeling_mm1_llava"
 MODEL_TYPE = "mm1_llava"
 
 # What the connector classes need, in dependency order.
+_FROM_REGISTRY = [registry.check]  # the rule helper the connectors' own checks call
 _FROM_VISION = [vision.interpolate_grid_embeddings, vision.regrid_on_load]
-_FROM_CONNECTORS = [connectors._pair, connectors.infer_grid, connectors._pooled_side, connectors.OutputNorm,
-                    connectors.readout,
+_FROM_CONNECTORS = [connectors._pair, connectors.infer_grid, connectors._pooled_side, connectors._check_heads,
+                    connectors.OutputNorm, connectors.readout,
                     connectors._Connector, connectors.MLPConnector, connectors.AvgPoolConnector,
                     connectors.AttnPoolConnector, connectors.LayerNorm2d, connectors.SqueezeExcite,
                     connectors.RegBottleneck, connectors.reg_stage, connectors.CAbstractor]
@@ -95,7 +97,7 @@ def modeling_source() -> str:
     unlisted = [n for n in CONNECTORS.names() if CONNECTORS.get(n) not in _FROM_CONNECTORS]
     if unlisted:  # a connector added to mm1 but not here: its class would be missing from the file
         raise RuntimeError(f"mm1.export.hf_remote: add the source of connector(s) {unlisted} to _FROM_CONNECTORS")
-    parts = [_HEADER] + [_source(f) for f in _FROM_VISION + _FROM_CONNECTORS]
+    parts = [_HEADER] + [_source(f) for f in _FROM_REGISTRY + _FROM_VISION + _FROM_CONNECTORS]
     table = ", ".join(f'"{name}": {CONNECTORS.get(name).__name__}' for name in CONNECTORS.names())
     parts.append(f"CONNECTORS = {{{table}}}\n")
     parts.append(_GLUE.format(model_type=MODEL_TYPE))
