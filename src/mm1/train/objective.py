@@ -35,7 +35,7 @@ class ObjectiveOutput(TypedDict):
     loss_sum: torch.Tensor  # scalar: the loss summed over `units(batch)` units
     metrics: dict[str, torch.Tensor]  # scalars averaged over micro-steps and ranks (retrieval_acc, moe_*)
     aux_loss: NotRequired[torch.Tensor]  # scalar added once per micro-step (MoE balance); absent = none
-    per_source: NotRequired[torch.Tensor]  # [2, len(SOURCE_KINDS)]: loss sums and unit counts per data kind
+    per_source: NotRequired[torch.Tensor]  # [2, len(KINDS.names())]: loss sums and unit counts per data kind
 
 
 class StageObjective(Protocol):
