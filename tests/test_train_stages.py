@@ -175,3 +175,27 @@ def test_a_non_finite_loss_is_caught(mode, tiny_world, tmp_path, monkeypatch):
         train(cfg, out)
         rows = read_metrics(out)
         assert [r.get("skipped", False) for r in rows] == [False, False, True, False]
+
+
+@pytest.mark.parametrize("stage, objective", [("pretrain", "clip"), ("sft", "clip"), ("encoder", "clip"),
+                                              ("encoder", "siglip"), ("encoder", "aim")])
+def test_every_stage_objective_returns_one_structure_and_counts_its_units(stage, objective, tiny_world):
+    from mm1.data.inputs import resolve_inputs
+    from mm1.data.loader import build_loader
+
+    cfg = cfg_for(tiny_world, f"train.stage={stage}", f"train.encoder_objective={objective}")
+    inputs = resolve_inputs(cfg)
+    cfg.model.image_token_id = inputs.tokenizer.image_id
+    torch.manual_seed(0)
+    module = build_stage_module(cfg, inputs.tokenizer.vocab_size, set(inputs.tokenizer.special_ids), DistEnv(), "single")
+    batch = next(iter(build_loader(cfg, inputs)))
+    out = module(batch)
+    assert {"loss_sum", "metrics"} <= set(out) <= {"loss_sum", "metrics", "aux_loss", "per_source"}
+    assert out["loss_sum"].shape == () and out["loss_sum"].requires_grad and torch.isfinite(out["loss_sum"])
+    assert all(v.shape == () for v in out["metrics"].values())
+    if stage == "encoder":  # a batch-level loss: one unit per micro-batch
+        assert module.units(batch) == 1 and "per_source" not in out
+    else:  # a token-level loss: the sum over every target token, and per data kind
+        n = int((batch["targets"] != -100).sum())
+        assert module.units(batch) == n and out["per_source"][1].sum() == n
+        assert float(out["per_source"][0].sum()) == pytest.approx(float(out["loss_sum"].detach()), rel=1e-5)
