@@ -47,7 +47,7 @@ def test_config_round_trips_through_a_dict():
         ("model.lm.n_heads=3", "model.lm.n_heads=3", "must divide model.lm.dim=256"),
         ("model.lm.n_kv_heads=3", "model.lm.n_kv_heads=3", "must divide model.lm.n_heads=4"),
         ("model.connector.num_tokens=20", "model.connector.num_tokens=20", "mlp connector keeps every patch"),
-        ("train.stage=finetune", "train.stage='finetune'", "must be one of encoder, pretrain, sft"),
+        ("train.stage=finetune", "train.stage='finetune'", "allowed: encoder, pretrain, sft"),
         ("data.sources.caption.weight=-1", "data.sources.caption.weight=-1", "must be >= 0"),
     ],
 )

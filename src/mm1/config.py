@@ -459,8 +459,6 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= d.max_skip_rate <= 1.0, "data.max_skip_rate", d.max_skip_rate, "must be in [0, 1]")
 
     t = cfg.train
-    _one_of("train.stage", t.stage, ["encoder", "pretrain", "sft"])
-    _one_of("train.encoder_objective", t.encoder_objective, ["clip", "siglip", "aim"])
     _one_of("train.strategy", t.strategy, ["auto", "single", "ddp", "fsdp"])
     _one_of("train.precision", t.precision, ["auto", "fp32", "bf16"])
     _one_of("train.nonfinite", t.nonfinite, ["stop", "skip"])

@@ -30,6 +30,8 @@ from mm1.models.registry import ENCODERS
 from mm1.train.distributed import DistEnv, gather_with_grad
 from mm1.train.objective import ObjectiveOutput
 
+OBJECTIVES = ("clip", "siglip", "aim")  # train.encoder_objective
+
 
 class TextTower(nn.Module):
     """A small bidirectional transformer over token ids; mean pooling over the valid tokens."""

@@ -1,10 +1,12 @@
 """What each stage trains and where its weights start: the module the trainer optimises.
 
+The stages are registered by name in `STAGES` (`train.stage` picks one):
 - `encoder`: `EncoderPretrainer` (ViT + text tower or AIM head), see `mm1.train.encoder`;
 - `pretrain` / `sft`: the MLLM inside `MLLMObjective`, which returns per-token loss *sums* so the
   trainer can normalise by the token count of the whole global batch (exactly what one process
   with the same global batch computes, whatever the split over ranks and micro-steps).
-Both return `mm1.train.objective.ObjectiveOutput`.
+Both return `mm1.train.objective.ObjectiveOutput`; the trainer reads a stage's `Stage` entry, never
+its name.
 
 Initialisation order: random (seeded) -> HF weights (`model.*.hf_path`, by `build_model`) ->
 `train.init_from` (an encoder run gives the ViT only; a pretrain/SFT run gives the whole model, the
@@ -14,15 +16,19 @@ ViT's position embeddings re-gridded when `model.vision.image_size` changed) -> 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from mm1.config import Config
 from mm1.data.kinds import KINDS
+from mm1.registry import Registry, at_key, one_of
 from mm1.train.checkpoint import (CheckpointError, read_checkpoint_weights, read_config, resolve_checkpoint,
                                   verify_checkpoint)
 from mm1.train.distributed import DistEnv
+from mm1.train.encoder import OBJECTIVES, EncoderPretrainer
 from mm1.train.objective import ObjectiveOutput
 
 log = logging.getLogger("mm1.train")
@@ -92,8 +98,9 @@ def load_init(model: nn.Module, vision: nn.Module, cfg: Config) -> None:
     if src_cfg.model.vision.image_size != new_size:
         state = resize_position_embeddings(state, new_size)
         log.info("init: ViT position embeddings re-gridded %d px -> %d px", src_cfg.model.vision.image_size, new_size)
-    whole = src_cfg.train.stage != "encoder" and cfg.train.stage != "encoder"
-    same_encoder = (src_cfg.train.stage == cfg.train.stage == "encoder"
+    src_mllm, mllm = STAGES.get(src_cfg.train.stage).trains_mllm, STAGES.get(cfg.train.stage).trains_mllm
+    whole = src_mllm and mllm
+    same_encoder = (src_cfg.train.stage == cfg.train.stage and not mllm
                     and src_cfg.train.encoder_objective == cfg.train.encoder_objective)
     if whole or same_encoder:
         target, part = model, state
@@ -120,6 +127,53 @@ def apply_freeze(model: nn.Module, cfg: Config) -> dict[str, bool]:
     return {k: v for k, v in flags.items() if hasattr(model, k)}
 
 
+@dataclass(frozen=True)
+class Stage:
+    """How the trainer runs one `train.stage`."""
+
+    # (cfg, vocab_size, special_ids, env, strategy, encode, weights) ->
+    #   (the module the trainer optimises, the model init_from and freezing apply to, its ViT)
+    build: Callable[..., tuple[nn.Module, nn.Module, nn.Module]]
+    # an MLLM inside `MLLMObjective`: built on the meta device and materialised shard by shard, its
+    # weights checkpointed under `mllm.`, the image probe (loss_shuffled) and MFU apply
+    trains_mllm: bool
+
+    @property
+    def checkpoint_prefix(self) -> str:
+        return "mllm." if self.trains_mllm else ""
+
+
+STAGES: Registry[Stage] = Registry("training stage", "train.stage", at_key("train.stage"))
+
+
+@STAGES.validates
+def _check_encoder_objective(cfg: Config) -> None:
+    one_of("train.encoder_objective", cfg.train.encoder_objective, OBJECTIVES)
+
+
+def _build_encoder(cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str, encode: Any,
+                   weights: bool) -> tuple[nn.Module, nn.Module, nn.Module]:
+    module = EncoderPretrainer(cfg, vocab_size, special_ids, env, encode)
+    if cfg.model.vision.hf_path and weights:
+        from mm1.models.hf_vision import load_hf_vision_into
+
+        load_hf_vision_into(module.vision, cfg.model.vision.hf_path)
+    return module, module, module.vision
+
+
+def _build_mllm(cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str, encode: Any,
+                weights: bool) -> tuple[nn.Module, nn.Module, nn.Module]:
+    from mm1.models.build import build_model
+
+    mllm = build_model(cfg.model, weights=weights)
+    return MLLMObjective(mllm, needs_vision_every_step=strategy in ("ddp", "fsdp")), mllm, mllm.vision
+
+
+STAGES.register("encoder")(Stage(_build_encoder, trains_mllm=False))
+STAGES.register("pretrain")(Stage(_build_mllm, trains_mllm=True))
+STAGES.register("sft")(Stage(_build_mllm, trains_mllm=True))
+
+
 def build_stage_module(cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str,
                        encode=None, weights: bool = True) -> nn.Module:
     """The module the trainer optimises for `cfg.train.stage`, initialised and frozen as configured.
@@ -127,21 +181,8 @@ def build_stage_module(cfg: Config, vocab_size: int, special_ids: set[int], env:
 
     `weights=False` (an MLLM stage built on the meta device) skips HF weights and `train.init_from`:
     `load_stage_weights` applies them once the module is materialised."""
-    if cfg.train.stage == "encoder":
-        from mm1.train.encoder import EncoderPretrainer
-
-        module = EncoderPretrainer(cfg, vocab_size, special_ids, env, encode)
-        if cfg.model.vision.hf_path:
-            from mm1.models.hf_vision import load_hf_vision_into
-
-            load_hf_vision_into(module.vision, cfg.model.vision.hf_path)
-        inner, vision = module, module.vision
-    else:
-        from mm1.models.build import build_model
-
-        inner = build_model(cfg.model, weights=weights)
-        vision = inner.vision
-        module = MLLMObjective(inner, needs_vision_every_step=strategy in ("ddp", "fsdp"))
+    module, inner, vision = STAGES.get(cfg.train.stage).build(cfg, vocab_size, special_ids, env, strategy, encode,
+                                                              weights)
     if cfg.train.init_from and weights:
         load_init(inner, vision, cfg)
     frozen = apply_freeze(inner, cfg)

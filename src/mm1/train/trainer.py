@@ -38,7 +38,7 @@ from mm1.train.materialise import loading_into_shards, peak_rss_mb, reset_peak_r
 from mm1.train.materialise import materialise as materialise_module
 from mm1.train.resume_guard import check_resume
 from mm1.train.run_dir import RunDirLock
-from mm1.train.stages import build_stage_module, load_stage_weights
+from mm1.train.stages import STAGES, build_stage_module, load_stage_weights
 
 log = logging.getLogger("mm1.train")
 
@@ -75,8 +75,8 @@ class Trainer:
         t = self.cfg.train
         self.strategy = resolve_strategy(t.strategy, env.world_size)
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and env.device.type == "cuda")
-        self.encoder_stage = t.stage == "encoder"
-        self.prefix = "" if self.encoder_stage else "mllm."
+        self.stage = STAGES.get(t.stage)
+        self.prefix = self.stage.checkpoint_prefix
         self.last_ckpt: Path | None = None
 
     # ------------------------------------------------------------------ setup
@@ -103,7 +103,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, t)
         self.loader = ShardedLoader(cfg, self.inputs, env.rank, env.world_size)
         self.probe = None
-        if t.eval_every > 0 and not self.encoder_stage:
+        if t.eval_every > 0 and self.stage.trains_mllm:
             from mm1.train.probe import ImageProbe
 
             self.probe = ImageProbe(cfg, self.inputs, env)
@@ -121,7 +121,7 @@ class Trainer:
         cfg, env, t, tok = self.cfg, self.env, self.cfg.train, self.tokenizer
         args = (cfg, tok.vocab_size, set(tok.special_ids), env, self.strategy, tok.encode)
         materialise = None
-        if self.encoder_stage:
+        if not self.stage.trains_mllm:
             module = build_stage_module(*args).to(env.device)
         else:
             with torch.device("meta"):
@@ -300,7 +300,7 @@ class Trainer:
                           "step_time_s": dt}
                 if self.env.device.type == "cuda":
                     record["max_mem_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
-                if self.peak and not self.encoder_stage:
+                if self.peak and self.stage.trains_mllm:
                     flops = self.flops.per_step(int(record["tokens"]), int(record["images"]))
                     record["mfu"] = flops / dt / (self.peak * self.env.world_size)
                 if not finite:
