@@ -11,7 +11,6 @@ registries, then runs every selected entry's rules.
 from __future__ import annotations
 
 import importlib
-import math
 from operator import attrgetter
 from typing import Any, Callable, Generic, TypeVar
 
@@ -34,17 +33,6 @@ def check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def one_of(key: str, value: str, allowed: list[str] | tuple[str, ...]) -> None:
     check(value in allowed, key, value, f"must be one of {', '.join(allowed)}")
-
-
-def divides(key: str, value: int, whole_key: str, whole: int, what: str = "") -> None:
-    check(value > 0 and whole % value == 0, key, value, f"must divide {whole_key}={whole}{what}")
-
-
-def is_square(key: str, value: int, why: str) -> int:
-    """sqrt(value), or ConfigError naming `why` it must be a perfect square."""
-    root = math.isqrt(value)
-    check(root * root == value, key, value, f"must be a perfect square {why}, e.g. 16, 64, 144")
-    return root
 
 
 class Registry(Generic[T]):
