@@ -462,7 +462,6 @@ def validate(cfg: Config) -> None:
     _one_of("train.strategy", t.strategy, ["auto", "single", "ddp", "fsdp"])
     _one_of("train.precision", t.precision, ["auto", "fp32", "bf16"])
     _one_of("train.nonfinite", t.nonfinite, ["stop", "skip"])
-    _one_of("train.wandb_mode", t.wandb_mode, ["offline", "online", "disabled"])
     _check(t.steps > 0, "train.steps", t.steps, "must be positive")
     _check(t.lr is None or (math.isfinite(t.lr) and t.lr > 0), "train.lr", t.lr,
            "must be > 0 (allowed: (0, inf)), or unset for the MM1 law")

@@ -18,7 +18,7 @@ T = TypeVar("T")
 Check = Callable[[Any], None]  # fn(cfg: mm1.config.Config) -> None, raises ConfigError
 
 # the packages whose import fills the registries a config selects from
-HOMES = ("mm1.models", "mm1.train.stages", "mm1.eval.tasks")
+HOMES = ("mm1.models", "mm1.train.stages", "mm1.train.loggers", "mm1.eval.tasks")
 
 
 class ConfigError(ValueError):

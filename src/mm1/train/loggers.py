@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mm1.config import Config, to_dict
-from mm1.registry import ConfigError, Registry
+from mm1.registry import ConfigError, Registry, one_of
 
 
 class Sink(Protocol):
@@ -27,7 +27,12 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-LOGGERS: Registry[type] = Registry("experiment logger", "train.loggers")
+LOGGERS: Registry[type] = Registry("experiment logger", "train.loggers", lambda cfg: list(cfg.train.loggers))
+
+
+@LOGGERS.validates
+def _check_wandb_mode(cfg: Config) -> None:
+    one_of("train.wandb_mode", cfg.train.wandb_mode, ("offline", "online", "disabled"))
 
 
 def _clean(v: Any) -> Any:
