@@ -134,6 +134,20 @@ def test_probe_benchmark_reports_an_accuracy_and_a_chance_level_per_attribute(ti
         assert set(table) == {"colour", "shape", "count", "position"} and all(0 <= v <= 100 for v in table.values())
 
 
+def test_learnability_benchmark_trains_each_arm_on_the_same_scenes(capsys: pytest.CaptureFixture[str]) -> None:
+    last = run_bench("learnability.py", "--steps", "4", "--every", "2", "--train-images", "48", "--test-images", "24",
+                     "--arm", "model.vision.depth=1", "--arm", "model.vision.depth=1,model.vision.pos_init_std=0.02",
+                     capsys=capsys)[-1]
+    assert last["attribute"] == "shape" and 0 < last["chance"] <= 100
+    arms = last["arms"]
+    assert list(arms) == ["model.vision.depth=1", "model.vision.depth=1,model.vision.pos_init_std=0.02"]
+    for arm in arms.values():
+        assert [c["step"] for c in arm["curve"]] == [2, 4] and arm["accuracy"] == arm["curve"][-1]["accuracy"]
+    # same seed, same scenes, different init: the two arms must not train identically
+    assert [c["loss"] for c in arms["model.vision.depth=1"]["curve"]] != \
+        [c["loss"] for c in arms["model.vision.depth=1,model.vision.pos_init_std=0.02"]["curve"]]
+
+
 def test_world_benchmark_reports_build_seconds_and_the_manifest(capsys: pytest.CaptureFixture[str]) -> None:
     last = run_bench("world.py", "--size", "tiny", "--scale", "0.03", "--workers", "1", capsys=capsys)[-1]
     assert last["seconds"] > 0 and last["size"] == "tinyx0.03"

@@ -141,3 +141,21 @@ def test_builds_on_the_meta_device_with_the_same_parameter_count():
     meta.reset_parameters()
     out = meta(torch.randn(1, 3, 28, 28))
     assert out.shape == (1, 4, 32) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("std", [1.0, 0.02])
+def test_position_embeddings_start_at_the_configured_scale(std):
+    vit = ViT(tiny(width=64, image_size=64, pos_init_std=std))  # 64 positions x 64 channels
+    pos = vit.pos_embed.detach()
+    assert abs(float(pos.std()) - std) < 0.05 * std
+    with torch.no_grad():
+        content = vit.patch_embed(torch.randn(4, 3, 64, 64)).std()  # unit-variance pixels
+    if std == 1.0:  # the default starts at the patch embeddings' own scale
+        assert 0.5 < float(pos.std() / content) < 2.0
+
+
+def test_position_init_scale_must_be_positive():
+    from mm1.config import load_config, preset_path
+
+    with pytest.raises(ConfigError, match="model.vision.pos_init_std"):
+        load_config(preset_path("tiny"), ["model.vision.pos_init_std=0"])

@@ -46,6 +46,10 @@ class VisionConfig:
     post_norm: bool = True  # final LayerNorm over the returned features
     norm_eps: float = 1e-5
     feature_layer: int = -1  # which block's output feeds the connector (-2 = LLaVA's penultimate)
+    # std of the learned position embeddings at init: 1.0 = the patch embeddings' own scale. The
+    # common 0.02 leaves them ~50x below the content and the tiny ViT then hardly learns shape
+    # (benchmarks/learnability.py, docs/grounding.md). Ignored when weights are loaded.
+    pos_init_std: float = 1.0
     mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
     std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     hf_path: str = ""  # local HF CLIPVisionModel / SiglipVisionModel dir to load weights from
@@ -415,7 +419,8 @@ def _check_ranges(cfg: Config) -> None:
                        ("train.eval_every", t.eval_every),
                        ("eval.limit", e.limit)]:
         _at_least(key, value, 0)
-    for key, value in [("model.vision.norm_eps", v.norm_eps), ("model.lm.norm_eps", lm.norm_eps),
+    for key, value in [("model.vision.norm_eps", v.norm_eps), ("model.vision.pos_init_std", v.pos_init_std),
+                       ("model.lm.norm_eps", lm.norm_eps),
                        ("model.lm.rope_theta", lm.rope_theta)]:
         _check(math.isfinite(value) and value > 0, key, value, "must be > 0 (allowed: (0, inf))")
     _check(len(t.betas) == 2, "train.betas", t.betas, "needs two values (beta1, beta2)")

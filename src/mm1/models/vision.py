@@ -131,7 +131,11 @@ class ViT(nn.Module):
         return self.cfg.grid
 
     def reset_parameters(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # Position embeddings start at the scale of the patch embeddings (unit variance per channel
+        # for normalised pixels, see below) by default: `pos_init_std` (config.py says why).
+        # (Plain normal: torch's rejection-sampled trunc_normal_ at +-2 std is not reproducible under
+        # the per-parameter seeded init of mm1.train.materialise.)
+        nn.init.normal_(self.pos_embed, std=self.cfg.pos_init_std)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
