@@ -76,6 +76,16 @@ def test_the_renamed_world_size_key_names_its_new_name(tmp_path):
     assert load_config(CONFIGS / "tiny.yaml", ["data.world_preset=small"]).data.world_preset == "small"
 
 
+def test_a_checkpoint_saved_before_the_rename_still_loads_its_config(tmp_path):
+    from mm1.config import to_yaml
+    from mm1.train.checkpoint import read_config
+
+    text = to_yaml(load_config(CONFIGS / "tiny.yaml", ["data.world_preset=small"]))
+    assert "world_preset: small" in text
+    (tmp_path / "config.yaml").write_text(text.replace("world_preset: small", "world_size: small"))
+    assert read_config(tmp_path).data.world_preset == "small"  # written by an older mm1: migrated
+
+
 def test_override_without_equals_sign_is_refused():
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(CONFIGS / "tiny.yaml", ["model.lm.dim"])

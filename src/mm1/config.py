@@ -9,6 +9,7 @@ are OmegaConf structured configs; the semantic checks (`validate`) run once at l
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from importlib import resources
@@ -330,6 +331,20 @@ def _refuse_renamed(tree: Any, where: str) -> None:
             node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
         if node is not _ABSENT:
             raise ConfigError(f"{old}={node!r} (in {where}): the key was renamed; write {new}={node} instead")
+
+
+def migrate_renamed(tree: dict) -> dict:
+    """A config written by an older mm1 (a checkpoint's config.yaml) with each renamed key moved to its
+    new name: a run saved before a rename still loads and resumes. Hand-written configs keep the error."""
+    tree = copy.deepcopy(tree)
+    for old, new in RENAMED.items():
+        *parents, leaf = old.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[new.split(".")[-1]] = node.pop(leaf)
+    return tree
 
 
 _ABSENT = object()

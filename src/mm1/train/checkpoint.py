@@ -443,12 +443,12 @@ def load_training_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Opt
 
 def read_config(ckpt: Path) -> Config:
     """The resolved config a checkpoint was written with."""
-    from mm1.config import config_from_dict
+    from mm1.config import config_from_dict, migrate_renamed
 
     path = Path(ckpt) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{ckpt}: config.yaml is missing; not an mm1 checkpoint")
-    return config_from_dict(yaml.safe_load(path.read_text()), where=str(path))
+    return config_from_dict(migrate_renamed(yaml.safe_load(path.read_text())), where=str(path))
 
 
 def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[MLLM, Config, Tokenizer]:

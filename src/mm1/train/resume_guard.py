@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from mm1.config import Config, config_from_dict, to_dict
+from mm1.config import Config, config_from_dict, migrate_renamed, to_dict
 from mm1.registry import ConfigError
 from mm1.train.checkpoint import CHECKSUMS, CheckpointError, latest_checkpoint, sha256, verify_checkpoint
 
@@ -84,7 +84,7 @@ def saved_config(ckpt: Path) -> Config:
     if not path.is_file() or expected != sha256(path):
         raise CheckpointError(f"{path} is missing or does not match {sums_path}; the checkpoint cannot be trusted: "
                               "delete that step directory to resume from the one before it")
-    return config_from_dict(yaml.safe_load(path.read_text()), where=str(path))
+    return config_from_dict(migrate_renamed(yaml.safe_load(path.read_text())), where=str(path))
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
