@@ -14,7 +14,10 @@ import torch
 
 from mm1.config import load_config
 from mm1.models.build import build_model
+from mm1.train.distributed import DistEnv
+from mm1.train.encoder import LOGIT_INIT
 from mm1.train.materialise import materialise, seeded_init
+from mm1.train.stages import build_stage_module
 
 
 @pytest.mark.parametrize("overrides", [[], ["model.lm.n_experts=4", "model.connector.kind=attnpool"],
@@ -50,3 +53,25 @@ def test_two_fsdp_ranks_materialise_the_eager_weights_with_about_half_the_memory
     assert r["replica_mb"] > 80  # a model of ~100 MB, so the memory figures below are not noise
     assert r["eager_build_rss_mb"] >= 0.95 * r["replica_mb"]  # the measure sees a replica when there is one
     assert max(r["build_rss_mb_per_rank"]) < 0.8 * r["replica_mb"], r  # each rank: its half + temporaries
+
+
+@pytest.mark.parametrize("objective", ["clip", "siglip", "aim"])
+def test_the_encoder_stage_builds_on_meta_and_its_init_writes_every_weight(objective):
+    cfg = load_config("configs/tiny.yaml", ["train.stage=encoder", f"train.encoder_objective={objective}"])
+    eager = build_stage_module(cfg, 64, set(), DistEnv(), "single")
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.fill_(float("nan"))  # whatever reset_parameters leaves out stays NaN
+    seeded_init(eager, 5)
+    with torch.device("meta"):
+        lazy = build_stage_module(cfg, 64, set(), DistEnv(), "single", weights=False)
+    assert all(p.is_meta for p in lazy.parameters())  # nothing allocated before sharding
+    materialise(lazy, torch.device("cpu"), lambda: seeded_init(lazy, 5))
+    want, got = eager.state_dict(), lazy.state_dict()
+    assert [k for k, v in want.items() if v.isnan().any()] == []
+    assert sorted(want) == sorted(got) and [k for k in want if not torch.equal(want[k], got[k])] == []
+    if objective != "aim":
+        assert float(got["logit_scale"]) == pytest.approx(LOGIT_INIT[objective][0])
+        assert float(got["text.pos"].std()) == pytest.approx(0.01, rel=0.1)
+        attn = lazy.text.layers[0].self_attn
+        assert torch.equal(attn.out_proj.bias, torch.zeros_like(attn.out_proj.bias))  # torch's own MHA init

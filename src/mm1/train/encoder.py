@@ -40,12 +40,19 @@ class TextTower(nn.Module):
         super().__init__()
         self.max_len = max_len
         self.tok = nn.Embedding(vocab_size, dim)
-        self.pos = nn.Parameter(torch.randn(1, max_len, dim) * 0.01)
+        self.pos = nn.Parameter(torch.empty(1, max_len, dim))
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
             for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, out_dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch's own init of every layer, as at construction, plus small random positions."""
+        nn.init.normal_(self.pos, std=0.01)
+        for m in (self.tok, *self.layers, self.norm, self.proj):
+            _reset_tree(m)
 
     def forward(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         x = self.tok(ids) + self.pos[:, : ids.shape[1]]  # [N, L, D]
@@ -144,10 +151,26 @@ def _block_forward(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> tor
     return x + block.fc2(block.act(block.fc1(block.ln2(x))))
 
 
+def _reset_tree(module: nn.Module) -> None:
+    """Re-run torch's initialisation of `module` and everything in it, children first, as construction
+    does (nn.MultiheadAttention zeroes its out_proj bias after the Linear drew one)."""
+    for child in module.children():
+        _reset_tree(child)
+    for name in ("reset_parameters", "_reset_parameters"):
+        if callable(getattr(module, name, None)):
+            getattr(module, name)()
+            break
+
+
+# the learned logit temperature (and SigLIP's bias) at the start: SigLIP t = 10, b = -10; CLIP t = 1 / 0.07
+LOGIT_INIT = {"siglip": (math.log(10.0), -10.0), "clip": (math.log(1 / 0.07), None)}
+
+
 class EncoderPretrainer(nn.Module):
     """The ViT plus what its objective needs; `forward(batch)` returns the stage loss. Each loss is a
     mean over its micro-batch (contrastive pairs are not independent), so a micro-batch is one unit
-    (`mm1.train.objective`)."""
+    (`mm1.train.objective`). Built like the MLLM (on the meta device, then materialised by
+    `mm1.train.materialise`), so `reset_parameters` is the one definition of its initial weights."""
 
     def __init__(self, cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, encode=None) -> None:
         super().__init__()
@@ -164,13 +187,25 @@ class EncoderPretrainer(nn.Module):
             self.text = TextTower(vocab_size, dim, max(2, min(6, v.depth // 2)), max(1, dim // 64),
                                   min(cfg.data.seq_len, 128), dim)
             self.image_proj = nn.Linear(v.width, dim, bias=False)
-            if self.objective == "siglip":  # SigLIP's initialisation: t = 10, b = -10
-                self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-                self.logit_bias = nn.Parameter(torch.tensor(-10.0))
-            else:  # CLIP's: t = 1 / 0.07
-                self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            scale, bias = LOGIT_INIT[self.objective]
+            self.logit_scale = nn.Parameter(torch.tensor(scale))
+            if bias is not None:
+                self.logit_bias = nn.Parameter(torch.tensor(bias))
         groups = cfg.train.hard_negatives if self.objective != "aim" else []
         self.swapper = WordSwapper(groups, encode) if groups and encode is not None else None
+
+    def reset_parameters(self) -> None:
+        self.vision.reset_parameters()
+        if self.objective == "aim":
+            _reset_tree(self.head)
+            return
+        self.text.reset_parameters()
+        self.image_proj.reset_parameters()
+        scale, bias = LOGIT_INIT[self.objective]
+        with torch.no_grad():
+            self.logit_scale.fill_(scale)
+            if bias is not None:
+                self.logit_bias.fill_(bias)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return 1

@@ -134,8 +134,10 @@ class Stage:
     # (cfg, vocab_size, special_ids, env, strategy, encode, weights) ->
     #   (the module the trainer optimises, the model init_from and freezing apply to, its ViT)
     build: Callable[..., tuple[nn.Module, nn.Module, nn.Module]]
-    # an MLLM inside `MLLMObjective`: built on the meta device and materialised shard by shard, its
-    # weights checkpointed under `mllm.`, the image probe (loss_shuffled) and MFU apply
+    # (the materialised model, cfg) -> its HF weights (`model.*.hf_path`), loaded after the meta build
+    load_pretrained: Callable[[nn.Module, Config], None]
+    # an MLLM inside `MLLMObjective`: its weights checkpointed under `mllm.`, the image probe
+    # (loss_shuffled) and MFU apply (every stage is built on the meta device and materialised)
     trains_mllm: bool
 
     @property
@@ -151,14 +153,25 @@ def _check_encoder_objective(cfg: Config) -> None:
     one_of("train.encoder_objective", cfg.train.encoder_objective, OBJECTIVES)
 
 
+def _encoder_weights(model: nn.Module, cfg: Config) -> None:
+    if cfg.model.vision.hf_path:
+        from mm1.models.hf_vision import load_hf_vision_into
+
+        load_hf_vision_into(model.vision, cfg.model.vision.hf_path)
+
+
 def _build_encoder(cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str, encode: Any,
                    weights: bool) -> tuple[nn.Module, nn.Module, nn.Module]:
     module = EncoderPretrainer(cfg, vocab_size, special_ids, env, encode)
-    if cfg.model.vision.hf_path and weights:
-        from mm1.models.hf_vision import load_hf_vision_into
-
-        load_hf_vision_into(module.vision, cfg.model.vision.hf_path)
+    if weights:
+        _encoder_weights(module, cfg)
     return module, module, module.vision
+
+
+def _mllm_weights(model: nn.Module, cfg: Config) -> None:
+    from mm1.models.build import load_pretrained
+
+    load_pretrained(model, cfg.model)
 
 
 def _build_mllm(cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str, encode: Any,
@@ -169,9 +182,9 @@ def _build_mllm(cfg: Config, vocab_size: int, special_ids: set[int], env: DistEn
     return MLLMObjective(mllm, needs_vision_every_step=strategy in ("ddp", "fsdp")), mllm, mllm.vision
 
 
-STAGES.register("encoder")(Stage(_build_encoder, trains_mllm=False))
-STAGES.register("pretrain")(Stage(_build_mllm, trains_mllm=True))
-STAGES.register("sft")(Stage(_build_mllm, trains_mllm=True))
+STAGES.register("encoder")(Stage(_build_encoder, _encoder_weights, trains_mllm=False))
+STAGES.register("pretrain")(Stage(_build_mllm, _mllm_weights, trains_mllm=True))
+STAGES.register("sft")(Stage(_build_mllm, _mllm_weights, trains_mllm=True))
 
 
 def build_stage_module(cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str,
@@ -179,7 +192,7 @@ def build_stage_module(cfg: Config, vocab_size: int, special_ids: set[int], env:
     """The module the trainer optimises for `cfg.train.stage`, initialised and frozen as configured.
     `encode` (text -> token ids) lets the encoder stage find its hard-negative words.
 
-    `weights=False` (an MLLM stage built on the meta device) skips HF weights and `train.init_from`:
+    `weights=False` (a stage built on the meta device) skips HF weights and `train.init_from`:
     `load_stage_weights` applies them once the module is materialised."""
     module, inner, vision = STAGES.get(cfg.train.stage).build(cfg, vocab_size, special_ids, env, strategy, encode,
                                                               weights)
@@ -192,10 +205,13 @@ def build_stage_module(cfg: Config, vocab_size: int, special_ids: set[int], env:
     return module
 
 
-def load_stage_weights(mllm: nn.Module, cfg: Config) -> None:
-    """HF weights, then `train.init_from`, into a materialised (possibly sharded) MLLM."""
-    from mm1.models.build import load_pretrained
+def stage_model(module: nn.Module) -> nn.Module:
+    """The model inside a stage module: the MLLM of an MLLM stage, the encoder pretrainer itself."""
+    return module.mllm if isinstance(module, MLLMObjective) else module
 
-    load_pretrained(mllm, cfg.model)
+
+def load_stage_weights(model: nn.Module, cfg: Config) -> None:
+    """HF weights, then `train.init_from`, into a materialised (possibly sharded) `stage_model`."""
+    STAGES.get(cfg.train.stage).load_pretrained(model, cfg)
     if cfg.train.init_from:
-        load_init(mllm, mllm.vision, cfg)
+        load_init(model, model.vision, cfg)

@@ -38,7 +38,7 @@ from mm1.train.materialise import loading_into_shards, peak_rss_mb, reset_peak_r
 from mm1.train.materialise import materialise as materialise_module
 from mm1.train.resume_guard import check_resume
 from mm1.train.run_dir import RunDirLock
-from mm1.train.stages import STAGES, build_stage_module, load_stage_weights
+from mm1.train.stages import STAGES, build_stage_module, load_stage_weights, stage_model
 
 log = logging.getLogger("mm1.train")
 
@@ -115,24 +115,20 @@ class Trainer:
             self.flops = training_flops(cfg.model, cfg.data.seq_len)
 
     def _build_model(self) -> torch.nn.Module:
-        """The wrapped training module. MLLM stages are built on the meta device, sharded (FSDP2),
-        then materialised with the seeded init and any HF / init_from weights (`mm1.train.materialise`);
-        the encoder stage (small, constant-initialised heads) is built in place."""
+        """The wrapped training module, built on the meta device, sharded (FSDP2), then materialised
+        with the seeded init and any HF / init_from weights (`mm1.train.materialise`)."""
         cfg, env, t, tok = self.cfg, self.env, self.cfg.train, self.tokenizer
-        args = (cfg, tok.vocab_size, set(tok.special_ids), env, self.strategy, tok.encode)
-        materialise = None
-        if not self.stage.trains_mllm:
-            module = build_stage_module(*args).to(env.device)
-        else:
-            with torch.device("meta"):
-                module = build_stage_module(*args, weights=False)
+        with torch.device("meta"):
+            module = build_stage_module(cfg, tok.vocab_size, set(tok.special_ids), env, self.strategy, tok.encode,
+                                        weights=False)
+        model = stage_model(module)
 
-            def init() -> None:
-                seeded_init(module.mllm, t.seed)
-                with loading_into_shards(module.mllm):
-                    load_stage_weights(module.mllm, cfg)
+        def init() -> None:
+            seeded_init(model, t.seed)
+            with loading_into_shards(model):
+                load_stage_weights(model, cfg)
 
-            materialise = partial(materialise_module, module, env.device, init)
+        materialise = partial(materialise_module, module, env.device, init)
         self.n_params = count_trainable(module)
         self.lr_choice = resolve_lr(t, self.n_params)
         if t.compile:
