@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from mm1.config import Config, DataConfig, load_config
 from mm1.data.inputs import resolve_inputs
 from mm1.registry import ConfigError
+from mm1.train.distributed import DistEnv
 
 
 def _ints(text: str) -> list[int]:
@@ -60,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blind", action="store_true", help="also (or, without a model, only) score blind baselines")
 
 
-def _load(args: argparse.Namespace) -> tuple[object | None, Config, object | None]:
-    """(model, config, tokenizer); the model is None for a blind-only run."""
+def _load(args: argparse.Namespace, env_of: Callable[[Config], DistEnv]) -> tuple[object | None, Config, object | None, DistEnv]:
+    """(model, config, tokenizer, this process's place from `env_of(config)`); the model is None for a
+    blind-only run. A checkpoint's weights go straight to the device in `eval.dtype`."""
     cfg = load_config(args.config, args.overrides) if args.config else None
     if args.hf:
         if args.checkpoint:
@@ -74,24 +77,36 @@ def _load(args: argparse.Namespace) -> tuple[object | None, Config, object | Non
             raise SystemExit(f"mm1 eval: --hf {args.hf}: {e}") from None
         cfg = cfg or load_config(None, args.overrides)
         cfg.model, cfg.data.resize = model.cfg, resize  # the folder decides its image input
-        return model, cfg, tok
+        return model, cfg, tok, env_of(cfg)
     if args.checkpoint:
-        from mm1.train import load_checkpoint
-
-        model, ckpt_cfg, tok = load_checkpoint(args.checkpoint)
-        if cfg is None:
-            cfg = load_config(overrides=args.overrides, base=ckpt_cfg)
-        cfg.model = ckpt_cfg.model  # the weights decide the architecture
-        return model, cfg, tok
+        model, cfg, tok, env = _from_checkpoint(args.checkpoint, cfg, args.overrides, env_of)
+        return model, cfg, tok, env
     if cfg is None:
         raise SystemExit("mm1 eval: give a CONFIG, a --checkpoint, or both")
     if args.blind:
-        return None, cfg, None
+        return None, cfg, None, env_of(cfg)
     from mm1.models.build import build_model
 
     tok = resolve_inputs(cfg, sources=False).tokenizer
     cfg.model.image_token_id = tok.image_id
-    return build_model(cfg.model).eval(), cfg, tok
+    return build_model(cfg.model).eval(), cfg, tok, env_of(cfg)
+
+
+def _from_checkpoint(path: str, cfg: Config | None, overrides: list[str], env_of: Callable[[Config], DistEnv]):
+    """(model, config, tokenizer, env): the eval settings come from CONFIG (or the checkpoint's own
+    config + overrides) before any weight is read, so the weights load once, on `eval.device` in
+    `eval.dtype`; the checkpoint's model config decides the architecture."""
+    from mm1.eval.parallel import resolve_dtype
+    from mm1.train.checkpoint import load_checkpoint, read_config, resolve_checkpoint, verify_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    verify_checkpoint(ckpt)
+    cfg = cfg if cfg is not None else load_config(overrides=overrides, base=read_config(ckpt))
+    env = env_of(cfg)
+    model, ckpt_cfg, tok = load_checkpoint(ckpt, verify=False, device=env.device,
+                                           dtype=resolve_dtype(cfg.eval.dtype, env.device))
+    cfg.model = ckpt_cfg.model
+    return model, cfg, tok, env
 
 
 def _check_world_is_yours(args: argparse.Namespace, cfg: Config) -> None:
@@ -114,8 +129,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from mm1.eval.runner import evaluate, format_average, format_table
     from mm1.train.distributed import barrier, shutdown
 
-    model, cfg, tok = _load(args)
-    env = eval_env(cfg.eval)
+    model, cfg, tok, env = _load(args, lambda c: eval_env(c.eval))
     try:
         if model is not None:
             model = place(model, cfg.eval, env)
@@ -160,13 +174,10 @@ def _blind(args: argparse.Namespace, cfg: Config, tasks: list[str], limit: int) 
 @torch.no_grad()  # a scope, not a global switch: commands also run in-process (tests)
 def run_generate(args: argparse.Namespace) -> int:
     from mm1.eval.generate import generate
-    from mm1.train import load_checkpoint
+    from mm1.eval.parallel import resolve_device
 
-    from mm1.eval.parallel import DistEnv, place, resolve_device
-
-    model, cfg, tok = load_checkpoint(args.checkpoint)
-    cfg = load_config(overrides=args.overrides, base=cfg)
-    model = place(model, cfg.eval, DistEnv(device=resolve_device(cfg.eval.device)))
+    model, cfg, tok, _ = _from_checkpoint(args.checkpoint, None, args.overrides,
+                                          lambda c: DistEnv(device=resolve_device(c.eval.device)))
     prompt, missing = args.prompt, len(args.image) - args.prompt.count("<image>")
     if missing < 0:
         print(f"mm1 generate: the prompt has {prompt.count('<image>')} <image> markers but only "

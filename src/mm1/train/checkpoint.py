@@ -451,13 +451,45 @@ def read_config(ckpt: Path) -> Config:
     return config_from_dict(migrate_renamed(yaml.safe_load(path.read_text())), where=str(path))
 
 
-def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[MLLM, Config, Tokenizer]:
+def read_checkpoint_weights_into(ckpt: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Fill `targets` (name -> allocated tensor, any device and dtype) from a checkpoint in either
+    layout, one tensor at a time: host memory never holds more than the largest tensor read."""
+    ckpt = Path(ckpt)
+    if (ckpt / CONSOLIDATED).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt / CONSOLIDATED), framework="pt") as f:
+            stored = {k: k for k in f.keys()}
+            stored.update(json.loads((f.metadata() or {}).get("aliases", "{}")))
+            _check_names(ckpt, set(targets), set(stored))
+            with torch.no_grad():
+                for name, t in targets.items():
+                    t.copy_(f.get_tensor(stored[name]))
+    elif (ckpt / MODEL_DIR).is_dir():
+        meta = HuggingFaceStorageReader(str(ckpt / MODEL_DIR)).read_metadata().state_dict_metadata
+        _check_names(ckpt, set(targets), set(meta))
+        _dcp_load(targets, ckpt / MODEL_DIR, None)  # DCP copies each stored tensor into its target
+    else:
+        raise CheckpointError(f"{ckpt}: no weights ({MODEL_DIR}/ or {CONSOLIDATED}); not an mm1 checkpoint")
+
+
+def _check_names(ckpt: Path, expected: set[str], stored: set[str]) -> None:
+    missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt}: the weights do not match the model of its config.yaml: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_checkpoint(path: str | Path, verify: bool = True, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> tuple[MLLM, Config, Tokenizer]:
     """(model, config, tokenizer) of a pretrain/SFT checkpoint: a step dir, or a run dir's latest one.
 
     Either layout (sharded DCP weights or one model.safetensors). The model is built from the
-    checkpoint's own config (HF paths ignored: the weights are here), loaded strictly, on CPU, in
-    eval mode. An encoder-stage checkpoint holds no MLLM: start an MLLM run with `train.init_from`
-    pointing at it instead."""
+    checkpoint's own config (HF paths ignored: the weights are here) on the meta device, allocated
+    once on `device` in `dtype` (floating-point weights) and filled tensor by tensor, so a bf16
+    evaluation on a GPU never holds the fp32 weights in host memory. Loaded strictly, in eval mode.
+    An encoder-stage checkpoint holds no MLLM: start an MLLM run with `train.init_from` pointing at
+    it instead."""
     from mm1.data.tokenizer import Tokenizer
     from mm1.models.build import build_model
 
@@ -471,18 +503,12 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[MLLM, Config
     cfg.model.vision.hf_path = ""
     cfg.model.lm.hf_path = ""
     with torch.device("meta"):
-        model = build_model(cfg.model)
-    state = read_checkpoint_weights(ckpt)
+        model = build_model(cfg.model, weights=False).to(dtype=dtype)
     tied = _aliases(model, "")
-    state.update({alias: state[target] for alias, target in tied.items() if target in state})
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt}: the weights do not match the model of its config.yaml: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.load_state_dict(state, strict=True, assign=True)
-    for alias, target in tied.items():  # assign replaced the shared parameter by two: tie them again
+    model.to_empty(device=device)
+    for alias, target in tied.items():  # to_empty gave the shared parameter two storages: tie them again
         owner, _, attr = alias.rpartition(".")
         setattr(model.get_submodule(owner), attr, model.get_parameter(target))
+    read_checkpoint_weights_into(ckpt, {k: v for k, v in model.state_dict().items() if k not in tied})
     model.eval()
     return model, cfg, Tokenizer.load(ckpt / "tokenizer.json")
