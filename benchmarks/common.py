@@ -10,6 +10,7 @@ anything is timed. transformers is imported here only, never from `src/mm1`.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import json
 import os
 import platform
@@ -24,6 +25,37 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # run as `python benchmarks/x.py` without installing the package
     sys.path.insert(0, str(ROOT / "src"))
+
+
+# ----------------------------------------------------------------------------- dependencies
+
+# module -> the pip spec that provides it. A bare CUDA image (a torch container) has torch but often
+# not mm1's pure-Python dependencies; omegaconf 2.3 also needs antlr4-python3-runtime 4.9 at import.
+RUNTIME_DEPS = {"omegaconf": "omegaconf>=2.3", "webdataset": "webdataset>=0.2.90", "braceexpand": "braceexpand",
+                "safetensors": "safetensors>=0.4", "tokenizers": "tokenizers>=0.19", "jinja2": "jinja2>=3.1",
+                "pyarrow": "pyarrow>=14", "PIL": "pillow>=10", "yaml": "pyyaml>=6"}
+ANTLR = "antlr4-python3-runtime==4.9.*"
+
+
+def missing_deps() -> list[str]:
+    """Pip specs of the runtime dependencies this Python cannot import. Each is imported, not just
+    looked up, so a present but broken one (omegaconf 2.3 without its antlr4 runtime) counts too."""
+    missing = []
+    for module, spec in RUNTIME_DEPS.items():
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            missing.append(ANTLR if module == "omegaconf" and "antlr4" in str(e) else spec)
+    return missing
+
+
+def missing_deps_message(script: str) -> str | None:
+    """One line naming what is missing and the pip command that provides it; None when nothing is."""
+    missing = missing_deps()
+    if not missing:
+        return None
+    return (f"{script}: missing Python packages: {', '.join(missing)}; install them with "
+            f"pip install {' '.join(repr(m) for m in missing)} (or pip install -e . from the repo)")
 
 
 # ----------------------------------------------------------------------------- machine

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import ROOT, emit, machine_info  # noqa: E402
+from common import ROOT, emit, machine_info, missing_deps_message  # noqa: E402
 
 # name -> (torch.compile the blocks, activation checkpointing, model.lm.attention)
 VARIANTS: dict[str, tuple[bool, bool, str]] = {
@@ -250,26 +250,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-# module -> what to install: a bare GPU image (a CUDA torch container) often lacks these (omegaconf
-# >= 2.1 vendors its antlr4 runtime, so antlr4 itself is not needed)
-RUNTIME_DEPS = {"omegaconf": "omegaconf>=2.3", "webdataset": "webdataset>=0.2.90", "braceexpand": "braceexpand", "safetensors": "safetensors>=0.4",
-                "tokenizers": "tokenizers>=0.19"}
-
-
-def missing_deps() -> list[str]:
-    """Install specs of the runtime dependencies this Python cannot import."""
-    import importlib.util
-
-    return [spec for mod, spec in RUNTIME_DEPS.items() if importlib.util.find_spec(mod) is None]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(p)
-    missing = missing_deps()
-    if missing:
-        print(f"gpu.py: missing Python packages: {', '.join(missing)}; install them with "
-              f"pip install {' '.join(repr(m) for m in missing)} (or pip install -e . from the repo)", file=sys.stderr)
+    problem = missing_deps_message("gpu.py")
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     summary = run(p.parse_args(argv))
     return 0 if summary["ok"] else 1
