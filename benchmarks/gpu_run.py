@@ -1,7 +1,8 @@
 """The one prepared GPU run: what a CUDA machine has to establish for mm1, in one command, as JSON.
 
-    python benchmarks/gpu_run.py --out gpu_run.json     # on a CUDA machine, ~6-8 min on an H100/H200
+    python benchmarks/gpu_run.py --out gpu_run.json     # on a CUDA machine (not yet timed on one)
     python benchmarks/gpu_run.py --cpu-rehearsal        # the same path on CPU: tiny preset, a few steps
+    python benchmarks/gpu_run.py --stages train,eval    # a subset, e.g. when device time is short
 
 Three stages, each in its own try/except (one failing stage still leaves the others measured):
 1. throughput: `benchmarks/gpu.py`'s variants on the ~1B preset at 4096 tokens (MFU with encoder

@@ -17,7 +17,8 @@ from mm1.data.kinds import get_kind
 from mm1.data.sequence import DocBuilder, collate
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.generate import encode_prompt
-from mm1.export.hf_files import CHAT_TEMPLATE
+from mm1.config import load_config
+from mm1.export.hf_files import CHAT_TEMPLATE, chat_template
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 # Llama-3-shaped: BOS, a header per turn, the content trimmed, <|eot_id|> ends every turn
@@ -154,3 +155,10 @@ def test_a_template_that_hides_the_turns_is_refused_naming_the_file(tmp_path: Pa
     with pytest.raises(ValueError, match=message) as err:
         Tokenizer.load(hf_dir(tmp_path, template)).chat(CONV, 1)
     assert str(tmp_path / "tokenizer.json") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_export_carries_the_template_the_model_was_tuned_with(tmp_path: Path, llama: Tokenizer) -> None:
+    cfg = load_config("configs/tiny.yaml")
+    assert chat_template(cfg, llama) == LLAMA3_TEMPLATE
+    assert chat_template(cfg, Tokenizer.load(hf_dir(tmp_path, None))) == CHAT_TEMPLATE.replace(
+        "{% if add_bos %}{{ bos_token }}{% endif %}", "")  # mm1's own, without BOS (eval.add_bos=false)

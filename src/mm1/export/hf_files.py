@@ -2,7 +2,8 @@
 
 - config.json: a `LlavaConfig` (vision tower + text model + how many slots an image takes).
 - tokenizer.json / tokenizer_config.json / chat_template.jinja: mm1's tokenizer as is, its special
-  tokens named, and mm1's chat template (`<|im_start|>role\\ncontent<|im_end|>\\n`) in Jinja.
+  tokens named, and the chat template it trained with: the tokenizer's own, or mm1's
+  (`<|im_start|>role\\ncontent<|im_end|>\\n`) in Jinja.
 - preprocessor_config.json / processor_config.json: mm1's image preprocessing (resize the shorter side
   bicubic + centre crop, or pad to square with the mean colour; normalise with the encoder's mean/std),
   and a `LlavaProcessor` that expands `<image>` into exactly the slots the model fills.
@@ -116,12 +117,16 @@ def tokenizer_config(cfg: Config, tok: Tokenizer) -> dict[str, Any]:
         "pad_token": name(tok.pad_id), "model_max_length": cfg.model.lm.max_seq_len, "padding_side": "left",
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "extra_special_tokens": {"image_token": IMAGE_TOKEN}, "image_token": IMAGE_TOKEN,
-        "chat_template": chat_template(cfg),
+        "chat_template": chat_template(cfg, tok),
     }
 
 
-def chat_template(cfg: Config) -> str:
-    """mm1's template; BOS first only for models evaluated with one (eval.add_bos)."""
+def chat_template(cfg: Config, tok: Tokenizer) -> str:
+    """The template the model was fine-tuned with: the tokenizer's own when it has one (an HF LLM's,
+    which expects string content with `<image>` markers), else mm1's, with BOS first only for models
+    evaluated with one (eval.add_bos)."""
+    if tok.template is not None:
+        return tok.template.source
     return CHAT_TEMPLATE.replace("{% if add_bos %}{{ bos_token }}{% endif %}",
                                  "{{ bos_token }}" if cfg.eval.add_bos else "")
 
@@ -140,7 +145,7 @@ def write_text_files(out: Path, cfg: Config, tok: Tokenizer, layout: Layout, rem
     write_json(out / "config.json", llava_config(cfg, tok, layout, remote))
     tok.save(out)  # tokenizer.json exactly as trained
     write_json(out / "tokenizer_config.json", tokenizer_config(cfg, tok))
-    (out / "chat_template.jinja").write_text(chat_template(cfg), encoding="utf-8")
+    (out / "chat_template.jinja").write_text(chat_template(cfg, tok), encoding="utf-8")
     pre, proc = processor_configs(cfg, layout)
     write_json(out / "preprocessor_config.json", pre)
     write_json(out / "processor_config.json", proc)
