@@ -99,3 +99,9 @@ def test_a_plain_pip_install_into_a_fresh_venv_ships_the_presets(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert info.returncode == 0, info.stderr
     assert '"name": "tiny"' in info.stdout
+    # the lessons' specs and budget files are package data too: a lesson plans from the installed copy
+    lessons = subprocess.run([str(py), "-m", "mm1", "lessons", "--budget", "tiny", "--only", "encoder-size",
+                              "--dry-run", "--out", str(tmp_path / "lessons")], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert lessons.returncode == 0, lessons.stderr
+    assert "mm1 train" in (tmp_path / "lessons" / "commands.sh").read_text()
