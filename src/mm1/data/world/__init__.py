@@ -10,7 +10,7 @@ files are relative to the folder of that JSON file):
                                      with shape/colour/size/position/label, background)}
     interleaved/part-00000.parquet   OBELICS layout: columns id: string, texts: list<string>,
                                      images: list<binary> (PNG bytes); exactly one of texts[i],
-                                     images[i] is non-null; 2-6 images per document, text that
+                                     images[i] is non-null; 2-10 images per document, text that
                                      refers to them (captions, Q/A lines, comparisons, lists)
     text/train.jsonl                 {"id", "text"}: facts that only text carries (invented names
                                      of object kinds, point values, corners, arithmetic)

@@ -25,7 +25,7 @@ from mm1.data.world.single import write_single
 from mm1.data.world.writers import ShardWriter, vqa_records, write_parquet
 from mm1.data.writers import dumps, write_bytes, write_json, write_jsonl
 
-GENERATOR_VERSION = "2"  # 2: interleaved caption / Q&A lines end in a newline
+GENERATOR_VERSION = "3"  # 2: interleaved caption / Q&A lines end in a newline; 3: 2-10 images per document
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from mm1.data.world.language import (dense_description, group_phrase, number_wor
 from mm1.data.world.questions import QA, ask, ask_many, distractors
 from mm1.data.world.scenes import COLOURS, SHAPES, Scene, sample_scene
 
-ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 INTROS = ("Here are some pictures from my shape collection.", "Today's worksheet: look at each picture.",
           "A few examples of simple shapes.", "Practice sheet for counting and colors.", "Photos from the art class.",
           "Some drawings we made this week.", "Look at these images carefully.")
@@ -48,10 +48,12 @@ def _summary(s: Scene, rng: np.random.Generator) -> str:
 
 
 def interleaved_document(rng: np.random.Generator) -> list[str | Scene]:
-    """A document of 2-6 images whose text is about those images. Caption and Q/A lines end in a
+    """A document of 2-10 images whose text is about those images. Caption and Q/A lines end in a
     newline, as in the few-shot prompts (`<image>Question: q Short answer: a` + "\n"): a model that
-    never saw an answer end there would run on past it at evaluation."""
-    k = int(rng.integers(2, 7))
+    never saw an answer end there would run on past it at evaluation. Up to 10 images so that the
+    longest documents (~400 tokens) are as long as an 8-shot prompt (9 images): with at most 6, no
+    training position ever reached an 8-shot prompt's length and 8-shot scores fell (docs/grounding.md)."""
+    k = int(rng.integers(2, 11))
     scenes = [sample_scene(rng) for _ in range(k)]
     kind = pick(rng, ["captions", "vqa", "comparison", "gallery", "quiz"])
     parts: list[str | Scene] = [pick(rng, INTROS)] if rng.random() < 0.6 else []
