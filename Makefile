@@ -23,9 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	MM1_REQUIRE_REFERENCES=1 OMP_NUM_THREADS=2 $(PY) -m pytest
 
-# ruff: lint rules and import order (pyproject.toml [tool.ruff]); CI runs it before the tests.
+# ruff: lint rules, import order and formatting (pyproject.toml [tool.ruff]); CI runs it before the tests.
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # One-line bugs that once passed the suite, each applied to a temp copy: the tests named beside
 # each must fail (tools/mutate.py; about 10 minutes, not part of CI).

@@ -17,8 +17,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -31,9 +32,17 @@ if str(ROOT / "src") not in sys.path:  # run as `python benchmarks/x.py` without
 
 # module -> the pip spec that provides it. A bare CUDA image (a torch container) has torch but often
 # not mm1's pure-Python dependencies; omegaconf 2.3 also needs antlr4-python3-runtime 4.9 at import.
-RUNTIME_DEPS = {"omegaconf": "omegaconf>=2.3", "webdataset": "webdataset>=0.2.90", "braceexpand": "braceexpand",
-                "safetensors": "safetensors>=0.4", "tokenizers": "tokenizers>=0.19", "jinja2": "jinja2>=3.1",
-                "pyarrow": "pyarrow>=14", "PIL": "pillow>=10", "yaml": "pyyaml>=6"}
+RUNTIME_DEPS = {
+    "omegaconf": "omegaconf>=2.3",
+    "webdataset": "webdataset>=0.2.90",
+    "braceexpand": "braceexpand",
+    "safetensors": "safetensors>=0.4",
+    "tokenizers": "tokenizers>=0.19",
+    "jinja2": "jinja2>=3.1",
+    "pyarrow": "pyarrow>=14",
+    "PIL": "pillow>=10",
+    "yaml": "pyyaml>=6",
+}
 ANTLR = "antlr4-python3-runtime==4.9.*"
 
 
@@ -54,8 +63,10 @@ def missing_deps_message(script: str) -> str | None:
     missing = missing_deps()
     if not missing:
         return None
-    return (f"{script}: missing Python packages: {', '.join(missing)}; install them with "
-            f"pip install {' '.join(repr(m) for m in missing)} (or pip install -e . from the repo)")
+    return (
+        f"{script}: missing Python packages: {', '.join(missing)}; install them with "
+        f"pip install {' '.join(repr(m) for m in missing)} (or pip install -e . from the repo)"
+    )
 
 
 # ----------------------------------------------------------------------------- machine
@@ -121,8 +132,9 @@ def timed(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
     return time.perf_counter() - start
 
 
-def alternate(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
-              device: torch.device | str = "cpu") -> dict[str, list[float]]:
+def alternate(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, device: torch.device | str = "cpu"
+) -> dict[str, list[float]]:
     """Time each function `repeats` times, interleaved A B A B ... (order flipped every round), so
     that drift in machine load (other processes, thermal state) hits every side alike."""
     names = list(fns)
@@ -131,7 +143,7 @@ def alternate(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             times[name].append(timed(fns[name], device))
     return times
 
@@ -161,26 +173,52 @@ def llava_pair(vision: dict[str, Any], lm: dict[str, Any], seed: int = 0):
 
     grid = vision["image_size"] // vision["patch_size"]
     overrides = [f"model.vision.{k}={v}" for k, v in vision.items()] + [f"model.lm.{k}={v}" for k, v in lm.items()]
-    overrides += ["model.vision.act=quick_gelu", "model.vision.use_cls=true", "model.vision.pre_norm=true",
-                  "model.vision.post_norm=false", "model.vision.feature_layer=-1", "model.connector.kind=mlp",
-                  f"model.connector.num_tokens={grid * grid}", "model.connector.mlp_depth=2",
-                  "model.lm.tie_embeddings=false", "model.lm.attention=sdpa"]
+    overrides += [
+        "model.vision.act=quick_gelu",
+        "model.vision.use_cls=true",
+        "model.vision.pre_norm=true",
+        "model.vision.post_norm=false",
+        "model.vision.feature_layer=-1",
+        "model.connector.kind=mlp",
+        f"model.connector.num_tokens={grid * grid}",
+        "model.connector.mlp_depth=2",
+        "model.lm.tie_embeddings=false",
+        "model.lm.attention=sdpa",
+    ]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides).model
 
     torch.manual_seed(seed)
     hf_cfg = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=vision["width"], intermediate_size=vision["mlp_dim"], num_hidden_layers=vision["depth"],
-            num_attention_heads=vision["heads"], image_size=vision["image_size"], patch_size=vision["patch_size"],
-            hidden_act="quick_gelu", projection_dim=vision["width"]),
+            hidden_size=vision["width"],
+            intermediate_size=vision["mlp_dim"],
+            num_hidden_layers=vision["depth"],
+            num_attention_heads=vision["heads"],
+            image_size=vision["image_size"],
+            patch_size=vision["patch_size"],
+            hidden_act="quick_gelu",
+            projection_dim=vision["width"],
+        ),
         text_config=LlamaConfig(
-            vocab_size=lm["vocab_size"], hidden_size=lm["dim"], intermediate_size=lm["ffn_dim"],
-            num_hidden_layers=lm["n_layers"], num_attention_heads=lm["n_heads"],
-            num_key_value_heads=lm.get("n_kv_heads") or lm["n_heads"], max_position_embeddings=2048,
-            rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
-            eos_token_id=2),
-        image_token_id=cfg.image_token_id, projector_hidden_act="gelu", vision_feature_layer=-1,
-        vision_feature_select_strategy="default", tie_word_embeddings=False,
+            vocab_size=lm["vocab_size"],
+            hidden_size=lm["dim"],
+            intermediate_size=lm["ffn_dim"],
+            num_hidden_layers=lm["n_layers"],
+            num_attention_heads=lm["n_heads"],
+            num_key_value_heads=lm.get("n_kv_heads") or lm["n_heads"],
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        image_token_id=cfg.image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
     )
     hf_cfg._attn_implementation = "sdpa"
     theirs = LlavaForConditionalGeneration(hf_cfg).float().eval()
@@ -191,15 +229,21 @@ def llava_pair(vision: dict[str, Any], lm: dict[str, Any], seed: int = 0):
 
 def load_peer_weights(ours, theirs, convert_vision, convert_lm) -> None:
     """Copy the HF Llava's weights into our MLLM (strict: every parameter of ours is set)."""
-    vision_sd = {f"vision_model.{k}" if not k.startswith("vision_model.") else k: v
-                 for k, v in theirs.model.vision_tower.state_dict().items()}
+    vision_sd = {
+        f"vision_model.{k}" if not k.startswith("vision_model.") else k: v
+        for k, v in theirs.model.vision_tower.state_dict().items()
+    }
     vit = convert_vision(vision_sd, ours.cfg.vision, where="HF Llava vision tower")
     lm_sd = {f"model.{k}": v for k, v in theirs.model.language_model.state_dict().items()}
     lm_sd["lm_head.weight"] = theirs.lm_head.weight
     lm = convert_lm(lm_sd, ours.cfg.lm)
     proj = theirs.model.multi_modal_projector
-    conn = {"readout.0.weight": proj.linear_1.weight, "readout.0.bias": proj.linear_1.bias,
-            "readout.2.weight": proj.linear_2.weight, "readout.2.bias": proj.linear_2.bias}
+    conn = {
+        "readout.0.weight": proj.linear_1.weight,
+        "readout.0.bias": proj.linear_1.bias,
+        "readout.2.weight": proj.linear_2.weight,
+        "readout.2.bias": proj.linear_2.bias,
+    }
     with torch.no_grad():
         ours.vision.load_state_dict(vit, strict=True)
         ours.lm.load_state_dict(lm, strict=True)
@@ -219,7 +263,7 @@ def multimodal_batch(cfg, batch: int, seq_len: int, images_per_row: int, seed: i
     if images_per_row and stride <= k:
         raise ValueError(f"{images_per_row} images of {k} tokens do not fit a sequence of {seq_len}")
     for i in range(images_per_row):
-        ids[:, 1 + i * stride: 1 + i * stride + k] = slot
+        ids[:, 1 + i * stride : 1 + i * stride + k] = slot
     labels = torch.where(ids == slot, -100, ids)
     targets = torch.full_like(labels, -100)
     targets[:, :-1] = labels[:, 1:]
@@ -228,8 +272,9 @@ def multimodal_batch(cfg, batch: int, seq_len: int, images_per_row: int, seed: i
     return {"input_ids": ids, "labels": labels, "targets": targets, "images": images}
 
 
-def cli(doc: str, add_arguments: Callable[[Any], None], run: Callable[[Any], Any],
-        argv: list[str] | None = None) -> int:
+def cli(
+    doc: str, add_arguments: Callable[[Any], None], run: Callable[[Any], Any], argv: list[str] | None = None
+) -> int:
     """The shared `main` of a benchmark script: parse its arguments, run it, exit 0."""
     import argparse
 

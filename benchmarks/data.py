@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from mm1.config import load_config
+from mm1.data.inputs import resolve_inputs
 from mm1.data.loader import build_loader
 from mm1.data.sequence import packing_efficiency
-from mm1.data.inputs import resolve_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,12 +61,21 @@ def main(argv: list[str] | None = None) -> int:
             break
     dt = time.perf_counter() - t0
     result = {
-        "benchmark": "data", "config": Path(args.config).stem, "stage": args.stage, "workers": args.workers,
-        "batches": args.batches, "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
-        "samples_per_s": round(samples / dt, 1), "rows_per_s": round(rows / dt, 2),
-        "tokens_per_s": round(tokens / dt, 1), "images_per_s": round(images / dt, 1),
-        "packing_efficiency": round(sum(eff) / max(1, len(eff)), 4), "seconds": round(dt, 3),
-        "startup_s": round(t0 - start, 3), "torch_threads": torch.get_num_threads(),
+        "benchmark": "data",
+        "config": Path(args.config).stem,
+        "stage": args.stage,
+        "workers": args.workers,
+        "batches": args.batches,
+        "batch_size": cfg.data.batch_size,
+        "seq_len": cfg.data.seq_len,
+        "samples_per_s": round(samples / dt, 1),
+        "rows_per_s": round(rows / dt, 2),
+        "tokens_per_s": round(tokens / dt, 1),
+        "images_per_s": round(images / dt, 1),
+        "packing_efficiency": round(sum(eff) / max(1, len(eff)), 4),
+        "seconds": round(dt, 3),
+        "startup_s": round(t0 - start, 3),
+        "torch_threads": torch.get_num_threads(),
     }
     print(json.dumps(result))
     return 0

@@ -25,12 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import add_pair_arguments, alternate, cli, emit, machine_info, pair_from_args, summary  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common import add_pair_arguments, alternate, cli, emit, machine_info, pair_from_args, summary  # noqa: E402
-
-WORDS = ("red blue green yellow circle square triangle star small large left right top bottom the a of "
-         "and with on near two three four shows picture image scene object label description short").split()
+WORDS = (
+    "red blue green yellow circle square triangle star small large left right top bottom the a of "
+    "and with on near two three four shows picture image scene object label description short"
+).split()
 
 
 def toy_tokenizer(vocab_size: int, seed: int = 0):
@@ -47,10 +48,13 @@ def toy_tokenizer(vocab_size: int, seed: int = 0):
 def prompts_and_images(batch: int, image_size: int, seed: int = 0) -> tuple[list[str], list[list[Image.Image]]]:
     """`batch` prompts of different lengths (so the batch is left-padded), one image each."""
     rng = np.random.default_rng(seed)
-    prompts = [f"<image>{' '.join(WORDS[(i + j) % len(WORDS)] for j in range(2 + 3 * i))} A short description:"
-               for i in range(batch)]
-    images = [[Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8))]
-              for _ in range(batch)]
+    prompts = [
+        f"<image>{' '.join(WORDS[(i + j) % len(WORDS)] for j in range(2 + 3 * i))} A short description:"
+        for i in range(batch)
+    ]
+    images = [
+        [Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8))] for _ in range(batch)
+    ]
     return prompts, images
 
 
@@ -59,8 +63,11 @@ def layout_summary(lm: torch.nn.Module) -> dict[str, Any] | None:
     layout = getattr(lm, "decode_layout", None)
     if layout is None:
         return None
-    return {"checked_rows": layout.checked_rows, "transposed_weights": len(layout.transposed),
-            "excluded_shapes": [list(s) for s in layout.excluded]}
+    return {
+        "checked_rows": layout.checked_rows,
+        "transposed_weights": len(layout.transposed),
+        "excluded_shapes": [list(s) for s in layout.excluded],
+    }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,17 +92,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The peer's inputs are exactly ours: the same ids, left padding and preprocessed pixels.
     ids, mask = left_pad([tok.encode(p, cfg.tokens_per_image) for p in prompts], tok.pad_id)
     pixels = torch.cat([image_batch(cfg, imgs) for imgs in images])
-    hf_kwargs = dict(input_ids=ids, attention_mask=mask.long(), pixel_values=pixels, max_new_tokens=args.new_tokens,
-                     do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-                     suppress_tokens=banned_ids(tok), use_cache=True)
+    hf_kwargs = dict(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        pixel_values=pixels,
+        max_new_tokens=args.new_tokens,
+        do_sample=False,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+        suppress_tokens=banned_ids(tok),
+        use_cache=True,
+    )
 
     def run_ours() -> list[list[int]]:
         return generate_ids(ours, tok, prompts, images, gcfg)
 
     def run_theirs() -> list[list[int]]:
         with torch.no_grad():
-            out = theirs.generate(**hf_kwargs)[:, ids.shape[1]:].tolist()
-        return [row[:row.index(tok.eos_id)] if tok.eos_id in row else row for row in out]
+            out = theirs.generate(**hf_kwargs)[:, ids.shape[1] :].tolist()
+        return [row[: row.index(tok.eos_id)] if tok.eos_id in row else row for row in out]
 
     a, b = run_ours(), run_theirs()
     if a != b:
@@ -105,16 +120,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     times = alternate({"mm1": run_ours, "transformers": run_theirs}, args.repeats, args.warmup)
     tps = {name: n_tokens / summary(t)["median_s"] for name, t in times.items()}
     for name, t in times.items():
-        emit({"bench": "generate", "impl": name, **summary(t), "tokens_per_s": tps[name],
-              "best_tokens_per_s": n_tokens / min(t)})
+        emit(
+            {
+                "bench": "generate",
+                "impl": name,
+                **summary(t),
+                "tokens_per_s": tps[name],
+                "best_tokens_per_s": n_tokens / min(t),
+            }
+        )
     result = {
-        "bench": "generate", "speedup": tps["mm1"] / tps["transformers"],
+        "bench": "generate",
+        "speedup": tps["mm1"] / tps["transformers"],
         "best_speedup": min(times["transformers"]) / min(times["mm1"]),
-        "mm1_tokens_per_s": tps["mm1"], "transformers_tokens_per_s": tps["transformers"],
-        "generated_tokens": n_tokens, "same_tokens": True, "repeats": args.repeats,
+        "mm1_tokens_per_s": tps["mm1"],
+        "transformers_tokens_per_s": tps["transformers"],
+        "generated_tokens": n_tokens,
+        "same_tokens": True,
+        "repeats": args.repeats,
         "decode_layout": layout_summary(ours.lm),
-        "shape": {"batch": args.batch, "prompt_len": ids.shape[1], "new_tokens": args.new_tokens,
-                  "vision": vision, "lm": lm, "connector": "mlp"},
+        "shape": {
+            "batch": args.batch,
+            "prompt_len": ids.shape[1],
+            "new_tokens": args.new_tokens,
+            "vision": vision,
+            "lm": lm,
+            "connector": "mlp",
+        },
         "machine": machine_info(),
     }
     emit(result)

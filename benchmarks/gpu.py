@@ -34,7 +34,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from common import ROOT, emit, machine_info, missing_deps_message  # noqa: E402
 
 # name -> (torch.compile the blocks, activation checkpointing, model.lm.attention)
@@ -66,8 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- data
 
 
-def packed_batch(cfg, batch: int, seq_len: int, images_per_row: int, device: torch.device,
-                 seed: int = 0) -> dict[str, torch.Tensor]:
+def packed_batch(
+    cfg, batch: int, seq_len: int, images_per_row: int, device: torch.device, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Rows of `seq_len` tokens packed MM1-style: `max(images_per_row, 1)` documents of jittered
     lengths per row, each `<s> [k image slots] text... </s>`; positions restart and doc ids change at
     every document; targets are the next token within the document (-100 at slots and doc ends)."""
@@ -76,8 +76,10 @@ def packed_batch(cfg, batch: int, seq_len: int, images_per_row: int, device: tor
     n_docs = max(images_per_row, 1)
     min_len = (k if images_per_row else 0) + 8
     if n_docs * min_len > seq_len:
-        raise ValueError(f"{images_per_row} images of {k} tokens (+ text) do not fit rows of {seq_len} tokens; "
-                         "lower --images or raise --seq-len")
+        raise ValueError(
+            f"{images_per_row} images of {k} tokens (+ text) do not fit rows of {seq_len} tokens; "
+            "lower --images or raise --seq-len"
+        )
     ids = torch.randint(6, vocab, (batch, seq_len), generator=g)
     doc_ids = torch.empty(batch, seq_len, dtype=torch.long)
     positions = torch.empty(batch, seq_len, dtype=torch.long)
@@ -91,11 +93,11 @@ def packed_batch(cfg, batch: int, seq_len: int, images_per_row: int, device: tor
             end = start + n
             ids[b, start] = 1  # <s>
             if images_per_row:
-                ids[b, start + 1:start + 1 + k] = slot
+                ids[b, start + 1 : start + 1 + k] = slot
             ids[b, end - 1] = 2  # </s>
             doc_ids[b, start:end] = d
             positions[b, start:end] = torch.arange(n)
-            targets[b, start:end - 1] = ids[b, start + 1:end]
+            targets[b, start : end - 1] = ids[b, start + 1 : end]
             start = end
     targets[ids == slot] = -100
     targets = torch.where(torch.roll(ids, -1, dims=1) == slot, -100, targets)  # never predict a slot
@@ -108,8 +110,15 @@ def packed_batch(cfg, batch: int, seq_len: int, images_per_row: int, device: tor
 # ----------------------------------------------------------------------------- one variant
 
 
-def run_variant(name: str, cfg, batch: dict[str, torch.Tensor], device: torch.device, args: argparse.Namespace,
-                flops_per_step: float, peak: float | None) -> dict[str, Any]:
+def run_variant(
+    name: str,
+    cfg,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    args: argparse.Namespace,
+    flops_per_step: float,
+    peak: float | None,
+) -> dict[str, Any]:
     from mm1.models import build_model
     from mm1.models.attention import choose_backend
     from mm1.train.distributed import transformer_blocks
@@ -131,15 +140,20 @@ def run_variant(name: str, cfg, batch: dict[str, torch.Tensor], device: torch.de
         for block in transformer_blocks(model):
             block.compile(backend=args.compile_backend)
     optimizer = build_optimizer(model, cfg.train, resolve_lr(cfg.train, count_trainable(model)))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            out = model(batch["input_ids"], batch["images"], batch["targets"], position_ids=batch["position_ids"],
-                        doc_ids=batch["doc_ids"])
+            out = model(
+                batch["input_ids"],
+                batch["images"],
+                batch["targets"],
+                position_ids=batch["position_ids"],
+                doc_ids=batch["doc_ids"],
+            )
         out.loss.backward()
         optimizer.step()
         return out.loss.detach()
@@ -164,13 +178,22 @@ def run_variant(name: str, cfg, batch: dict[str, torch.Tensor], device: torch.de
     tokens = int((batch["doc_ids"] >= 0).sum())
     n_images = batch["images"].shape[0]
     record = {
-        "bench": "gpu", "variant": name, "ok": True, "compile": compiled, "activation_checkpointing": ckpt,
+        "bench": "gpu",
+        "variant": name,
+        "ok": True,
+        "compile": compiled,
+        "activation_checkpointing": ckpt,
         "attention": choose_backend(attention, device, packed=True, cached=False, training=True),
-        "step_time_s": med, "step_time_min_s": min(times), "first_step_s": first_step_s,
-        "tokens_per_s": tokens / med, "images_per_s": n_images / med,
+        "step_time_s": med,
+        "step_time_min_s": min(times),
+        "first_step_s": first_step_s,
+        "tokens_per_s": tokens / med,
+        "images_per_s": n_images / med,
         "mfu": flops_per_step / med / peak if peak else None,
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "loss_first": losses[0], "loss_last": losses[-1], "steps": len(times),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "steps": len(times),
     }
     return record
 
@@ -217,14 +240,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     for name in names:
         if time.perf_counter() - start > args.budget_s:
-            record = {"bench": "gpu", "variant": name, "ok": False, "error": f"skipped: --budget-s {args.budget_s} spent"}
+            record = {
+                "bench": "gpu",
+                "variant": name,
+                "ok": False,
+                "error": f"skipped: --budget-s {args.budget_s} spent",
+            }
         else:
             t0 = time.perf_counter()
             try:
                 record = run_variant(name, cfg, batch, device, args, flops, peak)
             except Exception as e:  # noqa: BLE001  (any failure of one variant is reported, the rest still run)
-                record = {"bench": "gpu", "variant": name, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000],
-                          "trace": traceback.format_exc(limit=6)[-3000:]}
+                record = {
+                    "bench": "gpu",
+                    "variant": name,
+                    "ok": False,
+                    "error": f"{type(e).__name__}: {e}"[:2000],
+                    "trace": traceback.format_exc(limit=6)[-3000:],
+                }
             record["wall_s"] = time.perf_counter() - t0
         free_memory(device)
         emit(record)
@@ -232,16 +265,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ok = [r for r in records if r["ok"]]
     best = max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
     summary = {
-        "bench": "gpu_summary", "preset": "tiny" if tiny else cfg.name, "device": str(device),
-        "shape": {"batch": B, "seq_len": T, "images_per_step": batch["images"].shape[0],
-                  "tokens_per_image": cfg.model.tokens_per_image, "image_size": cfg.model.vision.image_size},
-        "params": params, "flops_per_step": flops, "peak_flops": peak,
-        "ok": [r["variant"] for r in ok], "failed": [r["variant"] for r in records if not r["ok"]],
-        "best_variant": best["variant"] if best else None, "best_tokens_per_s": best["tokens_per_s"] if best else None,
+        "bench": "gpu_summary",
+        "preset": "tiny" if tiny else cfg.name,
+        "device": str(device),
+        "shape": {
+            "batch": B,
+            "seq_len": T,
+            "images_per_step": batch["images"].shape[0],
+            "tokens_per_image": cfg.model.tokens_per_image,
+            "image_size": cfg.model.vision.image_size,
+        },
+        "params": params,
+        "flops_per_step": flops,
+        "peak_flops": peak,
+        "ok": [r["variant"] for r in ok],
+        "failed": [r["variant"] for r in records if not r["ok"]],
+        "best_variant": best["variant"] if best else None,
+        "best_tokens_per_s": best["tokens_per_s"] if best else None,
         "best_mfu": best["mfu"] if best else None,
-        "variants": {r["variant"]: {k: r.get(k) for k in ("tokens_per_s", "images_per_s", "mfu", "peak_mem_gb",
-                                                         "step_time_s", "error")} for r in records},
-        "total_s": time.perf_counter() - start, "machine": machine_info(),
+        "variants": {
+            r["variant"]: {
+                k: r.get(k) for k in ("tokens_per_s", "images_per_s", "mfu", "peak_mem_gb", "step_time_s", "error")
+            }
+            for r in records
+        },
+        "total_s": time.perf_counter() - start,
+        "machine": machine_info(),
     }
     emit(summary)
     if args.out:

@@ -30,8 +30,14 @@ from common import ROOT, machine_info  # noqa: E402
 
 TINY = ["train.warmup_steps=3", "train.save_every=1000", "data.num_workers=2"]
 DRY = ["data.num_workers=0", "model.lm.n_layers=2", "model.vision.depth=2", "data.seq_len=128", "data.batch_size=2"]
-BIG = ["data.world_preset=tiny", "data.num_workers=6", "data.batch_size=1", "train.warmup_steps=2",
-       "train.save_every=1000", "model.lm.activation_checkpointing=true"]
+BIG = [
+    "data.world_preset=tiny",
+    "data.num_workers=6",
+    "data.batch_size=1",
+    "train.warmup_steps=2",
+    "train.save_every=1000",
+    "model.lm.activation_checkpointing=true",
+]
 
 
 def mm1_train(preset: str, out: Path, overrides: list[str], cpu: bool, save: bool = True) -> list[dict]:
@@ -51,10 +57,18 @@ def mm1_train(preset: str, out: Path, overrides: list[str], cpu: bool, save: boo
 def summarise(name: str, rows: list[dict]) -> dict:
     steady = rows[2:] or rows
     med = lambda k: statistics.median(r[k] for r in steady) if all(k in r for r in steady) else None  # noqa: E731
-    return {"run": name, "steps": len(rows), "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
-            "losses": [round(r["loss"], 5) for r in rows], "tokens_per_s": med("tokens_per_s"),
-            "images_per_s": med("images_per_s"), "mfu": med("mfu"), "step_time_s": med("step_time_s"),
-            "peak_mem_gb": max((r.get("max_mem_gb", 0.0) for r in rows), default=None)}
+    return {
+        "run": name,
+        "steps": len(rows),
+        "loss_first": rows[0]["loss"],
+        "loss_last": rows[-1]["loss"],
+        "losses": [round(r["loss"], 5) for r in rows],
+        "tokens_per_s": med("tokens_per_s"),
+        "images_per_s": med("images_per_s"),
+        "mfu": med("mfu"),
+        "step_time_s": med("step_time_s"),
+        "peak_mem_gb": max((r.get("max_mem_gb", 0.0) for r in rows), default=None),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-steps", type=int, default=6, help="steps of the ~1.5B run (0 = skip it)")
     p.add_argument("--big-preset", default="mm1-1b.yaml")
     p.add_argument("--tolerance", type=float, default=0.02, help="max relative loss gap, tiny bf16 GPU vs fp32 CPU")
-    p.add_argument("--world", default=str(ROOT / "data" / "world-tiny"), help="the tiny synthetic world (built if missing)")
+    p.add_argument(
+        "--world", default=str(ROOT / "data" / "world-tiny"), help="the tiny synthetic world (built if missing)"
+    )
     p.add_argument("--out", default="", help="write the JSON here too")
     args = p.parse_args(argv)
     import torch
@@ -77,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": machine_info(), "dry_run": dry}
     with tempfile.TemporaryDirectory() as tmp:
         ref = mm1_train("tiny.yaml", Path(tmp) / "cpu", [*base, "train.precision=fp32"], cpu=True)
-        dev = mm1_train("tiny.yaml", Path(tmp) / "dev", [*base, "train.strategy=fsdp",
-                                                         f"train.precision={'fp32' if dry else 'bf16'}"], cpu=dry)
+        dev = mm1_train(
+            "tiny.yaml",
+            Path(tmp) / "dev",
+            [*base, "train.strategy=fsdp", f"train.precision={'fp32' if dry else 'bf16'}"],
+            cpu=dry,
+        )
         gaps = [abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(ref, dev)]
         tol = 1e-5 if dry else args.tolerance
         results["tiny_cpu_fp32"] = summarise("tiny cpu fp32 single", ref)
@@ -86,9 +106,19 @@ def main(argv: list[str] | None = None) -> int:
         results["tiny_max_rel_gap"] = max(gaps)
         ok = len(ref) == len(dev) == steps and max(gaps) <= tol and all(map(_finite, (r["loss"] for r in dev)))
         if not dry and args.big_steps:
-            big = mm1_train(args.big_preset, Path(tmp) / "big", [f"data.world={args.world}", *BIG,
-                            f"train.steps={args.big_steps}", "train.strategy=fsdp", "train.precision=bf16"],
-                            cpu=False, save=False)
+            big = mm1_train(
+                args.big_preset,
+                Path(tmp) / "big",
+                [
+                    f"data.world={args.world}",
+                    *BIG,
+                    f"train.steps={args.big_steps}",
+                    "train.strategy=fsdp",
+                    "train.precision=bf16",
+                ],
+                cpu=False,
+                save=False,
+            )
             results["big"] = summarise(f"{args.big_preset} cuda bf16 fsdp", big)
             ok = ok and all(_finite(r["loss"]) for r in big) and big[-1]["loss"] < big[0]["loss"]
     results["ok"] = ok

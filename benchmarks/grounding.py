@@ -48,7 +48,9 @@ from mm1.train.trainer import train  # noqa: E402
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world", default=str(ROOT / "data" / "world-single"), help="single world (built if missing)")
     p.add_argument("--init", default="", help="pretrain/SFT run or checkpoint to fine-tune (default: the demo's)")
-    p.add_argument("--demo", default=str(ROOT / "runs" / "demo"), help="demo folder whose pretrain stage is the default init")
+    p.add_argument(
+        "--demo", default=str(ROOT / "runs" / "demo"), help="demo folder whose pretrain stage is the default init"
+    )
     p.add_argument("--scratch", action="store_true", help="fine-tune from random weights instead")
     p.add_argument("--steps", type=int, default=300, help="SFT steps (default 300)")
     p.add_argument("--out", default=str(ROOT / "runs" / "grounding"), help="SFT run folder (replaced)")
@@ -78,8 +80,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = load_config(preset_path("tiny"), [f"data.world={args.world}", "data.world_preset=single"]).data
     world = ensure_world(data)
     init = _init_checkpoint(args)
-    overrides = ["train.stage=sft", f"data.world={world}", "data.world_preset=single", f"train.steps={args.steps}",
-                 f"train.save_every={args.steps}", "model.subimage_grid=0"]
+    overrides = [
+        "train.stage=sft",
+        f"data.world={world}",
+        "data.world_preset=single",
+        f"train.steps={args.steps}",
+        f"train.save_every={args.steps}",
+        "model.subimage_grid=0",
+    ]
     if init:
         overrides += [f"train.init_from={init}", f"data.tokenizer={Path(init) / 'tokenizer.json'}"]
     cfg = load_config(preset_path("tiny"), overrides + list(args.overrides))
@@ -95,11 +103,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     items = task.test[: args.limit] if args.limit else task.test
     res = evaluate(model.eval(), tokenizer, cfg, ["world_vqa"], [0], len(items), log=None)[0]
     prior = blind_baseline(task, limit=len(items))
-    result = {"accuracy": round(res["score"], 2), "prior": round(prior["score"], 2),
-              "shuffled": round(res["score_shuffled"], 2), "steps": args.steps, "seconds": round(seconds, 1)}
-    emit({"machine": machine_info(), "init": init or "scratch", "overrides": list(args.overrides), "n": len(items),
-          "by_type": _by_type(items, res["predictions"][0]),
-          "by_type_shuffled": _by_type(items, res["shuffled_predictions"][0])})
+    result = {
+        "accuracy": round(res["score"], 2),
+        "prior": round(prior["score"], 2),
+        "shuffled": round(res["score_shuffled"], 2),
+        "steps": args.steps,
+        "seconds": round(seconds, 1),
+    }
+    emit(
+        {
+            "machine": machine_info(),
+            "init": init or "scratch",
+            "overrides": list(args.overrides),
+            "n": len(items),
+            "by_type": _by_type(items, res["predictions"][0]),
+            "by_type_shuffled": _by_type(items, res["shuffled_predictions"][0]),
+        }
+    )
     emit(result)
     return result
 

@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from common import cli, emit, machine_info  # noqa: E402
 
 from mm1.config import VisionConfig, load_config, preset_path  # noqa: E402
@@ -44,8 +43,12 @@ DEFAULT_ARMS = ["model.vision.pos_init_std=1.0", "model.vision.pos_init_std=0.02
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attribute", choices=sorted(CLASSES), default="shape")
     p.add_argument("--preset", default="tiny", help="preset whose model.vision is trained (default tiny)")
-    p.add_argument("--arm", action="append", default=[],
-                   help="comma-separated config overrides of one arm (repeatable; default: the two inits)")
+    p.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        help="comma-separated config overrides of one arm (repeatable; default: the two inits)",
+    )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -66,8 +69,9 @@ def scenes(vision: VisionConfig, attribute: str, split: str, n: int, seed: int) 
     return torch.stack(xs), torch.tensor(ys)
 
 
-def train_arm(vision: VisionConfig, data: dict[str, tuple[torch.Tensor, torch.Tensor]], n_classes: int,
-              args: argparse.Namespace) -> dict[str, Any]:
+def train_arm(
+    vision: VisionConfig, data: dict[str, tuple[torch.Tensor, torch.Tensor]], n_classes: int, args: argparse.Namespace
+) -> dict[str, Any]:
     """Train ViT + linear head from seed `args.seed`; held-out accuracy every `args.every` steps."""
     torch.manual_seed(args.seed)
     vit, head = ViT(vision), torch.nn.Linear(vision.width, n_classes)
@@ -79,8 +83,10 @@ def train_arm(vision: VisionConfig, data: dict[str, tuple[torch.Tensor, torch.Te
     def accuracy() -> float:
         vit.eval()
         with torch.no_grad():
-            hits = sum(int((head(vit(xte[i:i + 256]).mean(1)).argmax(1) == yte[i:i + 256]).sum())
-                       for i in range(0, len(yte), 256))
+            hits = sum(
+                int((head(vit(xte[i : i + 256]).mean(1)).argmax(1) == yte[i : i + 256]).sum())
+                for i in range(0, len(yte), 256)
+            )
         vit.train()
         return round(100.0 * hits / len(yte), 1)
 
@@ -100,18 +106,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     arms = args.arm or DEFAULT_ARMS
-    visions = {arm: load_config(preset_path(args.preset), [o for o in arm.split(",") if o]).model.vision for arm in arms}
+    visions = {
+        arm: load_config(preset_path(args.preset), [o for o in arm.split(",") if o]).model.vision for arm in arms
+    }
     sizes = {(v.image_size, tuple(v.mean), tuple(v.std)) for v in visions.values()}
     if len(sizes) != 1:
         raise SystemExit("learnability: arms must share model.vision.image_size, mean and std (same pixels)")
     first = next(iter(visions.values()))
-    data = {"train": scenes(first, args.attribute, "train", args.train_images, args.seed),
-            "test": scenes(first, args.attribute, "test", args.test_images, args.seed)}
+    data = {
+        "train": scenes(first, args.attribute, "train", args.train_images, args.seed),
+        "test": scenes(first, args.attribute, "test", args.test_images, args.seed),
+    }
     yte = data["test"][1]
     chance = round(100.0 * float(torch.bincount(yte).max()) / len(yte), 1)
     result: dict[str, Any] = {"attribute": args.attribute, "chance": chance, "arms": {}}
-    emit({"machine": machine_info(), "attribute": args.attribute, "steps": args.steps, "batch": args.batch,
-          "train_images": args.train_images, "test_images": args.test_images})
+    emit(
+        {
+            "machine": machine_info(),
+            "attribute": args.attribute,
+            "steps": args.steps,
+            "batch": args.batch,
+            "train_images": args.train_images,
+            "test_images": args.test_images,
+        }
+    )
     for arm, vision in visions.items():
         print(f"arm {arm}", flush=True)
         result["arms"][arm] = train_arm(vision, data, len(CLASSES[args.attribute]), args)

@@ -37,7 +37,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from common import cli, emit, machine_info  # noqa: E402
 
 from mm1.config import load_config, preset_path  # noqa: E402
@@ -52,8 +51,11 @@ ATTRIBUTES = ("colour", "shape", "count", "position")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", default="", help="encoder/pretrain/SFT run or checkpoint ('' = random ViT)")
-    p.add_argument("--world", default="data/world-tiny",
-                   help="tiny world to read caption images from (built if missing), or a single world")
+    p.add_argument(
+        "--world",
+        default="data/world-tiny",
+        help="tiny world to read caption images from (built if missing), or a single world",
+    )
     p.add_argument("--images", type=int, default=3000, help="caption images to encode (default 3000)")
     p.add_argument("--test-frac", type=float, default=0.25, help="held-out share per attribute")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
@@ -63,13 +65,19 @@ def labels(scene: dict) -> dict[str, int | None]:
     """The attribute classes of one scene (None where the attribute is not well defined)."""
     objs = scene["objects"]
     if scene.get("single"):
-        return {"colour": COLOURS_INDEX[objs[0]["colour"]], "shape": SHAPES.index(objs[0]["shape"]),
-                "count": None, "position": None}
+        return {
+            "colour": COLOURS_INDEX[objs[0]["colour"]],
+            "shape": SHAPES.index(objs[0]["shape"]),
+            "count": None,
+            "position": None,
+        }
     one_kind = len({(o["colour"], o["shape"]) for o in objs}) == 1
-    return {"colour": COLOURS_INDEX[objs[0]["colour"]] if one_kind else None,
-            "shape": SHAPES.index(objs[0]["shape"]) if one_kind else None,
-            "count": len(objs) - 1,
-            "position": POSITIONS.index(objs[0]["position"]) if len(objs) == 1 else None}
+    return {
+        "colour": COLOURS_INDEX[objs[0]["colour"]] if one_kind else None,
+        "shape": SHAPES.index(objs[0]["shape"]) if one_kind else None,
+        "count": len(objs) - 1,
+        "position": POSITIONS.index(objs[0]["position"]) if len(objs) == 1 else None,
+    }
 
 
 COLOURS_INDEX = {c: i for i, c in enumerate(COLOURS)}
@@ -103,8 +111,12 @@ def single_images(world: Path) -> tuple[list[bytes], list[dict]]:
                 found.setdefault(a["image_id"], {})[a["question_type"]] = a["multiple_choice_answer"]
         for image_id, attrs in sorted(found.items()):
             pngs.append((world / "eval" / files[image_id]).read_bytes())
-            scenes.append({"objects": [{"colour": attrs["colour"], "shape": attrs["shape"], "position": "center"}],
-                           "single": True})
+            scenes.append(
+                {
+                    "objects": [{"colour": attrs["colour"], "shape": attrs["shape"], "position": "center"}],
+                    "single": True,
+                }
+            )
     return pngs, scenes
 
 
@@ -120,7 +132,7 @@ def load_parts(checkpoint: str) -> tuple[torch.nn.Module, torch.nn.Module | None
     model = build_model(cfg.model)
     state = read_checkpoint_weights(ckpt)
     if cfg.train.stage == "encoder":
-        vision = {k[len("vision."):]: v for k, v in state.items() if k.startswith("vision.")}
+        vision = {k[len("vision.") :]: v for k, v in state.items() if k.startswith("vision.")}
         model.vision.load_state_dict(vision)
         return model.vision.eval(), None, cfg.model
     model.load_state_dict(state, strict=False)
@@ -128,13 +140,15 @@ def load_parts(checkpoint: str) -> tuple[torch.nn.Module, torch.nn.Module | None
 
 
 @torch.no_grad()
-def features(vision: torch.nn.Module, connector: torch.nn.Module | None, model_cfg: Any,
-             pngs: list[bytes]) -> dict[str, torch.Tensor]:
+def features(
+    vision: torch.nn.Module, connector: torch.nn.Module | None, model_cfg: Any, pngs: list[bytes]
+) -> dict[str, torch.Tensor]:
     v = model_cfg.vision
     out: dict[str, list[torch.Tensor]] = {"vit_mean": [], "connector": []}
     for i in range(0, len(pngs), 64):
-        x = torch.cat([image_tensors(p, f"image {i + j}", v.image_size, v.mean, v.std)
-                       for j, p in enumerate(pngs[i:i + 64])])  # [n, 3, S, S]
+        x = torch.cat(
+            [image_tensors(p, f"image {i + j}", v.image_size, v.mean, v.std) for j, p in enumerate(pngs[i : i + 64])]
+        )  # [n, 3, S, S]
         f = vision(x)  # [n, h*w, D_v]
         out["vit_mean"].append(f.mean(1))
         if connector is not None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from common import add_pair_arguments, alternate, cli, emit, machine_info, multimodal_batch, pair_from_args, summary  # noqa: E402
 
 
@@ -64,8 +64,10 @@ def check_equal_loss(ours, theirs, batch: dict[str, torch.Tensor], tolerance: fl
         a = float(ours(batch["input_ids"], batch["images"], batch["targets"]).loss)
         b = float(theirs(input_ids=batch["input_ids"], pixel_values=batch["images"], labels=batch["labels"]).loss)
     if abs(a - b) > tolerance:
-        raise AssertionError(f"losses differ before timing: mm1 {a:.6f} vs transformers {b:.6f} (tolerance "
-                             f"{tolerance}); the two models are not doing the same computation")
+        raise AssertionError(
+            f"losses differ before timing: mm1 {a:.6f} vs transformers {b:.6f} (tolerance "
+            f"{tolerance}); the two models are not doing the same computation"
+        )
     return a, b
 
 
@@ -76,16 +78,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batch = multimodal_batch(ours.cfg, args.batch, args.seq_len, args.images)
     loss_ours, loss_theirs = check_equal_loss(ours, theirs, batch, args.tolerance)
     times = alternate(step_fns(ours, theirs, batch), args.repeats, args.warmup)
-    shape = {"batch": args.batch, "seq_len": args.seq_len, "images": args.batch * args.images,
-             "vision": vision, "lm": lm, "connector": "mlp", "params": sum(p.numel() for p in ours.parameters())}
+    shape = {
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "images": args.batch * args.images,
+        "vision": vision,
+        "lm": lm,
+        "connector": "mlp",
+        "params": sum(p.numel() for p in ours.parameters()),
+    }
     for name, t in times.items():
-        emit({"bench": "train_step", "impl": name, **summary(t), "tokens_per_s": args.batch * args.seq_len
-              / summary(t)["median_s"]})
+        emit(
+            {
+                "bench": "train_step",
+                "impl": name,
+                **summary(t),
+                "tokens_per_s": args.batch * args.seq_len / summary(t)["median_s"],
+            }
+        )
     result = {
-        "bench": "train_step", "time_ratio": summary(times["mm1"])["median_s"] / summary(times["transformers"])["median_s"],
+        "bench": "train_step",
+        "time_ratio": summary(times["mm1"])["median_s"] / summary(times["transformers"])["median_s"],
         "min_ratio": min(times["mm1"]) / min(times["transformers"]),
-        "mm1_median_s": summary(times["mm1"])["median_s"], "transformers_median_s": summary(times["transformers"])["median_s"],
-        "loss_mm1": loss_ours, "loss_transformers": loss_theirs, "repeats": args.repeats, "shape": shape,
+        "mm1_median_s": summary(times["mm1"])["median_s"],
+        "transformers_median_s": summary(times["transformers"])["median_s"],
+        "loss_mm1": loss_ours,
+        "loss_transformers": loss_theirs,
+        "repeats": args.repeats,
+        "shape": shape,
         "machine": machine_info(),
     }
     emit(result)

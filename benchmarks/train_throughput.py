@@ -33,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     p.add_argument("--steps", type=int, default=10, help="timed steps (and loader batches)")
     p.add_argument("--warmup", type=int, default=2, help="steps / batches before timing")
-    p.add_argument("--world", default="", help="synthetic world dir (default: the config's data.world, built if missing)")
+    p.add_argument(
+        "--world", default="", help="synthetic world dir (default: the config's data.world, built if missing)"
+    )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=16")
 
 
@@ -54,8 +56,12 @@ def time_loader(cfg, warmup: int, steps: int) -> dict[str, float]:
         tokens += int((batch["doc_ids"] >= 0).sum())
         images += int(batch["images"].shape[0]) if "images" in batch else 0
     dt = time.perf_counter() - start
-    return {"batches_per_s": steps / dt, "tokens_per_s": tokens / dt, "images_per_s": images / dt,
-            "s_per_batch": dt / steps}
+    return {
+        "batches_per_s": steps / dt,
+        "tokens_per_s": tokens / dt,
+        "images_per_s": images / dt,
+        "s_per_batch": dt / steps,
+    }
 
 
 def time_training(cfg, warmup: int, steps: int) -> dict[str, Any]:
@@ -72,9 +78,16 @@ def time_training(cfg, warmup: int, steps: int) -> dict[str, Any]:
     rows = [r for r in rows if "tokens_per_s" in r]
     timed = rows[warmup:] or rows
     med = lambda key: statistics.median(r[key] for r in timed)  # noqa: E731
-    return {"tokens_per_s": med("tokens_per_s"), "images_per_s": med("images_per_s"),
-            "step_time_s": med("step_time_s"), "tokens_per_step": med("tokens"), "images_per_step": med("images"),
-            "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "steps_timed": len(timed)}
+    return {
+        "tokens_per_s": med("tokens_per_s"),
+        "images_per_s": med("images_per_s"),
+        "step_time_s": med("step_time_s"),
+        "tokens_per_step": med("tokens"),
+        "images_per_step": med("images"),
+        "loss_first": rows[0]["loss"],
+        "loss_last": rows[-1]["loss"],
+        "steps_timed": len(timed),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,12 +102,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trained = time_training(cfg, args.warmup, args.steps)
     emit({"bench": "train_throughput", "part": "train", **trained})
     result = {
-        "bench": "train_throughput", "tokens_per_s": trained["tokens_per_s"], "images_per_s": trained["images_per_s"],
-        "step_time_s": trained["step_time_s"], "loader_tokens_per_s": loader["tokens_per_s"],
+        "bench": "train_throughput",
+        "tokens_per_s": trained["tokens_per_s"],
+        "images_per_s": trained["images_per_s"],
+        "step_time_s": trained["step_time_s"],
+        "loader_tokens_per_s": loader["tokens_per_s"],
         "loader_images_per_s": loader["images_per_s"],
         "data_share": loader["s_per_batch"] / trained["step_time_s"],
-        "config": {"preset": cfg.name, "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
-                   "num_workers": cfg.data.num_workers, "overrides": overrides},
+        "config": {
+            "preset": cfg.name,
+            "batch_size": cfg.data.batch_size,
+            "seq_len": cfg.data.seq_len,
+            "num_workers": cfg.data.num_workers,
+            "overrides": overrides,
+        },
         "machine": machine_info(),
     }
     emit(result)

@@ -37,9 +37,20 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         manifest = build_world(Path(tmp) / "world", size, seed=args.seed, workers=args.workers, verbose=False)
         seconds = time.perf_counter() - start
-    print(json.dumps({"benchmark": "world", "size": size.name, "seed": args.seed, "workers": args.workers,
-                      "seconds": round(seconds, 2), "bytes": manifest["bytes"], "counts": manifest["counts"],
-                      "machine": machine_info()}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "world",
+                "size": size.name,
+                "seed": args.seed,
+                "workers": args.workers,
+                "seconds": round(seconds, 2),
+                "bytes": manifest["bytes"],
+                "counts": manifest["counts"],
+                "machine": machine_info(),
+            }
+        )
+    )
     return 0
 
 

@@ -37,5 +37,8 @@ def require_java() -> None:
     from mm1.eval.ptb import java_available
 
     if not java_available():
-        _missing("java and pycocoevalcap's Stanford PTB jar", "install a Java runtime (e.g. apt-get install "
-                 "default-jre-headless) and pip install -e '.[dev]'", module_level=False)
+        _missing(
+            "java and pycocoevalcap's Stanford PTB jar",
+            "install a Java runtime (e.g. apt-get install default-jre-headless) and pip install -e '.[dev]'",
+            module_level=False,
+        )

@@ -30,9 +30,24 @@ def run_bench(script: str, *args: str, capsys: pytest.CaptureFixture[str]) -> li
     return lines
 
 
-def test_train_step_benchmark_reports_a_time_ratio_after_checking_equal_loss(capsys: pytest.CaptureFixture[str]) -> None:
-    lines = run_bench("train_step.py", "--small", "--batch", "2", "--seq-len", "96", "--images", "1",
-                      "--repeats", "2", "--warmup", "0", capsys=capsys)
+def test_train_step_benchmark_reports_a_time_ratio_after_checking_equal_loss(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    lines = run_bench(
+        "train_step.py",
+        "--small",
+        "--batch",
+        "2",
+        "--seq-len",
+        "96",
+        "--images",
+        "1",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        capsys=capsys,
+    )
     last = lines[-1]
     assert last["time_ratio"] > 0 and last["mm1_median_s"] > 0 and last["transformers_median_s"] > 0
     assert abs(last["loss_mm1"] - last["loss_transformers"]) <= 1e-4  # same weights, same batch
@@ -41,8 +56,9 @@ def test_train_step_benchmark_reports_a_time_ratio_after_checking_equal_loss(cap
 
 
 def test_generate_benchmark_reports_a_speedup_for_identical_tokens(capsys: pytest.CaptureFixture[str]) -> None:
-    lines = run_bench("generate.py", "--small", "--batch", "2", "--new-tokens", "6", "--repeats", "1",
-                      "--warmup", "0", capsys=capsys)
+    lines = run_bench(
+        "generate.py", "--small", "--batch", "2", "--new-tokens", "6", "--repeats", "1", "--warmup", "0", capsys=capsys
+    )
     last = lines[-1]
     assert last["speedup"] > 0 and last["same_tokens"] is True
     assert last["generated_tokens"] > 0 and last["mm1_tokens_per_s"] > 0
@@ -50,12 +66,33 @@ def test_generate_benchmark_reports_a_speedup_for_identical_tokens(capsys: pytes
 
 
 def test_gpu_benchmark_runs_every_variant_on_cpu_and_writes_its_json(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "gpu.json"
-    lines = run_bench("gpu.py", "--tiny", "--variants", "eager,eager+ckpt,compile", "--compile-backend", "eager",
-                      "--warmup", "1", "--steps", "1", "--batch", "1", "--seq-len", "96", "--images", "2",
-                      "--out", str(out), "model.lm.n_layers=2", "model.vision.depth=2", "data.seq_len=96",
-                      capsys=capsys)
+    lines = run_bench(
+        "gpu.py",
+        "--tiny",
+        "--variants",
+        "eager,eager+ckpt,compile",
+        "--compile-backend",
+        "eager",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--batch",
+        "1",
+        "--seq-len",
+        "96",
+        "--images",
+        "2",
+        "--out",
+        str(out),
+        "model.lm.n_layers=2",
+        "model.vision.depth=2",
+        "data.seq_len=96",
+        capsys=capsys,
+    )
     summary = lines[-1]
     assert summary["bench"] == "gpu_summary" and summary["failed"] == []
     assert summary["ok"] == ["eager", "eager+ckpt", "compile"]
@@ -71,11 +108,29 @@ def test_gpu_benchmark_runs_every_variant_on_cpu_and_writes_its_json(
     assert saved["summary"]["ok"] == summary["ok"] and len(saved["records"]) == 3
 
 
-def test_gpu_benchmark_reports_a_failing_variant_and_still_runs_the_others(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    lines = run_bench("gpu.py", "--tiny", "--variants", "eager,compile", "--compile-backend", "no-such-backend",
-                      "--warmup", "0", "--steps", "1", "--batch", "1", "--seq-len", "96", "--images", "1",
-                      "model.lm.n_layers=1", "model.vision.depth=1", "data.seq_len=96", capsys=capsys)
+def test_gpu_benchmark_reports_a_failing_variant_and_still_runs_the_others(capsys: pytest.CaptureFixture[str]) -> None:
+    lines = run_bench(
+        "gpu.py",
+        "--tiny",
+        "--variants",
+        "eager,compile",
+        "--compile-backend",
+        "no-such-backend",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--batch",
+        "1",
+        "--seq-len",
+        "96",
+        "--images",
+        "1",
+        "model.lm.n_layers=1",
+        "model.vision.depth=1",
+        "data.seq_len=96",
+        capsys=capsys,
+    )
     by_name = {r["variant"]: r for r in lines[:-1]}
     assert by_name["eager"]["ok"] and not by_name["compile"]["ok"]
     assert "no-such-backend" in by_name["compile"]["error"]
@@ -86,8 +141,8 @@ def test_packed_benchmark_batches_restart_positions_and_never_target_slots() -> 
     if str(ROOT / "benchmarks") not in sys.path:
         sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
-
     from gpu import packed_batch
+
     from mm1.config import load_config
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
@@ -115,19 +170,33 @@ def single_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_grounding_benchmark_scores_accuracy_prior_and_shuffled(single_world: Path, tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    lines = run_bench("grounding.py", "--scratch", "--steps", "2", "--world", str(single_world), "--out",
-                      str(tmp_path / "run"), "--limit", "12", "model.lm.n_layers=1", "model.vision.depth=1",
-                      capsys=capsys)
+def test_grounding_benchmark_scores_accuracy_prior_and_shuffled(
+    single_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = run_bench(
+        "grounding.py",
+        "--scratch",
+        "--steps",
+        "2",
+        "--world",
+        str(single_world),
+        "--out",
+        str(tmp_path / "run"),
+        "--limit",
+        "12",
+        "model.lm.n_layers=1",
+        "model.vision.depth=1",
+        capsys=capsys,
+    )
     last = lines[-1]
     assert set(last) == {"accuracy", "prior", "shuffled", "steps", "seconds"} and last["steps"] == 2
     assert all(0 <= last[k] <= 100 for k in ("accuracy", "prior", "shuffled")) and last["seconds"] > 0
     assert set(lines[-2]["by_type"]) == {"colour", "shape", "yes/no"} and lines[-2]["n"] == 12
 
 
-def test_probe_benchmark_reports_an_accuracy_and_a_chance_level_per_attribute(tiny_world: Path,
-                                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_probe_benchmark_reports_an_accuracy_and_a_chance_level_per_attribute(
+    tiny_world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     last = run_bench("probe.py", "--world", str(tiny_world), "--images", "120", capsys=capsys)[-1]
     assert set(last) == {"chance", "vit_mean"}
     for table in last.values():
@@ -135,17 +204,31 @@ def test_probe_benchmark_reports_an_accuracy_and_a_chance_level_per_attribute(ti
 
 
 def test_learnability_benchmark_trains_each_arm_on_the_same_scenes(capsys: pytest.CaptureFixture[str]) -> None:
-    last = run_bench("learnability.py", "--steps", "4", "--every", "2", "--train-images", "48", "--test-images", "24",
-                     "--arm", "model.vision.depth=1", "--arm", "model.vision.depth=1,model.vision.pos_init_std=0.02",
-                     capsys=capsys)[-1]
+    last = run_bench(
+        "learnability.py",
+        "--steps",
+        "4",
+        "--every",
+        "2",
+        "--train-images",
+        "48",
+        "--test-images",
+        "24",
+        "--arm",
+        "model.vision.depth=1",
+        "--arm",
+        "model.vision.depth=1,model.vision.pos_init_std=0.02",
+        capsys=capsys,
+    )[-1]
     assert last["attribute"] == "shape" and 0 < last["chance"] <= 100
     arms = last["arms"]
     assert list(arms) == ["model.vision.depth=1", "model.vision.depth=1,model.vision.pos_init_std=0.02"]
     for arm in arms.values():
         assert [c["step"] for c in arm["curve"]] == [2, 4] and arm["accuracy"] == arm["curve"][-1]["accuracy"]
     # same seed, same scenes, different init: the two arms must not train identically
-    assert [c["loss"] for c in arms["model.vision.depth=1"]["curve"]] != \
-        [c["loss"] for c in arms["model.vision.depth=1,model.vision.pos_init_std=0.02"]["curve"]]
+    assert [c["loss"] for c in arms["model.vision.depth=1"]["curve"]] != [
+        c["loss"] for c in arms["model.vision.depth=1,model.vision.pos_init_std=0.02"]["curve"]
+    ]
 
 
 def test_world_benchmark_reports_build_seconds_and_the_manifest(capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,16 +16,28 @@ SCRIPT = Path("benchmarks/gpu_run.py").resolve()
 
 
 def run_script(*argv: str, pythonpath: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join(p for p in (pythonpath, str(Path("src").resolve()),
-                                                     os.environ.get("PYTHONPATH", "")) if p)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (pythonpath, str(Path("src").resolve()), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
     return subprocess.run([sys.executable, str(SCRIPT), *argv], env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
 def test_the_cpu_rehearsal_runs_every_stage_and_resumes_to_the_uninterrupted_losses(tiny_world, tmp_path):
-    done = run_script("--cpu-rehearsal", "--world", str(tiny_world), "--work", str(tmp_path / "work"),
-                      "--out", str(tmp_path / "run.json"))
+    done = run_script(
+        "--cpu-rehearsal",
+        "--world",
+        str(tiny_world),
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(tmp_path / "run.json"),
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     r = json.loads(done.stdout.strip().splitlines()[-1])
     assert r == json.loads((tmp_path / "run.json").read_text())

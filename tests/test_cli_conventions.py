@@ -18,11 +18,14 @@ from mm1.registry import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("argv", [
-    ["train", "tiny", "train.steps=3", "--out", "r", "train.seed=2"],
-    ["train", "train.steps=3", "--out", "r", "tiny", "train.seed=2"],
-    ["train", "--out", "r", "train.steps=3", "tiny", "train.seed=2", "--resume"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "tiny", "train.steps=3", "--out", "r", "train.seed=2"],
+        ["train", "train.steps=3", "--out", "r", "tiny", "train.seed=2"],
+        ["train", "--out", "r", "train.steps=3", "tiny", "train.seed=2", "--resume"],
+    ],
+)
 def test_train_overrides_stand_anywhere_on_the_line(argv):
     args = parse_args(argv)
     assert args.config == "tiny" and args.out == "r"
@@ -74,12 +77,17 @@ def test_a_plain_pip_install_into_a_fresh_venv_ships_the_presets(tmp_path):
     """`pip install .` (a wheel, not editable) into a new venv: `mm1 info tiny` works from any folder."""
     src = tmp_path / "src"
     for part in ("src", "configs"):
-        shutil.copytree(REPO / part, src / part, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copytree(
+            REPO / part, src / part, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
     for part in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / part, src / part)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["wheel", "--no-build-isolation", "--no-deps", "-w", str(tmp_path / "dist"), str(src)],
-                   check=True, timeout=300)
+    subprocess.run(
+        pip + ["wheel", "--no-build-isolation", "--no-deps", "-w", str(tmp_path / "dist"), str(src)],
+        check=True,
+        timeout=300,
+    )
     wheel = next((tmp_path / "dist").glob("mm1-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").rglob("*.yaml")}
@@ -92,16 +100,46 @@ def test_a_plain_pip_install_into_a_fresh_venv_ships_the_presets(tmp_path):
     # dependencies come from this interpreter's site-packages (a PYTHONPATH entry: its editable .pth is not read)
     deps = next(p for p in sys.path if p.endswith("site-packages"))
     env = {**os.environ, "PYTHONPATH": deps, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([str(py), "-c", "import mm1.config as c; print(c.PRESETS_DIR)"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    out = subprocess.run(
+        [str(py), "-c", "import mm1.config as c; print(c.PRESETS_DIR)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.strip()
     assert out.startswith(str(venv)), out
-    info = subprocess.run([str(py), "-m", "mm1", "info", "tiny", "--json"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    info = subprocess.run(
+        [str(py), "-m", "mm1", "info", "tiny", "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert info.returncode == 0, info.stderr
     assert '"name": "tiny"' in info.stdout
     # the lessons' specs and budget files are package data too: a lesson plans from the installed copy
-    lessons = subprocess.run([str(py), "-m", "mm1", "lessons", "--budget", "tiny", "--only", "encoder-size",
-                              "--dry-run", "--out", str(tmp_path / "lessons")], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=300)
+    lessons = subprocess.run(
+        [
+            str(py),
+            "-m",
+            "mm1",
+            "lessons",
+            "--budget",
+            "tiny",
+            "--only",
+            "encoder-size",
+            "--dry-run",
+            "--out",
+            str(tmp_path / "lessons"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert lessons.returncode == 0, lessons.stderr
     assert "mm1 train" in (tmp_path / "lessons" / "commands.sh").read_text()

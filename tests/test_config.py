@@ -40,7 +40,11 @@ def test_config_round_trips_through_a_dict():
     [
         ("model.connector.num_tokens=50", "model.connector.num_tokens=50", "perfect square"),
         ("model.vision.image_size=60", "model.vision.image_size=60", "divisible by model.vision.patch_size=8"),
-        ("model.connector.kind=qformer", "model.connector.kind='qformer'", "allowed: attnpool, avgpool, c_abstractor, mlp"),
+        (
+            "model.connector.kind=qformer",
+            "model.connector.kind='qformer'",
+            "allowed: attnpool, avgpool, c_abstractor, mlp",
+        ),
         ("model.vision.kind=resnet", "model.vision.kind='resnet'", "allowed: vit"),
         ("model.lm.kind=mamba", "model.lm.kind='mamba'", "allowed:"),
         ("model.vision.heads=5", "model.vision.heads=5", "must divide model.vision.width=128"),
@@ -112,8 +116,12 @@ def test_a_component_registered_with_rules_has_them_checked_at_load(monkeypatch)
     assert registry._SELECTED == [toy]
 
     def seven_tokens(cfg) -> None:
-        registry.check(cfg.model.connector.num_tokens == 7, "model.connector.num_tokens",
-                       cfg.model.connector.num_tokens, "the toy connector makes 7 tokens")
+        registry.check(
+            cfg.model.connector.num_tokens == 7,
+            "model.connector.num_tokens",
+            cfg.model.connector.num_tokens,
+            "the toy connector makes 7 tokens",
+        )
 
     toy.register("toy", validate=seven_tokens)(object)
     assert load_config(CONFIGS / "tiny.yaml", ["model.connector.kind=toy", "model.connector.num_tokens=7"])
@@ -131,6 +139,9 @@ def test_the_config_layer_imports_no_component_package():
     tree = ast.parse(Path(mm1.config.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    above = {m for m in imported if m.split(".")[:2] in (["mm1", p] for p in ("models", "train", "eval",
-                                                                               "experiments", "export"))}
+    above = {
+        m
+        for m in imported
+        if m.split(".")[:2] in (["mm1", p] for p in ("models", "train", "eval", "experiments", "export"))
+    }
     assert not above, f"mm1.config imports {sorted(above)}; a component's rules belong with it (mm1.registry)"

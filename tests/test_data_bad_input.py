@@ -56,9 +56,14 @@ def test_truncated_image_in_a_shard_is_counted_when_a_worker_decodes_it(tmp_path
 
 def test_missing_image_files_in_a_manifest_are_skipped(tmp_path):
     (tmp_path / "a.png").write_bytes(png())
-    manifest = write_jsonl(tmp_path / "m.jsonl", [{"image": "a.png", "caption": "here"},
-                                                   {"image": "gone.png", "caption": "lost"},
-                                                   {"caption": "no image field"}])
+    manifest = write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"image": "a.png", "caption": "here"},
+            {"image": "gone.png", "caption": "lost"},
+            {"caption": "no image field"},
+        ],
+    )
     records, skips = read_all("caption", manifest)
     assert [r.caption for r in records] == ["here"]
     assert skips.counts == {"missing image file": 1, "missing image": 1}
@@ -97,7 +102,7 @@ def test_a_truncated_tar_keeps_the_samples_before_the_cut_and_counts_the_damage(
 def test_a_damaged_member_header_is_counted_not_silently_ending_the_shard(tmp_path):
     raw = bytearray(write_caption_shard_bytes([good(i) for i in range(4)]))
     offsets = _offsets(bytes(raw))
-    raw[offsets[4] + 148: offsets[4] + 156] = b"garbage!"  # the header checksum field
+    raw[offsets[4] + 148 : offsets[4] + 156] = b"garbage!"  # the header checksum field
     shard = tmp_path / "bad.tar"
     shard.write_bytes(bytes(raw))
     records, skips = read_all("caption", shard)
@@ -107,20 +112,37 @@ def test_a_damaged_member_header_is_counted_not_silently_ending_the_shard(tmp_pa
 
 def test_a_failing_pipe_source_is_counted_not_a_traceback(tmp_path):
     shard = write_caption_shard(tmp_path / "ok.tar", [good(0)])
-    src = open_source("caption", [f"pipe:cat {shard}", f"pipe:cat {tmp_path}/missing.tar 2>/dev/null"], SkipCounter(),
-                      policy=ReadPolicy(allow_commands=True))
+    src = open_source(
+        "caption",
+        [f"pipe:cat {shard}", f"pipe:cat {tmp_path}/missing.tar 2>/dev/null"],
+        SkipCounter(),
+        policy=ReadPolicy(allow_commands=True),
+    )
     records = [r for f in src.files for r in src.read(f)]
     assert len(records) == 1 and src.skips.counts == {"unreadable shard": 1}
 
 
 def test_empty_and_non_string_captions_are_skipped(tmp_path):
-    shard = write_caption_shard(tmp_path / "s.tar", [good(0), {"key": "e", "png": png(), "txt": "   \n"},
-                                                     {"key": "n", "png": png(), "txt": b"\xff\xfe bad utf8"},
-                                                     {"key": "c", "txt": "a caption, no image"}, good(1)])
+    shard = write_caption_shard(
+        tmp_path / "s.tar",
+        [
+            good(0),
+            {"key": "e", "png": png(), "txt": "   \n"},
+            {"key": "n", "png": png(), "txt": b"\xff\xfe bad utf8"},
+            {"key": "c", "txt": "a caption, no image"},
+            good(1),
+        ],
+    )
     (tmp_path / "a.png").write_bytes(png())
-    manifest = write_jsonl(tmp_path / "m.jsonl", [{"image": "a.png", "caption": 123}, {"image": "a.png", "caption": ""},
-                                                  {"image": "a.png", "caption": None},
-                                                  {"image": "a.png", "caption": "ok"}])
+    manifest = write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"image": "a.png", "caption": 123},
+            {"image": "a.png", "caption": ""},
+            {"image": "a.png", "caption": None},
+            {"image": "a.png", "caption": "ok"},
+        ],
+    )
     records, skips = read_all("caption", [shard, manifest])
     assert [r.caption for r in records] == ["ok", "caption 0", "caption 1"]
     assert skips.counts == {"empty caption": 2, "undecodable caption": 1, "missing image": 1, "non-string caption": 2}
@@ -128,33 +150,46 @@ def test_empty_and_non_string_captions_are_skipped(tmp_path):
 
 def test_malformed_interleaved_rows_are_skipped_by_reason(tmp_path):
     ok = {"texts": ["intro", None], "images": [None, png()]}
-    path = write_interleaved_parquet(tmp_path / "d.parquet", [
-        ok,
-        {"texts": ["a", None, "b"], "images": [None, png()]},  # lengths differ
-        {"texts": ["a", "b"], "images": [None, png()]},  # both at position 1
-        {"texts": ["a", None], "images": [None, None]},  # neither at position 1
-        {"texts": [None, None], "images": [png(), png()]},  # only images
-        {"texts": ["   "], "images": [None]},  # whitespace is not text
-        ok,
-    ], row_group_size=3)
+    path = write_interleaved_parquet(
+        tmp_path / "d.parquet",
+        [
+            ok,
+            {"texts": ["a", None, "b"], "images": [None, png()]},  # lengths differ
+            {"texts": ["a", "b"], "images": [None, png()]},  # both at position 1
+            {"texts": ["a", None], "images": [None, None]},  # neither at position 1
+            {"texts": [None, None], "images": [png(), png()]},  # only images
+            {"texts": ["   "], "images": [None]},  # whitespace is not text
+            ok,
+        ],
+        row_group_size=3,
+    )
     records, skips = read_all("interleaved", path)
     assert [r.where.rsplit(" ", 1)[1] for r in records] == ["0", "6"]
-    assert skips.counts == {"texts/images length mismatch": 1, "not one of text/image per position": 2,
-                            "document without text": 2}
+    assert skips.counts == {
+        "texts/images length mismatch": 1,
+        "not one of text/image per position": 2,
+        "document without text": 2,
+    }
 
 
 def test_interleaved_image_paths_that_are_urls_or_missing_are_skipped(tmp_path):
-    path = write_interleaved_parquet(tmp_path / "d.parquet", [
-        {"texts": ["t", None], "images": [None, "https://example.com/x.jpg"]},
-        {"texts": ["t", None, None], "images": [None, "missing.png", "also-missing.png"]},
-    ], image_type="string")
+    path = write_interleaved_parquet(
+        tmp_path / "d.parquet",
+        [
+            {"texts": ["t", None], "images": [None, "https://example.com/x.jpg"]},
+            {"texts": ["t", None, None], "images": [None, "missing.png", "also-missing.png"]},
+        ],
+        image_type="string",
+    )
     records, skips = read_all("interleaved", path)
     assert records == [] and skips.counts == {"image URL (not downloaded)": 1, "missing image file": 1}
 
 
 def test_malformed_json_lines_are_skipped_and_the_rest_is_read(tmp_path):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "one"}, '{"text": "unterminated', "[1, 2]", {"text": 7},
-                                              {"id": 1}, {"text": "two"}])
+    path = write_jsonl(
+        tmp_path / "t.jsonl",
+        [{"text": "one"}, '{"text": "unterminated', "[1, 2]", {"text": 7}, {"id": 1}, {"text": "two"}],
+    )
     records, skips = read_all("text", path)
     assert [r.text for r in records] == ["one", "two"]
     assert skips.counts == {"malformed json line": 2, "non-string text": 1, "missing text": 1}
@@ -173,22 +208,36 @@ def test_sft_samples_with_marker_mismatch_or_missing_images_are_skipped(tmp_path
     (tmp_path / "a.png").write_bytes(png())
     turns = [{"from": "human", "value": "<image>\n<image>\nWhat?"}, {"from": "gpt", "value": "Cats."}]
     path = tmp_path / "sft.jsonl"
-    write_jsonl(path, [
-        {"id": "two-markers-one-image", "image": "a.png", "conversations": turns},
-        {"id": "missing", "image": "gone.png", "conversations": turns[1:]},
-        {"id": "marker-in-answer", "image": "a.png",
-         "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "<image>"}]},
-        {"id": "no-answer", "conversations": [{"from": "human", "value": "hi"}]},
-        {"id": "bad-role", "conversations": [{"from": "bot", "value": "hi"}]},
-        {"id": "unhashable-role", "conversations": [{"from": ["human"], "value": "hi"}, "not a turn"]},
-        "not json at all",
-        {"id": "fine", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
-                                                           {"from": "gpt", "value": "A texture."}]},
-    ])
+    write_jsonl(
+        path,
+        [
+            {"id": "two-markers-one-image", "image": "a.png", "conversations": turns},
+            {"id": "missing", "image": "gone.png", "conversations": turns[1:]},
+            {
+                "id": "marker-in-answer",
+                "image": "a.png",
+                "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "<image>"}],
+            },
+            {"id": "no-answer", "conversations": [{"from": "human", "value": "hi"}]},
+            {"id": "bad-role", "conversations": [{"from": "bot", "value": "hi"}]},
+            {"id": "unhashable-role", "conversations": [{"from": ["human"], "value": "hi"}, "not a turn"]},
+            "not json at all",
+            {
+                "id": "fine",
+                "image": "a.png",
+                "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A texture."}],
+            },
+        ],
+    )
     records, skips = read_all("sft", path)
     assert [r.key for r in records] == ["fine"]
-    assert skips.counts == {"image marker mismatch": 2, "missing image file": 1, "no assistant turn": 1,
-                            "malformed conversations": 2, "malformed json line": 1}
+    assert skips.counts == {
+        "image marker mismatch": 2,
+        "missing image file": 1,
+        "no assistant turn": 1,
+        "malformed conversations": 2,
+        "malformed json line": 1,
+    }
     assert "(id missing)" in skips.examples["missing image file"]
 
 
@@ -282,7 +331,7 @@ def test_parquet_with_a_corrupt_row_group_keeps_the_other_row_groups(tmp_path):
     col = meta.row_group(1).column(0)
     start = col.dictionary_page_offset or col.data_page_offset
     raw = bytearray(path.read_bytes())
-    raw[start: start + 64] = b"\xff" * 64  # smash the middle row group's page header
+    raw[start : start + 64] = b"\xff" * 64  # smash the middle row group's page header
     path.write_bytes(bytes(raw))
     records, skips = read_all("text", path)
     assert [r.text.split()[1] for r in records] == [str(i) for i in list(range(10)) + list(range(20, 30))]
@@ -315,9 +364,17 @@ def test_a_shard_whose_trailing_padding_was_cut_is_still_whole(tmp_path):
 def test_a_malformed_member_json_and_a_duplicate_member_are_counted(tmp_path):
     shard = tmp_path / "s.tar"
     with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in [("a.png", png()), ("a.txt", b"first"), ("a.txt", b"again"),
-                           ("b.png", png()), ("b.txt", b"b"), ("b.json", b'{"dense": "unterminated'),
-                           ("c.png", png()), ("c.txt", b"c"), ("c.json", b'{"dense": "a dense caption"}')]:
+        for name, data in [
+            ("a.png", png()),
+            ("a.txt", b"first"),
+            ("a.txt", b"again"),
+            ("b.png", png()),
+            ("b.txt", b"b"),
+            ("b.json", b'{"dense": "unterminated'),
+            ("c.png", png()),
+            ("c.txt", b"c"),
+            ("c.json", b'{"dense": "a dense caption"}'),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

@@ -13,11 +13,11 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from mm1.config import load_config
 from mm1.data.kinds import get_kind
 from mm1.data.sequence import DocBuilder, collate
 from mm1.data.tokenizer import Tokenizer
 from mm1.eval.generate import encode_prompt
-from mm1.config import load_config
 from mm1.export.hf_files import CHAT_TEMPLATE, chat_template
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -35,8 +35,12 @@ PARTS_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
 )
-CONV = [{"from": "human", "value": "<image>\nwhat colour is the star?"}, {"from": "gpt", "value": "red"},
-        {"from": "human", "value": "and its shape?"}, {"from": "gpt", "value": "a small circle"}]
+CONV = [
+    {"from": "human", "value": "<image>\nwhat colour is the star?"},
+    {"from": "gpt", "value": "red"},
+    {"from": "human", "value": "and its shape?"},
+    {"from": "gpt", "value": "a small circle"},
+]
 WORDS = "what colour is the star red and its shape a small circle blue square left right top user assistant"
 
 
@@ -45,9 +49,15 @@ def hf_dir(root: Path, template: str | None, *, as_file: bool = False) -> Path:
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([WORDS] * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
-                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                              show_progress=False))
+    tok.train_from_iterator(
+        [WORDS] * 20,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=SPECIALS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     root.mkdir(parents=True, exist_ok=True)
     tok.save(str(root / "tokenizer.json"))
     config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
@@ -77,13 +87,19 @@ def learned_text(tok: Tokenizer, ids: list[int], mask: list[bool]) -> list[str]:
 
 def test_the_tokenizers_own_template_renders_the_prompt_and_trains_only_the_replies(llama: Tokenizer) -> None:
     ids, mask = llama.chat(CONV, tokens_per_image=3)
-    expected = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nwhat colour is the star?<|eot_id|>"
-                "<|start_header_id|>assistant<|end_header_id|>\n\nred<|eot_id|>"
-                "<|start_header_id|>user<|end_header_id|>\n\nand its shape?<|eot_id|>"
-                "<|start_header_id|>assistant<|end_header_id|>\n\na small circle<|eot_id|>")
+    expected = (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nwhat colour is the star?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nred<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nand its shape?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\na small circle<|eot_id|>"
+    )
     assert llama.template is not None
-    assert llama.template.render([{"role": r, "content": c} for r, c in
-                                  zip(["user", "assistant"] * 2, [t["value"] for t in CONV])]) == expected
+    assert (
+        llama.template.render(
+            [{"role": r, "content": c} for r, c in zip(["user", "assistant"] * 2, [t["value"] for t in CONV])]
+        )
+        == expected
+    )
     assert ids == llama.encode(expected, tokens_per_image=3)  # mm1's <|im_start|> never appears
     assert ids[0] == llama.bos_id and ids.count(llama.image_id) == 3 and llama.im_start_id not in ids
     assert learned_text(llama, ids, mask) == ["red<|eot_id|>", "a small circle<|eot_id|>"]
@@ -101,8 +117,10 @@ def test_sft_documents_use_the_template_and_their_targets_are_the_replies(llama:
 
 def test_generation_and_eval_prompts_end_with_the_templates_open_assistant_header(llama: Tokenizer) -> None:
     turns = [{"role": "user", "content": "<image>\nwhat colour is the star?"}]
-    text = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nwhat colour is the star?<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    text = (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nwhat colour is the star?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert encode_prompt(llama, turns, 2) == llama.encode(text, 2)
     assert encode_prompt(llama, turns, 2, add_bos=True) == llama.encode(text, 2)  # BOS once, not twice
     assert llama.turn_end_id == llama.token_to_id("<|eot_id|>")  # eval.chat stops generation there
@@ -110,7 +128,10 @@ def test_generation_and_eval_prompts_end_with_the_templates_open_assistant_heade
     demo = [turns[0], {"role": "assistant", "content": "red"}, {"role": "user", "content": "and its shape?"}]
     ids = encode_prompt(llama, demo, 2)
     trained, _ = llama.chat(demo[:2], 2)
-    assert ids[:len(trained)] == trained and ids[-3:] == llama.encode("<|start_header_id|>assistant<|end_header_id|>\n\n")[-3:]
+    assert (
+        ids[: len(trained)] == trained
+        and ids[-3:] == llama.encode("<|start_header_id|>assistant<|end_header_id|>\n\n")[-3:]
+    )
 
 
 def test_a_tokenizer_without_a_template_keeps_mm1s_format(tmp_path: Path) -> None:
@@ -138,20 +159,31 @@ def test_the_template_travels_with_the_tokenizer(tmp_path: Path, llama: Tokenize
 def test_a_multimodal_template_gets_typed_parts(tmp_path: Path) -> None:
     tok = Tokenizer.load(hf_dir(tmp_path, PARTS_TEMPLATE))
     ids, mask = tok.chat(CONV, tokens_per_image=2)
-    assert tok.template is not None and tok.template.render([{"role": "user", "content": "<image>\nwhat?"}], True) \
+    assert (
+        tok.template is not None
+        and tok.template.render([{"role": "user", "content": "<image>\nwhat?"}], True)
         == "USER: <image>\nwhat?\nASSISTANT: "
+    )
     assert ids.count(tok.image_id) == 2
     assert learned_text(tok, ids, mask) == ["red<|end_of_text|>", "a small circle<|end_of_text|>"]
 
 
-@pytest.mark.parametrize(("template", "message"), [
-    ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %}.{% endif %}{{ '\\n' }}{% endfor %}",
-     "renders earlier turns differently"),  # the last turn is written differently from the same turn earlier
-    ("{% for m in messages %}{{ m['role'] }}\n{% endfor %}", "does not reproduce the conversation's text"),
-    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "chat_template failed"),  # the sandbox holds
-    ("{% for m in messages %}{{ m['content'] }", "chat_template line 1"),
-])
-def test_a_template_that_hides_the_turns_is_refused_naming_the_file(tmp_path: Path, template: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        (
+            "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+            "{% if loop.last %}.{% endif %}{{ '\\n' }}{% endfor %}",
+            "renders earlier turns differently",
+        ),  # the last turn is written differently from the same turn earlier
+        ("{% for m in messages %}{{ m['role'] }}\n{% endfor %}", "does not reproduce the conversation's text"),
+        ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "chat_template failed"),  # the sandbox holds
+        ("{% for m in messages %}{{ m['content'] }", "chat_template line 1"),
+    ],
+)
+def test_a_template_that_hides_the_turns_is_refused_naming_the_file(
+    tmp_path: Path, template: str, message: str
+) -> None:
     with pytest.raises(ValueError, match=message) as err:
         Tokenizer.load(hf_dir(tmp_path, template)).chat(CONV, 1)
     assert str(tmp_path / "tokenizer.json") in str(err.value) and "\n" not in str(err.value)
@@ -161,4 +193,5 @@ def test_an_export_carries_the_template_the_model_was_tuned_with(tmp_path: Path,
     cfg = load_config("configs/tiny.yaml")
     assert chat_template(cfg, llama) == LLAMA3_TEMPLATE
     assert chat_template(cfg, Tokenizer.load(hf_dir(tmp_path, None))) == CHAT_TEMPLATE.replace(
-        "{% if add_bos %}{{ bos_token }}{% endif %}", "")  # mm1's own, without BOS (eval.add_bos=false)
+        "{% if add_bos %}{{ bos_token }}{% endif %}", ""
+    )  # mm1's own, without BOS (eval.add_bos=false)

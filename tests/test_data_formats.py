@@ -29,9 +29,15 @@ def png(value: int, size: int = 4) -> bytes:
 
 
 def caption_samples(shard: int, n: int = 3) -> list[dict]:
-    return [{"key": f"{shard:03d}{i:03d}", "png": png(10 * i + shard), "txt": f"  a grey square {shard}-{i}\n",
-             "json": {"alt": f"a grey square {shard}-{i}", "dense": f"a {4}x{4} grey square, shade {10 * i + shard}"}}
-            for i in range(n)]
+    return [
+        {
+            "key": f"{shard:03d}{i:03d}",
+            "png": png(10 * i + shard),
+            "txt": f"  a grey square {shard}-{i}\n",
+            "json": {"alt": f"a grey square {shard}-{i}", "dense": f"a {4}x{4} grey square, shade {10 * i + shard}"},
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture
@@ -59,10 +65,13 @@ def test_caption_tar_shards_read_in_img2dataset_layout(caption_dir):
 
 
 def test_caption_without_json_has_no_dense_caption_and_json_alone_can_carry_the_caption(tmp_path):
-    shard = write_caption_shard(tmp_path / "a.tar", [
-        {"key": "k1", "jpg": png(1), "txt": "only text"},
-        {"key": "k2", "webp": png(2), "json": {"caption": "from the json"}},
-    ])
+    shard = write_caption_shard(
+        tmp_path / "a.tar",
+        [
+            {"key": "k1", "jpg": png(1), "txt": "only text"},
+            {"key": "k2", "webp": png(2), "json": {"caption": "from the json"}},
+        ],
+    )
     records = list(open_source("caption", shard, SkipCounter()))
     assert [(r.key, r.caption, r.dense) for r in records] == [("k1", "only text", None), ("k2", "from the json", None)]
 
@@ -92,8 +101,9 @@ def test_interleaved_parquet_is_read_row_group_by_row_group_in_order(tmp_path):
     (tmp_path / "img.png").write_bytes(png(9))
     docs = [{"id": f"doc{i}", "texts": [f"text {i}", None, "after"], "images": [None, png(i), None]} for i in range(5)]
     write_interleaved_parquet(tmp_path / "a.parquet", docs, row_group_size=2)
-    write_interleaved_parquet(tmp_path / "b.parquet", [{"texts": [None, "a path image"], "images": ["img.png", None]}],
-                              image_type="string")
+    write_interleaved_parquet(
+        tmp_path / "b.parquet", [{"texts": [None, "a path image"], "images": ["img.png", None]}], image_type="string"
+    )
     src = open_source("interleaved", tmp_path, SkipCounter())
     records = list(src)
     assert all(isinstance(r, InterleavedRecord) for r in records)
@@ -116,11 +126,19 @@ def test_sft_llava_json_inserts_the_missing_image_marker_and_keeps_explicit_ones
     for name in ("a.png", "b.png"):
         (tmp_path / "images" / name).write_bytes(png(5))
     samples = [
-        {"id": "one", "image": "images/a.png",
-         "conversations": [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A square."}]},
-        {"id": "two", "image": ["images/a.png", "images/b.png"],
-         "conversations": [{"from": "user", "value": "<image>\nvs <image>\nSame?"},
-                           {"from": "assistant", "value": "Yes."}]},
+        {
+            "id": "one",
+            "image": "images/a.png",
+            "conversations": [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A square."}],
+        },
+        {
+            "id": "two",
+            "image": ["images/a.png", "images/b.png"],
+            "conversations": [
+                {"from": "user", "value": "<image>\nvs <image>\nSame?"},
+                {"from": "assistant", "value": "Yes."},
+            ],
+        },
         {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
     ]
     path = tmp_path / "train.json"
@@ -142,8 +160,17 @@ def test_sft_image_root_overrides_the_json_directory(tmp_path):
     (tmp_path / "coco" / "1.png").write_bytes(png(1))
     (tmp_path / "ann").mkdir()
     path = tmp_path / "ann" / "llava.json"
-    path.write_text(json.dumps([{"id": 1, "image": "1.png", "conversations": [
-        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "one"}]}]))
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "id": 1,
+                    "image": "1.png",
+                    "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "one"}],
+                }
+            ]
+        )
+    )
     (rec,) = list(open_source("sft", path, SkipCounter(), image_root=str(tmp_path / "coco")))
     assert rec.images == [str(tmp_path / "coco" / "1.png")] and rec.key == "1"
 

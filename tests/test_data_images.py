@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 
 from mm1.config import CLIP_MEAN, CLIP_STD
-from mm1.data.images import (ImageError, image_tensors, load_image, mean_color, preprocess, subimages,
-                             to_square)
+from mm1.data.images import ImageError, image_tensors, load_image, mean_color, preprocess, subimages, to_square
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -119,8 +118,10 @@ def test_missing_image_file_is_an_image_error_with_its_own_reason(tmp_path):
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height, followed by a tiny IDAT: a decompression-bomb header."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 

@@ -29,7 +29,8 @@ def test_the_world_is_built_once_and_fills_every_placeholder(tmp_path: Path, mon
     assert [(s.name, s.kind, s.path, s.weight) for s in inputs.sources] == [
         ("caption", "caption", f"{inputs.world}/caption", 0.45),
         ("interleaved", "interleaved", f"{inputs.world}/interleaved", 0.45),
-        ("text", "text", f"{inputs.world}/text", 0.10)]
+        ("text", "text", f"{inputs.world}/text", 0.10),
+    ]
     cfg.train.stage = "sft"
     assert [s.path for s in resolve_inputs(cfg).sources] == [f"{inputs.world}/sft/train.json"]
 

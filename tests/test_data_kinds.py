@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -87,12 +88,26 @@ def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def toy_config(root: Path, *extra: str):
-    return load_config("configs/tiny.yaml", [
-        f"data.world={root / 'no-world'}", f"data.tokenizer={root / 'tok.json'}", "data.sources.caption.weight=0",
-        "data.sources.interleaved.weight=0", "data.sources.text.weight=0", "data.sources.qa.kind=toy_qa",
-        f"data.sources.qa.path={root / 'qa'}", "data.sources.qa.weight=1", "model.lm.n_layers=1",
-        "model.vision.depth=1", "data.seq_len=128", "data.batch_size=2", "train.steps=2", "train.warmup_steps=1",
-        *extra])
+    return load_config(
+        "configs/tiny.yaml",
+        [
+            f"data.world={root / 'no-world'}",
+            f"data.tokenizer={root / 'tok.json'}",
+            "data.sources.caption.weight=0",
+            "data.sources.interleaved.weight=0",
+            "data.sources.text.weight=0",
+            "data.sources.qa.kind=toy_qa",
+            f"data.sources.qa.path={root / 'qa'}",
+            "data.sources.qa.weight=1",
+            "model.lm.n_layers=1",
+            "model.vision.depth=1",
+            "data.seq_len=128",
+            "data.batch_size=2",
+            "train.steps=2",
+            "train.warmup_steps=1",
+            *extra,
+        ],
+    )
 
 
 def test_a_kind_registered_in_a_test_module_trains_two_steps(toy_data: Path, tmp_path: Path) -> None:

@@ -53,12 +53,28 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for f in range(4):
         with open(root / "caption" / f"part-{f}.jsonl", "w") as fp:
             for j in range(30):
-                fp.write(json.dumps({"key": f"cap-{f}-{j}", "image": f"../img/{(f * 30 + j) % 12}.png",
-                                     "caption": phrase(rng, rng.randint(2, 12))}) + "\n")
+                fp.write(
+                    json.dumps(
+                        {
+                            "key": f"cap-{f}-{j}",
+                            "image": f"../img/{(f * 30 + j) % 12}.png",
+                            "caption": phrase(rng, rng.randint(2, 12)),
+                        }
+                    )
+                    + "\n"
+                )
     with open(root / "caption_bad" / "part-0.jsonl", "w") as fp:
         for j in range(40):
-            fp.write(json.dumps({"key": f"cb-{j}", "image": "../img/bad.png" if j % 4 == 0 else "../img/1.png",
-                                 "caption": phrase(rng, 4)}) + "\n")
+            fp.write(
+                json.dumps(
+                    {
+                        "key": f"cb-{j}",
+                        "image": "../img/bad.png" if j % 4 == 0 else "../img/1.png",
+                        "caption": phrase(rng, 4),
+                    }
+                )
+                + "\n"
+            )
     for f in range(2):
         with open(root / "text" / f"part-{f}.jsonl", "w") as fp:
             for j in range(40):
@@ -76,14 +92,28 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
             texts.append(t)
             images.append(im)
             ids.append(f"doc-{f}-{j}")
-        pq.write_table(pa.table({"id": ids, "texts": texts, "images": images}),
-                       root / "interleaved" / f"part-{f}.parquet")
-    convs = [{"id": f"sft-{j}", "image": f"../img/{j % 12}.png", "conversations": [
-        {"from": "human", "value": "<image>\nwhat colour is it?"}, {"from": "gpt", "value": f"answer {COLOURS[j % 6]}"},
-        {"from": "human", "value": "thanks"}, {"from": "gpt", "value": f"welcome {j}"}]} for j in range(24)]
+        pq.write_table(
+            pa.table({"id": ids, "texts": texts, "images": images}), root / "interleaved" / f"part-{f}.parquet"
+        )
+    convs = [
+        {
+            "id": f"sft-{j}",
+            "image": f"../img/{j % 12}.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat colour is it?"},
+                {"from": "gpt", "value": f"answer {COLOURS[j % 6]}"},
+                {"from": "human", "value": "thanks"},
+                {"from": "gpt", "value": f"welcome {j}"},
+            ],
+        }
+        for j in range(24)
+    ]
     (root / "sft" / "train.json").write_text(json.dumps(convs))
-    Tokenizer.train([phrase(rng, 12) for _ in range(300)] + ["answer welcome what colour is it thanks 0123456789"],
-                    400, root / "tokenizer.json")
+    Tokenizer.train(
+        [phrase(rng, 12) for _ in range(300)] + ["answer welcome what colour is it thanks 0123456789"],
+        400,
+        root / "tokenizer.json",
+    )
     return root
 
 
@@ -98,8 +128,10 @@ def config(data: Path, **sources: float) -> Config:
     cfg.model.connector.num_tokens = 4
     cfg.data.seq_len, cfg.data.batch_size, cfg.data.max_images = 64, 4, 4
     weights = sources or {"caption": 0.45, "interleaved": 0.45, "text": 0.10}
-    cfg.data.sources = {name: SourceConfig(name.split("_")[0] if name != "caption_bad" else "caption",
-                                           str(data / name), w) for name, w in weights.items()}
+    cfg.data.sources = {
+        name: SourceConfig(name.split("_")[0] if name != "caption_bad" else "caption", str(data / name), w)
+        for name, w in weights.items()
+    }
     cfg.data.sft = str(data / "sft" / "train.json")
     cfg.data.allow_outside_paths = True  # the sources share the sibling img/ folder (../img/N.png)
     return cfg
@@ -177,8 +209,9 @@ def test_two_ranks_with_two_workers_see_disjoint_samples_covering_one_process(da
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resuming_from_a_saved_state_continues_with_exactly_the_next_batch(data: Path, tok: Tokenizer,
-                                                                           workers: int) -> None:
+def test_resuming_from_a_saved_state_continues_with_exactly_the_next_batch(
+    data: Path, tok: Tokenizer, workers: int
+) -> None:
     cfg = config(data)
     cfg.data.num_workers = workers
     loader = loader_of(cfg, tok)
@@ -201,7 +234,8 @@ def test_resume_is_exact_across_epochs_and_documents_cut_over_rows(data: Path, t
         state = loader.state_dict()
         pending = state["workers"]["0"]["sources"]["interleaved"]["pending"]
         if state["workers"]["0"]["sources"]["interleaved"]["cursor"][0] >= 1 and any(
-                chunk > 0 or offset > 0 for _, chunk, offset in pending):
+            chunk > 0 or offset > 0 for _, chunk, offset in pending
+        ):
             break
         assert n < 40, "test data never left a split document waiting"
     expected = take(loader, 3)

@@ -75,8 +75,10 @@ def test_synthetic_caption_ratio_picks_dense_captions_deterministically_per_key(
 def test_caption_packing_fills_at_least_95_percent_of_the_tokens(tok: Tokenizer) -> None:
     rng = random.Random(1)
     b = builder(tok, seq_len=256, k=16, ratio=0.5)
-    recs = [NS(key=f"c{i}", where="w", image=i, caption=sentence(rng, 2, 6), dense=sentence(rng, 12, 30))
-            for i in range(600)]
+    recs = [
+        NS(key=f"c{i}", where="w", image=i, caption=sentence(rng, 2, 6), dense=sentence(rng, 12, 30))
+        for i in range(600)
+    ]
     docs = [d for r in recs for d in to_docs(b, "caption", r)]
     rows = pack_all(docs, 256)
     batch = collate(rows, 256, tok.pad_id, tok.image_id, [0] * len(rows))
@@ -91,9 +93,9 @@ def test_packed_rows_restart_positions_and_number_documents(tok: Tokenizer) -> N
     batch = collate([docs], 40, tok.pad_id, tok.image_id, [0])
     n = len(docs[0])
     assert batch["position_ids"][0, :n].tolist() == list(range(n))
-    assert batch["position_ids"][0, n:2 * n].tolist() == list(range(n))
-    assert batch["doc_ids"][0, :3 * n].tolist() == [0] * n + [1] * n + [2] * n
-    assert (batch["doc_ids"][0, 3 * n:] == -1).all() and (batch["input_ids"][0, 3 * n:] == tok.pad_id).all()
+    assert batch["position_ids"][0, n : 2 * n].tolist() == list(range(n))
+    assert batch["doc_ids"][0, : 3 * n].tolist() == [0] * n + [1] * n + [2] * n
+    assert (batch["doc_ids"][0, 3 * n :] == -1).all() and (batch["input_ids"][0, 3 * n :] == tok.pad_id).all()
     assert torch.equal(batch["images"][:, 0, 0, 0], torch.tensor([0.0, 1.0, 2.0]))  # order of appearance
 
 
@@ -160,8 +162,12 @@ def test_text_longer_than_a_row_becomes_several_documents(tok: Tokenizer) -> Non
 
 def test_sft_targets_cover_only_assistant_turns(tok: Tokenizer) -> None:
     b = builder(tok, seq_len=128)
-    conv = [{"from": "human", "value": "<image>\nwhat colour?"}, {"from": "gpt", "value": "blue"},
-            {"from": "human", "value": "shape?"}, {"from": "gpt", "value": "a square"}]
+    conv = [
+        {"from": "human", "value": "<image>\nwhat colour?"},
+        {"from": "gpt", "value": "blue"},
+        {"from": "human", "value": "shape?"},
+        {"from": "gpt", "value": "a square"},
+    ]
     (doc,) = to_docs(b, "sft", NS(key="q", where="w", images=[5], conversations=conv))
     batch = collate([[doc]], 128, tok.pad_id, tok.image_id, [3])
     learned = batch["targets"][0][batch["targets"][0] != -100].tolist()
@@ -171,8 +177,16 @@ def test_sft_targets_cover_only_assistant_turns(tok: Tokenizer) -> None:
 
 def test_sft_without_image_marker_puts_the_image_first_and_mismatch_is_skipped(tok: Tokenizer) -> None:
     b = builder(tok, seq_len=128)
-    (doc,) = to_docs(b, "sft", NS(key="q", where="w", images=[1], conversations=[{"from": "human", "value": "hi"},
-                                                                     {"from": "gpt", "value": "red"}]))
+    (doc,) = to_docs(
+        b,
+        "sft",
+        NS(
+            key="q",
+            where="w",
+            images=[1],
+            conversations=[{"from": "human", "value": "hi"}, {"from": "gpt", "value": "red"}],
+        ),
+    )
     assert doc.ids.count(tok.image_id) == 4
     with pytest.raises(SampleError) as err:
         conv = [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "red"}]
@@ -188,8 +202,10 @@ def test_literal_image_marker_in_raw_text_does_not_create_slots(tok: Tokenizer) 
 def test_text_and_interleaved_rows_are_topped_up_by_splitting_the_oldest_doc(tok: Tokenizer) -> None:
     rng = random.Random(3)
     b = builder(tok, seq_len=256, k=8)
-    recs = [NS(key=f"d{i}", where="w", texts=[sentence(rng, 3, 40), None, sentence(rng, 3, 60)],
-               images=[None, i, None]) for i in range(40)]
+    recs = [
+        NS(key=f"d{i}", where="w", texts=[sentence(rng, 3, 40), None, sentence(rng, 3, 60)], images=[None, i, None])
+        for i in range(40)
+    ]
     docs = [d for r in recs for d in to_docs(b, "interleaved", r)]
     source, buffer, rows = iter(docs), [], []
 

@@ -11,8 +11,12 @@ from tokenizers import models, pre_tokenizers
 
 from mm1.data.tokenizer import IM_END, IM_START, IMAGE_TOKEN, Tokenizer
 
-TEXTS = [f"a {c} {s} sits at the {p} of the picture, label {i}." for i, (c, s, p) in enumerate(
-    [(c, s, p) for c in ("red", "green", "blue") for s in ("circle", "square", "star") for p in ("left", "top")])]
+TEXTS = [
+    f"a {c} {s} sits at the {p} of the picture, label {i}."
+    for i, (c, s, p) in enumerate(
+        [(c, s, p) for c in ("red", "green", "blue") for s in ("circle", "square", "star") for p in ("left", "top")]
+    )
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +54,12 @@ def test_image_marker_without_tokens_per_image_is_an_error(tok: Tokenizer) -> No
 
 
 def test_chat_loss_mask_covers_only_assistant_content_and_end_marker(tok: Tokenizer) -> None:
-    conv = [{"from": "human", "value": "<image>\nwhat colour is it?"}, {"from": "gpt", "value": "red"},
-            {"from": "human", "value": "and the shape?"}, {"from": "gpt", "value": "a circle"}]
+    conv = [
+        {"from": "human", "value": "<image>\nwhat colour is it?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "and the shape?"},
+        {"from": "gpt", "value": "a circle"},
+    ]
     ids, mask = tok.chat(conv, tokens_per_image=4)
     assert len(ids) == len(mask)
     learned = [i for i, m in zip(ids, mask) if m]
@@ -65,7 +73,7 @@ def test_chat_loss_mask_covers_only_assistant_content_and_end_marker(tok: Tokeni
 
 def test_chat_generation_prompt_ends_with_open_assistant_header(tok: Tokenizer) -> None:
     ids = tok.chat_prompt("<image>\nDescribe.", tokens_per_image=2)
-    assert ids[-len(tok.encode("assistant\n")) - 1:] == [tok.im_start_id] + tok.encode("assistant\n")
+    assert ids[-len(tok.encode("assistant\n")) - 1 :] == [tok.im_start_id] + tok.encode("assistant\n")
 
 
 def test_chat_rejects_unknown_roles(tok: Tokenizer) -> None:
@@ -79,8 +87,9 @@ def test_loading_an_hf_dir_adds_missing_special_tokens_and_reads_bos_eos_from_co
     hf.pre_tokenizer = pre_tokenizers.Whitespace()
     hf.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
     hf.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": {"content": "<|begin_of_text|>"}, "eos_token": "<|end_of_text|>"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": {"content": "<|begin_of_text|>"}, "eos_token": "<|end_of_text|>"})
+    )
     t = Tokenizer.load(tmp_path)
     assert (t.bos_id, t.eos_id) == (1, 2)
     assert t.vocab_size == 5 + 3  # <image>, <|im_start|>, <|im_end|> were added

@@ -35,8 +35,11 @@ def mini_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def checksums(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def sha1(data: bytes) -> str:
@@ -169,8 +172,9 @@ def test_vqa_annotators_mostly_agree_with_the_canonical_answer(tiny_world: Path)
 def test_mc_multi_and_text_tasks_are_well_formed(tiny_world: Path) -> None:
     ev = tiny_world / "eval"
     mc = [json.loads(line) for line in (ev / "mc_test.jsonl").read_text().splitlines()]
-    assert len(mc) == 200 and all(0 <= r["answer"] < len(r["options"]) and len(set(r["options"])) == len(r["options"])
-                                  for r in mc)
+    assert len(mc) == 200 and all(
+        0 <= r["answer"] < len(r["options"]) and len(set(r["options"])) == len(r["options"]) for r in mc
+    )
     multi = [json.loads(line) for line in (ev / "multi_test.jsonl").read_text().splitlines()]
     assert len(multi) == 100 and all(len(r["images"]) == 2 and (ev / r["images"][1]).is_file() for r in multi)
     assert {r["answer"] for r in multi if r["question_type"] == "more"} == {"first", "second"}
@@ -199,7 +203,9 @@ def test_tokenizer_reserves_special_ids_and_fits_the_world_text(tiny_world: Path
     from tokenizers import Tokenizer as HFTokenizer
 
     tok = HFTokenizer.from_file(str(tiny_world / "tokenizer.json"))
-    assert [tok.token_to_id(t) for t in ("<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>")] == list(range(6))
+    assert [tok.token_to_id(t) for t in ("<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>")] == list(
+        range(6)
+    )
     text = json.loads((tiny_world / "text" / "train.jsonl").read_text().splitlines()[0])["text"]
     assert len(tok.encode(text).ids) < len(text.encode()) / 3  # trained on this text: it compresses well
     assert 1000 < tok.get_vocab_size() <= 2048
@@ -242,8 +248,12 @@ def test_invented_names_are_taught_only_by_text_documents(mini_world: Path) -> N
     text = (mini_world / "text" / "train.jsonl").read_text()
     assert all(re.search(rf"\b{c.name}\b", text) for c in lexicon)
     elsewhere = (mini_world / "sft" / "train.json").read_text() + " ".join(
-        t for p in (mini_world / "interleaved").glob("*.parquet")
-        for r in pq.read_table(p).column("texts").to_pylist() for t in r if t)
+        t
+        for p in (mini_world / "interleaved").glob("*.parquet")
+        for r in pq.read_table(p).column("texts").to_pylist()
+        for t in r
+        if t
+    )
     assert not any(re.search(rf"\b{c.name}\b", elsewhere) for c in lexicon)
     for line in (mini_world / "eval" / "text_test.jsonl").read_text().splitlines():
         q = json.loads(line)
@@ -273,12 +283,16 @@ def test_labels_are_printed_crisply_at_full_resolution_and_blur_at_half() -> Non
     ImageDraw.Draw(glyphs).text((0, 0), "K7W", fill=0, font=font)
     ink = np.asarray(glyphs) < 128
     ys, xs = np.nonzero(ink)
-    ink = ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    ink = ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     dark = np.asarray(img.convert("L")) < 100
 
     def found(mask: np.ndarray) -> bool:
         h, w = ink.shape
-        return any((mask[y:y + h, x:x + w] == ink).all() for y in range(mask.shape[0] - h) for x in range(mask.shape[1] - w))
+        return any(
+            (mask[y : y + h, x : x + w] == ink).all()
+            for y in range(mask.shape[0] - h)
+            for x in range(mask.shape[1] - w)
+        )
 
     assert found(dark), "the label's glyphs are not in the image pixel-for-pixel"
     half = np.asarray(img.resize((64, 64), Image.BICUBIC).resize((128, 128), Image.NEAREST).convert("L")) < 100
@@ -309,7 +323,10 @@ def test_single_world_asks_balanced_questions_whose_answers_only_the_image_gives
     assert checksums(tmp_path / "a") == checksums(tmp_path / "b")
     root = tmp_path / "a"
     questions = json.loads((root / "eval" / "vqa_test_questions.json").read_text())["questions"]
-    anns = {a["question_id"]: a for a in json.loads((root / "eval" / "vqa_test_annotations.json").read_text())["annotations"]}
+    anns = {
+        a["question_id"]: a
+        for a in json.loads((root / "eval" / "vqa_test_annotations.json").read_text())["annotations"]
+    }
     assert len(questions) == 3 * 40
     by_type: dict[str, list[str]] = {}
     for q in questions:

@@ -6,15 +6,23 @@ from __future__ import annotations
 import pytest
 
 from mm1.config import Config
-from mm1.eval.bench_metrics import (circular_accuracy, mmmu_open_correct, parse_choice, parse_yes_no,
-                                    pope_metrics)
+from mm1.eval.bench_metrics import circular_accuracy, mmmu_open_correct, parse_choice, parse_yes_no, pope_metrics
 from mm1.eval.readers import Example
 from mm1.eval.task_metrics import SCORERS
 
 
 def test_pope_answers_are_no_when_the_first_sentence_says_no_or_not():
-    assert [parse_yes_no(a) for a in ["Yes.", "No, there is none.", "There is not a dog.", "There is a dog. No cat.",
-                                      "yes there is", "Nothing is there"]] == ["yes", "no", "no", "yes", "yes", "yes"]
+    assert [
+        parse_yes_no(a)
+        for a in [
+            "Yes.",
+            "No, there is none.",
+            "There is not a dog.",
+            "There is a dog. No cat.",
+            "yes there is",
+            "Nothing is there",
+        ]
+    ] == ["yes", "no", "no", "yes", "yes", "yes"]
 
 
 def test_pope_metrics_by_hand():
@@ -46,8 +54,15 @@ def test_pope_scorer_headline_is_f1_with_every_figure_in_details():
 
 def _rotations(group: int, n_options: int, gold: int) -> list[Example]:
     opts = [f"option {i}" for i in range(n_options)]
-    return [Example(str(s * 1_000_000 + group), options=opts[s:] + opts[:s], label=(gold - s) % n_options,
-                    meta={"circular_group": group, "circular_shift": s, "category": "c"}) for s in range(n_options)]
+    return [
+        Example(
+            str(s * 1_000_000 + group),
+            options=opts[s:] + opts[:s],
+            label=(gold - s) % n_options,
+            meta={"circular_group": group, "circular_shift": s, "category": "c"},
+        )
+        for s in range(n_options)
+    ]
 
 
 def test_circular_eval_by_hand():
@@ -57,8 +72,9 @@ def test_circular_eval_by_hand():
     items = _rotations(0, 4, 2) + _rotations(1, 4, 0) + _rotations(2, 2, 1)
     chosen = [ex.label for ex in items]
     chosen[6] = (chosen[6] + 1) % 4  # question 1, rotation 2
-    assert circular_accuracy([c == ex.label for c, ex in zip(chosen, items)],
-                             [ex.meta["circular_group"] for ex in items]) == pytest.approx(200 / 3)
+    assert circular_accuracy(
+        [c == ex.label for c, ex in zip(chosen, items)], [ex.meta["circular_group"] for ex in items]
+    ) == pytest.approx(200 / 3)
     scorer = SCORERS.get("circular")
     score, per = scorer.score(items, chosen, Config())
     assert score == pytest.approx(200 / 3) and sum(per) == 100.0 * 9

@@ -45,11 +45,24 @@ def _spec(folder, name, **fields):
 
 def _textvqa(root):
     _image(root / "train_images" / "abc123.jpg")
-    rows = [{"question_id": 34602, "question": "what is the brand?", "image_id": "abc123", "image_classes": ["Bottle"],
-             "flickr_original_url": "", "flickr_300k_url": "", "image_width": 16, "image_height": 16,
-             "answers": ["nokia"] * 7 + ["Nokia", "toshiba", "nokia "], "question_tokens": ["what"], "set_name": "val"}]
-    (root / "TextVQA_0.5.1_val.json").write_text(json.dumps({"dataset_type": "val", "dataset_name": "textvqa",
-                                                              "dataset_version": "0.5.1", "data": rows}))
+    rows = [
+        {
+            "question_id": 34602,
+            "question": "what is the brand?",
+            "image_id": "abc123",
+            "image_classes": ["Bottle"],
+            "flickr_original_url": "",
+            "flickr_300k_url": "",
+            "image_width": 16,
+            "image_height": 16,
+            "answers": ["nokia"] * 7 + ["Nokia", "toshiba", "nokia "],
+            "question_tokens": ["what"],
+            "set_name": "val",
+        }
+    ]
+    (root / "TextVQA_0.5.1_val.json").write_text(
+        json.dumps({"dataset_type": "val", "dataset_name": "textvqa", "dataset_version": "0.5.1", "data": rows})
+    )
 
 
 def test_textvqa_reads_the_data_list_with_images_by_image_id(tmp_path):
@@ -62,11 +75,22 @@ def test_textvqa_reads_the_data_list_with_images_by_image_id(tmp_path):
 
 def test_vizwiz_keeps_unanswerable_as_an_answer_and_says_so_in_the_chat_prompt(tmp_path):
     _image(tmp_path / "val" / "VizWiz_val_00000000.jpg")
-    answers = [{"answer": "unanswerable", "answer_confidence": "yes"}] * 6 + \
-              [{"answer": "dog food", "answer_confidence": "maybe"}] * 4
-    (tmp_path / "val.json").write_text(json.dumps([{"image": "VizWiz_val_00000000.jpg", "question": "What is this?",
-                                                   "answers": answers, "answer_type": "unanswerable",
-                                                   "answerable": 0}]))
+    answers = [{"answer": "unanswerable", "answer_confidence": "yes"}] * 6 + [
+        {"answer": "dog food", "answer_confidence": "maybe"}
+    ] * 4
+    (tmp_path / "val.json").write_text(
+        json.dumps(
+            [
+                {
+                    "image": "VizWiz_val_00000000.jpg",
+                    "question": "What is this?",
+                    "answers": answers,
+                    "answer_type": "unanswerable",
+                    "answerable": 0,
+                }
+            ]
+        )
+    )
     task = _spec(tmp_path, "vizwiz", format="vizwiz", test="val.json", image_root="val")
     ex = task.test[0]
     assert ex.id == "VizWiz_val_00000000" and ex.target == "unanswerable" and ex.meta["answer_type"] == "unanswerable"
@@ -75,11 +99,26 @@ def test_vizwiz_keeps_unanswerable_as_an_answer_and_says_so_in_the_chat_prompt(t
 
 def test_gqa_reads_balanced_questions_keyed_by_question_id(tmp_path):
     _image(tmp_path / "images" / "n161313.jpg")
-    (tmp_path / "testdev_balanced_questions.json").write_text(json.dumps({"20968137": {
-        "semantic": [], "entailed": [], "equivalent": ["20968137"], "question": "Is the sky blue?", "imageId": "n161313",
-        "isBalanced": True, "groups": {"global": None, "local": "06-sky_blue"}, "answer": "yes",
-        "semanticStr": "", "annotations": {}, "types": {"detailed": "verifyAttr", "semantic": "attr",
-                                                        "structural": "verify"}, "fullAnswer": "Yes, the sky is blue."}}))
+    (tmp_path / "testdev_balanced_questions.json").write_text(
+        json.dumps(
+            {
+                "20968137": {
+                    "semantic": [],
+                    "entailed": [],
+                    "equivalent": ["20968137"],
+                    "question": "Is the sky blue?",
+                    "imageId": "n161313",
+                    "isBalanced": True,
+                    "groups": {"global": None, "local": "06-sky_blue"},
+                    "answer": "yes",
+                    "semanticStr": "",
+                    "annotations": {},
+                    "types": {"detailed": "verifyAttr", "semantic": "attr", "structural": "verify"},
+                    "fullAnswer": "Yes, the sky is blue.",
+                }
+            }
+        )
+    )
     task = _spec(tmp_path, "gqa", format="gqa", test="testdev_balanced_questions.json")
     ex = task.test[0]
     assert (task.spec.kind, task.spec.metric) == ("vqa", "exact")
@@ -87,9 +126,15 @@ def test_gqa_reads_balanced_questions_keyed_by_question_id(tmp_path):
 
 
 def _pope(root):
-    rows = [{"question_id": i + 1, "image": f"COCO_val2014_00000000000{i}.jpg",
-             "text": f"Is there a {obj} in the image?", "label": label}
-            for i, (obj, label) in enumerate([("dog", "yes"), ("cat", "no"), ("car", "yes"), ("kite", "no")])]
+    rows = [
+        {
+            "question_id": i + 1,
+            "image": f"COCO_val2014_00000000000{i}.jpg",
+            "text": f"Is there a {obj} in the image?",
+            "label": label,
+        }
+        for i, (obj, label) in enumerate([("dog", "yes"), ("cat", "no"), ("car", "yes"), ("kite", "no")])
+    ]
     for r in rows:
         _image(root / "val2014" / r["image"], "blue")
     (root / "coco_pope_random.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -106,38 +151,89 @@ def test_pope_reads_json_lines_with_yes_no_labels(tmp_path):
 def test_textcaps_groups_caption_rows_by_image_and_uses_reference_strs(tmp_path):
     _image(tmp_path / "train_images" / "011e7e629fb9ae7b.jpg")
     refs = ["A bottle of Coca Cola.", "a red can", "Coke on a table", "the can says coca cola", "A soda can."]
-    rows = [{"image_id": "011e7e629fb9ae7b", "image_classes": ["Tin can"], "flickr_original_url": "",
-             "flickr_300k_url": "", "image_width": 16, "image_height": 16, "set_name": "val",
-             "image_name": "011e7e629fb9ae7b", "image_path": "train/011e7e629fb9ae7b.jpg", "caption_id": k,
-             "caption_str": refs[k], "caption_tokens": [], "reference_strs": refs, "reference_tokens": []}
-            for k in range(5)]
-    (tmp_path / "TextCaps_0.1_val.json").write_text(json.dumps({"dataset_type": "val", "dataset_name": "textcaps",
-                                                                 "dataset_version": "0.1", "data": rows}))
+    rows = [
+        {
+            "image_id": "011e7e629fb9ae7b",
+            "image_classes": ["Tin can"],
+            "flickr_original_url": "",
+            "flickr_300k_url": "",
+            "image_width": 16,
+            "image_height": 16,
+            "set_name": "val",
+            "image_name": "011e7e629fb9ae7b",
+            "image_path": "train/011e7e629fb9ae7b.jpg",
+            "caption_id": k,
+            "caption_str": refs[k],
+            "caption_tokens": [],
+            "reference_strs": refs,
+            "reference_tokens": [],
+        }
+        for k in range(5)
+    ]
+    (tmp_path / "TextCaps_0.1_val.json").write_text(
+        json.dumps({"dataset_type": "val", "dataset_name": "textcaps", "dataset_version": "0.1", "data": rows})
+    )
     task = _spec(tmp_path, "textcaps", format="textcaps", test="TextCaps_0.1_val.json", image_root="train_images")
     assert len(task.test) == 1 and task.test[0].answers == refs and task.spec.metric == "cider"
 
 
 def test_nocaps_is_coco_format_and_keeps_each_images_domain(tmp_path):
-    images = [{"id": i, "file_name": f"{i:04d}.jpg", "open_images_id": "x", "height": 16, "width": 16,
-               "domain": d, "date_captured": "", "coco_url": "", "license": 0} for i, d in enumerate(["in-domain",
-                                                                                                      "out-domain"])]
+    images = [
+        {
+            "id": i,
+            "file_name": f"{i:04d}.jpg",
+            "open_images_id": "x",
+            "height": 16,
+            "width": 16,
+            "domain": d,
+            "date_captured": "",
+            "coco_url": "",
+            "license": 0,
+        }
+        for i, d in enumerate(["in-domain", "out-domain"])
+    ]
     for img in images:
         _image(tmp_path / "validation" / img["file_name"])
     anns = [{"image_id": i, "id": i * 10 + k, "caption": f"caption {k} of {i}"} for i in range(2) for k in range(10)]
-    (tmp_path / "nocaps_val_4500_captions.json").write_text(json.dumps({"licenses": [], "info": {}, "images": images,
-                                                                         "annotations": anns}))
+    (tmp_path / "nocaps_val_4500_captions.json").write_text(
+        json.dumps({"licenses": [], "info": {}, "images": images, "annotations": anns})
+    )
     task = _spec(tmp_path, "nocaps", format="nocaps", test="nocaps_val_4500_captions.json", image_root="validation")
     assert [ex.meta["domain"] for ex in task.test] == ["in-domain", "out-domain"] and len(task.test[0].answers) == 10
 
 
 def test_scienceqa_img_reads_problems_of_the_split_that_have_an_image(tmp_path):
-    base = {"hint": "", "task": "closed choice", "grade": "grade2", "subject": "natural science", "topic": "x",
-            "category": "y", "skill": "z", "lecture": "", "solution": ""}
-    problems = {"5": {**base, "question": "Which animal is a mammal?", "choices": ["frog", "horse"], "answer": 1,
-                      "image": "image.png", "split": "test", "hint": "Look at the picture."},
-                "6": {**base, "question": "Text only?", "choices": ["a", "b"], "answer": 0, "image": None, "split": "test"},
-                "7": {**base, "question": "Train one?", "choices": ["a", "b", "c"], "answer": 2, "image": "image.png",
-                      "split": "train"}}
+    base = {
+        "hint": "",
+        "task": "closed choice",
+        "grade": "grade2",
+        "subject": "natural science",
+        "topic": "x",
+        "category": "y",
+        "skill": "z",
+        "lecture": "",
+        "solution": "",
+    }
+    problems = {
+        "5": {
+            **base,
+            "question": "Which animal is a mammal?",
+            "choices": ["frog", "horse"],
+            "answer": 1,
+            "image": "image.png",
+            "split": "test",
+            "hint": "Look at the picture.",
+        },
+        "6": {**base, "question": "Text only?", "choices": ["a", "b"], "answer": 0, "image": None, "split": "test"},
+        "7": {
+            **base,
+            "question": "Train one?",
+            "choices": ["a", "b", "c"],
+            "answer": 2,
+            "image": "image.png",
+            "split": "train",
+        },
+    }
     _image(tmp_path / "images" / "test" / "5" / "image.png")
     _image(tmp_path / "images" / "train" / "7" / "image.png")
     (tmp_path / "problems.json").write_text(json.dumps(problems))
@@ -149,28 +245,60 @@ def test_scienceqa_img_reads_problems_of_the_split_that_have_an_image(tmp_path):
 
 def test_seed_bench_reads_image_questions_with_letter_answers(tmp_path):
     _image(tmp_path / "SEED-Bench-image" / "1454426_2591111986.jpg")
-    q = {"answer": "B", "choice_a": "One", "choice_b": "Two", "choice_c": "Three", "choice_d": "Four",
-         "data_id": "1454426_2591111986.jpg", "data_type": "image", "question": "How many towels are in the image?",
-         "question_id": "101669", "question_type_id": 5}
+    q = {
+        "answer": "B",
+        "choice_a": "One",
+        "choice_b": "Two",
+        "choice_c": "Three",
+        "choice_d": "Four",
+        "data_id": "1454426_2591111986.jpg",
+        "data_type": "image",
+        "question": "How many towels are in the image?",
+        "question_id": "101669",
+        "question_type_id": 5,
+    }
     video = {**q, "data_id": "v.mp4", "data_type": "video", "question_id": "9", "question_type_id": 10}
-    (tmp_path / "SEED-Bench.json").write_text(json.dumps({"question_type": {"Instances Counting": 5,
-                                                                            "Action Recognition": 10},
-                                                          "questions": [q, video]}))
+    (tmp_path / "SEED-Bench.json").write_text(
+        json.dumps({"question_type": {"Instances Counting": 5, "Action Recognition": 10}, "questions": [q, video]})
+    )
     task = _spec(tmp_path, "seed", format="seed_bench", test="SEED-Bench.json")
     assert len(task.test) == 1
     ex = task.test[0]
-    assert ex.options == ["One", "Two", "Three", "Four"] and ex.label == 1 and ex.meta["category"] == "Instances Counting"
+    assert (
+        ex.options == ["One", "Two", "Three", "Four"] and ex.label == 1 and ex.meta["category"] == "Instances Counting"
+    )
 
 
 def _mmmu(root):
     image = {"bytes": _png("green"), "path": "img.png"}
-    rows = [{"id": "validation_Art_1", "question": "Which colour dominates <image 1>?",
-             "options": "['red', 'green', 'blue']", "explanation": "", "image_1": image, "image_2": None,
-             "img_type": "['Paintings']", "answer": "B", "topic_difficulty": "Easy", "question_type": "multiple-choice",
-             "subfield": "Art"},
-            {"id": "validation_Math_2", "question": "How many sides does the shape in <image 1> have?",
-             "options": "[]", "explanation": "", "image_1": image, "image_2": None, "img_type": "['Diagrams']",
-             "answer": "['4', '4.0']", "topic_difficulty": "Easy", "question_type": "open", "subfield": "Geometry"}]
+    rows = [
+        {
+            "id": "validation_Art_1",
+            "question": "Which colour dominates <image 1>?",
+            "options": "['red', 'green', 'blue']",
+            "explanation": "",
+            "image_1": image,
+            "image_2": None,
+            "img_type": "['Paintings']",
+            "answer": "B",
+            "topic_difficulty": "Easy",
+            "question_type": "multiple-choice",
+            "subfield": "Art",
+        },
+        {
+            "id": "validation_Math_2",
+            "question": "How many sides does the shape in <image 1> have?",
+            "options": "[]",
+            "explanation": "",
+            "image_1": image,
+            "image_2": None,
+            "img_type": "['Diagrams']",
+            "answer": "['4', '4.0']",
+            "topic_difficulty": "Easy",
+            "question_type": "open",
+            "subfield": "Geometry",
+        },
+    ]
     folder = root / "Art"
     folder.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), folder / "validation-00000-of-00001.parquet")
@@ -187,14 +315,61 @@ def test_mmmu_reads_parquet_with_inline_images_options_and_open_answers(tmp_path
 
 
 def _mmbench(root, with_rotations=False):
-    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source",
-              "l2-category", "comment", "split"]
+    header = [
+        "index",
+        "question",
+        "hint",
+        "A",
+        "B",
+        "C",
+        "D",
+        "answer",
+        "category",
+        "image",
+        "source",
+        "l2-category",
+        "comment",
+        "split",
+    ]
     b64 = base64.b64encode(_png("yellow")).decode()
-    rows = [[0, "What colour is it?", "nan", "red", "yellow", "blue", "nan", "B", "attribute", b64, "x", "y", "nan", "dev"],
-            [1, "Which shape?", "A plain image.", "circle", "square", "nan", "nan", "B", "shape", b64, "x", "y", "nan", "dev"]]
+    rows = [
+        [0, "What colour is it?", "nan", "red", "yellow", "blue", "nan", "B", "attribute", b64, "x", "y", "nan", "dev"],
+        [
+            1,
+            "Which shape?",
+            "A plain image.",
+            "circle",
+            "square",
+            "nan",
+            "nan",
+            "B",
+            "shape",
+            b64,
+            "x",
+            "y",
+            "nan",
+            "dev",
+        ],
+    ]
     if with_rotations:  # the released circular file: copies at index k * 1e6 + i, images by reference
-        rows += [[1000000, "What colour is it?", "nan", "yellow", "blue", "red", "nan", "A", "attribute", "0", "x", "y",
-                  "nan", "dev"]]
+        rows += [
+            [
+                1000000,
+                "What colour is it?",
+                "nan",
+                "yellow",
+                "blue",
+                "red",
+                "nan",
+                "A",
+                "attribute",
+                "0",
+                "x",
+                "y",
+                "nan",
+                "dev",
+            ]
+        ]
     (root / "MMBench_DEV_EN.tsv").write_text("\n".join("\t".join(map(str, r)) for r in [header] + rows) + "\n")
 
 
@@ -203,8 +378,11 @@ def test_mmbench_decodes_base64_images_and_makes_every_rotation(tmp_path):
     task = _spec(tmp_path, "mmb", format="mmbench", test="MMBench_DEV_EN.tsv")
     assert task.spec.metric == "circular"
     colour = [ex for ex in task.test if ex.meta["circular_group"] == 0]
-    assert [ex.options for ex in colour] == [["red", "yellow", "blue"], ["yellow", "blue", "red"],
-                                             ["blue", "red", "yellow"]]
+    assert [ex.options for ex in colour] == [
+        ["red", "yellow", "blue"],
+        ["yellow", "blue", "red"],
+        ["blue", "red", "yellow"],
+    ]
     assert [ex.target for ex in colour] == ["yellow"] * 3 and colour[0].images == [_png("yellow")]
     shape = [ex for ex in task.test if ex.meta["circular_group"] == 1]
     assert len(shape) == 2 and shape[0].question == "A plain image.\nWhich shape?"
@@ -233,8 +411,9 @@ def test_a_spec_names_a_format_or_a_kind_and_the_two_must_agree(tmp_path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    tok = Tokenizer.train(["Question: Is there a dog in the image? Short answer: yes no A B C"] * 30, 300,
-                          root / "tokenizer.json")
+    tok = Tokenizer.train(
+        ["Question: Is there a dog in the image? Short answer: yes no A B C"] * 30, 300, root / "tokenizer.json"
+    )
     cfg = Config()
     v, c, lm = cfg.model.vision, cfg.model.connector, cfg.model.lm
     v.image_size, v.patch_size, v.width, v.depth, v.heads, v.mlp_dim = 16, 8, 32, 1, 2, 64

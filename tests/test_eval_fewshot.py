@@ -22,11 +22,24 @@ def _write_vqa(root, split, n_images, shared=()):
             Image.new("RGB", (8, 8), (i * 20 % 255, 0, 0)).save(root / "images" / name)
         for j in range(3):
             qid = (i + 1) * 10 + j
-            questions.append({"question_id": qid, "image_id": i + 1, "question": f"q{j} about {name}?",
-                              "file_name": f"images/{name}"})
-            anns.append({"question_id": qid, "image_id": i + 1, "question_type": f"t{j}", "answer_type": "other",
-                         "multiple_choice_answer": f"a{i}", "answers": [{"answer": f"a{i}", "answer_id": k + 1}
-                                                                        for k in range(10)]})
+            questions.append(
+                {
+                    "question_id": qid,
+                    "image_id": i + 1,
+                    "question": f"q{j} about {name}?",
+                    "file_name": f"images/{name}",
+                }
+            )
+            anns.append(
+                {
+                    "question_id": qid,
+                    "image_id": i + 1,
+                    "question_type": f"t{j}",
+                    "answer_type": "other",
+                    "multiple_choice_answer": f"a{i}",
+                    "answers": [{"answer": f"a{i}", "answer_id": k + 1} for k in range(10)],
+                }
+            )
     (root / f"vqa_{split}_questions.json").write_text(json.dumps({"questions": questions}))
     (root / f"vqa_{split}_annotations.json").write_text(json.dumps({"annotations": anns}))
     return {"questions": root / f"vqa_{split}_questions.json", "annotations": root / f"vqa_{split}_annotations.json"}
@@ -50,8 +63,9 @@ def test_no_demonstration_ever_contains_the_query_image(task):
             assert not set(q.image_keys) & set(p.demo_image_keys)
             assert q.images[0] not in p.images[:-1] and p.images[-1] == q.images[0]
     # a pool with too few legal examples is an error, not a silent leak
-    crowded = [Example(str(i), ["x.png"], ["x.png"], answers=["a"]) for i in range(5)] + \
-              [Example("ok", ["y.png"], ["y.png"], answers=["a"])]
+    crowded = [Example(str(i), ["x.png"], ["x.png"], answers=["a"]) for i in range(5)] + [
+        Example("ok", ["y.png"], ["y.png"], answers=["a"])
+    ]
     with pytest.raises(ValueError, match="only 1 train examples"):
         sample_demos(crowded, Example("q", ["x.png"], ["x.png"]), 2, __import__("random").Random(0))
 
@@ -84,9 +98,13 @@ def test_zero_shot_text_only_demonstrations_when_configured(task):
 
 
 def test_chain_of_thought_prompt_and_answer_parsing(tmp_path):
-    spec = TaskSpec("cot", "text", tmp_path / "t.jsonl",
-                    template="Question: {question} Reasoning: {rationale} So the answer is {answer}",
-                    cot_marker="So the answer is")
+    spec = TaskSpec(
+        "cot",
+        "text",
+        tmp_path / "t.jsonl",
+        template="Question: {question} Reasoning: {rationale} So the answer is {answer}",
+        cot_marker="So the answer is",
+    )
     ex = Example("1", question="What is 2 plus 3?", answers=["5"], rationale="2 and 3 make 5.")
     text, _ = render_query(spec, ex)
     assert text == "Question: What is 2 plus 3? Reasoning:"
@@ -99,8 +117,9 @@ def test_chain_of_thought_prompt_and_answer_parsing(tmp_path):
 def test_chat_prompts_put_demonstrations_in_earlier_turns(task):
     q = task.test[0]
     zero = build_prompt(task, q, 0, chat=True)
-    assert zero.chat == [{"role": "user", "content": f"<image>\n{q.question}\n"
-                                                     "Answer the question using a single word or phrase."}]
+    assert zero.chat == [
+        {"role": "user", "content": f"<image>\n{q.question}\nAnswer the question using a single word or phrase."}
+    ]
     two = build_prompt(task, q, 2, seed=5, chat=True)
     assert [t["role"] for t in two.chat] == ["user", "assistant"] * 2 + ["user"]
     assert two.demo_ids == build_prompt(task, q, 2, seed=5).demo_ids  # same draw as the plain prompt

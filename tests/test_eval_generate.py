@@ -15,8 +15,12 @@ from mm1.eval.generate import GenerationConfig, cut_at_stops, generate, generate
 from mm1.eval.scoring import choose_options, continuation_logprobs, perplexity
 from mm1.models.build import build_model
 
-TEXTS = ["a red circle and a blue square", "Question: what colour is the star? Short answer: yellow",
-         "three small green triangles on a grey background", "the quick brown fox jumps over the lazy dog"] * 20
+TEXTS = [
+    "a red circle and a blue square",
+    "Question: what colour is the star? Short answer: yellow",
+    "three small green triangles on a grey background",
+    "the quick brown fox jumps over the lazy dog",
+] * 20
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +40,12 @@ def setup(tmp_path_factory):
     return model, tok, images
 
 
-PROMPTS = ["<image>A short description:", "Question: what colour", "<image>Question: x <image> Short answer:",
-           "the quick brown fox jumps over the lazy dog and then some more words to make it long"]
+PROMPTS = [
+    "<image>A short description:",
+    "Question: what colour",
+    "<image>Question: x <image> Short answer:",
+    "the quick brown fox jumps over the lazy dog and then some more words to make it long",
+]
 
 
 def _imgs(images):
@@ -54,21 +62,30 @@ def test_batched_left_padded_generation_equals_one_by_one(setup):
         own: list[torch.Tensor] = []
         single += generate_ids(model, tok, [p], [im], gcfg, scores=own)
         # not only the argmax: every step's logits match those of the padded batch row
-        torch.testing.assert_close(torch.cat(own), torch.stack([s[i] for s in batch_logits[:len(own)]]),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.cat(own), torch.stack([s[i] for s in batch_logits[: len(own)]]), atol=1e-4, rtol=1e-4
+        )
     assert batched == single
     assert all(len(r) > 0 for r in batched)
-    assert generate(model, tok, PROMPTS, _imgs(images), max_new_tokens=8, stop=[], batch_size=3) == \
-        [tok.decode(r) for r in single]
+    assert generate(model, tok, PROMPTS, _imgs(images), max_new_tokens=8, stop=[], batch_size=3) == [
+        tok.decode(r) for r in single
+    ]
 
 
 def test_kv_cache_greedy_equals_recomputing_the_full_sequence(setup):
     model, tok, images = setup
     cached_logits, full_logits = [], []
-    cached = generate_ids(model, tok, PROMPTS, _imgs(images), GenerationConfig(max_new_tokens=10, stop=[]),
-                          scores=cached_logits)
-    full = generate_ids(model, tok, PROMPTS, _imgs(images), GenerationConfig(max_new_tokens=10, stop=[], use_cache=False),
-                        scores=full_logits)
+    cached = generate_ids(
+        model, tok, PROMPTS, _imgs(images), GenerationConfig(max_new_tokens=10, stop=[]), scores=cached_logits
+    )
+    full = generate_ids(
+        model,
+        tok,
+        PROMPTS,
+        _imgs(images),
+        GenerationConfig(max_new_tokens=10, stop=[], use_cache=False),
+        scores=full_logits,
+    )
     assert cached == full
     torch.testing.assert_close(torch.stack(cached_logits), torch.stack(full_logits), atol=1e-4, rtol=1e-4)
 
@@ -98,8 +115,10 @@ def test_option_scores_do_not_depend_on_batching_and_pick_the_best(setup):
     model, tok, images = setup
     opts = ["red", "blue", "green square", "yellow"]
     best, scores = choose_options(model, tok, "<image>Question: what colour? Answer:", opts, [images[0]])
-    alone = [continuation_logprobs(model, tok, ["<image>Question: what colour? Answer:"], [" " + o], [[images[0]]])[0][0]
-             for o in opts]
+    alone = [
+        continuation_logprobs(model, tok, ["<image>Question: what colour? Answer:"], [" " + o], [[images[0]]])[0][0]
+        for o in opts
+    ]
     assert scores == pytest.approx(alone, abs=1e-4)
     assert best == max(range(4), key=lambda i: alone[i])
     ppl, nll = perplexity(model, tok, TEXTS[:3])
@@ -124,10 +143,27 @@ def test_mm1_generate_answers_one_prompt_from_a_checkpoint(setup, tmp_path, caps
     tok.save(ckpt / "tokenizer.json")
     (ckpt / CHECKSUMS).write_text(json.dumps({f.name: sha256(f) for f in ckpt.iterdir()}))
     images[0].save(tmp_path / "a.png")
-    expected = generate(model, tok, ["<image>A short description:"], [[str(tmp_path / "a.png")]],
-                        max_new_tokens=6, stop=[])[0]
-    assert main(["generate", "--checkpoint", str(ckpt), "--image", str(tmp_path / "a.png"),
-                 "--prompt", "A short description:", "--max-new-tokens", "6", "--stop", ""]) == 0
+    expected = generate(
+        model, tok, ["<image>A short description:"], [[str(tmp_path / "a.png")]], max_new_tokens=6, stop=[]
+    )[0]
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(ckpt),
+                "--image",
+                str(tmp_path / "a.png"),
+                "--prompt",
+                "A short description:",
+                "--max-new-tokens",
+                "6",
+                "--stop",
+                "",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == expected + "\n"
     assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "<image>x"]) == 2
 
@@ -139,5 +175,7 @@ def test_a_conversation_prompt_uses_the_chat_template_and_stops_at_im_end(setup)
     conv = [{"role": "user", "content": "<image>\nWhat colour?"}]
     assert encode_prompt(tok, conv, 4) == tok.chat_prompt("<image>\nWhat colour?", 4)
     free = generate_ids(model, tok, [conv], [[images[0]]], GenerationConfig(max_new_tokens=6, stop=[]))[0]
-    cut = generate_ids(model, tok, [conv], [[images[0]]], GenerationConfig(max_new_tokens=6, stop=[], stop_ids=[free[0]]))
+    cut = generate_ids(
+        model, tok, [conv], [[images[0]]], GenerationConfig(max_new_tokens=6, stop=[], stop_ids=[free[0]])
+    )
     assert cut == [[]] and len(free) == 6

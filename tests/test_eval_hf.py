@@ -30,11 +30,16 @@ def write_run(run: Path, world: Path, connector: ConnectorConfig, vision: dict) 
     """A checkpoint of a tiny random model on the world's tokenizer (weights scaled so that greedy
     picks are far from ties: the comparison is of predictions, not only of scores)."""
     tok = Tokenizer.load(world / "tokenizer.json")
-    cfg = Config(model=ModelConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=3, heads=2, mlp_dim=64, **vision),
-        connector=connector, image_token_id=tok.image_id,
-        lm=LMConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                    max_seq_len=1024)))
+    cfg = Config(
+        model=ModelConfig(
+            vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=3, heads=2, mlp_dim=64, **vision),
+            connector=connector,
+            image_token_id=tok.image_id,
+            lm=LMConfig(
+                vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=1024
+            ),
+        )
+    )
     cfg.data.world = str(world)
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -48,8 +53,17 @@ def write_run(run: Path, world: Path, connector: ConnectorConfig, vision: dict) 
         (d / "config.yaml").write_text(to_yaml(cfg))
         tok.save(d / "tokenizer.json")
 
-    save_checkpoint(run, 1, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), env=DistEnv(),
-                    trainer_state={}, rank_state={}, extra=extra)
+    save_checkpoint(
+        run,
+        1,
+        model,
+        opt,
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        env=DistEnv(),
+        trainer_state={},
+        rank_state={},
+        extra=extra,
+    )
 
 
 def results(json_dir: Path) -> dict[str, tuple[float, list[str], list[float], float, list[str]]]:
@@ -60,15 +74,24 @@ def results(json_dir: Path) -> dict[str, tuple[float, list[str], list[float], fl
         r = json.loads(f.read_text())
         items = r["predictions"][0]
         shuffled = [p["prediction"] for p in (r.get("shuffled_predictions") or [[]])[0]]  # none: text-only task
-        out[f.stem] = (r["score"], [p["prediction"] for p in items],
-                       [s for p in items for s in p.get("option_scores", [])], r["score_shuffled"], shuffled)
+        out[f.stem] = (
+            r["score"],
+            [p["prediction"] for p in items],
+            [s for p in items for s in p.get("option_scores", [])],
+            r["score_shuffled"],
+            shuffled,
+        )
     return out
 
 
-@pytest.mark.parametrize("connector,vision,flags", [
-    (ConnectorConfig(kind="mlp", num_tokens=16), CLIP_LIKE, []),
-    (ConnectorConfig(kind="c_abstractor", num_tokens=4), {}, ["--trust-remote-code"]),
-], ids=["mlp", "c_abstractor"])
+@pytest.mark.parametrize(
+    "connector,vision,flags",
+    [
+        (ConnectorConfig(kind="mlp", num_tokens=16), CLIP_LIKE, []),
+        (ConnectorConfig(kind="c_abstractor", num_tokens=4), {}, ["--trust-remote-code"]),
+    ],
+    ids=["mlp", "c_abstractor"],
+)
 def test_an_export_scores_what_its_checkpoint_scores(tiny_world, tmp_path, connector, vision, flags):
     run, folder = tmp_path / "run", tmp_path / "hf"
     write_run(run, tiny_world, connector, vision)

@@ -15,8 +15,7 @@ import torch
 from mm1.config import load_config, to_yaml
 from mm1.data.tokenizer import Tokenizer
 from mm1.models.build import build_model
-from mm1.train.checkpoint import (CheckpointError, load_checkpoint, read_checkpoint_weights,
-                                  save_checkpoint)
+from mm1.train.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_weights, save_checkpoint
 from mm1.train.distributed import DistEnv
 from mm1.train.materialise import seeded_init
 
@@ -37,8 +36,18 @@ def write_checkpoint(out: Path, overrides: list[str], consolidated: bool = False
         (d / "config.yaml").write_text(to_yaml(cfg))
         tok.save(d / "tokenizer.json")
 
-    return save_checkpoint(out / "run", 1, model, optimizer, scheduler, env=DistEnv(), trainer_state={},
-                           rank_state={}, extra=extra, consolidated=consolidated)
+    return save_checkpoint(
+        out / "run",
+        1,
+        model,
+        optimizer,
+        scheduler,
+        env=DistEnv(),
+        trainer_state={},
+        rank_state={},
+        extra=extra,
+        consolidated=consolidated,
+    )
 
 
 @pytest.mark.parametrize("layout", ["dcp", "consolidated"])
@@ -69,10 +78,19 @@ def test_a_bf16_load_holds_the_bf16_weights_not_an_fp32_copy_in_host_memory(tmp_
     fp32_mb = sum(v.numel() * 4 for v in read_checkpoint_weights(ckpt).values()) / 2**20
     # a fixed mmap threshold: glibc then maps every large tensor and unmaps it on free, so memory
     # freed by one measurement is not silently reused by the next
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072",
-           "PYTHONPATH": str(Path("src").resolve()) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "tests/dist/eval_load.py", str(ckpt), str(tmp_path / "m.json")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MALLOC_MMAP_THRESHOLD_": "131072",
+        "PYTHONPATH": str(Path("src").resolve()) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    done = subprocess.run(
+        [sys.executable, "tests/dist/eval_load.py", str(ckpt), str(tmp_path / "m.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads((tmp_path / "m.json").read_text())
     assert fp32_mb > 80  # a model of ~100 MB, so the figures are not noise

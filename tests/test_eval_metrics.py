@@ -17,6 +17,7 @@ def _cider_reference():
     """pycocoevalcap's Cider scorer: needed by the CIDEr-equality tests only (the VQA ones stand alone)."""
     return require("pycocoevalcap.cider.cider").Cider
 
+
 # ----------------------------------------------------------------------------- CIDEr-D
 
 VOCAB = "a man dog cat red blue sits on the mat with big small ball".split()
@@ -67,8 +68,11 @@ def test_cider_edge_cases_match_pycocoevalcap():
 
 
 def test_cider_rewards_the_consensus_caption():
-    refs = {1: ["a red ball on a mat", "a red ball sits on the mat"], 2: ["a blue cat", "a small blue cat"],
-            3: ["a man with a dog", "the man and his dog"]}
+    refs = {
+        1: ["a red ball on a mat", "a red ball sits on the mat"],
+        2: ["a blue cat", "a small blue cat"],
+        3: ["a man with a dog", "the man and his dog"],
+    }
     good = cider({1: "a red ball on the mat", 2: "a blue cat", 3: "a man with a dog"}, refs)
     bad = cider({1: "a blue cat", 2: "a man with a dog", 3: "a red ball on the mat"}, refs)
     assert good > 100 > bad
@@ -77,7 +81,8 @@ def test_cider_rewards_the_consensus_caption():
 def test_cider_tokenises_like_ptb_by_default():
     refs = {1: ["A red ball, on a mat."], 2: ["The cat's bowl."]}
     assert cider({1: "a red ball on a mat", 2: "the cat 's bowl"}, refs) == pytest.approx(
-        cider({1: "A red ball on a mat!", 2: "The cat's bowl"}, refs))
+        cider({1: "A red ball on a mat!", 2: "The cat's bowl"}, refs)
+    )
 
 
 def test_cider_rejects_mismatched_ids_with_the_offending_keys():
@@ -91,12 +96,17 @@ CAPTIONS = [
     "A man's dog (brown) isn't \"happy\" -- it's sad...",
     "The cat can't sit on a [red] {mat}; really? Yes! 3.5 dogs, 1,000 cats: ok.",
     "I'd've done 'quoted' `back' we'll they're you've I'm DON'T Cannot gonna",
-    "Wait.. end. Mr. Smith's St. John", "The dogs' bowls are on St. John's street near the st.",
+    "Wait.. end. Mr. Smith's St. John",
+    "The dogs' bowls are on St. John's street near the st.",
     "A red car parked at 10:30, next to 1/2 of a pizza and/or AT&T's logo.",
-    "A well-known man -- with a hat - stands; behind him: trees.", "\"A cat\" sitting on a 'chair'. Etc. etc.",
-    "there's a dog, isn't there?? yes!!! ok....", "It was 5pm on 3/4/2020 at 8.30 a.m. in the U.K.",
-    "An elephant's trunk, a tiger's tail, and a lion's mane!", "Man in a t-shirt playing tennis... great shot!",
-    "The image shows: a small circle (left), a big square (right).", "Is this a 12-year-old's bike?",
+    "A well-known man -- with a hat - stands; behind him: trees.",
+    "\"A cat\" sitting on a 'chair'. Etc. etc.",
+    "there's a dog, isn't there?? yes!!! ok....",
+    "It was 5pm on 3/4/2020 at 8.30 a.m. in the U.K.",
+    "An elephant's trunk, a tiger's tail, and a lion's mane!",
+    "Man in a t-shirt playing tennis... great shot!",
+    "The image shows: a small circle (left), a big square (right).",
+    "Is this a 12-year-old's bike?",
     "Three small blue circles and a large green square on a grey background.",
 ]
 
@@ -118,42 +128,154 @@ class OfficialVQAEval:
     """GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py, transcribed line by line
     (evaluate() reduced to one question). Do not 'fix' it: its quirks are the reference."""
 
-    contractions = {"aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-                    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
-                    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hed've": "he'd've",
-                    "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've",
-                    "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
-                    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-                    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
-                    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
-                    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
-                    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
-                    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
-                    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
-                    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd", "thered've": "there'd've",
-                    "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-                    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
-                    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
-                    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've",
-                    "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
-                    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
-                    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
-                    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've",
-                    "youll": "you'll", "youre": "you're", "youve": "you've"}
-    manualMap = {'none': '0', 'zero': '0', 'one': '1', 'two': '2', 'three': '3', 'four': '4', 'five': '5',
-                 'six': '6', 'seven': '7', 'eight': '8', 'nine': '9', 'ten': '10'}
-    articles = ['a', 'an', 'the']
+    contractions = {
+        "aint": "ain't",
+        "arent": "aren't",
+        "cant": "can't",
+        "couldve": "could've",
+        "couldnt": "couldn't",
+        "couldn'tve": "couldn't've",
+        "couldnt've": "couldn't've",
+        "didnt": "didn't",
+        "doesnt": "doesn't",
+        "dont": "don't",
+        "hadnt": "hadn't",
+        "hadnt've": "hadn't've",
+        "hadn'tve": "hadn't've",
+        "hasnt": "hasn't",
+        "havent": "haven't",
+        "hed": "he'd",
+        "hed've": "he'd've",
+        "he'dve": "he'd've",
+        "hes": "he's",
+        "howd": "how'd",
+        "howll": "how'll",
+        "hows": "how's",
+        "Id've": "I'd've",
+        "I'dve": "I'd've",
+        "Im": "I'm",
+        "Ive": "I've",
+        "isnt": "isn't",
+        "itd": "it'd",
+        "itd've": "it'd've",
+        "it'dve": "it'd've",
+        "itll": "it'll",
+        "let's": "let's",
+        "maam": "ma'am",
+        "mightnt": "mightn't",
+        "mightnt've": "mightn't've",
+        "mightn'tve": "mightn't've",
+        "mightve": "might've",
+        "mustnt": "mustn't",
+        "mustve": "must've",
+        "neednt": "needn't",
+        "notve": "not've",
+        "oclock": "o'clock",
+        "oughtnt": "oughtn't",
+        "ow's'at": "'ow's'at",
+        "'ows'at": "'ow's'at",
+        "'ow'sat": "'ow's'at",
+        "shant": "shan't",
+        "shed've": "she'd've",
+        "she'dve": "she'd've",
+        "she's": "she's",
+        "shouldve": "should've",
+        "shouldnt": "shouldn't",
+        "shouldnt've": "shouldn't've",
+        "shouldn'tve": "shouldn't've",
+        "somebody'd": "somebodyd",
+        "somebodyd've": "somebody'd've",
+        "somebody'dve": "somebody'd've",
+        "somebodyll": "somebody'll",
+        "somebodys": "somebody's",
+        "someoned": "someone'd",
+        "someoned've": "someone'd've",
+        "someone'dve": "someone'd've",
+        "someonell": "someone'll",
+        "someones": "someone's",
+        "somethingd": "something'd",
+        "somethingd've": "something'd've",
+        "something'dve": "something'd've",
+        "somethingll": "something'll",
+        "thats": "that's",
+        "thered": "there'd",
+        "thered've": "there'd've",
+        "there'dve": "there'd've",
+        "therere": "there're",
+        "theres": "there's",
+        "theyd": "they'd",
+        "theyd've": "they'd've",
+        "they'dve": "they'd've",
+        "theyll": "they'll",
+        "theyre": "they're",
+        "theyve": "they've",
+        "twas": "'twas",
+        "wasnt": "wasn't",
+        "wed've": "we'd've",
+        "we'dve": "we'd've",
+        "weve": "we've",
+        "werent": "weren't",
+        "whatll": "what'll",
+        "whatre": "what're",
+        "whats": "what's",
+        "whatve": "what've",
+        "whens": "when's",
+        "whered": "where'd",
+        "wheres": "where's",
+        "whereve": "where've",
+        "whod": "who'd",
+        "whod've": "who'd've",
+        "who'dve": "who'd've",
+        "wholl": "who'll",
+        "whos": "who's",
+        "whove": "who've",
+        "whyll": "why'll",
+        "whyre": "why're",
+        "whys": "why's",
+        "wont": "won't",
+        "wouldve": "would've",
+        "wouldnt": "wouldn't",
+        "wouldnt've": "wouldn't've",
+        "wouldn'tve": "wouldn't've",
+        "yall": "y'all",
+        "yall'll": "y'all'll",
+        "y'allll": "y'all'll",
+        "yall'd've": "y'all'd've",
+        "y'alld've": "y'all'd've",
+        "y'all'dve": "y'all'd've",
+        "youd": "you'd",
+        "youd've": "you'd've",
+        "you'dve": "you'd've",
+        "youll": "you'll",
+        "youre": "you're",
+        "youve": "you've",
+    }
+    manualMap = {
+        "none": "0",
+        "zero": "0",
+        "one": "1",
+        "two": "2",
+        "three": "3",
+        "four": "4",
+        "five": "5",
+        "six": "6",
+        "seven": "7",
+        "eight": "8",
+        "nine": "9",
+        "ten": "10",
+    }
+    articles = ["a", "an", "the"]
     periodStrip = re.compile(r"(?!<=\d)(\.)(?!\d)")
     commaStrip = re.compile(r"(\d)(\,)(\d)")
-    punct = [';', r"/", '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',', '?', '!']
+    punct = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 
     def processPunctuation(self, inText):
         outText = inText
         for p in self.punct:
-            if (p + ' ' in inText or ' ' + p in inText) or (re.search(self.commaStrip, inText) != None):  # noqa: E711
-                outText = outText.replace(p, '')
+            if (p + " " in inText or " " + p in inText) or (re.search(self.commaStrip, inText) != None):  # noqa: E711
+                outText = outText.replace(p, "")
             else:
-                outText = outText.replace(p, ' ')
+                outText = outText.replace(p, " ")
         outText = self.periodStrip.sub("", outText, re.UNICODE)
         return outText
 
@@ -167,27 +289,27 @@ class OfficialVQAEval:
         for wordId, word in enumerate(outText):
             if word in self.contractions:
                 outText[wordId] = self.contractions[word]
-        return ' '.join(outText)
+        return " ".join(outText)
 
     def question_accuracy(self, resAns, answers, always=False):
-        gts = [{'answer': a, 'answer_id': i + 1} for i, a in enumerate(answers)]
-        resAns = resAns.replace('\n', ' ')
-        resAns = resAns.replace('\t', ' ')
+        gts = [{"answer": a, "answer_id": i + 1} for i, a in enumerate(answers)]
+        resAns = resAns.replace("\n", " ")
+        resAns = resAns.replace("\t", " ")
         resAns = resAns.strip()
         resAns = self.processPunctuation(resAns)
         resAns = self.processDigitArticle(resAns)
         gtAcc = []
-        gtAnswers = [ans['answer'] for ans in gts]
+        gtAnswers = [ans["answer"] for ans in gts]
         if always:  # the "normalise always" mode: every reference gets the prediction's treatment
             for ansDic in gts:
-                ansDic['answer'] = ansDic['answer'].replace('\n', ' ').replace('\t', ' ').strip()
-                ansDic['answer'] = self.processDigitArticle(self.processPunctuation(ansDic['answer']))
+                ansDic["answer"] = ansDic["answer"].replace("\n", " ").replace("\t", " ").strip()
+                ansDic["answer"] = self.processDigitArticle(self.processPunctuation(ansDic["answer"]))
         elif len(set(gtAnswers)) > 1:
             for ansDic in gts:
-                ansDic['answer'] = self.processPunctuation(ansDic['answer'])
+                ansDic["answer"] = self.processPunctuation(ansDic["answer"])
         for gtAnsDatum in gts:
             otherGTAns = [item for item in gts if item != gtAnsDatum]
-            matchingAns = [item for item in otherGTAns if item['answer'] == resAns]
+            matchingAns = [item for item in otherGTAns if item["answer"] == resAns]
             acc = min(1, float(len(matchingAns)) / 3)
             gtAcc.append(acc)
         return float(sum(gtAcc)) / len(gtAcc)
@@ -195,9 +317,40 @@ class OfficialVQAEval:
 
 # fragments that exercise every rule: each punctuation mark, digit-comma-digit, periods before and
 # after digits, number words, articles, contractions (incl. the upper-case table keys), case, tabs
-FRAGMENTS = ["two", "Two", "2", "ten", "none", "zero", "one", "the", "A", "an", "dog", "dogs", "dont", "Dont",
-             "isnt", "oclock", "Ive", "yes", "No", "3.5", "1,000", "1,0", "5.", ".5", "red", "y'allll", "what's",
-             "somebody'd", "twas", "TV", "e.g.", "..."]
+FRAGMENTS = [
+    "two",
+    "Two",
+    "2",
+    "ten",
+    "none",
+    "zero",
+    "one",
+    "the",
+    "A",
+    "an",
+    "dog",
+    "dogs",
+    "dont",
+    "Dont",
+    "isnt",
+    "oclock",
+    "Ive",
+    "yes",
+    "No",
+    "3.5",
+    "1,000",
+    "1,0",
+    "5.",
+    ".5",
+    "red",
+    "y'allll",
+    "what's",
+    "somebody'd",
+    "twas",
+    "TV",
+    "e.g.",
+    "...",
+]
 MARKS = list(OfficialVQAEval.punct) + [".", "'", ":"]
 GLUES = [" ", " ", " ", "", "\n", "\t", "  "]
 
@@ -239,9 +392,18 @@ def test_vqa_accuracy_equals_the_official_script_per_question():
 
 def test_vqa_accuracy_covers_each_normalisation_rule():
     ref = OfficialVQAEval()
-    cases = [("Two", ["2"] * 10), ("the dog.", ["dog"] * 10), ("dont", ["don't"] * 10), ("yes\t", ["yes"] * 10),
-             ("1,000", ["1000"] * 10), ("3.5", ["3.5"] * 10), ("a-b", ["a b"] * 10), ("(red)", ["red"] * 10),
-             ("a" + "." * 40 + "b", ["ab"] * 10), ("none", ["0"] * 10)]
+    cases = [
+        ("Two", ["2"] * 10),
+        ("the dog.", ["dog"] * 10),
+        ("dont", ["don't"] * 10),
+        ("yes\t", ["yes"] * 10),
+        ("1,000", ["1000"] * 10),
+        ("3.5", ["3.5"] * 10),
+        ("a-b", ["a b"] * 10),
+        ("(red)", ["red"] * 10),
+        ("a" + "." * 40 + "b", ["ab"] * 10),
+        ("none", ["0"] * 10),
+    ]
     for pred, answers in cases:
         assert vqa_accuracy(pred, answers, mode="official") == ref.question_accuracy(pred, answers)
         assert vqa_accuracy(pred, answers) == ref.question_accuracy(pred, answers, always=True)

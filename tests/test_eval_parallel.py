@@ -26,15 +26,32 @@ def test_ranks_take_whole_batches_strided_and_together_cover_every_item_once():
     assert parts == [[4, 0, 1, 5], [6, 2, 3]]
     assert sorted(parts[0] + parts[1]) == list(range(7))
     one = Shards()
-    assert one.split(order, 2) == order and one.gather(order, [f"out{i}" for i in order], 7) == [f"out{i}" for i in range(7)]
+    assert one.split(order, 2) == order and one.gather(order, [f"out{i}" for i in order], 7) == [
+        f"out{i}" for i in range(7)
+    ]
 
 
 @pytest.fixture(scope="module")
 def run(tiny_world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("evalpar") / "run"
-    assert main(["train", "configs/tiny.yaml", f"data.world={tiny_world}", "model.lm.n_layers=2",
-                 "model.vision.depth=2", "data.seq_len=128", "data.batch_size=2", "train.steps=2",
-                 "train.warmup_steps=1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "configs/tiny.yaml",
+                f"data.world={tiny_world}",
+                "model.lm.n_layers=2",
+                "model.vision.depth=2",
+                "data.seq_len=128",
+                "data.batch_size=2",
+                "train.steps=2",
+                "train.warmup_steps=1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -50,11 +67,28 @@ def results(directory: Path) -> dict[str, dict]:
 @pytest.mark.slow
 def test_two_ranks_give_exactly_the_single_process_scores_and_records(run, tmp_path):
     assert main(["eval", "--checkpoint", str(run), *EVAL, "--json", str(tmp_path / "one")]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mm1",
-           "eval", "--checkpoint", str(run), *EVAL, "--json", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "mm1",
+        "eval",
+        "--checkpoint",
+        str(run),
+        *EVAL,
+        "--json",
+        str(tmp_path / "two"),
+    ]
     # the ranks compute with the parent's thread count: sums over 1 and 2 threads differ in the last bits
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
-           "PYTHONPATH": str(Path("src").resolve()) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        "PYTHONPATH": str(Path("src").resolve()) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
     one, two = results(tmp_path / "one"), results(tmp_path / "two")

@@ -61,10 +61,14 @@ def test_two_items_swap_and_impossible_cases_are_reported_not_faked():
 
 @pytest.fixture()
 def task(tmp_path):
-    rows = [Example(f"tr{i}", [f"/imgs/tr{i}.png"], [f"/imgs/tr{i}.png"], question=f"q{i}?", answers=[f"a{i}"])
-            for i in range(10)]
-    test = [Example(f"te{i}", [f"/imgs/te{i}.png"], [f"/imgs/te{i}.png"], question=f"t{i}?", answers=[f"b{i}"])
-            for i in range(4)]
+    rows = [
+        Example(f"tr{i}", [f"/imgs/tr{i}.png"], [f"/imgs/tr{i}.png"], question=f"q{i}?", answers=[f"a{i}"])
+        for i in range(10)
+    ]
+    test = [
+        Example(f"te{i}", [f"/imgs/te{i}.png"], [f"/imgs/te{i}.png"], question=f"t{i}?", answers=[f"b{i}"])
+        for i in range(4)
+    ]
     t = Task(TaskSpec("toy", "vqa", {"questions": "-", "annotations": "-"}))
     t._splits = {"train": rows, "test": test}
     return t

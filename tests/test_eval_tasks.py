@@ -45,16 +45,41 @@ def world(tmp_path_factory):
             col, rel = COLOURS[i % 4], f"images/{split}_{i + 1:06d}.png"
             _img(ev / rel, col)
             images.append({"id": i + 1, "file_name": rel})
-            caps += [{"id": len(caps) + 1, "image_id": i + 1, "caption": c}
-                     for c in (f"A {col} square.", f"a plain {col} picture", f"The {col} background.")]
-            qs.append({"question_id": (i + 1) * 10, "image_id": i + 1, "question": "What colour is it?", "file_name": rel})
-            anns.append({"question_id": (i + 1) * 10, "image_id": i + 1, "question_type": "colour",
-                         "answer_type": "other", "multiple_choice_answer": col,
-                         "answers": [{"answer": col if k < 8 else "Red.", "answer_id": k + 1} for k in range(10)]})
-            mc.append({"id": f"mc-{split}-{i}", "image": rel, "question": "What colour is it?", "options": COLOURS,
-                       "answer": i % 4, "question_type": "colour"})
-            multi.append({"id": f"multi-{split}-{i}", "images": [rel, images[0]["file_name"]],
-                          "question": "Same colour?", "answer": "yes" if i % 4 == 0 else "no"})
+            caps += [
+                {"id": len(caps) + 1, "image_id": i + 1, "caption": c}
+                for c in (f"A {col} square.", f"a plain {col} picture", f"The {col} background.")
+            ]
+            qs.append(
+                {"question_id": (i + 1) * 10, "image_id": i + 1, "question": "What colour is it?", "file_name": rel}
+            )
+            anns.append(
+                {
+                    "question_id": (i + 1) * 10,
+                    "image_id": i + 1,
+                    "question_type": "colour",
+                    "answer_type": "other",
+                    "multiple_choice_answer": col,
+                    "answers": [{"answer": col if k < 8 else "Red.", "answer_id": k + 1} for k in range(10)],
+                }
+            )
+            mc.append(
+                {
+                    "id": f"mc-{split}-{i}",
+                    "image": rel,
+                    "question": "What colour is it?",
+                    "options": COLOURS,
+                    "answer": i % 4,
+                    "question_type": "colour",
+                }
+            )
+            multi.append(
+                {
+                    "id": f"multi-{split}-{i}",
+                    "images": [rel, images[0]["file_name"]],
+                    "question": "Same colour?",
+                    "answer": "yes" if i % 4 == 0 else "no",
+                }
+            )
             text.append({"id": f"text-{split}-{i}", "question": f"What is {i} plus 1?", "answer": str(i + 1)})
         (ev / f"caption_{split}.json").write_text(json.dumps({"images": images, "annotations": caps}))
         (ev / f"vqa_{split}_questions.json").write_text(json.dumps({"questions": qs}))
@@ -62,8 +87,9 @@ def world(tmp_path_factory):
         _jsonl(ev / f"mc_{split}.jsonl", mc)
         _jsonl(ev / f"multi_{split}.jsonl", multi)
         _jsonl(ev / f"text_{split}.jsonl", text)
-    tok = Tokenizer.train([c["caption"] for c in caps] * 20 + ["Question: Short answer: What colour"] * 20, 300,
-                          root / "tokenizer.json")
+    tok = Tokenizer.train(
+        [c["caption"] for c in caps] * 20 + ["Question: Short answer: What colour"] * 20, 300, root / "tokenizer.json"
+    )
     return root, tok
 
 
@@ -87,13 +113,16 @@ def test_world_tasks_are_registered_and_read_every_format(world):
 def test_world_text_ppl_scores_the_held_out_documents_like_the_spec_file_it_replaces(world, tiny_model, tmp_path):
     root, tok = world
     model, cfg = tiny_model
-    _jsonl(root / "eval" / "text_docs_test.jsonl",
-           [{"id": f"d{i}", "text": t} for i, t in enumerate(["A red square.", "a plain yellow", "The blue circle."])])
+    _jsonl(
+        root / "eval" / "text_docs_test.jsonl",
+        [{"id": f"d{i}", "text": t} for i, t in enumerate(["A red square.", "a plain yellow", "The blue circle."])],
+    )
     task = get_task("world_text_ppl", root)
     assert task.spec.kind == "text" and task.spec.metric == "perplexity" and task.spec.train is None
     # what `mm1 lessons` used to write at run time
     (tmp_path / "world_text_ppl.yaml").write_text(
-        f"name: world_text_ppl\nkind: text\nmetric: perplexity\ntest: {root / 'eval' / 'text_docs_test.jsonl'}\n")
+        f"name: world_text_ppl\nkind: text\nmetric: perplexity\ntest: {root / 'eval' / 'text_docs_test.jsonl'}\n"
+    )
     cfg = copy.deepcopy(cfg)
     cfg.data.world = str(root)
     (registered,) = evaluate(model, tok, cfg, ["world_text_ppl"], [0], log=None)
@@ -105,9 +134,11 @@ def test_world_text_ppl_scores_the_held_out_documents_like_the_spec_file_it_repl
 def test_a_task_spec_file_evaluates_local_copies_with_relative_paths(world, tmp_path):
     root, _ = world
     spec = root / "coco.yaml"  # paths relative to the spec file
-    spec.write_text('kind: vqa\nmetric: exact\n'
-                    'test: {questions: eval/vqa_test_questions.json, annotations: eval/vqa_test_annotations.json}\n'
-                    'image_root: eval\nstop: ["\\n", "Question:"]\n')
+    spec.write_text(
+        "kind: vqa\nmetric: exact\n"
+        "test: {questions: eval/vqa_test_questions.json, annotations: eval/vqa_test_annotations.json}\n"
+        'image_root: eval\nstop: ["\\n", "Question:"]\n'
+    )
     task = get_task(str(spec))
     assert task.name == "coco" and task.spec.metric == "exact" and len(task.test) == 4
     assert task.spec.stop == ["\n", "Question:"] and task.train == []
@@ -205,8 +236,10 @@ def test_the_shuffled_control_can_be_switched_off(world, tiny_model):
     assert "shuffled_predictions" not in r and "off" in format_table([r]).splitlines()[-1]
 
 
-SCRIPTED = {"world_caption": ["A red square.", "a plain picture of a square", "The blue background.", "green"],
-            "world_vqa": ["blue", "Red.", "green", "yellow"]}
+SCRIPTED = {
+    "world_caption": ["A red square.", "a plain picture of a square", "The blue background.", "green"],
+    "world_vqa": ["blue", "Red.", "green", "yellow"],
+}
 
 
 def _recompute(task_name: str, items: list, records: list[dict]) -> float:
@@ -214,15 +247,15 @@ def _recompute(task_name: str, items: list, records: list[dict]) -> float:
     assert [r["id"] for r in records] == [ex.id for ex in items]
     preds = [r["prediction"] for r in records]
     if task_name == "world_caption":
-        per = cider_scores({ex.id: p for ex, p in zip(items, preds)}, {ex.id: ex.answers for ex in items},
-                           tokenizer="python")
+        per = cider_scores(
+            {ex.id: p for ex, p in zip(items, preds)}, {ex.id: ex.answers for ex in items}, tokenizer="python"
+        )
         return sum(per.values()) / len(per)
     assert all(len(ex.answers) == 10 for ex in items)  # VQAv2: ten annotators per question
     return sum(100.0 * vqa_accuracy(p, ex.answers) for ex, p in zip(items, preds)) / len(items)
 
 
-def test_saved_scores_equal_the_metrics_recomputed_from_the_saved_predictions(world, tiny_model, tmp_path,
-                                                                              monkeypatch):
+def test_saved_scores_equal_the_metrics_recomputed_from_the_saved_predictions(world, tiny_model, tmp_path, monkeypatch):
     """Generation is scripted (a random tiny model only says nothing scoreable), so the scores are
     far from 0 and any reference the runner leaves out changes them."""
     root, tok = world
@@ -231,8 +264,9 @@ def test_saved_scores_equal_the_metrics_recomputed_from_the_saved_predictions(wo
 
     for name in SCRIPTED:
         replies = SCRIPTED[name]
-        monkeypatch.setattr(runner, "generate", lambda m, t, prompts, images, g, r=replies:
-                            [r[i % len(r)] for i in range(len(prompts))])
+        monkeypatch.setattr(
+            runner, "generate", lambda m, t, prompts, images, g, r=replies: [r[i % len(r)] for i in range(len(prompts))]
+        )
         (result,) = evaluate(model, tok, cfg, [name], [0], limit=4, out_dir=tmp_path, log=None)
         saved = json.loads((tmp_path / f"{name}_0shot.json").read_text())
         items = get_task(name, root).test[:4]
@@ -247,8 +281,9 @@ def test_perplexity_task_score_is_exp_of_total_nll_over_total_tokens(world, tiny
     root, tok = world
     model, cfg = tiny_model
     docs = ["A red square.", "The blue background is plain and the green picture is small.", "a plain yellow"]
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n"
-                                                 for i, t in enumerate(docs)))
+    (tmp_path / "docs.jsonl").write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(docs))
+    )
     (tmp_path / "ppl.yaml").write_text("kind: text\nmetric: perplexity\ntest: docs.jsonl\n")
     (result,) = evaluate(model, tok, cfg, [str(tmp_path / "ppl.yaml")], [0], log=None)
     nll, tokens = 0.0, 0
@@ -277,8 +312,21 @@ def test_evaluate_in_chat_mode_for_models_after_sft(world, tiny_model):
 
 def test_mm1_eval_blind_prints_a_table(world, capsys):
     root, _ = world
-    assert main(["eval", "configs/tiny.yaml", f"data.world={root}", "--blind", "--tasks", "world_caption,world_vqa",
-                 "--limit", "4"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "configs/tiny.yaml",
+                f"data.world={root}",
+                "--blind",
+                "--tasks",
+                "world_caption,world_vqa",
+                "--limit",
+                "4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "world_vqa (blind: answer prior)" in out and "world_caption (blind: constant caption)" in out
 

@@ -20,11 +20,21 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 def _spec(tmp_path: Path, **extra) -> Path:
-    data = {"name": "demo-sweep", "base": TINY, "overrides": ["train.steps=7"],
-            "axes": {"model.connector.kind": ["avgpool", "attnpool"]},
-            "paired": {"mixture": {"labels": ["100:0", "50:50"], "data.sources.caption.weight": [0.9, 0.45],
-                                   "data.sources.interleaved.weight": [0.0, 0.45]}},
-            "seeds": [0, 1], "eval": {"tasks": ["world_caption", "world_vqa"], "shots": [0, 4], "limit": 3}}
+    data = {
+        "name": "demo-sweep",
+        "base": TINY,
+        "overrides": ["train.steps=7"],
+        "axes": {"model.connector.kind": ["avgpool", "attnpool"]},
+        "paired": {
+            "mixture": {
+                "labels": ["100:0", "50:50"],
+                "data.sources.caption.weight": [0.9, 0.45],
+                "data.sources.interleaved.weight": [0.0, 0.45],
+            }
+        },
+        "seeds": [0, 1],
+        "eval": {"tasks": ["world_caption", "world_vqa"], "shots": [0, 4], "limit": 3},
+    }
     data.update(extra)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -47,16 +57,34 @@ class FakeRunner:
         offset = 0.5 if cfg.model.connector.kind == "attnpool" else 0.0
         with open(out / "metrics.jsonl", "w") as f:
             for step in range(1, cfg.train.steps + 1):
-                f.write(json.dumps({"step": step, "loss": 5.0 / step + offset + 0.01 * cfg.train.seed,
-                                    "loss_caption": 4.0 / step, "lr": 1e-3}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "loss": 5.0 / step + offset + 0.01 * cfg.train.seed,
+                            "loss_caption": 4.0 / step,
+                            "lr": 1e-3,
+                        }
+                    )
+                    + "\n"
+                )
 
     def evaluate(self, run_dir: Path, cfg: Config, config_path: Path) -> list[dict]:
         self.evaluated.append(config_path.parent.name)  # points/<run>/pretrain.yaml
         bonus = 10.0 * cfg.data.sources["caption"].weight
         # the image-shuffled control: shuffling costs half the caption-data bonus
-        return [{"task": t, "shots": s, "metric": "score", "score": bonus + s + cfg.train.seed,
-                 "score_shuffled": bonus / 2 + s + cfg.train.seed, "image_gain": bonus / 2}
-                for t in cfg.eval.tasks for s in cfg.eval.shots]
+        return [
+            {
+                "task": t,
+                "shots": s,
+                "metric": "score",
+                "score": bonus + s + cfg.train.seed,
+                "score_shuffled": bonus / 2 + s + cfg.train.seed,
+                "image_gain": bonus / 2,
+            }
+            for t in cfg.eval.tasks
+            for s in cfg.eval.shots
+        ]
 
 
 def test_axes_and_paired_groups_expand_to_the_product_times_seeds_with_readable_names(tmp_path):
@@ -77,8 +105,13 @@ def test_axes_and_paired_groups_expand_to_the_product_times_seeds_with_readable_
 
 def test_points_with_identical_resolved_configs_share_one_run():
     # width 128 is the tiny preset's default, so "default" and "explicit" resolve to the same config
-    spec = parse_spec({"base": TINY, "axes": {"model.connector.num_tokens": [4, 16]},
-                       "paired": {"width": {"labels": ["default", "explicit"], "model.vision.width": [128, 128]}}})
+    spec = parse_spec(
+        {
+            "base": TINY,
+            "axes": {"model.connector.num_tokens": [4, 16]},
+            "paired": {"width": {"labels": ["default", "explicit"], "model.vision.width": [128, 128]}},
+        }
+    )
     points = expand(spec)
     assert len(points) == 4 and len(unique_runs(points)) == 2
     assert points[0].run == points[1].run == points[0].name
@@ -97,11 +130,21 @@ def test_repeated_axis_labels_and_unknown_keys_are_refused_with_the_spec_named(t
 
 
 def test_stage_scoped_keys_and_the_stages_axis(tmp_path):
-    spec = parse_spec({"base": TINY, "stages": ["encoder", "pretrain"],
-                       "stage_overrides": {"encoder": ["train.steps=3"]},
-                       "paired": {"encoder": {"labels": ["clip", "none"], "train.encoder_objective": ["clip", "clip"],
-                                              "stages": [["encoder", "pretrain"], ["pretrain"]]}},
-                       "axes": {"pretrain:train.lr": [0.001]}})
+    spec = parse_spec(
+        {
+            "base": TINY,
+            "stages": ["encoder", "pretrain"],
+            "stage_overrides": {"encoder": ["train.steps=3"]},
+            "paired": {
+                "encoder": {
+                    "labels": ["clip", "none"],
+                    "train.encoder_objective": ["clip", "clip"],
+                    "stages": [["encoder", "pretrain"], ["pretrain"]],
+                }
+            },
+            "axes": {"pretrain:train.lr": [0.001]},
+        }
+    )
     clip, none = expand(spec)
     assert clip.stages == ["encoder", "pretrain"] and none.stages == ["pretrain"]
     assert clip.configs["encoder"].train.steps == 3 and clip.configs["pretrain"].train.steps == 300
@@ -157,8 +200,12 @@ def test_report_has_mean_std_table_existing_pngs_and_exact_configs(tmp_path):
         assert cfg["train"]["steps"] == 7
     assert "`data.sources.caption.weight=0.9`" in text
     summary = json.loads((out / "summary.json").read_text())
-    agg = [a for a in summary["aggregate"] if a["column"] == "world_caption score@0"
-           and a["labels"] == {"model.connector.kind": "attnpool", "mixture": "50:50"}]
+    agg = [
+        a
+        for a in summary["aggregate"]
+        if a["column"] == "world_caption score@0"
+        and a["labels"] == {"model.connector.kind": "attnpool", "mixture": "50:50"}
+    ]
     assert len(agg) == 1 and agg[0]["n"] == 2 and agg[0]["mean"] == pytest.approx(5.0)
     assert (out / "commands.sh").read_text().count(" train ") == 8
 
@@ -171,8 +218,9 @@ def test_points_finished_by_cluster_jobs_are_collected_by_report_only_and_nothin
     assert main(["ablate", str(spec_path), "--dry-run", "--out", str(out)]) == 0
     commands = (out / "commands.sh").read_text()
     points = expand(load_spec(spec_path))
-    assert all(f"{stage_dir(p, out, 'pretrain')}.yaml --out {stage_dir(p, out, 'pretrain')}\n" in commands
-               for p in points)
+    assert all(
+        f"{stage_dir(p, out, 'pretrain')}.yaml --out {stage_dir(p, out, 'pretrain')}\n" in commands for p in points
+    )
     # what `mm1 train ... --out DIR` and `mm1 eval ... --json DIR` leave behind, for two of the four points
     for p in points[:2]:
         sdir, pdir = stage_dir(p, out, "pretrain"), out / "points" / p.run
@@ -182,7 +230,8 @@ def test_points_finished_by_cluster_jobs_are_collected_by_report_only_and_nothin
         for task in ("world_caption", "world_vqa"):
             for k in (0, 4):
                 (pdir / "eval-pretrain" / f"{task}_{k}shot.json").write_text(
-                    json.dumps({"task": task, "shots": k, "metric": "cider", "score": 3.0 + k}))
+                    json.dumps({"task": task, "shots": k, "metric": "cider", "score": 3.0 + k})
+                )
     half_trained = stage_dir(points[2], out, "pretrain")
     (half_trained / "checkpoints" / "step-3").mkdir(parents=True)
     assert main(["ablate", str(spec_path), "--out", str(out), "--report-only"]) == 0

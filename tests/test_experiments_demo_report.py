@@ -13,9 +13,18 @@ from mm1.experiments import demo_report
 
 
 def _result(stage, task, metric, shots, score, shuffled):
-    return {"stage": stage, "task": task, "metric": metric, "shots": shots, "score": score, "std": 0.0, "n": 5,
-            "score_shuffled": shuffled, "std_shuffled": 0.0 if shuffled is not None else None,
-            "image_gain": None if shuffled is None else score - shuffled}
+    return {
+        "stage": stage,
+        "task": task,
+        "metric": metric,
+        "shots": shots,
+        "score": score,
+        "std": 0.0,
+        "n": 5,
+        "score_shuffled": shuffled,
+        "std_shuffled": 0.0 if shuffled is not None else None,
+        "image_gain": None if shuffled is None else score - shuffled,
+    }
 
 
 def test_report_and_summary_carry_score_baseline_shuffled_and_image_gain(tmp_path, monkeypatch):
@@ -24,15 +33,20 @@ def test_report_and_summary_carry_score_baseline_shuffled_and_image_gain(tmp_pat
     for stage in ("encoder", "pretrain", "sft"):
         runs[stage] = tmp_path / stage
         runs[stage].mkdir()
-        (runs[stage] / "metrics.jsonl").write_text("".join(
-            json.dumps({"step": i, "loss": 3.0 / i, "loss_shuffled": 3.5 / i, "loss_heldout": 3.0 / i}) + "\n"
-            for i in range(1, 6)))
+        (runs[stage] / "metrics.jsonl").write_text(
+            "".join(
+                json.dumps({"step": i, "loss": 3.0 / i, "loss_shuffled": 3.5 / i, "loss_heldout": 3.0 / i}) + "\n"
+                for i in range(1, 6)
+            )
+        )
     results = [_result("pretrain", "world_vqa", "vqa", k, 30.0 + k, 20.0) for k in (0, 4)]
     results += [_result("pretrain", "world_caption", "cider", k, 50.0, 49.0) for k in (0, 4)]
     results += [_result("pretrain", "world_text", "exact", 0, 12.0, None)]
     results += [_result("sft", "world_caption", "cider", 0, 70.0, 40.0)]
-    baselines = {"world_vqa": {"score": 25.7, "baseline": "answer prior"},
-                 "world_caption": {"score": 10.0, "baseline": "constant caption"}}
+    baselines = {
+        "world_vqa": {"score": 25.7, "baseline": "answer prior"},
+        "world_caption": {"score": 10.0, "baseline": "constant caption"},
+    }
     summary = demo_report.write_demo_report(tmp_path, SimpleNamespace(examples=0), runs, results, baselines, 12.0)
 
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -44,7 +58,9 @@ def test_report_and_summary_carry_score_baseline_shuffled_and_image_gain(tmp_pat
     assert text["score_shuffled"] is None and text["image_gain"] is None  # no image: null, not a fake 0
     report = (tmp_path / "report.md").read_text()
     assert "| shuffled | image gain | blind baseline |" in report
-    assert re.search(r"\| pretrain \| world_vqa \| vqa \| 4 \| 34\.00 \| 20\.00 \| \+14\.00 \| 25\.70 \| \+8\.30 \|", report)
+    assert re.search(
+        r"\| pretrain \| world_vqa \| vqa \| 4 \| 34\.00 \| 20\.00 \| \+14\.00 \| 25\.70 \| \+8\.30 \|", report
+    )
     assert re.search(r"\| world_text \| exact \| 0 \| 12\.00 \| no image \| no image \|", report)
     for rel in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (tmp_path / rel).read_bytes()[:4] == b"\x89PNG"

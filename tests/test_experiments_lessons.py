@@ -18,8 +18,17 @@ from mm1.experiments.lessons_report import run_lessons, verdict_counts
 from mm1.experiments.sweep import stage_keys
 from mm1.experiments.verdicts import judge_claim
 
-LESSONS = {"encoder-resolution", "encoder-objective", "encoder-size", "encoder-data", "image-tokens",
-           "connector-type", "data-mix", "text-only-data", "synthetic-captions"}
+LESSONS = {
+    "encoder-resolution",
+    "encoder-objective",
+    "encoder-size",
+    "encoder-data",
+    "image-tokens",
+    "connector-type",
+    "data-mix",
+    "text-only-data",
+    "synthetic-captions",
+}
 AXIS = "x"
 GAIN = [4.0, 5.0, 6.0]  # a baseline that clearly uses the image
 
@@ -77,8 +86,9 @@ def test_an_image_claim_is_judged_only_where_the_baseline_uses_the_image():
 
 def test_the_primary_metric_alone_decides_and_secondary_metrics_are_only_reported():
     claim = Claim("a beats b", COL, better="a", worse="b", secondary=["world_vqa *"])
-    agg = _agg(COL, a=[12.0, 8.0, 11.0], b=[10.0, 12.0, 9.0]) + \
-        _agg("world_vqa vqa@4", a=[50.0, 51.0, 52.0], b=[10.0, 11.0, 12.0])
+    agg = _agg(COL, a=[12.0, 8.0, 11.0], b=[10.0, 12.0, 9.0]) + _agg(
+        "world_vqa vqa@4", a=[50.0, 51.0, 52.0], b=[10.0, 11.0, 12.0]
+    )
     res = judge_claim(_lesson(claim), claim, agg, GAIN)
     assert res.verdict == "inconclusive"
     assert [s.column for s in res.secondary] == ["world_vqa vqa@4"] and res.secondary[0].p_value < 0.001
@@ -100,16 +110,23 @@ def test_the_power_line_sizes_the_paper_effect_by_the_measured_spread():
     res = judge_claim(_lesson(claim), claim, _agg(COL, a=[50.0, 52.0, 48.0], b=[49.0, 51.0, 47.0]), GAIN)
     # effect 3 % of 49 = 1.47 at sd 2: about 2·(1.7+0.85)²·4/1.47² ≈ 24 seeds
     assert 15 <= res.seeds_for_power <= 35 and "this run has 3" in res.power_line
-    assert "no paper_effect" in judge_claim(_lesson(UP), UP, _agg(COL, a=[1.0, 2.0, 3.0], b=[1.0, 2.0, 3.0]),
-                                            GAIN).power_line
+    assert (
+        "no paper_effect"
+        in judge_claim(_lesson(UP), UP, _agg(COL, a=[1.0, 2.0, 3.0], b=[1.0, 2.0, 3.0]), GAIN).power_line
+    )
 
 
 @pytest.mark.parametrize("budget", ["tiny", "small"])
 def test_every_lesson_parses_and_each_primary_metric_is_measured_by_the_budget(budget):
     lessons = load_lessons(budget)
     assert {lesson.name for lesson in lessons} == LESSONS
-    metric = {"world_caption": "cider", "world_vqa": "vqa", "world_vqa_label": "vqa", "world_text": "exact",
-              "world_text_ppl": "perplexity"}
+    metric = {
+        "world_caption": "cider",
+        "world_vqa": "vqa",
+        "world_vqa_label": "vqa",
+        "world_text": "exact",
+        "world_text_ppl": "perplexity",
+    }
     for lesson in lessons:
         spec = lesson.spec
         assert len(spec.seeds) >= 3 and lesson.baseline in spec.axes[0].labels
@@ -117,8 +134,11 @@ def test_every_lesson_parses_and_each_primary_metric_is_measured_by_the_budget(b
         columns = [f"{t} {metric[t]}@{k}" for t in tasks for k in spec.eval_shots]
         for claim in lesson.claims:
             assert claim.primary in columns, (lesson.name, claim.text, columns)
-            secondary = [c for c in columns + ["pretrain loss_caption"] if any(fnmatch.fnmatchcase(c, g)
-                                                                               for g in claim.secondary)]
+            secondary = [
+                c
+                for c in columns + ["pretrain loss_caption"]
+                if any(fnmatch.fnmatchcase(c, g) for g in claim.secondary)
+            ]
             assert secondary or not claim.secondary, (lesson.name, claim.secondary)
 
 
@@ -158,8 +178,9 @@ class LessonRunner:
     def train(self, cfg: Config, config_path: Path, out: Path, resume: bool) -> None:
         out.mkdir(parents=True, exist_ok=True)
         loss = 3.0 - 0.01 * cfg.model.vision.image_size - 0.01 * cfg.train.seed
-        (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": loss, "loss_caption": loss})
-                                                   + "\n" for s in range(1, 11)))
+        (out / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "loss": loss, "loss_caption": loss}) + "\n" for s in range(1, 11))
+        )
 
     def evaluate(self, run_dir: Path, cfg: Config, config_path: Path) -> list[dict]:
         jitter = [0.0, 0.3, -0.2][cfg.train.seed]
@@ -169,12 +190,24 @@ class LessonRunner:
             for k in cfg.eval.shots:
                 score = 10.0 + jitter + cfg.model.vision.image_size / 8  # resolution helps: reproduced
                 score -= cfg.data.synthetic_caption_ratio * 80  # synthetic captions hurt: contradicted
-                metric = {"world_caption": "cider", "world_vqa": "vqa", "world_vqa_label": "vqa", "world_text": "exact",
-                          "world_text_ppl": "perplexity"}[name]
+                metric = {
+                    "world_caption": "cider",
+                    "world_vqa": "vqa",
+                    "world_vqa_label": "vqa",
+                    "world_text": "exact",
+                    "world_text_ppl": "perplexity",
+                }[name]
                 image = name not in ("world_text", "world_text_ppl")  # text-only tasks have no control: None
-                out.append({"task": name, "shots": k, "metric": metric, "score": score,
-                            "score_shuffled": score - 3.0 - jitter if image else None,
-                            "image_gain": 3.0 + jitter if image else None})
+                out.append(
+                    {
+                        "task": name,
+                        "shots": k,
+                        "metric": metric,
+                        "score": score,
+                        "score_shuffled": score - 3.0 - jitter if image else None,
+                        "image_gain": 3.0 + jitter if image else None,
+                    }
+                )
         return out
 
 
@@ -195,8 +228,18 @@ def test_the_lessons_report_and_summary_state_each_claim_with_its_statistics(tmp
     for rel in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):
         assert (tmp_path / "lessons" / rel).is_file()
     summary = json.loads((tmp_path / "lessons" / "summary.json").read_text())
-    keys = {"lesson", "claim", "metric", "verdict", "p_value", "effect", "ci_low", "ci_high", "seeds",
-            "baseline_image_gain"}
+    keys = {
+        "lesson",
+        "claim",
+        "metric",
+        "verdict",
+        "p_value",
+        "effect",
+        "ci_low",
+        "ci_high",
+        "seeds",
+        "baseline_image_gain",
+    }
     assert all(keys <= set(c) for c in summary)
     assert len(summary) == sum(len(x.claims) for x in load_lessons("tiny", only=only))
     res = next(c for c in summary if c["lesson"] == "encoder-resolution")

@@ -56,11 +56,12 @@ class LawRunner:
 
     def train(self, cfg: Config, config_path: Path, out: Path, resume: bool) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        n = cfg.model.lm.dim ** 2 * 100
+        n = cfg.model.lm.dim**2 * 100
         opt = math.exp(A * math.log(n) + B)
         loss = 3.0 + 0.3 * (math.log(cfg.train.lr) - math.log(opt)) ** 2
-        (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": loss + 1.0 / s}) + "\n"
-                                                   for s in range(1, 201)))
+        (out / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "loss": loss + 1.0 / s}) + "\n" for s in range(1, 201))
+        )
         (out / "run.json").write_text(json.dumps({"n_trainable_params": n}))
 
     def evaluate(self, run_dir, cfg, config_path):  # pragma: no cover - the grid evaluates nothing

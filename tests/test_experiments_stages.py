@@ -17,11 +17,26 @@ from mm1.experiments.sweep import InProcessRunner, stage_dir, stage_keys, write_
 from mm1.train.checkpoint import read_checkpoint_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-MICRO = ["model.vision.image_size=32", "model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2",
-         "model.vision.mlp_dim=64", "model.lm.dim=32", "model.lm.n_layers=1", "model.lm.n_heads=2",
-         "model.lm.n_kv_heads=1", "model.lm.ffn_dim=64", "data.seq_len=96", "data.batch_size=2",
-         "train.steps=4", "train.warmup_steps=1", "train.save_every=2", "train.log_every=1",
-         "eval.max_new_tokens=3", "eval.batch_size=4"]
+MICRO = [
+    "model.vision.image_size=32",
+    "model.vision.width=32",
+    "model.vision.depth=1",
+    "model.vision.heads=2",
+    "model.vision.mlp_dim=64",
+    "model.lm.dim=32",
+    "model.lm.n_layers=1",
+    "model.lm.n_heads=2",
+    "model.lm.n_kv_heads=1",
+    "model.lm.ffn_dim=64",
+    "data.seq_len=96",
+    "data.batch_size=2",
+    "train.steps=4",
+    "train.warmup_steps=1",
+    "train.save_every=2",
+    "train.log_every=1",
+    "eval.max_new_tokens=3",
+    "eval.batch_size=4",
+]
 
 
 class Recording(InProcessRunner):
@@ -36,14 +51,19 @@ class Recording(InProcessRunner):
 
 
 def _spec(world: Path) -> dict:
-    return {"name": "share", "base": str(ROOT / "configs" / "tiny.yaml"), "overrides": MICRO + [f"data.world={world}"],
-            "stages": ["encoder", "pretrain"], "stage_overrides": {"encoder": ["train.steps=2"]},
-            "axes": {"model.connector.kind": ["avgpool", "attnpool"]}, "seeds": [0],
-            "eval": {"tasks": ["world_vqa"], "shots": [0], "limit": 2}}
+    return {
+        "name": "share",
+        "base": str(ROOT / "configs" / "tiny.yaml"),
+        "overrides": MICRO + [f"data.world={world}"],
+        "stages": ["encoder", "pretrain"],
+        "stage_overrides": {"encoder": ["train.steps=2"]},
+        "axes": {"model.connector.kind": ["avgpool", "attnpool"]},
+        "seeds": [0],
+        "eval": {"tasks": ["world_vqa"], "shots": [0], "limit": 2},
+    }
 
 
-def test_two_points_share_one_encoder_and_a_killed_stage_resumes_from_its_checkpoint(tiny_world, tmp_path,
-                                                                                      monkeypatch):
+def test_two_points_share_one_encoder_and_a_killed_stage_resumes_from_its_checkpoint(tiny_world, tmp_path, monkeypatch):
     from mm1.train import trainer as trainer_mod
 
     spec = parse_spec(_spec(tiny_world))
@@ -86,8 +106,10 @@ def test_two_points_share_one_encoder_and_a_killed_stage_resumes_from_its_checkp
 def _encoder_weights(world: Path, out: Path, extra: list[str]) -> dict[str, torch.Tensor]:
     from mm1.train.trainer import train
 
-    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"),
-                      MICRO + [f"data.world={world}", "train.stage=encoder", "train.steps=2", "train.seed=3"] + extra)
+    cfg = load_config(
+        str(ROOT / "configs" / "tiny.yaml"),
+        MICRO + [f"data.world={world}", "train.stage=encoder", "train.steps=2", "train.seed=3"] + extra,
+    )
     train(cfg, out)
     return read_checkpoint_weights(out / "checkpoints" / "step-2")
 
@@ -96,8 +118,15 @@ def test_what_the_encoder_key_leaves_out_does_not_change_the_encoder(tiny_world,
     from mm1.experiments.sweep import stage_view
 
     base = _encoder_weights(tiny_world, tmp_path / "a", [])
-    ignored = ["model.connector.kind=avgpool", "model.lm.dim=48", "model.lm.n_heads=3", "model.lm.n_kv_heads=3",
-               "data.sources.interleaved.weight=0.7", "data.sources.caption.weight=0.2", "eval.limit=5"]
+    ignored = [
+        "model.connector.kind=avgpool",
+        "model.lm.dim=48",
+        "model.lm.n_heads=3",
+        "model.lm.n_kv_heads=3",
+        "data.sources.interleaved.weight=0.7",
+        "data.sources.caption.weight=0.2",
+        "eval.limit=5",
+    ]
     other = _encoder_weights(tiny_world, tmp_path / "b", ignored)
     assert base.keys() == other.keys() and all(torch.equal(base[k], other[k]) for k in base)
     cfg = lambda ov: load_config(str(ROOT / "configs" / "tiny.yaml"), MICRO + ov)  # noqa: E731

@@ -7,7 +7,6 @@ import math
 import pytest
 
 from mm1.experiments.stats import one_sample, seeds_needed, t_ppf, t_sf, tost, welch
-
 from references import require  # tests/references.py: skip here, fail under `make test`
 
 scipy_stats = require("scipy.stats", module_level=True)

@@ -29,8 +29,12 @@ from mm1.models.build import build_model  # noqa: E402
 from mm1.train.checkpoint import save_checkpoint  # noqa: E402
 from mm1.train.distributed import DistEnv  # noqa: E402
 
-TEXTS = ["a red circle above a blue square", "two green triangles on the left", "the label reads A7",
-         "Question: what colour is the circle? Short answer: red"] * 20
+TEXTS = [
+    "a red circle above a blue square",
+    "two green triangles on the left",
+    "the label reads A7",
+    "Question: what colour is the circle? Short answer: red",
+] * 20
 CLIP_LIKE = dict(use_cls=True, pre_norm=True, post_norm=False, feature_layer=-2, act="quick_gelu")
 CASES = {  # name -> (connector, vision overrides)
     "mlp_clip": (ConnectorConfig(kind="mlp", num_tokens=16), CLIP_LIKE),
@@ -46,8 +50,17 @@ PROMPT = "<image>the label reads"
 
 def tiny_config(tok: Tokenizer, connector: ConnectorConfig, vision: dict, moe: bool = False) -> Config:
     v = VisionConfig(image_size=32, patch_size=8, width=32, depth=3, heads=2, mlp_dim=64, **vision)
-    lm = LMConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                  max_seq_len=128, rope_theta=5000.0, **(dict(n_experts=4, moe_every=2, moe_top_k=2) if moe else {}))
+    lm = LMConfig(
+        vocab_size=tok.vocab_size,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=128,
+        max_seq_len=128,
+        rope_theta=5000.0,
+        **(dict(n_experts=4, moe_every=2, moe_top_k=2) if moe else {}),
+    )
     cfg = Config(model=ModelConfig(vision=v, connector=connector, lm=lm, image_token_id=tok.image_id))
     cfg.data.seq_len = 64
     return cfg
@@ -121,11 +134,17 @@ def test_transformers_computes_what_mm1_computes(exported, name):
     diff = (ours - theirs).abs().max().item()
     print(f"{name}: max |logit diff| = {diff:.2e}")
     assert diff < 1e-4
-    new = generate_ids(model, tok, [PROMPT], [[image]], GenerationConfig(max_new_tokens=10, stop=[],
-                                                                         stop_ids=[tok.im_end_id]))[0]
+    new = generate_ids(
+        model, tok, [PROMPT], [[image]], GenerationConfig(max_new_tokens=10, stop=[], stop_ids=[tok.im_end_id])
+    )[0]
     with torch.no_grad():
-        out = hf.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, attention_mask=torch.ones(1, len(ids)),
-                          max_new_tokens=10, do_sample=False)[0, len(ids):].tolist()
+        out = hf.generate(
+            input_ids=torch.tensor([ids]),
+            pixel_values=pixels,
+            attention_mask=torch.ones(1, len(ids)),
+            max_new_tokens=10,
+            do_sample=False,
+        )[0, len(ids) :].tolist()
     while out and out[-1] in (tok.eos_id, tok.im_end_id):
         out.pop()  # transformers returns the ending token, mm1 drops it
     assert out == new and len(new) > 0
@@ -137,16 +156,21 @@ def test_chat_template_tokenises_like_mm1(exported):
     _, folder = exported["mlp_clip"]
     hf_tok = AutoTokenizer.from_pretrained(folder)
     tok = Tokenizer.load(folder)
-    turns = [{"role": "user", "content": "<image>\nwhat colour?"}, {"role": "assistant", "content": "red"},
-             {"role": "user", "content": "and the shape?"}]
+    turns = [
+        {"role": "user", "content": "<image>\nwhat colour?"},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "and the shape?"},
+    ]
     text = hf_tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     assert AutoProcessor.from_pretrained(folder).chat_template == hf_tok.chat_template  # the processor has it too
     ours, _ = tok.chat(turns, 1, add_generation_prompt=True)
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours
     parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]}]
     text = hf_tok.apply_chat_template(parts, tokenize=False, add_generation_prompt=True)
-    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.chat(
-        [{"role": "user", "content": "<image>\nwhat colour?"}], 1, add_generation_prompt=True)[0]
+    assert (
+        hf_tok(text, add_special_tokens=False)["input_ids"]
+        == tok.chat([{"role": "user", "content": "<image>\nwhat colour?"}], 1, add_generation_prompt=True)[0]
+    )
 
 
 def test_readme_loading_example_runs(exported, tmp_path, monkeypatch, capsys):

@@ -33,8 +33,15 @@ from mm1.eval.tasks import get_task
 from mm1.train.metrics import read_metrics
 from mm1.train.run_dir import LOCK_NAME, RunDirLock
 
-TINY = ["model.lm.n_layers=1", "model.vision.depth=1", "data.seq_len=96", "data.batch_size=1",
-        "train.warmup_steps=1", "data.sources.interleaved.weight=0", "data.sources.text.weight=0"]
+TINY = [
+    "model.lm.n_layers=1",
+    "model.vision.depth=1",
+    "data.seq_len=96",
+    "data.batch_size=1",
+    "train.warmup_steps=1",
+    "data.sources.interleaved.weight=0",
+    "data.sources.text.weight=0",
+]
 
 
 def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
@@ -81,18 +88,22 @@ def test_an_environment_secret_is_never_resolved_into_a_config(tiny_world, tmp_p
     assert not out.exists()  # nothing was written
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("data.batch_size=0", "data.batch_size=0: must be >= 1"),
-    ("data.batch_size=-1", "data.batch_size=-1: must be >= 1"),
-    ("data.num_workers=-1", "data.num_workers=-1: must be >= 0"),
-    ("data.max_images=0", "data.max_images=0: must be >= 1"),
-    ("train.lr=-0.1", "train.lr=-0.1: must be > 0"),
-    ("train.betas=[0.9,1.5]", "train.betas[1]=1.5: must be in [0.0, 1.0)"),
-    ("data.image_formats=[PNG,EPS]", "data.image_formats=['PNG', 'EPS']: must be a non-empty list of JPEG"),
-    ("train.lr=[1,", "override 'train.lr=[1,': the value is not valid YAML"),
-])
-def test_out_of_range_or_unparsable_values_are_one_line_before_anything_runs(tiny_world, tmp_path, capsys,
-                                                                              override, expected):
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("data.batch_size=0", "data.batch_size=0: must be >= 1"),
+        ("data.batch_size=-1", "data.batch_size=-1: must be >= 1"),
+        ("data.num_workers=-1", "data.num_workers=-1: must be >= 0"),
+        ("data.max_images=0", "data.max_images=0: must be >= 1"),
+        ("train.lr=-0.1", "train.lr=-0.1: must be > 0"),
+        ("train.betas=[0.9,1.5]", "train.betas[1]=1.5: must be in [0.0, 1.0)"),
+        ("data.image_formats=[PNG,EPS]", "data.image_formats=['PNG', 'EPS']: must be a non-empty list of JPEG"),
+        ("train.lr=[1,", "override 'train.lr=[1,': the value is not valid YAML"),
+    ],
+)
+def test_out_of_range_or_unparsable_values_are_one_line_before_anything_runs(
+    tiny_world, tmp_path, capsys, override, expected
+):
     out = tmp_path / "run"
     code, line = cli(capsys, *train_args(tiny_world, out, override))
     assert code == 2 and line.startswith(f"mm1 train: config error: {expected}"), line
@@ -108,8 +119,9 @@ def test_a_damaged_checkpoint_in_eval_is_one_line(run2, tmp_path, capsys):
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
-    code, line = cli(capsys, "eval", "--checkpoint", str(run), "--tasks", "world_caption", "--shots", "0",
-                     "--limit", "2")
+    code, line = cli(
+        capsys, "eval", "--checkpoint", str(run), "--tasks", "world_caption", "--shots", "0", "--limit", "2"
+    )
     assert code == 2 and line.startswith("mm1 eval: checkpoint error: checkpoint ") and weights.name in line
 
 
@@ -118,8 +130,9 @@ def test_a_checkpoint_without_checksums_is_refused_not_skipped_past(run2, tiny_w
     for sums in (run / "checkpoints").glob("step-*/checksums.json"):
         sums.unlink()
     before = (run / "metrics.jsonl").read_text()
-    code, line = cli(capsys, *train_args(tiny_world, run, "train.steps=2", "train.save_every=1",
-                                         "train.keep_last=0"), "--resume")
+    code, line = cli(
+        capsys, *train_args(tiny_world, run, "train.steps=2", "train.save_every=1", "train.keep_last=0"), "--resume"
+    )
     assert code == 2 and "step-2 cannot be verified: checksums.json is missing" in line, line
     assert (run / "metrics.jsonl").read_text() == before  # no restart at step 0 appended to it
 
@@ -180,8 +193,9 @@ def test_a_pipe_source_runs_nothing_without_the_opt_in(tiny_world, tmp_path, cap
     with pytest.raises(DataError, match=r"runs a shell command; .*data.allow_commands=true"):
         open_source("caption", f"pipe:touch {marker}", SkipCounter())
     out = tmp_path / "run"
-    code, line = cli(capsys, *train_args(tiny_world, out, f"data.sources.caption.path='pipe:touch {marker}'",
-                                         "train.steps=1"))
+    code, line = cli(
+        capsys, *train_args(tiny_world, out, f"data.sources.caption.path='pipe:touch {marker}'", "train.steps=1")
+    )
     assert code == 2 and line.startswith(f"mm1 train: data error: data source 'pipe:touch {marker}' runs a shell")
     with pytest.raises(DataError, match="streams from the network"):
         open_source("caption", "https://example.com/shard-{000..009}.tar", SkipCounter())
@@ -213,8 +227,10 @@ def fake_gs(tmp_path, monkeypatch) -> Path:
     return marker
 
 
-EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"
-       b"newpath 0 0 moveto 8 8 lineto stroke showpage\n%%EOF\n")
+EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"
+    b"newpath 0 0 moveto 8 8 lineto stroke showpage\n%%EOF\n"
+)
 
 
 def test_eps_bytes_named_png_never_reach_ghostscript(tmp_path, fake_gs):
@@ -223,8 +239,11 @@ def test_eps_bytes_named_png_never_reach_ghostscript(tmp_path, fake_gs):
     write_caption_shard(evil, [{"key": "000005", "png": EPS, "txt": "an EPS file named .png"}])
     records = list(open_source("caption", [path, evil], SkipCounter()))
     bad = next(r for r in records if r.key == "000005")
-    with pytest.raises(ImageError, match=r"not a readable image \(a damaged header, or a format outside "
-                                         r"data.image_formats=\['JPEG', 'PNG', 'WEBP'\]\)") as e:
+    with pytest.raises(
+        ImageError,
+        match=r"not a readable image \(a damaged header, or a format outside "
+        r"data.image_formats=\['JPEG', 'PNG', 'WEBP'\]\)",
+    ) as e:
         load_image(bad.image, bad.where)
     assert e.value.reason == "corrupt image" and not fake_gs.exists()
     with pytest.raises(ImageError):  # the control: with EPS allowed, Pillow does start gs
@@ -243,8 +262,22 @@ def test_a_sparse_member_claiming_a_gibibyte_is_skipped_and_counted_unread(tmp_p
         f.truncate(1 << 30)  # 1 GiB of holes: a few KB in the tar
     (src / "000001.txt").write_text("bomb")
     out = tmp_path / "s.tar"
-    subprocess.run(["tar", "--sparse", "--format=gnu", "-cf", str(out), "-C", str(src), "000000.png", "000000.txt",
-                    "000001.png", "000001.txt"], check=True)
+    subprocess.run(
+        [
+            "tar",
+            "--sparse",
+            "--format=gnu",
+            "-cf",
+            str(out),
+            "-C",
+            str(src),
+            "000000.png",
+            "000000.txt",
+            "000001.png",
+            "000001.txt",
+        ],
+        check=True,
+    )
     assert out.stat().st_size < 1 << 20
     records, skips = read(["caption", out])
     assert [r.caption for r in records] == ["kept"]
@@ -271,9 +304,15 @@ def test_sft_image_paths_outside_the_data_folder_are_refused_and_counted(tmp_pat
     (elsewhere / "private.png").write_bytes(png())
     (data / "escape").symlink_to(elsewhere)
     convo = [{"from": "human", "value": "<image>What is it?"}, {"from": "gpt", "value": "red"}]
-    rows = [{"id": name, "image": image, "conversations": convo} for name, image in [
-        ("ok", "images/ok.png"), ("dots", "../" * 30 + "etc/passwd"), ("abs", str(elsewhere / "private.png")),
-        ("link", "escape/private.png")]]
+    rows = [
+        {"id": name, "image": image, "conversations": convo}
+        for name, image in [
+            ("ok", "images/ok.png"),
+            ("dots", "../" * 30 + "etc/passwd"),
+            ("abs", str(elsewhere / "private.png")),
+            ("link", "escape/private.png"),
+        ]
+    ]
     (data / "train.json").write_text(json.dumps(rows))
     records, skips = read(["sft", data / "train.json"])
     assert [r.key for r in records] == ["ok"]
@@ -286,11 +325,15 @@ def test_sft_image_paths_outside_the_data_folder_are_refused_and_counted(tmp_pat
 def test_eval_task_image_paths_outside_the_root_are_one_line(tmp_path):
     (tmp_path / "task").mkdir()
     (tmp_path / "secret.png").write_bytes(png())
-    (tmp_path / "task" / "test.jsonl").write_text(json.dumps({"images": ["../secret.png"], "question": "q?",
-                                                              "answer": "a"}) + "\n")
+    (tmp_path / "task" / "test.jsonl").write_text(
+        json.dumps({"images": ["../secret.png"], "question": "q?", "answer": "a"}) + "\n"
+    )
     (tmp_path / "task" / "spec.yaml").write_text("kind: multi\ntest: test.jsonl\n")
-    with pytest.raises(DataError, match=r"test.jsonl:1: image '.*secret.png' resolves to .*secret.png, outside the "
-                                        r"data folder .*task; .*allow_outside_paths"):
+    with pytest.raises(
+        DataError,
+        match=r"test.jsonl:1: image '.*secret.png' resolves to .*secret.png, outside the "
+        r"data folder .*task; .*allow_outside_paths",
+    ):
         get_task(str(tmp_path / "task" / "spec.yaml")).test
     assert len(get_task(str(tmp_path / "task" / "spec.yaml"), allow_outside_paths=True).test) == 1
 
@@ -305,8 +348,9 @@ def test_eval_never_builds_a_world_where_a_checkpoint_config_says(run2, tmp_path
     sums = json.loads((ckpt / "checksums.json").read_text())
     sums["config.yaml"] = hashlib.sha256((ckpt / "config.yaml").read_bytes()).hexdigest()  # as an editor would
     (ckpt / "checksums.json").write_text(json.dumps(sums))
-    code, line = cli(capsys, "eval", "--checkpoint", str(ckpt), "--tasks", "world_caption", "--shots", "0",
-                     "--limit", "2")
+    code, line = cli(
+        capsys, "eval", "--checkpoint", str(ckpt), "--tasks", "world_caption", "--shots", "0", "--limit", "2"
+    )
     assert code == 2 and line.startswith(f"mm1 eval: config error: the checkpoint's config names data.world={evil}")
     assert not evil.exists()
 
@@ -346,8 +390,9 @@ def test_a_truncated_shard_counts_every_sample_it_lost(tmp_path):
     records, skips = read(["caption", [full, cut]])
     got = len(records) - 40
     assert skips.counts == {"truncated tar": 40 - got}  # from the complete shard next to it
-    assert f"{40 - got} samples lost (estimated: the largest complete shard of this source held 40)" in \
-        caplog_text(skips)
+    assert f"{40 - got} samples lost (estimated: the largest complete shard of this source held 40)" in caplog_text(
+        skips
+    )
     (tmp_path / "shard-1_stats.json").write_text(json.dumps({"successes": 40}))  # img2dataset's index
     records, skips = read(["caption", cut])
     assert skips.counts == {"truncated tar": 40 - got}
@@ -359,7 +404,7 @@ def test_a_damaged_header_inside_a_tar_gz_is_detected_like_a_plain_tar(tmp_path)
     raw = bytearray(shard(tmp_path / "s.tar", 40).read_bytes())
     with tarfile.open(tmp_path / "s.tar") as tar:
         offsets = [m.offset for m in tar.getmembers()]
-    raw[offsets[20] + 148: offsets[20] + 156] = b"garbage!"  # sample 10's header checksum
+    raw[offsets[20] + 148 : offsets[20] + 156] = b"garbage!"  # sample 10's header checksum
     (tmp_path / "s.tar.gz").write_bytes(gzip.compress(bytes(raw)))
     records, skips = read(["caption", tmp_path / "s.tar.gz"])
     assert len(records) == 10
@@ -376,12 +421,18 @@ def snapshot(run: Path) -> dict[str, bytes]:
     return {name: (run / name).read_bytes() for name in ("config.yaml", "run.json", "metrics.jsonl")}
 
 
-@pytest.mark.parametrize("override,shown", [
-    ("train.lr=0.05", "train.lr: None -> 0.05"),
-    ("model.lm.dim=128", "model.lm.dim: 256 -> 128"),
-    ("data.sources.caption.path=/elsewhere/caption", "data.sources.caption.path: '{world}/caption' -> '/elsewhere"),
-    ("train.steps=3", "train.steps: 2 -> 3. Nothing was written. To apply train.steps, add --allow-change train.steps"),
-])
+@pytest.mark.parametrize(
+    "override,shown",
+    [
+        ("train.lr=0.05", "train.lr: None -> 0.05"),
+        ("model.lm.dim=128", "model.lm.dim: 256 -> 128"),
+        ("data.sources.caption.path=/elsewhere/caption", "data.sources.caption.path: '{world}/caption' -> '/elsewhere"),
+        (
+            "train.steps=3",
+            "train.steps: 2 -> 3. Nothing was written. To apply train.steps, add --allow-change train.steps",
+        ),
+    ],
+)
 def test_resume_refuses_a_silent_change_and_writes_nothing(run2, tiny_world, tmp_path, capsys, override, shown):
     run = copy_run(run2, tmp_path)
     before = snapshot(run)
@@ -394,13 +445,19 @@ def test_resume_refuses_a_silent_change_and_writes_nothing(run2, tiny_world, tmp
 def test_an_allowed_change_on_resume_is_applied_for_real_and_logged(run2, tiny_world, tmp_path, capsys):
     run = copy_run(run2, tmp_path)
     capsys.readouterr()
-    assert main(train_args(tiny_world, run, "train.steps=3", "train.save_every=1", "train.keep_last=0")
-                + ["--resume", "--allow-change", "train.steps"]) == 0
+    assert (
+        main(
+            train_args(tiny_world, run, "train.steps=3", "train.save_every=1", "train.keep_last=0")
+            + ["--resume", "--allow-change", "train.steps"]
+        )
+        == 0
+    )
     assert "--resume applies train.steps: 2 -> 3" in capsys.readouterr().err
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 3
-    code, line = cli(capsys, *train_args(tiny_world, run, "train.steps=3"), "--resume",
-                     "--allow-change", "model.lm.dim")
+    code, line = cli(
+        capsys, *train_args(tiny_world, run, "train.steps=3"), "--resume", "--allow-change", "model.lm.dim"
+    )
     assert code == 2 and "--allow-change model.lm.dim: cannot change on resume" in line
 
 
@@ -415,15 +472,26 @@ def test_a_second_process_on_a_run_dir_gets_one_line_naming_the_holder(run2, tin
     run = copy_run(run2, tmp_path)
     before = snapshot(run)
     env = {**os.environ, "PYTHONPATH": str(Path("src").resolve()) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom mm1.train.run_dir import RunDirLock\n"
-                               "with RunDirLock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)\n",
-                               str(run)], env=env, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom mm1.train.run_dir import RunDirLock\n"
+            "with RunDirLock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)\n",
+            str(run),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, line = cli(capsys, *train_args(tiny_world, run, *RUN2), "--resume")
-        assert code == 2 and line == (f"mm1 train: error: {run} is in use by another mm1 train (pid {holder.pid} on "
-                                      f"{socket.gethostname()}; lock {run / LOCK_NAME}); wait for it to finish or "
-                                      "stop it, or use another --out")
+        assert code == 2 and line == (
+            f"mm1 train: error: {run} is in use by another mm1 train (pid {holder.pid} on "
+            f"{socket.gethostname()}; lock {run / LOCK_NAME}); wait for it to finish or "
+            "stop it, or use another --out"
+        )
         assert snapshot(run) == before
     finally:
         holder.kill()

@@ -25,8 +25,9 @@ def imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, 
     `from pkg import x` is an edge to `pkg.x` when that is a module, else to `pkg` itself."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for n in ast.walk(f)}
+    nested = {
+        id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -106,6 +107,9 @@ def test_mm1_data_imports_mm1_modules_at_the_top_of_a_file_only() -> None:
     for name, path in modules.items():
         if name.startswith("mm1.data"):
             lines = path.read_text(encoding="utf-8").splitlines()
-            lazy += [f"{path.relative_to(SRC)}:{line}" for t, line, inside in imports(name, path, modules)
-                     if inside and LAZY_OK not in lines[line - 1]]
+            lazy += [
+                f"{path.relative_to(SRC)}:{line}"
+                for t, line, inside in imports(name, path, modules)
+                if inside and LAZY_OK not in lines[line - 1]
+            ]
     assert lazy == [], f"move these imports to the top of the file, or say '{LAZY_OK}' in the line: {lazy}"

@@ -16,16 +16,21 @@ from mm1.models.attention import (
     positions_from_docs,
 )
 
-DOCS = torch.tensor([
-    [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, -1, -1],  # three packed documents, right padding
-    [-1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # left padding, one document
-])
+DOCS = torch.tensor(
+    [
+        [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, -1, -1],  # three packed documents, right padding
+        [-1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # left padding, one document
+    ]
+)
 
 
 def _qkv(B=2, H=4, H_kv=2, T=15, hd=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, T, hd, generator=g), torch.randn(B, H_kv, T, hd, generator=g),
-            torch.randn(B, H_kv, T, hd, generator=g))
+    return (
+        torch.randn(B, H, T, hd, generator=g),
+        torch.randn(B, H_kv, T, hd, generator=g),
+        torch.randn(B, H_kv, T, hd, generator=g),
+    )
 
 
 def test_mask_is_block_diagonal_causal_and_skips_padding_keys():
@@ -77,8 +82,9 @@ def test_unpacked_sequences_take_the_is_causal_fast_path_with_the_same_result():
     one_doc = torch.zeros(2, 15, dtype=torch.long)
     fast = build_mask(one_doc, 15, 15, "sdpa")
     assert fast.kind == "causal"
-    explicit = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                              attn_mask=dense_mask(one_doc, 15))
+    explicit = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=dense_mask(one_doc, 15)
+    )
     torch.testing.assert_close(attend(q, k, v, fast), explicit, atol=1e-6, rtol=0)
     assert build_mask(None, 1, 15, "sdpa").kind == "none"  # one decoded token sees every key
 

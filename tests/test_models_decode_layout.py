@@ -41,8 +41,9 @@ def test_relaid_weights_keep_values_and_give_bit_identical_decoding_steps():
 
     layout = prepare_decode_layout(lm, ROWS)
     linears = {n: m for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert set(layout.transposed) | {n for n, m in linears.items() if tuple(m.weight.shape) in layout.excluded} \
-        == set(linears)
+    assert set(layout.transposed) | {n for n, m in linears.items() if tuple(m.weight.shape) in layout.excluded} == set(
+        linears
+    )
     for name in layout.transposed:
         w = linears[name].weight
         assert w.stride() == (1, w.shape[0]), name  # a transposed view of [in, out] storage
@@ -110,8 +111,9 @@ def test_generation_gives_the_same_tokens_with_and_without_the_layout(tmp_path):
     prompts = ["a red", "three small green", "the quick brown fox", "a blue"]
     images = [[] for _ in prompts]
 
-    plain = generate_ids(model, tok, prompts, images, GenerationConfig(max_new_tokens=10, stop=[],
-                                                                       cpu_decode_layout=False))
+    plain = generate_ids(
+        model, tok, prompts, images, GenerationConfig(max_new_tokens=10, stop=[], cpu_decode_layout=False)
+    )
     assert getattr(model.lm, "decode_layout", None) is None
     relaid = generate_ids(model, tok, prompts, images, GenerationConfig(max_new_tokens=10, stop=[]))
     assert model.lm.decode_layout is not None and model.lm.decode_layout.checked_rows == [len(prompts)]
@@ -119,8 +121,10 @@ def test_generation_gives_the_same_tokens_with_and_without_the_layout(tmp_path):
 
     # a later batch of another size (here 1 row: a gemv path) decodes as the standard order does
     one = GenerationConfig(max_new_tokens=10, stop=[])
-    alone = [generate_ids(model, tok, [p], [[]], GenerationConfig(max_new_tokens=10, stop=[],
-                                                                   cpu_decode_layout=False))[0] for p in prompts]
+    alone = [
+        generate_ids(model, tok, [p], [[]], GenerationConfig(max_new_tokens=10, stop=[], cpu_decode_layout=False))[0]
+        for p in prompts
+    ]
     assert [generate_ids(model, tok, [p], [[]], one)[0] for p in prompts] == alone
     assert model.lm.decode_layout.checked_rows == [len(prompts), 1]
 

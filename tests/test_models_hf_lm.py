@@ -21,8 +21,15 @@ from mm1.models.hf_lm import (  # noqa: E402
 )
 from mm1.models.lm import LanguageModel  # noqa: E402
 
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=128, rms_norm_eps=1e-6)
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=56,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+)
 
 
 def _save(tmp_path, arch: str, max_shard_size: str | None = None, **kw):
@@ -57,9 +64,21 @@ def _assert_same_logits(hf, ours: LanguageModel) -> None:
         ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True, rope_theta=5000.0)),  # tied
         ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=False)),  # qkv bias
         ("qwen2", dict(num_key_value_heads=1, tie_word_embeddings=True)),
-        ("llama", dict(num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=512,  # Llama-3.1
-                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+        (
+            "llama",
+            dict(
+                num_key_value_heads=2,
+                tie_word_embeddings=False,
+                max_position_embeddings=512,  # Llama-3.1
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                },
+            ),
+        ),
     ],
 )
 def test_hf_causal_lm_logits_match_within_1e4(tmp_path, arch, kw):
@@ -144,8 +163,15 @@ def test_config_mismatch_names_the_fields_to_set(tmp_path):
     ],
 )
 def test_unsupported_hf_features_are_refused_not_ignored(change, match):
-    base = {"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 56,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    base = {
+        "model_type": "llama",
+        "vocab_size": 96,
+        "hidden_size": 32,
+        "intermediate_size": 56,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
     with pytest.raises(ValueError, match=match):
         lm_config_from_hf({**base, **change})
 
@@ -166,7 +192,7 @@ def test_added_tokens_grow_the_vocab_with_mean_rows_and_keep_the_original_logits
     emb = ours.tok_embeddings.weight
     old = hf.model.embed_tokens.weight
     assert emb.shape[0] == cfg.vocab_size
-    torch.testing.assert_close(emb[TINY["vocab_size"]:], old.mean(0, keepdim=True).expand(5, -1))
+    torch.testing.assert_close(emb[TINY["vocab_size"] :], old.mean(0, keepdim=True).expand(5, -1))
     if tied:
         assert ours.output is None  # the head is the embedding matrix: still one tensor
     else:
@@ -175,7 +201,7 @@ def test_added_tokens_grow_the_vocab_with_mean_rows_and_keep_the_original_logits
     with torch.no_grad():
         ref, got = hf(input_ids=ids).logits, ours.forward_ids(ids).logits
     assert got.shape[-1] == cfg.vocab_size
-    assert (got[..., :TINY["vocab_size"]] - ref).abs().max() < 1e-5
+    assert (got[..., : TINY["vocab_size"]] - ref).abs().max() < 1e-5
     opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)  # and it trains, new tokens included
     batch = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(2))
     batch[:, 3] = cfg.vocab_size - 1

@@ -20,8 +20,9 @@ from mm1.config import VisionConfig  # noqa: E402
 from mm1.models.hf_vision import load_hf_vision, load_hf_vision_into, vision_config_from_hf  # noqa: E402
 from mm1.models.vision import ViT  # noqa: E402
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-            patch_size=8)
+TINY = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+)
 ATOL = 1e-4
 
 
@@ -65,8 +66,9 @@ def test_clip_features_match_transformers_last_hidden_state_and_penultimate(clip
     x = torch.randn(2, 3, 32, 32)
     out = _hf(ref, x)
     torch.testing.assert_close(_ours(load_hf_vision(path), x), out.last_hidden_state[:, 1:], rtol=0, atol=ATOL)
-    torch.testing.assert_close(_ours(load_hf_vision(path, feature_layer=-2), x), out.hidden_states[-2][:, 1:],
-                               rtol=0, atol=ATOL)
+    torch.testing.assert_close(
+        _ours(load_hf_vision(path, feature_layer=-2), x), out.hidden_states[-2][:, 1:], rtol=0, atol=ATOL
+    )
 
 
 def test_siglip_features_match_transformers_including_its_post_layernorm(siglip_dir):
@@ -75,8 +77,9 @@ def test_siglip_features_match_transformers_including_its_post_layernorm(siglip_
     out = _hf(ref, x)
     torch.testing.assert_close(_ours(load_hf_vision(path), x), out.last_hidden_state, rtol=0, atol=ATOL)
     # hidden_states[-2] is the raw penultimate block output: no post-norm there.
-    torch.testing.assert_close(_ours(load_hf_vision(path, feature_layer=-2), x), out.hidden_states[-2],
-                               rtol=0, atol=ATOL)
+    torch.testing.assert_close(
+        _ours(load_hf_vision(path, feature_layer=-2), x), out.hidden_states[-2], rtol=0, atol=ATOL
+    )
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])
@@ -84,7 +87,7 @@ def test_other_resolutions_match_transformers_interpolate_pos_encoding(family, c
     # HF interpolates bicubically with align_corners=False to the target grid, as we do.
     path, ref = clip_dir if family == "clip" else siglip_dir
     x = torch.randn(2, 3, 48, 48)
-    want = _hf(ref, x, interpolate_pos_encoding=True).last_hidden_state[:, (1 if family == "clip" else 0):]
+    want = _hf(ref, x, interpolate_pos_encoding=True).last_hidden_state[:, (1 if family == "clip" else 0) :]
     torch.testing.assert_close(_ours(load_hf_vision(path), x), want, rtol=0, atol=ATOL)  # at run time
     resized = load_hf_vision(path, image_size=48)  # at load time (SFT)
     assert resized.cfg.image_size == 48 and resized.pos_embed.shape[1] == 36 + (family == "clip")
@@ -94,13 +97,15 @@ def test_other_resolutions_match_transformers_interpolate_pos_encoding(family, c
 def test_full_clip_and_siglip_models_load_their_vision_tower_and_skip_the_rest(tmp_path):
     torch.manual_seed(2)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99)
-    for name, cls, cfg_cls in [("clip", transformers.CLIPModel, transformers.CLIPConfig),
-                               ("siglip", transformers.SiglipModel, transformers.SiglipConfig)]:
+    for name, cls, cfg_cls in [
+        ("clip", transformers.CLIPModel, transformers.CLIPConfig),
+        ("siglip", transformers.SiglipModel, transformers.SiglipConfig),
+    ]:
         model = cls(cfg_cls(text_config=text, vision_config=TINY)).eval()
         path = _save(model, tmp_path / name)
         x = torch.randn(1, 3, 32, 32)
         with torch.no_grad():
-            want = model.vision_model(pixel_values=x).last_hidden_state[:, (1 if name == "clip" else 0):]
+            want = model.vision_model(pixel_values=x).last_hidden_state[:, (1 if name == "clip" else 0) :]
         torch.testing.assert_close(_ours(load_hf_vision(path), x), want, rtol=0, atol=ATOL)
 
 
@@ -127,8 +132,10 @@ def test_an_unknown_weight_is_named_in_the_error(siglip_dir, tmp_path):
 def test_configs_follow_each_family_and_the_preprocessor_mean_std(clip_dir, siglip_dir, tmp_path):
     clip = vision_config_from_hf(json.loads((clip_dir[0] / "config.json").read_text()))
     assert (clip.use_cls, clip.pre_norm, clip.post_norm, clip.act) == (True, True, False, "quick_gelu")
-    sig = vision_config_from_hf(json.loads((siglip_dir[0] / "config.json").read_text()),
-                                {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.5, 0.5]})
+    sig = vision_config_from_hf(
+        json.loads((siglip_dir[0] / "config.json").read_text()),
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.5, 0.5]},
+    )
     assert (sig.use_cls, sig.pre_norm, sig.post_norm, sig.act, sig.norm_eps) == (False, False, True, "gelu_tanh", 1e-6)
     assert sig.std == [0.25, 0.5, 0.5]
     path = _rewrite(siglip_dir[0], tmp_path / "p", lambda sd: sd)

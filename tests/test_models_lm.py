@@ -16,8 +16,9 @@ V = 64
 
 def _model(seed: int = 0, **kw) -> LanguageModel:
     torch.manual_seed(seed)
-    cfg = LMConfig(**{**dict(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
-                             attention="sdpa"), **kw})
+    cfg = LMConfig(
+        **{**dict(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, attention="sdpa"), **kw}
+    )
     return LanguageModel(cfg).eval()
 
 
@@ -153,8 +154,9 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
 
 
 def test_builds_on_the_meta_device_without_allocating():
-    cfg = LMConfig(vocab_size=32000, dim=2048, n_layers=16, n_heads=16, n_kv_heads=4, ffn_dim=5632,
-                   n_experts=8, moe_every=2)
+    cfg = LMConfig(
+        vocab_size=32000, dim=2048, n_layers=16, n_heads=16, n_kv_heads=4, ffn_dim=5632, n_experts=8, moe_every=2
+    )
     with torch.device("meta"):
         m = LanguageModel(cfg)
     assert all(p.is_meta for p in m.parameters())

@@ -84,7 +84,10 @@ def test_image_changes_only_tokens_after_it(tiny):
 def test_presets_size_matches_their_name(preset, target, tolerance):
     out = subprocess.run(
         [sys.executable, "-m", "mm1", "info", str(ROOT / "configs" / f"{preset}.yaml"), "--json"],
-        capture_output=True, text=True, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     info = json.loads(out.stdout)
     assert abs(info["params"]["total"] - target) / target < tolerance, info["params"]

@@ -25,8 +25,14 @@ from mm1.cli import main, parse_args
 from mm1.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_RUN = ["train.steps=2", "train.save_every=2", "train.warmup_steps=1", "data.batch_size=2",
-            "model.lm.n_layers=1", "model.vision.depth=1"]
+TINY_RUN = [
+    "train.steps=2",
+    "train.save_every=2",
+    "train.warmup_steps=1",
+    "data.batch_size=2",
+    "model.lm.n_layers=1",
+    "model.vision.depth=1",
+]
 CHEAP_EVAL = ["eval.limit=2", "eval.max_new_tokens=2"]
 
 
@@ -37,9 +43,9 @@ def readme_commands(text: str) -> list[tuple[list[str], bool]]:
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
-            launched = "-m" in words and words[words.index("-m") + 1:words.index("-m") + 2] == ["mm1"]
+            launched = "-m" in words and words[words.index("-m") + 1 : words.index("-m") + 2] == ["mm1"]
             if launched:
-                words = words[words.index("-m") + 1:]  # torchrun ... -m mm1 ARGS
+                words = words[words.index("-m") + 1 :]  # torchrun ... -m mm1 ARGS
             if words and words[0] == "mm1":
                 out.append((words[1:], launched))
     return out
@@ -92,9 +98,16 @@ def checkout(tmp_path, tiny_world, monkeypatch):
     (tmp_path / "data" / "world-tiny").symlink_to(tiny_world)
     Image.new("RGB", (32, 32), "red").save(tmp_path / "x.png")
     ev = tiny_world / "eval"
-    (tmp_path / "my_coco.yaml").write_text(json.dumps({  # the README's "real dataset from a task spec"
-        "kind": "caption", "test": str(ev / "caption_test.json"), "train": str(ev / "caption_train.json"),
-        "image_root": str(ev)}))
+    (tmp_path / "my_coco.yaml").write_text(
+        json.dumps(
+            {  # the README's "real dataset from a task spec"
+                "kind": "caption",
+                "test": str(ev / "caption_test.json"),
+                "train": str(ev / "caption_train.json"),
+                "image_root": str(ev),
+            }
+        )
+    )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -11,8 +11,16 @@ import torch
 from torch import nn
 
 from mm1.config import TrainConfig
-from mm1.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_training_state,
-                                  read_checkpoint_weights, read_weights, save_checkpoint, verify_checkpoint)
+from mm1.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_training_state,
+    read_checkpoint_weights,
+    read_weights,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from mm1.train.distributed import DistEnv
 from mm1.train.optim import build_optimizer, build_scheduler, count_trainable, resolve_lr
 from mm1.train.state_io import decode, encode
@@ -55,8 +63,17 @@ def step(model, opt, sched) -> float:
 
 
 def save(run: Path, n: int, model, opt, sched, keep_last: int = 0, data=None) -> Path:
-    return save_checkpoint(run, n, model, opt, sched, env=ENV, trainer_state={"note": "x"},
-                           rank_state={"data": data or {"pos": n}}, keep_last=keep_last)
+    return save_checkpoint(
+        run,
+        n,
+        model,
+        opt,
+        sched,
+        env=ENV,
+        trainer_state={"note": "x"},
+        rank_state={"data": data or {"pos": n}},
+        keep_last=keep_last,
+    )
 
 
 def test_resuming_a_checkpoint_continues_the_exact_trajectory(tmp_path, monkeypatch):
@@ -84,8 +101,9 @@ def test_resuming_a_checkpoint_continues_the_exact_trajectory(tmp_path, monkeypa
 def test_checkpoint_files_are_safetensors_json_and_checksummed(tmp_path):
     model, opt, sched = make()
     step(model, opt, sched)
-    ckpt = save_checkpoint(tmp_path, 1, model, opt, sched, env=ENV, trainer_state={}, rank_state={"data": {}},
-                           consolidated=True)
+    ckpt = save_checkpoint(
+        tmp_path, 1, model, opt, sched, env=ENV, trainer_state={}, rank_state={"data": {}}, consolidated=True
+    )
     names = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()}
     assert all(n.endswith((".json", ".safetensors", ".yaml")) for n in names)
     assert any(n.startswith("model/") for n in names) and any(n.startswith("optim/") for n in names)
@@ -99,8 +117,9 @@ def test_checkpoint_files_are_safetensors_json_and_checksummed(tmp_path):
     assert torch.equal(sharded["emb.weight"], model.emb.weight.detach())
 
 
-@pytest.mark.parametrize("victim", ["model/shard-00001-model-00001-of-00001.safetensors", "optimizer.json",
-                                    "rank-0.safetensors"])
+@pytest.mark.parametrize(
+    "victim", ["model/shard-00001-model-00001-of-00001.safetensors", "optimizer.json", "rank-0.safetensors"]
+)
 def test_a_flipped_byte_is_refused_with_a_message_naming_the_file(tmp_path, victim):
     model, opt, sched = make()
     step(model, opt, sched)
@@ -134,8 +153,12 @@ def test_keep_last_n_and_latest_ignore_unfinished_saves(tmp_path):
 def test_state_codec_keeps_types_that_json_alone_would_lose():
     import numpy as np
 
-    state = {"ids": {0: torch.arange(3), 7: "x"}, "t": (1, 2.5, None), "np": np.arange(4, dtype=np.uint32),
-             "nested": [{"a": True}]}
+    state = {
+        "ids": {0: torch.arange(3), 7: "x"},
+        "t": (1, 2.5, None),
+        "np": np.arange(4, dtype=np.uint32),
+        "nested": [{"a": True}],
+    }
     tensors: dict = {}
     tree = json.loads(json.dumps(encode(state, tensors)))
     back = decode(tree, tensors)

@@ -21,17 +21,43 @@ from mm1.train.metrics import read_metrics
 from mm1.train.trainer import train
 
 STEPS = 4
-COMMON = ["model.lm.n_layers=2", "model.vision.depth=2", "data.seq_len=128", "train.warmup_steps=2",
-          f"train.steps={STEPS}", "train.data_shards=2", "train.lr=1e-3", "train.save_every=2"]
+COMMON = [
+    "model.lm.n_layers=2",
+    "model.vision.depth=2",
+    "data.seq_len=128",
+    "train.warmup_steps=2",
+    f"train.steps={STEPS}",
+    "train.data_shards=2",
+    "train.lr=1e-3",
+    "train.save_every=2",
+]
 RESUME_TOL = 1e-5
 
 
 def torchrun(world: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mm1", "train", "configs/tiny.yaml", f"data.world={world}", *COMMON, "data.batch_size=1",
-           *extra, "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path("src").resolve()) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "mm1",
+        "train",
+        "configs/tiny.yaml",
+        f"data.world={world}",
+        *COMMON,
+        "data.batch_size=1",
+        *extra,
+        "--out",
+        str(out),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path("src").resolve()) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
@@ -57,8 +83,7 @@ def single(tiny_world, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy,resume_as", [("ddp", "fsdp"), ("fsdp", "single")])
-def test_two_processes_match_one_and_their_checkpoint_resumes_on_one(strategy, resume_as, single, tiny_world,
-                                                                     tmp_path):
+def test_two_processes_match_one_and_their_checkpoint_resumes_on_one(strategy, resume_as, single, tiny_world, tmp_path):
     out = tmp_path / strategy
     done = torchrun(tiny_world, out, f"train.strategy={strategy}")
     assert f"{strategy} on 2 x cpu" in done.stderr
@@ -75,8 +100,14 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_on_one(strategy, r
         torch.testing.assert_close(value, theirs[name], rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
     # 2 processes -> 1, under another strategy: each rank reads the slices it now holds
     again = interrupted_copy(out, tmp_path / "again")
-    train(load_config("configs/tiny.yaml", [f"data.world={tiny_world}", *COMMON, "data.batch_size=2",
-                                            f"train.strategy={resume_as}"]), again, resume=True)
+    train(
+        load_config(
+            "configs/tiny.yaml",
+            [f"data.world={tiny_world}", *COMMON, "data.batch_size=2", f"train.strategy={resume_as}"],
+        ),
+        again,
+        resume=True,
+    )
     assert len(losses(again)) == STEPS
     assert max(abs(a - b) for a, b in zip(losses(again)[2:], losses(out)[2:])) < RESUME_TOL
 

@@ -67,10 +67,19 @@ P_SIZE, IMG = 4, 16  # 4x4 patches of 4 px: 16 patches
 
 
 def _aim_model() -> EncoderPretrainer:
-    cfg = load_config("configs/tiny.yaml", ["train.stage=encoder", "train.encoder_objective=aim",
-                                            f"model.vision.image_size={IMG}", f"model.vision.patch_size={P_SIZE}",
-                                            "model.vision.width=32", "model.vision.depth=2", "model.vision.heads=2",
-                                            "model.vision.mlp_dim=64"])
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            "train.stage=encoder",
+            "train.encoder_objective=aim",
+            f"model.vision.image_size={IMG}",
+            f"model.vision.patch_size={P_SIZE}",
+            "model.vision.width=32",
+            "model.vision.depth=2",
+            "model.vision.heads=2",
+            "model.vision.mlp_dim=64",
+        ],
+    )
     torch.manual_seed(0)
     return EncoderPretrainer(cfg, 64, set(), DistEnv()).eval()
 
@@ -99,7 +108,9 @@ def _patch_targets(pixels: torch.Tensor) -> list[list[list[float]]]:
         patches = []
         for k in range(g * g):
             r, c = divmod(k, g)
-            vals = [img[ch][r * P_SIZE + y][c * P_SIZE + x] for ch in range(3) for y in range(P_SIZE) for x in range(P_SIZE)]
+            vals = [
+                img[ch][r * P_SIZE + y][c * P_SIZE + x] for ch in range(3) for y in range(P_SIZE) for x in range(P_SIZE)
+            ]
             mean = sum(vals) / len(vals)
             var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
             patches.append([(v - mean) / math.sqrt(var + 1e-6) for v in vals])
@@ -132,7 +143,7 @@ def test_aim_predicts_each_patch_without_seeing_it_or_any_later_patch():
     assert q > prefix
     changed = pixels.clone()
     r, c = divmod(q, g)
-    changed[:, :, r * P_SIZE:(r + 1) * P_SIZE, c * P_SIZE:(c + 1) * P_SIZE] += 3.0
+    changed[:, :, r * P_SIZE : (r + 1) * P_SIZE, c * P_SIZE : (c + 1) * P_SIZE] += 3.0
     _, after, prefix_again = _aim_forward(model, changed)
     assert prefix_again == prefix
     upto_q = q - prefix + 1  # the rows predicting patches prefix..q see only patches before q
@@ -143,9 +154,20 @@ def test_aim_predicts_each_patch_without_seeing_it_or_any_later_patch():
 # ----------------------------------------------------------------------------- a CLIP run that learns
 
 HELD_OUT = 64  # held-out pairs, scored in batches of 16 (chance: 1 in 16)
-ENCODER = ["model.vision.image_size=32", "model.vision.width=64", "model.vision.depth=2", "model.vision.heads=2",
-           "model.vision.mlp_dim=128", "data.seq_len=128", "data.batch_size=8", "data.synthetic_caption_ratio=1.0",
-           "train.stage=encoder", "train.encoder_objective=clip", "train.lr=1e-3", "train.warmup_steps=5"]
+ENCODER = [
+    "model.vision.image_size=32",
+    "model.vision.width=64",
+    "model.vision.depth=2",
+    "model.vision.heads=2",
+    "model.vision.mlp_dim=128",
+    "data.seq_len=128",
+    "data.batch_size=8",
+    "data.synthetic_caption_ratio=1.0",
+    "train.stage=encoder",
+    "train.encoder_objective=clip",
+    "train.lr=1e-3",
+    "train.warmup_steps=5",
+]
 
 
 def _held_out_batches(world: Path, cfg, tok: Tokenizer) -> list[dict[str, torch.Tensor]]:
@@ -155,14 +177,14 @@ def _held_out_batches(world: Path, cfg, tok: Tokenizer) -> list[dict[str, torch.
     items = [caption_item(0, 3000 + i, 128, frozenset()) for i in range(HELD_OUT)]
     batches = []
     for s in range(0, HELD_OUT, 16):
-        chunk = items[s:s + 16]
+        chunk = items[s : s + 16]
         rows = [[tok.image_id] * k + tok.encode(it["dense"]) for it in chunk]
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), tok.pad_id)
         docs = torch.full((len(rows), width), -1)
         for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            docs[i, :len(r)] = 0
+            ids[i, : len(r)] = torch.tensor(r)
+            docs[i, : len(r)] = 0
         pixels = torch.stack([preprocess(load_image(it["png"]), v.image_size, v.mean, v.std) for it in chunk])
         batches.append({"input_ids": ids, "doc_ids": docs, "images": pixels})
     return batches
@@ -183,8 +205,12 @@ def _held_out_accuracy(world: Path, run: Path | None) -> float:
 @pytest.mark.slow
 def test_a_short_clip_run_retrieves_held_out_captions_above_chance(tiny_world, tmp_path):
     out = tmp_path / "clip"
-    train(load_config("configs/tiny.yaml", [f"data.world={tiny_world}", *ENCODER, "train.steps=60",
-                                            "train.save_every=60"]), out)
+    train(
+        load_config(
+            "configs/tiny.yaml", [f"data.world={tiny_world}", *ENCODER, "train.steps=60", "train.save_every=60"]
+        ),
+        out,
+    )
     before, after = _held_out_accuracy(tiny_world, None), _held_out_accuracy(tiny_world, out)
     chance = 1 / 16
     assert before < 2 * chance, before  # the untrained towers are at chance

@@ -14,8 +14,13 @@ import pytest
 @pytest.mark.slow
 def test_gpu_train_check_dry_run_agrees_with_the_cpu_reference(tiny_world, tmp_path):
     out = tmp_path / "check.json"
-    done = subprocess.run([sys.executable, "benchmarks/gpu_train_check.py", "--dry-run", "--world", str(tiny_world),
-                           "--out", str(out)], capture_output=True, text=True, timeout=400, cwd=Path(__file__).parents[1])
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_train_check.py", "--dry-run", "--world", str(tiny_world), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=Path(__file__).parents[1],
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["ok"] and result["dry_run"]

@@ -13,8 +13,15 @@ from mm1.train.metrics import read_metrics
 from mm1.train.trainer import train
 from references import require
 
-SMALL = ["model.lm.n_layers=1", "model.vision.depth=1", "data.seq_len=96", "data.batch_size=2", "train.steps=2",
-         "train.warmup_steps=1", "train.save_every=2"]
+SMALL = [
+    "model.lm.n_layers=1",
+    "model.vision.depth=1",
+    "data.seq_len=96",
+    "data.batch_size=2",
+    "train.steps=2",
+    "train.warmup_steps=1",
+    "train.save_every=2",
+]
 
 
 def _cfg(world, loggers):

@@ -20,9 +20,19 @@ from mm1.train.materialise import materialise, seeded_init
 from mm1.train.stages import build_stage_module
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.lm.n_experts=4", "model.connector.kind=attnpool"],
-                                       ["model.connector.kind=mlp", "model.connector.num_tokens=64",
-                                        "model.lm.tie_embeddings=false", "model.vision.use_cls=true"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model.lm.n_experts=4", "model.connector.kind=attnpool"],
+        [
+            "model.connector.kind=mlp",
+            "model.connector.num_tokens=64",
+            "model.lm.tie_embeddings=false",
+            "model.vision.use_cls=true",
+        ],
+    ],
+)
 def test_meta_build_then_seeded_init_equals_the_eager_build(overrides):
     cfg = load_config("configs/tiny.yaml", overrides)
     torch.manual_seed(0)
@@ -42,10 +52,21 @@ def test_meta_build_then_seeded_init_equals_the_eager_build(overrides):
 @pytest.mark.slow
 def test_two_fsdp_ranks_materialise_the_eager_weights_with_about_half_the_memory_each(tmp_path):
     out = tmp_path / "meta.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "tests/dist/meta_init.py", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path("src").resolve()) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "tests/dist/meta_init.py",
+        str(out),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path("src").resolve()) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
     r = json.loads(out.read_text())

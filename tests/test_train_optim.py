@@ -11,8 +11,15 @@ from torch import nn
 
 from mm1.config import TrainConfig
 from mm1.registry import ConfigError
-from mm1.train.optim import (WarmupCosine, build_optimizer, build_scheduler, count_trainable, mm1_lr, param_groups,
-                             resolve_lr)
+from mm1.train.optim import (
+    WarmupCosine,
+    build_optimizer,
+    build_scheduler,
+    count_trainable,
+    mm1_lr,
+    param_groups,
+    resolve_lr,
+)
 
 
 def test_mm1_law_reproduces_the_papers_numbers():
@@ -147,6 +154,8 @@ def test_the_law_gives_torch_its_ratio_and_a_zero_lr_with_decay_is_refused():
     assert resolve_lr(TrainConfig(lr=0.0, weight_decay=0.0), 10).torch_weight_decay == 0.0
     with pytest.raises(ConfigError, match="train.weight_decay=0.01 needs a positive peak LR"):
         _ = resolve_lr(TrainConfig(lr=0.0, weight_decay=0.01), 10).torch_weight_decay
+
+
 def test_sft_runs_at_its_own_fraction_of_the_law_unless_the_lr_is_set():
     pre = resolve_lr(TrainConfig(stage="pretrain"), 4_400_000)
     sft = resolve_lr(TrainConfig(stage="sft"), 4_400_000)
@@ -171,7 +180,9 @@ def test_lr_multipliers_give_each_part_its_own_lr_and_keep_the_per_step_decay():
     opt = build_optimizer(m, cfg, resolve_lr(cfg, 1))
     by_name = {g["name"]: g for g in opt.param_groups}
     assert opt.param_groups[0]["name"] == "decay/lm"  # the LM's LR is the one the trainer logs
-    assert by_name["decay/vision"]["lr"] == pytest.approx(1e-4) and by_name["decay/connector"]["lr"] == pytest.approx(2e-3)
+    assert by_name["decay/vision"]["lr"] == pytest.approx(1e-4) and by_name["decay/connector"]["lr"] == pytest.approx(
+        2e-3
+    )
     assert {id(p) for p in by_name["no_decay/vision"]["params"]} == {id(m.vision.bias)}
     for g in opt.param_groups:  # the per-step decay lr x weight_decay is λ in every decayed group
         assert g["lr"] * g["weight_decay"] == pytest.approx(1e-4 if g["name"].startswith("decay") else 0.0)

@@ -40,8 +40,8 @@ def test_whole_images_move_to_another_document_and_the_result_is_seeded():
     tags = out[:, 0, 0, 0].long().tolist()
     for u in range(7):
         src = tags[u * crops] // 10
-        assert [t % 10 for t in tags[u * crops:(u + 1) * crops]] == list(range(crops))  # crops stay together
-        assert all(t // 10 == src for t in tags[u * crops:(u + 1) * crops])
+        assert [t % 10 for t in tags[u * crops : (u + 1) * crops]] == list(range(crops))  # crops stay together
+        assert all(t // 10 == src for t in tags[u * crops : (u + 1) * crops])
         assert owner[src] != owner[u]  # never an image of its own document
     assert torch.equal(out, shuffled_images(batch, IMG, crops, seed=3))
     assert sorted(tags) == sorted(batch["images"][:, 0, 0, 0].long().tolist())  # a permutation

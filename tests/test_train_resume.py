@@ -16,8 +16,16 @@ from mm1.train.metrics import read_metrics
 from mm1.train.trainer import train
 
 STEPS = 12
-ARGS = ["model.lm.n_layers=2", "model.vision.depth=2", "data.seq_len=128", "data.batch_size=1", "train.warmup_steps=5",
-        f"train.steps={STEPS}", "train.save_every=3", "train.keep_last=2"]
+ARGS = [
+    "model.lm.n_layers=2",
+    "model.vision.depth=2",
+    "data.seq_len=128",
+    "data.batch_size=1",
+    "train.warmup_steps=5",
+    f"train.steps={STEPS}",
+    "train.save_every=3",
+    "train.keep_last=2",
+]
 
 
 def _lines(path: Path) -> int:

@@ -80,8 +80,9 @@ def test_a_run_dir_is_not_overwritten_without_resume(pretrain_run, tiny_world):
 @pytest.mark.parametrize("objective", ["clip", "siglip", "aim"])
 def test_encoder_stage_trains_and_hands_its_vit_to_the_mllm(objective, tiny_world, tmp_path):
     out = tmp_path / objective
-    result = train(cfg_for(tiny_world, "train.stage=encoder", f"train.encoder_objective={objective}",
-                           "train.steps=3"), out)
+    result = train(
+        cfg_for(tiny_world, "train.stage=encoder", f"train.encoder_objective={objective}", "train.steps=3"), out
+    )
     assert result["final_loss"] is not None and all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(out))
     saved = read_checkpoint_weights(out / "checkpoints" / "step-3")
     cfg = cfg_for(tiny_world, f"train.init_from={out}")
@@ -110,8 +111,15 @@ def test_hard_negative_captions_swap_only_the_grouped_words_and_flag_captions_wi
 
 
 def test_sft_starts_from_pretrain_at_higher_resolution_with_subimages(pretrain_run, tiny_world, tmp_path):
-    over = ["train.stage=sft", f"train.init_from={pretrain_run}", "model.vision.image_size=96",
-            "model.subimage_grid=2", "data.seq_len=256", "data.batch_size=1", "train.steps=2"]
+    over = [
+        "train.stage=sft",
+        f"train.init_from={pretrain_run}",
+        "model.vision.image_size=96",
+        "model.subimage_grid=2",
+        "data.seq_len=256",
+        "data.batch_size=1",
+        "train.steps=2",
+    ]
     cfg = cfg_for(tiny_world, *over)
     module = build_stage_module(cfg, 2048, set(), DistEnv(), "single")
     pre = read_checkpoint_weights(pretrain_run / "checkpoints" / "step-24")
@@ -132,11 +140,20 @@ def test_frozen_parts_are_not_trained_and_not_counted(tiny_world):
 
 @pytest.mark.parametrize("part", ["vision", "connector", "lm"])
 def test_a_run_with_a_frozen_part_takes_the_lr_law_at_the_trainable_count_and_leaves_it_untouched(
-        part, pretrain_run, tiny_world, tmp_path):
+    part, pretrain_run, tiny_world, tmp_path
+):
     """Starts from the pretrain run, so the frozen part's starting weights are known exactly."""
     out = tmp_path / part
-    train(cfg_for(tiny_world, f"train.freeze_{part}=true", f"train.init_from={pretrain_run}", "train.steps=2",
-                  "train.warmup_steps=1"), out)
+    train(
+        cfg_for(
+            tiny_world,
+            f"train.freeze_{part}=true",
+            f"train.init_from={pretrain_run}",
+            "train.steps=2",
+            "train.warmup_steps=1",
+        ),
+        out,
+    )
     start, _, _ = mm1.train.load_checkpoint(pretrain_run)
     end, _, _ = mm1.train.load_checkpoint(out)
     trainable = sum(p.numel() for name, p in start.named_parameters() if not name.startswith(f"{part}."))
@@ -177,8 +194,10 @@ def test_a_non_finite_loss_is_caught(mode, tiny_world, tmp_path, monkeypatch):
         assert [r.get("skipped", False) for r in rows] == [False, False, True, False]
 
 
-@pytest.mark.parametrize("stage, objective", [("pretrain", "clip"), ("sft", "clip"), ("encoder", "clip"),
-                                              ("encoder", "siglip"), ("encoder", "aim")])
+@pytest.mark.parametrize(
+    "stage, objective",
+    [("pretrain", "clip"), ("sft", "clip"), ("encoder", "clip"), ("encoder", "siglip"), ("encoder", "aim")],
+)
 def test_every_stage_objective_returns_one_structure_and_counts_its_units(stage, objective, tiny_world):
     from mm1.data.inputs import resolve_inputs
     from mm1.data.loader import build_loader
@@ -187,7 +206,9 @@ def test_every_stage_objective_returns_one_structure_and_counts_its_units(stage,
     inputs = resolve_inputs(cfg)
     cfg.model.image_token_id = inputs.tokenizer.image_id
     torch.manual_seed(0)
-    module = build_stage_module(cfg, inputs.tokenizer.vocab_size, set(inputs.tokenizer.special_ids), DistEnv(), "single")
+    module = build_stage_module(
+        cfg, inputs.tokenizer.vocab_size, set(inputs.tokenizer.special_ids), DistEnv(), "single"
+    )
     batch = next(iter(build_loader(cfg, inputs)))
     out = module(batch)
     assert {"loss_sum", "metrics"} <= set(out) <= {"loss_sum", "metrics", "aux_loss", "per_source"}

@@ -131,8 +131,10 @@ def error_line(e: BaseException) -> str:
     elif isinstance(e, yaml.YAMLError):
         kind = "YAML error"
     elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"disk full while writing {e.filename or 'output'}: {e.strerror}; free space (or choose "
-                "another --out) and rerun; a half-written checkpoint is never used")
+        return (
+            f"disk full while writing {e.filename or 'output'}: {e.strerror}; free space (or choose "
+            "another --out) and rerun; a half-written checkpoint is never used"
+        )
     else:
         kind = "error"
     text = " ".join(str(e).split()) or type(e).__name__

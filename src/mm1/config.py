@@ -12,8 +12,8 @@ from __future__ import annotations
 import copy
 import math
 import re
-from importlib import resources
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
@@ -246,8 +246,9 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str, 
     """The preset and its `base:` ancestors, oldest first."""
     path = path.resolve()
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; give a preset name ({', '.join(preset_names())}) "
-                          "or a YAML path")
+        raise ConfigError(
+            f"config file {path} does not exist; give a preset name ({', '.join(preset_names())}) or a YAML path"
+        )
     if path in seen:
         raise ConfigError(f"{path}: `base:` chain loops back on itself")
     try:
@@ -261,8 +262,9 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str, 
     return chain + [data]
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: Config | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: Config | None = None
+) -> Config:
     """Load a preset (a name like `tiny` or a YAML path; or `base`, or the defaults), apply dotted
     overrides, validate, return a `Config`."""
     layers = [(str(path), layer) for layer in _read_yaml_chain(preset_path(path))] if path else []
@@ -274,8 +276,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_first_line(e)}); "
-                              "quote it, e.g. 'data.world=\"a:b\"'") from None
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({_first_line(e)}); "
+                "quote it, e.g. 'data.world=\"a:b\"'"
+            ) from None
     return _build(layers, base)
 
 
@@ -315,9 +319,11 @@ def _refuse_resolvers(value: Any, key: str, where: str = "") -> None:
             _refuse_resolvers(v, f"{key}[{i}]", where)
     elif isinstance(value, str) and "${" in _KEY_REFERENCE.sub("", value):
         at = f" (in {where})" if where else ""
-        raise ConfigError(f"{key}={value!r}{at}: resolver interpolations such as ${{oc.env:...}} are off in mm1 "
-                          "configs (they would copy environment variables or files into config.yaml and every "
-                          "checkpoint); write the value itself")
+        raise ConfigError(
+            f"{key}={value!r}{at}: resolver interpolations such as ${{oc.env:...}} are off in mm1 "
+            "configs (they would copy environment variables or files into config.yaml and every "
+            "checkpoint); write the value itself"
+        )
 
 
 RENAMED = {"data.world_size": "data.world_preset"}  # old key -> its new name
@@ -413,30 +419,55 @@ IMAGE_FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]  # raster decoders
 def _check_ranges(cfg: Config) -> None:
     """Every numeric key with a valid range, checked at load time (a batch size of 0 used to train on nothing)."""
     v, c, lm, d, t, e = cfg.model.vision, cfg.model.connector, cfg.model.lm, cfg.data, cfg.train, cfg.eval
-    for key, value in [("model.vision.image_size", v.image_size), ("model.vision.patch_size", v.patch_size),
-                       ("model.vision.width", v.width), ("model.vision.depth", v.depth),
-                       ("model.vision.heads", v.heads), ("model.vision.mlp_dim", v.mlp_dim),
-                       ("model.connector.mlp_depth", c.mlp_depth), ("model.connector.heads", c.heads),
-                       ("model.lm.vocab_size", lm.vocab_size), ("model.lm.dim", lm.dim),
-                       ("model.lm.n_layers", lm.n_layers), ("model.lm.n_heads", lm.n_heads),
-                       ("model.lm.ffn_dim", lm.ffn_dim), ("model.lm.max_seq_len", lm.max_seq_len),
-                       ("data.seq_len", d.seq_len), ("data.max_images", d.max_images),
-                       ("data.batch_size", d.batch_size), ("data.max_member_bytes", d.max_member_bytes),
-                       ("train.grad_accum", t.grad_accum), ("train.save_every", t.save_every),
-                       ("train.log_every", t.log_every), ("eval.trials", e.trials), ("eval.batch_size", e.batch_size),
-                       ("eval.max_new_tokens", e.max_new_tokens)]:
+    for key, value in [
+        ("model.vision.image_size", v.image_size),
+        ("model.vision.patch_size", v.patch_size),
+        ("model.vision.width", v.width),
+        ("model.vision.depth", v.depth),
+        ("model.vision.heads", v.heads),
+        ("model.vision.mlp_dim", v.mlp_dim),
+        ("model.connector.mlp_depth", c.mlp_depth),
+        ("model.connector.heads", c.heads),
+        ("model.lm.vocab_size", lm.vocab_size),
+        ("model.lm.dim", lm.dim),
+        ("model.lm.n_layers", lm.n_layers),
+        ("model.lm.n_heads", lm.n_heads),
+        ("model.lm.ffn_dim", lm.ffn_dim),
+        ("model.lm.max_seq_len", lm.max_seq_len),
+        ("data.seq_len", d.seq_len),
+        ("data.max_images", d.max_images),
+        ("data.batch_size", d.batch_size),
+        ("data.max_member_bytes", d.max_member_bytes),
+        ("train.grad_accum", t.grad_accum),
+        ("train.save_every", t.save_every),
+        ("train.log_every", t.log_every),
+        ("eval.trials", e.trials),
+        ("eval.batch_size", e.batch_size),
+        ("eval.max_new_tokens", e.max_new_tokens),
+    ]:
         _at_least(key, value, 1)
-    for key, value in [("model.connector.depth", c.depth), ("model.connector.hidden_dim", c.hidden_dim),
-                       ("model.lm.n_kv_heads", lm.n_kv_heads), ("model.lm.n_experts", lm.n_experts),
-                       ("model.lm.moe_lb_coef", lm.moe_lb_coef), ("model.lm.moe_z_coef", lm.moe_z_coef),
-                       ("data.num_workers", d.num_workers), ("train.warmup_steps", t.warmup_steps),
-                       ("train.clip", t.clip), ("train.keep_last", t.keep_last), ("train.data_shards", t.data_shards),
-                       ("train.eval_every", t.eval_every),
-                       ("eval.limit", e.limit)]:
+    for key, value in [
+        ("model.connector.depth", c.depth),
+        ("model.connector.hidden_dim", c.hidden_dim),
+        ("model.lm.n_kv_heads", lm.n_kv_heads),
+        ("model.lm.n_experts", lm.n_experts),
+        ("model.lm.moe_lb_coef", lm.moe_lb_coef),
+        ("model.lm.moe_z_coef", lm.moe_z_coef),
+        ("data.num_workers", d.num_workers),
+        ("train.warmup_steps", t.warmup_steps),
+        ("train.clip", t.clip),
+        ("train.keep_last", t.keep_last),
+        ("train.data_shards", t.data_shards),
+        ("train.eval_every", t.eval_every),
+        ("eval.limit", e.limit),
+    ]:
         _at_least(key, value, 0)
-    for key, value in [("model.vision.norm_eps", v.norm_eps), ("model.vision.pos_init_std", v.pos_init_std),
-                       ("model.lm.norm_eps", lm.norm_eps),
-                       ("model.lm.rope_theta", lm.rope_theta)]:
+    for key, value in [
+        ("model.vision.norm_eps", v.norm_eps),
+        ("model.vision.pos_init_std", v.pos_init_std),
+        ("model.lm.norm_eps", lm.norm_eps),
+        ("model.lm.rope_theta", lm.rope_theta),
+    ]:
         _check(math.isfinite(value) and value > 0, key, value, "must be > 0 (allowed: (0, inf))")
     _check(len(t.betas) == 2, "train.betas", t.betas, "needs two values (beta1, beta2)")
     for i, b in enumerate(t.betas):
@@ -445,9 +476,13 @@ def _check_ranges(cfg: Config) -> None:
         _at_least("train.weight_decay", t.weight_decay, 0)
     for name, src in d.sources.items():
         _at_least(f"data.sources.{name}.weight", src.weight, 0)
-    _check(bool(d.image_formats) and all(f in IMAGE_FORMATS for f in d.image_formats), "data.image_formats",
-           d.image_formats, f"must be a non-empty list of {', '.join(IMAGE_FORMATS)} (never EPS/PS/PDF: "
-           "Pillow hands those to Ghostscript, which runs PostScript)")
+    _check(
+        bool(d.image_formats) and all(f in IMAGE_FORMATS for f in d.image_formats),
+        "data.image_formats",
+        d.image_formats,
+        f"must be a non-empty list of {', '.join(IMAGE_FORMATS)} (never EPS/PS/PDF: "
+        "Pillow hands those to Ghostscript, which runs PostScript)",
+    )
 
 
 def validate(cfg: Config) -> None:
@@ -458,24 +493,40 @@ def validate(cfg: Config) -> None:
     lm = cfg.model.lm
     _check_ranges(cfg)  # first: the checks below divide by these
     check_config(cfg)
-    _check(0 <= cfg.model.image_token_id < lm.vocab_size, "model.image_token_id", cfg.model.image_token_id,
-           f"must be a token id below model.lm.vocab_size={lm.vocab_size}")
+    _check(
+        0 <= cfg.model.image_token_id < lm.vocab_size,
+        "model.image_token_id",
+        cfg.model.image_token_id,
+        f"must be a token id below model.lm.vocab_size={lm.vocab_size}",
+    )
     _check(cfg.model.subimage_grid >= 0, "model.subimage_grid", cfg.model.subimage_grid, "must be >= 0")
 
     d = cfg.data
     _one_of("data.resize", d.resize, ["crop", "pad"])
     _one_of("data.world_preset", d.world_preset, ["tiny", "small", "base", "single"])
-    _check(d.seq_len > cfg.model.tokens_per_image, "data.seq_len", d.seq_len,
-           f"must exceed the {cfg.model.tokens_per_image} slot tokens of one image")
+    _check(
+        d.seq_len > cfg.model.tokens_per_image,
+        "data.seq_len",
+        d.seq_len,
+        f"must exceed the {cfg.model.tokens_per_image} slot tokens of one image",
+    )
     _check(d.seq_len <= lm.max_seq_len, "data.seq_len", d.seq_len, f"must be <= model.lm.max_seq_len={lm.max_seq_len}")
     for name, src in d.sources.items():
         _one_of(f"data.sources.{name}.kind", src.kind, KINDS.names())
         _check(src.weight >= 0, f"data.sources.{name}.weight", src.weight, "must be >= 0")
     if d.sources:
-        _check(sum(s.weight for s in d.sources.values()) > 0, "data.sources", "all weights 0",
-               "at least one source needs a positive weight")
-    _check(0.0 <= d.synthetic_caption_ratio <= 1.0, "data.synthetic_caption_ratio", d.synthetic_caption_ratio,
-           "must be in [0, 1]")
+        _check(
+            sum(s.weight for s in d.sources.values()) > 0,
+            "data.sources",
+            "all weights 0",
+            "at least one source needs a positive weight",
+        )
+    _check(
+        0.0 <= d.synthetic_caption_ratio <= 1.0,
+        "data.synthetic_caption_ratio",
+        d.synthetic_caption_ratio,
+        "must be in [0, 1]",
+    )
     _check(0.0 <= d.max_skip_rate <= 1.0, "data.max_skip_rate", d.max_skip_rate, "must be in [0, 1]")
 
     t = cfg.train
@@ -483,13 +534,20 @@ def validate(cfg: Config) -> None:
     _one_of("train.precision", t.precision, ["auto", "fp32", "bf16"])
     _one_of("train.nonfinite", t.nonfinite, ["stop", "skip"])
     _check(t.steps > 0, "train.steps", t.steps, "must be positive")
-    _check(t.lr is None or (math.isfinite(t.lr) and t.lr > 0), "train.lr", t.lr,
-           "must be > 0 (allowed: (0, inf)), or unset for the MM1 law")
+    _check(
+        t.lr is None or (math.isfinite(t.lr) and t.lr > 0),
+        "train.lr",
+        t.lr,
+        "must be > 0 (allowed: (0, inf)), or unset for the MM1 law",
+    )
     for part in ("vision", "connector", "lm"):
-        _check(getattr(t.lr_mult, part) > 0, f"train.lr_mult.{part}", getattr(t.lr_mult, part),
-               "must be positive (freeze a part with train.freeze_<part> instead)")
+        _check(
+            getattr(t.lr_mult, part) > 0,
+            f"train.lr_mult.{part}",
+            getattr(t.lr_mult, part),
+            "must be positive (freeze a part with train.freeze_<part> instead)",
+        )
     _check(t.sft_lr_scale > 0, "train.sft_lr_scale", t.sft_lr_scale, "must be positive (1.0 = the pre-training law)")
     _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
     _check(t.save_every >= 1, "train.save_every", t.save_every, "must be >= 1")
-

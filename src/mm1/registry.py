@@ -11,8 +11,9 @@ registries, then runs every selected entry's rules.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from operator import attrgetter
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 Check = Callable[[Any], None]  # fn(cfg: mm1.config.Config) -> None, raises ConfigError
@@ -81,9 +82,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
-            raise ConfigError(
-                f"{self.key}={name!r}: unknown {self.what}; allowed: {', '.join(sorted(self._items))}"
-            )
+            raise ConfigError(f"{self.key}={name!r}: unknown {self.what}; allowed: {', '.join(sorted(self._items))}")
         return self._items[name]
 
     def names(self) -> list[str]:

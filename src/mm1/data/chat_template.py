@@ -40,8 +40,9 @@ def _raise(message: str) -> None:
 def _environment() -> ImmutableSandboxedEnvironment:
     # trim_blocks / lstrip_blocks / loopcontrols / tojson: what HF templates are written against
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
-                                                                                   ensure_ascii=ensure_ascii)
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+        x, indent=indent, ensure_ascii=ensure_ascii
+    )
     env.globals["raise_exception"] = _raise
     return env
 
@@ -69,8 +70,10 @@ class ChatTemplate:
         try:
             self._template = _environment().from_string(self.source)
         except jinja2.TemplateSyntaxError as e:
-            raise ValueError(f"{self.where}: chat_template line {e.lineno}: {e.message}; fix the template or "
-                             "remove it to use mm1's own chat format") from None
+            raise ValueError(
+                f"{self.where}: chat_template line {e.lineno}: {e.message}; fix the template or "
+                "remove it to use mm1's own chat format"
+            ) from None
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers: compiled templates do not pickle
         return {k: v for k, v in self.__dict__.items() if k != "_template"}
@@ -87,8 +90,10 @@ class ChatTemplate:
             elif self._keeps_content(messages, parts=True):
                 self._parts = True
             else:
-                raise ValueError(f"{self.where}: chat_template does not reproduce the conversation's text (neither "
-                                 "as strings nor as typed parts); remove it to use mm1's own chat format")
+                raise ValueError(
+                    f"{self.where}: chat_template does not reproduce the conversation's text (neither "
+                    "as strings nor as typed parts); remove it to use mm1's own chat format"
+                )
         return self._render(messages, add_generation_prompt, self._parts)
 
     def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool, parts: bool) -> str:
@@ -114,12 +119,14 @@ class ChatTemplate:
             if m["role"] != "assistant":
                 continue
             head = self.render(messages[:i], add_generation_prompt=True)
-            turn = self.render(messages[:i + 1]).rstrip()
+            turn = self.render(messages[: i + 1]).rstrip()
             if not (turn.startswith(head) and full.startswith(turn) and len(head) >= at):
-                raise ValueError(f"{self.where}: chat_template renders earlier turns differently once later turns "
-                                 f"follow (message {i}), so the assistant's tokens cannot be located; remove it "
-                                 "to use mm1's own chat format")
-            out += [(full[at:len(head)], False), (turn[len(head):], True)]
+                raise ValueError(
+                    f"{self.where}: chat_template renders earlier turns differently once later turns "
+                    f"follow (message {i}), so the assistant's tokens cannot be located; remove it "
+                    "to use mm1's own chat format"
+                )
+            out += [(full[at : len(head)], False), (turn[len(head) :], True)]
             at = len(turn)
         out.append((full[at:], False))
         return [(text, learned) for text, learned in out if text]

@@ -17,7 +17,8 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import braceexpand
 
@@ -31,8 +32,14 @@ OPEN_CHECKS = 64  # files whose format is checked at open; a bad file further on
 class SourceReader:
     """The files of one source and the kind's reader per file."""
 
-    def __init__(self, kind: DataKind, files: list[str], skips: SkipCounter, image_root: str | None = None,
-                 policy: ReadPolicy = ReadPolicy()) -> None:
+    def __init__(
+        self,
+        kind: DataKind,
+        files: list[str],
+        skips: SkipCounter,
+        image_root: str | None = None,
+        policy: ReadPolicy = ReadPolicy(),
+    ) -> None:
         self.kind, self.files, self.skips = kind, files, skips
         self.context = ReadContext(policy, image_root)
 
@@ -56,8 +63,13 @@ class SourceReader:
         return f"SourceReader({self.kind.name!r}, {len(self.files)} files, {self.skips.summary()})"
 
 
-def open_source(kind: str, path: str | os.PathLike | Sequence[str | os.PathLike], skips: SkipCounter | None = None,
-                image_root: str | None = None, policy: ReadPolicy = ReadPolicy()) -> SourceReader:
+def open_source(
+    kind: str,
+    path: str | os.PathLike | Sequence[str | os.PathLike],
+    skips: SkipCounter | None = None,
+    image_root: str | None = None,
+    policy: ReadPolicy = ReadPolicy(),
+) -> SourceReader:
     """Resolve `path` to files, check each one's format, and return a reader.
 
     Raises `DataFileNotFoundError` for a path that does not exist or a pattern matching nothing, and
@@ -70,12 +82,14 @@ def open_source(kind: str, path: str | os.PathLike | Sequence[str | os.PathLike]
     files = resolve_files(kind, path, policy)  # an unknown kind is a ConfigError listing the registered ones
     for file in files[:OPEN_CHECKS]:  # a wrong path or format fails now, not an hour into the run
         check_file(kind, file)
-    return SourceReader(get_kind(kind), files, skips if skips is not None else SkipCounter(name=kind), image_root,
-                        policy)
+    return SourceReader(
+        get_kind(kind), files, skips if skips is not None else SkipCounter(name=kind), image_root, policy
+    )
 
 
-def resolve_files(kind: str, path: str | os.PathLike | Sequence[str | os.PathLike],
-                  policy: ReadPolicy = ReadPolicy()) -> list[str]:
+def resolve_files(
+    kind: str, path: str | os.PathLike | Sequence[str | os.PathLike], policy: ReadPolicy = ReadPolicy()
+) -> list[str]:
     """Expand lists, brace patterns, globs and directories into a sorted, de-duplicated list of
     absolute paths of regular files (a bare name from a glob could read as `pipe:...`); streams only
     with `policy.allow_commands`."""
@@ -89,8 +103,10 @@ def resolve_files(kind: str, path: str | os.PathLike | Sequence[str | os.PathLik
         if is_stream(spec):
             if not impl.streamable:
                 streamable = ", ".join(n for n in KINDS.names() if get_kind(n).streamable)
-                raise DataError(f"{spec}: streaming URLs are supported for {streamable} data only; "
-                                f"download {kind} data to a local path ({impl.layout})")
+                raise DataError(
+                    f"{spec}: streaming URLs are supported for {streamable} data only; "
+                    f"download {kind} data to a local path ({impl.layout})"
+                )
             stream_allowed(spec, policy)
             out.extend(braceexpand.braceexpand(spec))
             continue
@@ -108,8 +124,9 @@ def _expand_local(kind: DataKind, item: str, spec: str) -> list[str]:
             check_regular(p)
         matches = [p for p in found if os.path.isfile(p)]
         if not matches:
-            raise DataFileNotFoundError(f"{kind.name} data: pattern {item} matches no files{hint}; "
-                                        f"expected {kind.layout}")
+            raise DataFileNotFoundError(
+                f"{kind.name} data: pattern {item} matches no files{hint}; expected {kind.layout}"
+            )
         return matches
     if os.path.isdir(item):
         names = sorted(os.listdir(item))
@@ -120,8 +137,10 @@ def _expand_local(kind: DataKind, item: str, spec: str) -> list[str]:
             if found:
                 return found
         wanted = ", ".join(s for g in kind.suffixes for s in g)
-        raise DataFileNotFoundError(f"{kind.name} data: directory {item} holds no {wanted} files "
-                                    f"(it has: {', '.join(names[:8]) or 'nothing'}); expected {kind.layout}")
+        raise DataFileNotFoundError(
+            f"{kind.name} data: directory {item} holds no {wanted} files "
+            f"(it has: {', '.join(names[:8]) or 'nothing'}); expected {kind.layout}"
+        )
     check_regular(item)
     if os.path.isfile(item):
         return [item]
@@ -144,6 +163,8 @@ def check_file(kind: str, file: str) -> None:
     suffix = _suffix(file)
     allowed = {s for g in impl.suffixes for s in g}
     if suffix not in allowed:
-        raise DataError(f"{file}: a {kind} source cannot read '{suffix or 'no suffix'}' files "
-                        f"(allowed: {', '.join(sorted(allowed))}); expected {impl.layout}")
+        raise DataError(
+            f"{file}: a {kind} source cannot read '{suffix or 'no suffix'}' files "
+            f"(allowed: {', '.join(sorted(allowed))}); expected {impl.layout}"
+        )
     impl.check_file(file, suffix)

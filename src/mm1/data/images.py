@@ -24,8 +24,9 @@ import functools
 import io
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,9 +50,15 @@ class ImageError(DataError):
         self.reason, self.where = reason, where
 
 
-def load_image(src: bytes | str | Path, where: str = "", *, max_pixels: int = MAX_PIXELS,
-               draft_size: int | None = None, formats: Sequence[str] = DEFAULT_IMAGE_FORMATS,
-               max_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Image.Image:
+def load_image(
+    src: bytes | str | Path,
+    where: str = "",
+    *,
+    max_pixels: int = MAX_PIXELS,
+    draft_size: int | None = None,
+    formats: Sequence[str] = DEFAULT_IMAGE_FORMATS,
+    max_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+) -> Image.Image:
     """Decode `src` (encoded bytes or a file path) into an upright 8-bit RGB image.
 
     `where` names the sample in error messages (e.g. "shard-00003.tar:000123"). `draft_size` lets a
@@ -87,9 +94,11 @@ def load_image(src: bytes | str | Path, where: str = "", *, max_pixels: int = MA
 
 
 def _decode(fp: Any, where: str, max_pixels: int, draft_size: int | None, formats: Sequence[str]) -> Image.Image:
-    bomb_msg = (f"{where}: image has too many pixels (likely a decompression bomb); the limit is "
-                f"{max_pixels} pixels (mm1.data.images.MAX_PIXELS) and Pillow's Image.MAX_IMAGE_PIXELS="
-                f"{Image.MAX_IMAGE_PIXELS}")
+    bomb_msg = (
+        f"{where}: image has too many pixels (likely a decompression bomb); the limit is "
+        f"{max_pixels} pixels (mm1.data.images.MAX_PIXELS) and Pillow's Image.MAX_IMAGE_PIXELS="
+        f"{Image.MAX_IMAGE_PIXELS}"
+    )
     try:
         with warnings.catch_warnings():  # Pillow only warns between 1x and 2x its own limit
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -97,8 +106,10 @@ def _decode(fp: Any, where: str, max_pixels: int, draft_size: int | None, format
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError("image too large", f"{bomb_msg} ({e})") from None
     except UnidentifiedImageError:
-        raise ImageError("corrupt image", f"{where}: not a readable image (a damaged header, or a format outside "
-                         f"data.image_formats={list(formats)})") from None
+        raise ImageError(
+            "corrupt image",
+            f"{where}: not a readable image (a damaged header, or a format outside data.image_formats={list(formats)})",
+        ) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError("corrupt image", f"{where}: cannot open image: {e}") from None
     w, h = img.size
@@ -154,8 +165,7 @@ def mean_color(mean: Sequence[float]) -> tuple[int, int, int]:
     return r, g, b
 
 
-def to_square(img: Image.Image, size: int, resize: str = "crop",
-              fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+def to_square(img: Image.Image, size: int, resize: str = "crop", fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
     """`size` x `size`: shorter side to `size` + centre crop ("crop"), or longer side to `size` and
     centred on a `fill` canvas ("pad"; same as padding to square first, without the big canvas)."""
     w, h = img.size
@@ -164,13 +174,13 @@ def to_square(img: Image.Image, size: int, resize: str = "crop",
     if resize == "crop":
         s = min(w, h)
         left, top = (w - s) / 2, (h - s) / 2
-        return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + s, top + s),
-                          reducing_gap=REDUCING_GAP)
+        return img.resize(
+            (size, size), Image.Resampling.BICUBIC, box=(left, top, left + s, top + s), reducing_gap=REDUCING_GAP
+        )
     if resize == "pad":
         scale = size / max(w, h)
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        small = img if (nw, nh) == (w, h) else img.resize((nw, nh), Image.Resampling.BICUBIC,
-                                                           reducing_gap=REDUCING_GAP)
+        small = img if (nw, nh) == (w, h) else img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP)
         canvas = Image.new("RGB", (size, size), fill)
         canvas.paste(small, ((size - nw) // 2, (size - nh) // 2))
         return canvas
@@ -194,16 +204,23 @@ def normalize(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
     return torch.from_numpy(x)
 
 
-def preprocess(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
-               resize: str = "crop") -> torch.Tensor:
+def preprocess(
+    img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float], resize: str = "crop"
+) -> torch.Tensor:
     """RGB image -> normalised float tensor [3, size, size] (crop or pad with the mean colour)."""
     if img.mode != "RGB":
         img = to_rgb(img)
     return normalize(to_square(img, size, resize, mean_color(mean)), mean, std)
 
 
-def subimages(img: Image.Image, grid: int, size: int, overview_first: bool = False, resize: str = "crop",
-              fill: tuple[int, int, int] = (0, 0, 0)) -> list[Image.Image]:
+def subimages(
+    img: Image.Image,
+    grid: int,
+    size: int,
+    overview_first: bool = False,
+    resize: str = "crop",
+    fill: tuple[int, int, int] = (0, 0, 0),
+) -> list[Image.Image]:
     """g*g crops (row-major) of the image made square at g*size, plus one overview at `size`
     (after the crops unless `overview_first`). grid=2, size=672: 4 crops of 672 px + overview."""
     if grid < 1:
@@ -211,20 +228,29 @@ def subimages(img: Image.Image, grid: int, size: int, overview_first: bool = Fal
     if img.mode != "RGB":
         img = to_rgb(img)
     big = to_square(img, grid * size, resize, fill)
-    tiles = [big.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
-             for r in range(grid) for c in range(grid)]
+    tiles = [big.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(grid) for c in range(grid)]
     overview = to_square(img, size, resize, fill)  # from the original: one resampling, not two
     return [overview, *tiles] if overview_first else [*tiles, overview]
 
 
-def image_tensors(src: bytes | str | Path, where: str, size: int, mean: Sequence[float], std: Sequence[float],
-                  resize: str = "crop", grid: int = 0, overview_first: bool = False,
-                  max_pixels: int = MAX_PIXELS, formats: Sequence[str] = DEFAULT_IMAGE_FORMATS,
-                  max_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> torch.Tensor:
+def image_tensors(
+    src: bytes | str | Path,
+    where: str,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    resize: str = "crop",
+    grid: int = 0,
+    overview_first: bool = False,
+    max_pixels: int = MAX_PIXELS,
+    formats: Sequence[str] = DEFAULT_IMAGE_FORMATS,
+    max_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+) -> torch.Tensor:
     """Decode + preprocess one image into the crops its `<image>` slots take:
     [1, 3, size, size], or [grid*grid + 1, 3, size, size] at high resolution."""
-    img = load_image(src, where, max_pixels=max_pixels, draft_size=size * max(grid, 1), formats=formats,
-                     max_bytes=max_bytes)
+    img = load_image(
+        src, where, max_pixels=max_pixels, draft_size=size * max(grid, 1), formats=formats, max_bytes=max_bytes
+    )
     if grid:
         crops = subimages(img, grid, size, overview_first, resize, mean_color(mean))
         return torch.stack([normalize(c, mean, std) for c in crops])  # [g*g+1, 3, S, S]

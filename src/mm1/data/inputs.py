@@ -54,9 +54,16 @@ def stage_sources(cfg: Any) -> list[tuple[str, str, str, float]]:
     return [r for r in raw if r[3] > 0]
 
 
-def resolve_inputs(cfg: Any, tokenizer: Tokenizer | None = None, *, load_tokenizer: bool = True,
-                   sources: bool = True, world_part: str = "", is_main: bool = True,
-                   barrier: Callable[[], None] = lambda: None) -> Inputs:
+def resolve_inputs(
+    cfg: Any,
+    tokenizer: Tokenizer | None = None,
+    *,
+    load_tokenizer: bool = True,
+    sources: bool = True,
+    world_part: str = "",
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> Inputs:
     """Build the world if a path this command reads needs it, then load the tokenizer and resolve
     the stage's sources.
 

@@ -44,8 +44,18 @@ class ImagePipeline:
 
     def __call__(self, raw: Any, where: str) -> list[torch.Tensor]:
         try:
-            x = image_tensors(raw, where, self.size, self.mean, self.std, self.resize, self.grid, self.overview_first,
-                              formats=self.policy.image_formats, max_bytes=self.policy.max_member_bytes)
+            x = image_tensors(
+                raw,
+                where,
+                self.size,
+                self.mean,
+                self.std,
+                self.resize,
+                self.grid,
+                self.overview_first,
+                formats=self.policy.image_formats,
+                max_bytes=self.policy.max_member_bytes,
+            )
         except ImageError as e:
             raise SampleError(e.reason, where, str(e)) from None
         return list(x.unbind(0))  # crops of [3, S, S]
@@ -69,9 +79,14 @@ class Loader:
         ds.worker_offset = self.batches % self.logical_workers
         if self.num_workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize serially
-            stream: Any = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                     prefetch_factor=self.prefetch_factor, persistent_workers=False,
-                                     pin_memory=torch.cuda.is_available())
+            stream: Any = DataLoader(
+                ds,
+                batch_size=None,
+                num_workers=self.num_workers,
+                prefetch_factor=self.prefetch_factor,
+                persistent_workers=False,
+                pin_memory=torch.cuda.is_available(),
+            )
         else:
             stream = ds
         for batch in stream:
@@ -82,20 +97,34 @@ class Loader:
 
     def state_dict(self) -> dict[str, Any]:
         ds = self.dataset
-        return {"version": STATE_VERSION, "batches": self.batches, "num_workers": self.num_workers,
-                "rank": ds.rank, "world_size": ds.world_size, "seed": ds.seed, "batch_size": ds.batch_size,
-                "sources": [s.name for s in ds.sources],
-                "workers": {str(k): copy.deepcopy(v) for k, v in self.worker_states.items()}}
+        return {
+            "version": STATE_VERSION,
+            "batches": self.batches,
+            "num_workers": self.num_workers,
+            "rank": ds.rank,
+            "world_size": ds.world_size,
+            "seed": ds.seed,
+            "batch_size": ds.batch_size,
+            "sources": [s.name for s in ds.sources],
+            "workers": {str(k): copy.deepcopy(v) for k, v in self.worker_states.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ds = self.dataset
-        mine = {"num_workers": self.num_workers, "world_size": ds.world_size, "seed": ds.seed,
-                "batch_size": ds.batch_size, "sources": [s.name for s in ds.sources]}
+        mine = {
+            "num_workers": self.num_workers,
+            "world_size": ds.world_size,
+            "seed": ds.seed,
+            "batch_size": ds.batch_size,
+            "sources": [s.name for s in ds.sources],
+        }
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if state.get("version") != STATE_VERSION or diff:
             what = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()) or "state version"
-            raise ConfigError(f"data loader state does not match this run ({what}); resume with the same "
-                              "data.num_workers, world size, train.seed, data.batch_size and data.sources")
+            raise ConfigError(
+                f"data loader state does not match this run ({what}); resume with the same "
+                "data.num_workers, world size, train.seed, data.batch_size and data.sources"
+            )
         self.batches = int(state["batches"])
         self.worker_states = {int(k): copy.deepcopy(v) for k, v in state["workers"].items()}
 
@@ -108,26 +137,46 @@ class Loader:
         for state in self.worker_states.values():
             for name, counts in state["skips"].items():
                 out.setdefault(name, SkipCounter(self.dataset.max_skip_rate, name=name)).merge(
-                    {"seen": counts["seen"], "counts": counts["counts"], "examples": counts.get("examples", {})})
+                    {"seen": counts["seen"], "counts": counts["counts"], "examples": counts.get("examples", {})}
+                )
         return out
 
 
-def build_dataset(cfg: Any, inputs: Inputs, rank: int = 0, world_size: int = 1,
-                  with_keys: bool = False) -> MixtureDataset:
+def build_dataset(
+    cfg: Any, inputs: Inputs, rank: int = 0, world_size: int = 1, with_keys: bool = False
+) -> MixtureDataset:
     """The mixture of `inputs.sources` (from `mm1.data.inputs.resolve_inputs`) for this rank."""
     tokenizer = inputs.tokenizer
     if tokenizer is None:
         raise ValueError("build_dataset needs a tokenizer: resolve the inputs with load_tokenizer=True")
     if cfg.model.image_token_id != tokenizer.image_id:
-        raise ConfigError(f"model.image_token_id={cfg.model.image_token_id} but the tokenizer's <image> id is "
-                          f"{tokenizer.image_id}; set model.image_token_id={tokenizer.image_id}")
+        raise ConfigError(
+            f"model.image_token_id={cfg.model.image_token_id} but the tokenizer's <image> id is "
+            f"{tokenizer.image_id}; set model.image_token_id={tokenizer.image_id}"
+        )
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     images = ImagePipeline(cfg.model, cfg.data.resize, ReadPolicy.from_config(cfg.data))
-    builder = DocBuilder(tokenizer, images, cfg.data.seq_len, cfg.data.max_images, cfg.model.tokens_per_image,
-                         images.crops, cfg.data.synthetic_caption_ratio, cfg.train.seed)
-    return MixtureDataset(inputs.sources, builder, cfg.data.batch_size, cfg.train.seed, rank, world_size,
-                          cfg.data.max_skip_rate, with_keys)
+    builder = DocBuilder(
+        tokenizer,
+        images,
+        cfg.data.seq_len,
+        cfg.data.max_images,
+        cfg.model.tokens_per_image,
+        images.crops,
+        cfg.data.synthetic_caption_ratio,
+        cfg.train.seed,
+    )
+    return MixtureDataset(
+        inputs.sources,
+        builder,
+        cfg.data.batch_size,
+        cfg.train.seed,
+        rank,
+        world_size,
+        cfg.data.max_skip_rate,
+        with_keys,
+    )
 
 
 def build_loader(cfg: Any, inputs: Inputs, rank: int = 0, world_size: int = 1, with_keys: bool = False) -> Loader:

@@ -85,15 +85,25 @@ class Entry:
 class SourceStream:
     """One shard's endless, resumable stream of packed rows from one source."""
 
-    def __init__(self, spec: SourceSpec, builder: DocBuilder, packer: RowPacker, shard: int, num_shards: int,
-                 seed: int, skips: SkipCounter, read_skips: SkipCounter | None = None) -> None:
+    def __init__(
+        self,
+        spec: SourceSpec,
+        builder: DocBuilder,
+        packer: RowPacker,
+        shard: int,
+        num_shards: int,
+        seed: int,
+        skips: SkipCounter,
+        read_skips: SkipCounter | None = None,
+    ) -> None:
         """`read_skips` counts what the reader drops (every record it parses, owned or not);
         `skips` counts this shard's own records that fail to become sequences (bad images...)."""
         self.spec, self.builder, self.packer, self.skips = spec, builder, packer, skips
         self.kind = get_kind(spec.kind)  # reads the records, makes the docs, says how they pack
         self.shard, self.num_shards, self.seed = shard, num_shards, seed
-        self.reader = open_source(spec.kind, spec.path, read_skips if read_skips is not None else SkipCounter(),
-                                  policy=spec.policy)
+        self.reader = open_source(
+            spec.kind, spec.path, read_skips if read_skips is not None else SkipCounter(), policy=spec.policy
+        )
         self.files = list(self.reader.files)
         if not self.files:
             raise DataError(f"data source {spec.name!r} ({spec.kind}) at {spec.path} has no files")
@@ -117,7 +127,7 @@ class SourceStream:
         if self._files[0] != self.epoch:
             order = list(self.files)
             random.Random(f"files/{self.seed}/{self.spec.name}/{self.epoch}").shuffle(order)
-            self._files = (self.epoch, order[self.shard::self.num_shards] if self.by_file else order)
+            self._files = (self.epoch, order[self.shard :: self.num_shards] if self.by_file else order)
         return self._files[1]
 
     def _next_record(self) -> tuple[tuple[int, int, int, int], Any]:
@@ -126,9 +136,11 @@ class SourceStream:
             files = self._epoch_files()
             if self.file >= len(files):
                 if self._owned_in_epoch == 0 and (self.file > 0 or not files):
-                    raise DataError(f"data source {self.spec.name!r} at {self.spec.path}: shard {self.shard} of "
-                                    f"{self.num_shards} got no records in epoch {self.epoch} ({len(self.files)} "
-                                    "files); use fewer data.num_workers / ranks or split the data into more files")
+                    raise DataError(
+                        f"data source {self.spec.name!r} at {self.spec.path}: shard {self.shard} of "
+                        f"{self.num_shards} got no records in epoch {self.epoch} ({len(self.files)} "
+                        "files); use fewer data.num_workers / ranks or split the data into more files"
+                    )
                 self.epoch, self.file, self.rec, self.glob, self._owned_in_epoch = self.epoch + 1, 0, 0, 0, 0
                 continue
             if self._it is None:  # resuming inside a file re-reads (never decodes) the records before
@@ -179,8 +191,12 @@ class SourceStream:
     def state_dict(self) -> dict[str, Any]:
         first = min(self.buffer, key=lambda e: e.seq) if self.buffer else None
         cursor = first.cursor if first else (self.epoch, self.file, self.rec, self.glob)
-        return {"cursor": list(cursor), "seq": first.seq if first else self.seq, "next_seq": self.seq,
-                "pending": [[e.seq, e.chunk, e.offset] for e in self.buffer]}
+        return {
+            "cursor": list(cursor),
+            "seq": first.seq if first else self.seq,
+            "next_seq": self.seq,
+            "pending": [[e.seq, e.chunk, e.offset] for e in self.buffer],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Re-read from the oldest waiting record to where the stream was; rebuild the waiting pieces."""
@@ -196,8 +212,10 @@ class SourceStream:
                     rebuilt[(seq, i)] = Entry(seq, i, cursor, doc)
         missing = wanted - rebuilt.keys()
         if missing:
-            raise DataError(f"data source {self.spec.name!r}: cannot rebuild {len(missing)} buffered samples from "
-                            f"{self.spec.path}; the data changed since the checkpoint was written")
+            raise DataError(
+                f"data source {self.spec.name!r}: cannot rebuild {len(missing)} buffered samples from "
+                f"{self.spec.path}; the data changed since the checkpoint was written"
+            )
         self.buffer = []
         for s, c, off in state["pending"]:
             e = rebuilt[(int(s), int(c))]
@@ -207,8 +225,17 @@ class SourceStream:
 class MixtureDataset(IterableDataset):
     """Yields whole batches (plus their worker's resume state under "_state") for one rank."""
 
-    def __init__(self, sources: list[SourceSpec], builder: DocBuilder, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, max_skip_rate: float = 0.05, with_keys: bool = False) -> None:
+    def __init__(
+        self,
+        sources: list[SourceSpec],
+        builder: DocBuilder,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        max_skip_rate: float = 0.05,
+        with_keys: bool = False,
+    ) -> None:
         super().__init__()
         for s in sources:
             get_kind(s.kind)  # an unknown kind is a ConfigError naming the registered ones
@@ -231,12 +258,21 @@ class MixtureDataset(IterableDataset):
         # data.max_images bounds a row of interleaved/SFT data (MM1: <= 16 per sequence); a kind
         # that says otherwise (caption pairs) is bounded by seq_len alone
         kind_ids = KINDS.names()  # a batch's `source` column
-        packers = {s.kind: RowPacker(b.seq_len, b.max_images if get_kind(s.kind).images_per_row_bounded
-                                     else b.seq_len, b.crops_per_image) for s in self.sources}
-        skips = {f"{s.name}{part}": SkipCounter(self.max_skip_rate, name=f"{s.name}{part} (shard {shard})")
-                 for s in self.sources for part in ("", ":read")}
-        streams = [SourceStream(s, b, packers[s.kind], shard, n_shards, self.seed, skips[s.name],
-                                skips[f"{s.name}:read"]) for s in self.sources]
+        packers = {
+            s.kind: RowPacker(
+                b.seq_len, b.max_images if get_kind(s.kind).images_per_row_bounded else b.seq_len, b.crops_per_image
+            )
+            for s in self.sources
+        }
+        skips = {
+            f"{s.name}{part}": SkipCounter(self.max_skip_rate, name=f"{s.name}{part} (shard {shard})")
+            for s in self.sources
+            for part in ("", ":read")
+        }
+        streams = [
+            SourceStream(s, b, packers[s.kind], shard, n_shards, self.seed, skips[s.name], skips[f"{s.name}:read"])
+            for s in self.sources
+        ]
         schedule = MixtureSchedule([s.weight for s in self.sources], self.seed, shard)
         row = 0
         state = self.resume.get(logical)
@@ -255,12 +291,14 @@ class MixtureDataset(IterableDataset):
                 rows.append([e.doc for e in entries])
                 source_ids.append(kind_ids.index(self.sources[i].kind))
                 keys.append([f"{e.doc.key}|{e.cursor[0]}|{e.chunk}.{e.offset}" for e in entries])
-            batch: dict[str, Any] = collate(rows, b.seq_len, b.tokenizer.pad_id, b.tokenizer.image_id, source_ids,
-                                            getattr(b.images, "size", 1))
+            batch: dict[str, Any] = collate(
+                rows, b.seq_len, b.tokenizer.pad_id, b.tokenizer.image_id, source_ids, getattr(b.images, "size", 1)
+            )
             if self.with_keys:
                 batch["keys"] = keys
             batch["_state"] = {
-                "worker": logical, "rows": row,
+                "worker": logical,
+                "rows": row,
                 "sources": {s.name: st.state_dict() for s, st in zip(self.sources, streams)},
                 "skips": {name: c.state_dict() for name, c in skips.items()},
             }

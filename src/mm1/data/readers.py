@@ -12,7 +12,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -48,8 +49,11 @@ def iter_jsonl(file: str, t: Tally) -> Iterator[tuple[int, dict[str, Any]]]:
                     t.skip("malformed json line", f"{file}:line {lineno}", str(e))
                     continue
                 if not isinstance(obj, dict):
-                    t.skip("malformed json line", f"{file}:line {lineno}",
-                           f"expected a JSON object, got {type(obj).__name__}")
+                    t.skip(
+                        "malformed json line",
+                        f"{file}:line {lineno}",
+                        f"expected a JSON object, got {type(obj).__name__}",
+                    )
                     continue
                 yield lineno, obj
     except (OSError, EOFError) as e:  # a truncated .gz, an unreadable file
@@ -58,8 +62,7 @@ def iter_jsonl(file: str, t: Tally) -> Iterator[tuple[int, dict[str, Any]]]:
         t.skip("line too large", f"{file}:line {lineno + 1}", "out of memory reading it; the rest of the file is lost")
 
 
-def iter_parquet(file: str, required: list[str], optional: list[str],
-                 t: Tally) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_parquet(file: str, required: list[str], optional: list[str], t: Tally) -> Iterator[tuple[int, dict[str, Any]]]:
     """(row index, {column: value}) per row, one row group and batch at a time."""
     try:
         pf = pq.ParquetFile(file)
@@ -82,8 +85,12 @@ def iter_parquet(file: str, required: list[str], optional: list[str],
                     row += 1
         except (pa.ArrowException, OSError, MemoryError) as e:
             lost = max(1, n_rows - (row - first))
-            t.skip("corrupt parquet row group", f"{file}:row group {rg}",
-                   f"{e or type(e).__name__}; {lost} of its {n_rows} rows are lost", lost)
+            t.skip(
+                "corrupt parquet row group",
+                f"{file}:row group {rg}",
+                f"{e or type(e).__name__}; {lost} of its {n_rows} rows are lost",
+                lost,
+            )
             row = sum(pf.metadata.row_group(i).num_rows for i in range(rg + 1))
 
 

@@ -37,8 +37,12 @@ class ReadPolicy:
 
     @classmethod
     def from_config(cls, data_cfg: Any) -> ReadPolicy:
-        return cls(bool(data_cfg.allow_commands), bool(data_cfg.allow_outside_paths),
-                   int(data_cfg.max_member_bytes), tuple(str(f) for f in data_cfg.image_formats))
+        return cls(
+            bool(data_cfg.allow_commands),
+            bool(data_cfg.allow_outside_paths),
+            int(data_cfg.max_member_bytes),
+            tuple(str(f) for f in data_cfg.image_formats),
+        )
 
 
 def is_stream(spec: str) -> bool:
@@ -49,8 +53,10 @@ def stream_allowed(spec: str, policy: ReadPolicy) -> None:
     """Refuse a `pipe:CMD` or URL source unless the config opted in: `pipe:` runs CMD in a shell."""
     if not policy.allow_commands:
         what = "runs a shell command" if spec.startswith("pipe:") else "streams from the network (through curl)"
-        raise DataError(f"data source {spec!r} {what}; mm1 reads local files only unless you opt in with "
-                        "data.allow_commands=true (do so only for sources you wrote yourself)")
+        raise DataError(
+            f"data source {spec!r} {what}; mm1 reads local files only unless you opt in with "
+            "data.allow_commands=true (do so only for sources you wrote yourself)"
+        )
 
 
 def check_regular(path: str) -> None:
@@ -60,8 +66,10 @@ def check_regular(path: str) -> None:
     except OSError:
         return  # missing: the caller says what was expected
     if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-        raise DataError(f"{path}: not a regular file ({_kind(mode)}); mm1 reads only regular files from data "
-                        "folders: remove it or point the data path elsewhere")
+        raise DataError(
+            f"{path}: not a regular file ({_kind(mode)}); mm1 reads only regular files from data "
+            "folders: remove it or point the data path elsewhere"
+        )
 
 
 def open_regular(path: str) -> BinaryIO:
@@ -71,8 +79,10 @@ def open_regular(path: str) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise DataError(f"{path}: not a regular file ({_kind(mode)}); mm1 reads only regular files from "
-                            "data folders: remove it or point the data path elsewhere")
+            raise DataError(
+                f"{path}: not a regular file ({_kind(mode)}); mm1 reads only regular files from "
+                "data folders: remove it or point the data path elsewhere"
+            )
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -81,8 +91,12 @@ def open_regular(path: str) -> BinaryIO:
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return name
     return "not a file"
@@ -99,6 +113,8 @@ def inside_root(value: str, root: str, policy: ReadPolicy) -> tuple[str, str | N
         return path, None
     real, real_root = os.path.realpath(path), os.path.realpath(root)
     if os.path.commonpath([real, real_root]) != real_root:
-        return path, (f"{value!r} resolves to {real}, outside the data folder {real_root}; mm1 reads only files "
-                      "inside it (set data.allow_outside_paths=true if you trust this file)")
+        return path, (
+            f"{value!r} resolves to {real}, outside the data folder {real_root}; mm1 reads only files "
+            "inside it (set data.allow_outside_paths=true if you trust this file)"
+        )
     return path, None

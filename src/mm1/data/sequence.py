@@ -92,8 +92,9 @@ class DocBuilder:
         while start < len(doc):
             end = self.prefix_end(doc, start, self.seq_len, self.max_images)
             if end == start:  # cannot happen when seq_len > tokens_per_image (validated config)
-                raise RuntimeError(f"{doc.key}: an image's {self.tokens_per_image} slots do not fit "
-                                   f"data.seq_len={self.seq_len}")
+                raise RuntimeError(
+                    f"{doc.key}: an image's {self.tokens_per_image} slots do not fit data.seq_len={self.seq_len}"
+                )
             pieces.append(self.slice(doc, start, end))
             start = end
         return pieces
@@ -138,8 +139,13 @@ class RowPacker:
     def __init__(self, seq_len: int, max_images: int, crops_per_image: int = 1) -> None:
         self.seq_len, self.max_images, self.crops = seq_len, max_images, crops_per_image
 
-    def fill(self, buffer: list[Any], doc_of: Callable[[Any], Doc], refill: Callable[[], None],
-             split: Callable[[Any, int, int], tuple[Any, Any] | None] | None = None) -> list[Any]:
+    def fill(
+        self,
+        buffer: list[Any],
+        doc_of: Callable[[Any], Doc],
+        refill: Callable[[], None],
+        split: Callable[[Any, int, int], tuple[Any, Any] | None] | None = None,
+    ) -> list[Any]:
         """Pop the entries of one row from `buffer` (refilled before each pick), in row order.
 
         split(entry, max_tokens, max_crops) -> (head, tail) or None when no useful head fits.
@@ -174,8 +180,9 @@ class RowPacker:
         return row
 
 
-def collate(rows: Sequence[Sequence[Doc]], seq_len: int, pad_id: int, image_id: int,
-            sources: Sequence[int], image_size: int = 1) -> dict[str, torch.Tensor]:
+def collate(
+    rows: Sequence[Sequence[Doc]], seq_len: int, pad_id: int, image_id: int, sources: Sequence[int], image_size: int = 1
+) -> dict[str, torch.Tensor]:
     """The batch table of CONTRIBUTING.md from rows of docs (targets shifted, -100 where no loss)."""
     B = len(rows)
     input_ids = torch.full((B, seq_len), pad_id, dtype=torch.long)  # [B, T]
@@ -192,10 +199,10 @@ def collate(rows: Sequence[Sequence[Doc]], seq_len: int, pad_id: int, image_id: 
             ids = torch.tensor(doc.ids, dtype=torch.long)
             nxt = ids[1:].clone()
             nxt[~torch.tensor(doc.learn[1:], dtype=torch.bool) | (nxt == image_id)] = -100
-            input_ids[b, t:t + n] = ids
-            targets[b, t:t + n - 1] = nxt  # the doc's last token predicts nothing: doc end
-            position_ids[b, t:t + n] = torch.arange(n)
-            doc_ids[b, t:t + n] = d
+            input_ids[b, t : t + n] = ids
+            targets[b, t : t + n - 1] = nxt  # the doc's last token predicts nothing: doc end
+            position_ids[b, t : t + n] = torch.arange(n)
+            doc_ids[b, t : t + n] = d
             images += doc.images
             t += n
     slots = int((input_ids == image_id).sum())

@@ -34,8 +34,9 @@ class SkipCounter:
     Loader workers hold their own copy; fold their counts back with `merge(worker.state_dict())`.
     """
 
-    def __init__(self, max_skip_rate: float = 0.05, min_samples: int = 200, log_first: int = 5,
-                 name: str = "data") -> None:
+    def __init__(
+        self, max_skip_rate: float = 0.05, min_samples: int = 200, log_first: int = 5, name: str = "data"
+    ) -> None:
         if not 0.0 <= max_skip_rate <= 1.0:
             raise ValueError(f"data.max_skip_rate={max_skip_rate}: must be in [0, 1]")
         self.max_skip_rate = max_skip_rate
@@ -81,8 +82,14 @@ class SkipCounter:
             if n == self.log_first:
                 log.warning("%s: further '%s' skips are logged at every 10x", self.name, reason)
         elif _is_power_of_ten(n):
-            log.warning("%s: %d samples skipped so far for '%s' (latest at %s%s)", self.name, n, reason, where,
-                        f": {detail}" if detail else "")
+            log.warning(
+                "%s: %d samples skipped so far for '%s' (latest at %s%s)",
+                self.name,
+                n,
+                reason,
+                where,
+                f": {detail}" if detail else "",
+            )
         self.check()
 
     def check(self, final: bool = False) -> None:
@@ -98,13 +105,17 @@ class SkipCounter:
             raise DataError(self._message())
 
     def _message(self) -> str:
-        reasons = ", ".join(f"{r}: {n} (first at {self.examples.get(r, '?')})"
-                            for r, n in sorted(self.counts.items(), key=lambda kv: -kv[1]))
+        reasons = ", ".join(
+            f"{r}: {n} (first at {self.examples.get(r, '?')})"
+            for r, n in sorted(self.counts.items(), key=lambda kv: -kv[1])
+        )
         suggested = min(1.0, round(self.rate + 0.05, 2))
-        return (f"{self.name}: skipped {self.skipped} of {self.seen} samples ({self.rate:.1%}), more than "
-                f"data.max_skip_rate={self.max_skip_rate}. Reasons: {reasons}. Fix or remove the bad files "
-                f"(see the warnings logged by 'mm1.data' for each sample), or accept the loss by raising "
-                f"the threshold, e.g. data.max_skip_rate={suggested}.")
+        return (
+            f"{self.name}: skipped {self.skipped} of {self.seen} samples ({self.rate:.1%}), more than "
+            f"data.max_skip_rate={self.max_skip_rate}. Reasons: {reasons}. Fix or remove the bad files "
+            f"(see the warnings logged by 'mm1.data' for each sample), or accept the loss by raising "
+            f"the threshold, e.g. data.max_skip_rate={suggested}."
+        )
 
     def summary(self) -> str:
         """One line for logs and run reports."""

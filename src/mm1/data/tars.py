@@ -20,8 +20,9 @@ import json
 import os
 import tarfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys
@@ -83,7 +84,7 @@ class _TailKeeper:
         start = self.pos - len(self.tail)
         if offset < start:
             return None
-        return bytes(self.tail[offset - start: offset - start + _BLOCK])
+        return bytes(self.tail[offset - start : offset - start + _BLOCK])
 
 
 def _open(url: str, policy: ReadPolicy) -> Any:
@@ -123,11 +124,19 @@ def _members(url: str, policy: ReadPolicy, damage: list[_Damage]) -> Iterator[di
         block = keeper.block_at(tar.offset)
         if block is not None:
             if len(block) < _BLOCK:
-                lost("truncated tar", f"{url}:byte {tar.offset}",
-                     "the shard ends mid-archive (no end-of-archive marker); the rest of it is lost", tar.offset)
+                lost(
+                    "truncated tar",
+                    f"{url}:byte {tar.offset}",
+                    "the shard ends mid-archive (no end-of-archive marker); the rest of it is lost",
+                    tar.offset,
+                )
             elif block.count(0) != _BLOCK:
-                lost("broken tar member", f"{url}:byte {tar.offset}",
-                     "damaged member header; the rest of the shard is lost", tar.offset)
+                lost(
+                    "broken tar member",
+                    f"{url}:byte {tar.offset}",
+                    "damaged member header; the rest of the shard is lost",
+                    tar.offset,
+                )
     except (tarfile.ReadError, EOFError, zlib.error) as e:
         if "empty file" in str(e):  # nothing came at all, e.g. a pipe: command that failed
             lost("unreadable shard", url, f"{e}: the source produced no data")
@@ -146,8 +155,9 @@ def _members(url: str, policy: ReadPolicy, damage: list[_Damage]) -> Iterator[di
     yield {}
 
 
-def read_caption_tar(url: str, t: Tally, policy: ReadPolicy = ReadPolicy(),
-                     sizes: ShardSizes | None = None) -> Iterator[tuple[str, str, bytes, str, str | None]]:
+def read_caption_tar(
+    url: str, t: Tally, policy: ReadPolicy = ReadPolicy(), sizes: ShardSizes | None = None
+) -> Iterator[tuple[str, str, bytes, str, str | None]]:
     """(key, where, image bytes, caption, dense caption or None) per good sample of one shard.
 
     A shard that stops short counts every sample it could not deliver (`_lost_samples`), so that
@@ -181,11 +191,13 @@ def _lost_samples(url: str, delivered: int, read: float | None, typical: int) ->
         return max(1, index - delivered), f"its index says {index}, {delivered} were read"
     if read is not None and 0 < read < 1 and delivered:
         return max(1, round(delivered * (1 - read) / read)), (
-            f"estimated from the byte offset: {delivered} samples in the first {read:.0%} of the file")
+            f"estimated from the byte offset: {delivered} samples in the first {read:.0%} of the file"
+        )
     if typical > delivered:
         return typical - delivered, f"estimated: the largest complete shard of this source held {typical}"
-    return 1, ("how many is unknown (no index file, nothing after the damage, no complete shard to compare): "
-               "counted as 1")
+    return 1, (
+        "how many is unknown (no index file, nothing after the damage, no complete shard to compare): counted as 1"
+    )
 
 
 def _index_count(url: str) -> int | None:
@@ -227,13 +239,16 @@ def _size(stream: Any) -> int | None:
     return (size - len(tail) + len(tail.rstrip(b"\0"))) or None
 
 
-def caption_from_members(sample: dict[str, Any], where: str,
-                         t: Tally) -> tuple[bytes, str, str | None] | None:
+def caption_from_members(sample: dict[str, Any], where: str, t: Tally) -> tuple[bytes, str, str | None] | None:
     """Validate one grouped sample; count and return None if it is unusable."""
     big = next((v for v in sample.values() if isinstance(v, Oversized)), None)
     if big is not None:
-        t.skip("member too large", where, f"{big.name} is {big.size} bytes, over data.max_member_bytes={big.limit}; "
-               "not read (raise the limit if such members are real)")
+        t.skip(
+            "member too large",
+            where,
+            f"{big.name} is {big.size} bytes, over data.max_member_bytes={big.limit}; "
+            "not read (raise the limit if such members are real)",
+        )
         return None
     image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     if image is None:

@@ -41,8 +41,10 @@ def _message(n: int, turn: dict[str, str]) -> dict[str, str]:
     role = _ROLES.get(str(turn.get("from", turn.get("role"))).lower())
     content = turn.get("value", turn.get("content"))
     if role is None or not isinstance(content, str):
-        raise ValueError(f"conversation turn {n}: expected from=human|gpt (or role=user|assistant|system) and a "
-                         f"string value, got {turn!r}")
+        raise ValueError(
+            f"conversation turn {n}: expected from=human|gpt (or role=user|assistant|system) and a "
+            f"string value, got {turn!r}"
+        )
     return {"role": role, "content": content}
 
 
@@ -169,8 +171,10 @@ class Tokenizer:
         # chat template renders (its `bos_token`); the usual case writes none
         guessed = Tokenizer(HFTokenizer.from_str(self._tok.to_str()))
         if (guessed.bos_id, guessed.eos_id, guessed.pad_id) != (self.bos_id, self.eos_id, self.pad_id) or self.template:
-            names = {k: self._tok.id_to_token(i) for k, i in
-                     (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))}
+            names = {
+                k: self._tok.id_to_token(i)
+                for k, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id))
+            }
             names.update(self.template.tokens if self.template else {})
             (file.parent / "tokenizer_config.json").write_text(json.dumps(names, indent=1) + "\n")
         if self.template is not None:  # HF's own file for it, read back by load() before tokenizer_config.json
@@ -192,8 +196,9 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, tokens_per_image: int | None = None, *, bos: bool = False,
-               eos: bool = False) -> list[int]:
+    def encode(
+        self, text: str, tokens_per_image: int | None = None, *, bos: bool = False, eos: bool = False
+    ) -> list[int]:
         """Token ids of `text`; each literal `<image>` becomes `tokens_per_image` copies of `image_id`."""
         pieces = text.split(IMAGE_TOKEN)
         if len(pieces) > 1 and not tokens_per_image:
@@ -258,8 +263,9 @@ class Tokenizer:
             mask += [False] * len(header)
         return ids, mask
 
-    def _chat_from_template(self, messages: list[dict[str, str]], tokens_per_image: int | None,
-                            add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
+    def _chat_from_template(
+        self, messages: list[dict[str, str]], tokens_per_image: int | None, add_generation_prompt: bool
+    ) -> tuple[list[int], list[bool]]:
         """Each piece of the rendered template encoded on its own, so a reply's first token starts
         where generation starts after the open assistant header."""
         assert self.template is not None

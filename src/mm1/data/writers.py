@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 
 def tar_info(name: str, size: int) -> tarfile.TarInfo:

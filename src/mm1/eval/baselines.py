@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 from mm1.eval.metrics import CiderD, cider, vqa_accuracy
 from mm1.eval.ptb import ptb_tokenize
@@ -88,5 +88,11 @@ def blind_baseline(task: Task, limit: int = 0, vqa_mode: str = "always") -> dict
         name = "answer prior"
     else:
         raise ValueError(f"task {spec.name}: no blind baseline for metric {spec.metric!r}")
-    return {"task": spec.name, "baseline": name, "metric": spec.metric, "score": score, "n": len(test),
-            "predictions": [{"id": k, "prediction": v} for k, v in preds.items()]}
+    return {
+        "task": spec.name,
+        "baseline": name,
+        "metric": spec.metric,
+        "score": score,
+        "n": len(test),
+        "predictions": [{"id": k, "prediction": v} for k, v in preds.items()],
+    }

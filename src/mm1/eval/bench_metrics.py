@@ -19,16 +19,18 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _KEY_WORDS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
-_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?![\d])|-?\d+(?:\.\d+)?[eE][+-]?\d+|-?(?:\d+\.\d+|\.\d+|\d+)(?![eE][+-]?\d)")
+_NUMBER = re.compile(
+    r"-?\d{1,3}(?:,\d{3})+(?![\d])|-?\d+(?:\.\d+)?[eE][+-]?\d+|-?(?:\d+\.\d+|\.\d+|\d+)(?![eE][+-]?\d)"
+)
 
 
 def parse_choice(response: str, options: Sequence[str]) -> int | None:
     """Index of the option `response` names, or None when it names none."""
-    letters = LETTERS[:len(options)]
+    letters = LETTERS[: len(options)]
     text = " " + response.strip().strip(",.!?;:'") + " "
     found = [(text.rfind(f"({c})"), i) for i, c in enumerate(letters) if f"({c})" in text]
     if not found:
@@ -113,8 +115,13 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": 100.0 * (tp + tn) / len(pairs), "precision": 100.0 * precision, "recall": 100.0 * recall,
-            "f1": 100.0 * f1, "yes_ratio": 100.0 * (tp + fp) / len(pairs)}
+    return {
+        "accuracy": 100.0 * (tp + tn) / len(pairs),
+        "precision": 100.0 * precision,
+        "recall": 100.0 * recall,
+        "f1": 100.0 * f1,
+        "yes_ratio": 100.0 * (tp + fp) / len(pairs),
+    }
 
 
 def circular_accuracy(correct: Sequence[bool], groups: Sequence[str]) -> float:

@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     if parser.prog.split()[-1] == "generate":
         parser.add_argument("--checkpoint", required=True, help="run dir or checkpoint dir")
         parser.add_argument("--image", action="append", default=[], help="image file (repeat; fills <image> in order)")
-        parser.add_argument("--prompt", required=True,
-                            help="text with one <image> per --image; images without a marker are put first")
+        parser.add_argument(
+            "--prompt", required=True, help="text with one <image> per --image; images without a marker are put first"
+        )
         parser.add_argument("--max-new-tokens", type=int, default=64)
         parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable; default newline)")
         parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -48,13 +49,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.set_defaults(takes_overrides=True)  # on the checkpoint's config, e.g. eval.add_bos=true
         return
     parser.set_defaults(takes_overrides=True)  # e.g. eval.trials=3 eval.chat=true, anywhere on the line
-    parser.add_argument("config", nargs="?", help="preset name or YAML for eval/data settings (default: the checkpoint's)")
-    parser.add_argument("--checkpoint", help="run dir or checkpoint dir (default: build the model from CONFIG, "
-                                             "e.g. HF-initialised weights)")
-    parser.add_argument("--hf", metavar="PATH", help="a transformers LLaVA-format folder (e.g. from mm1 export) "
-                                                     "scored instead of a checkpoint (pip install 'mm1[hf]')")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="with --hf: allow the folder's own modeling file to run (mm1 exports of non-mlp connectors)")
+    parser.add_argument(
+        "config", nargs="?", help="preset name or YAML for eval/data settings (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        help="run dir or checkpoint dir (default: build the model from CONFIG, e.g. HF-initialised weights)",
+    )
+    parser.add_argument(
+        "--hf",
+        metavar="PATH",
+        help="a transformers LLaVA-format folder (e.g. from mm1 export) "
+        "scored instead of a checkpoint (pip install 'mm1[hf]')",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="with --hf: allow the folder's own modeling file to run (mm1 exports of non-mlp connectors)",
+    )
     parser.add_argument("--tasks", help="comma-separated task names or task spec files (default: eval.tasks)")
     parser.add_argument("--shots", type=_ints, help="e.g. 0,4,8 (default: eval.shots)")
     parser.add_argument("--limit", type=int, help="test items per task (default: eval.limit; 0 = all)")
@@ -62,7 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blind", action="store_true", help="also (or, without a model, only) score blind baselines")
 
 
-def _load(args: argparse.Namespace, env_of: Callable[[Config], DistEnv]) -> tuple[object | None, Config, object | None, DistEnv]:
+def _load(
+    args: argparse.Namespace, env_of: Callable[[Config], DistEnv]
+) -> tuple[object | None, Config, object | None, DistEnv]:
     """(model, config, tokenizer, this process's place from `env_of(config)`); the model is None for a
     blind-only run. A checkpoint's weights go straight to the device in `eval.dtype`."""
     cfg = load_config(args.config, args.overrides) if args.config else None
@@ -103,8 +117,9 @@ def _from_checkpoint(path: str, cfg: Config | None, overrides: list[str], env_of
     verify_checkpoint(ckpt)
     cfg = cfg if cfg is not None else load_config(overrides=overrides, base=read_config(ckpt))
     env = env_of(cfg)
-    model, ckpt_cfg, tok = load_checkpoint(ckpt, verify=False, device=env.device,
-                                           dtype=resolve_dtype(cfg.eval.dtype, env.device))
+    model, ckpt_cfg, tok = load_checkpoint(
+        ckpt, verify=False, device=env.device, dtype=resolve_dtype(cfg.eval.dtype, env.device)
+    )
     cfg.model = ckpt_cfg.model
     return model, cfg, tok, env
 
@@ -114,8 +129,10 @@ def _check_world_is_yours(args: argparse.Namespace, cfg: Config) -> None:
     checkpoint's config.yaml is data from whoever shared it, and checksums prove integrity, not origin."""
     said = args.config or any(o.split("=", 1)[0] == "data.world" for o in args.overrides)
     if not said and cfg.data.world != DataConfig().world:
-        raise ConfigError(f"the checkpoint's config names data.world={cfg.data.world}, which holds no world; mm1 eval "
-                          "builds a world only where you say: add data.world=PATH (or a CONFIG) to the command")
+        raise ConfigError(
+            f"the checkpoint's config names data.world={cfg.data.world}, which holds no world; mm1 eval "
+            "builds a world only where you say: add data.world=PATH (or a CONFIG) to the command"
+        )
 
 
 def _needs_world(tasks: list[str]) -> bool:
@@ -137,8 +154,15 @@ def run_eval(args: argparse.Namespace) -> int:
         part = "eval" if _needs_world(tasks) else ""
         if part and not (Path(cfg.data.world) / part).is_dir():  # a fresh machine: the world is built first
             _check_world_is_yours(args, cfg)
-        resolve_inputs(cfg, tok, load_tokenizer=False, sources=False, world_part=part, is_main=env.is_main,
-                       barrier=partial(barrier, env))
+        resolve_inputs(
+            cfg,
+            tok,
+            load_tokenizer=False,
+            sources=False,
+            world_part=part,
+            is_main=env.is_main,
+            barrier=partial(barrier, env),
+        )
         limit = cfg.eval.limit if args.limit is None else args.limit
         results = []
         if model is not None:
@@ -163,8 +187,16 @@ def _blind(args: argparse.Namespace, cfg: Config, tasks: list[str], limit: int) 
         task = get_task(name, cfg.data.world, cfg.data.allow_outside_paths)
         if task.spec.metric in ("cider", "vqa", "exact"):
             b = blind_baseline(task, limit, cfg.eval.vqa_mode)
-            results.append({"task": f"{name} (blind: {b['baseline']})", "metric": b["metric"], "shots": 0,
-                            "score": b["score"], "std": 0.0, "trial_scores": [b["score"]]})
+            results.append(
+                {
+                    "task": f"{name} (blind: {b['baseline']})",
+                    "metric": b["metric"],
+                    "shots": 0,
+                    "score": b["score"],
+                    "std": 0.0,
+                    "trial_scores": [b["score"]],
+                }
+            )
             if args.json_dir:
                 Path(args.json_dir).mkdir(parents=True, exist_ok=True)
                 (Path(args.json_dir) / f"{name}_blind.json").write_text(json.dumps(b, indent=1))
@@ -176,12 +208,16 @@ def run_generate(args: argparse.Namespace) -> int:
     from mm1.eval.generate import generate
     from mm1.eval.parallel import resolve_device
 
-    model, cfg, tok, _ = _from_checkpoint(args.checkpoint, None, args.overrides,
-                                          lambda c: DistEnv(device=resolve_device(c.eval.device)))
+    model, cfg, tok, _ = _from_checkpoint(
+        args.checkpoint, None, args.overrides, lambda c: DistEnv(device=resolve_device(c.eval.device))
+    )
     prompt, missing = args.prompt, len(args.image) - args.prompt.count("<image>")
     if missing < 0:
-        print(f"mm1 generate: the prompt has {prompt.count('<image>')} <image> markers but only "
-              f"{len(args.image)} --image files", file=sys.stderr)
+        print(
+            f"mm1 generate: the prompt has {prompt.count('<image>')} <image> markers but only "
+            f"{len(args.image)} --image files",
+            file=sys.stderr,
+        )
         return 2
     prompt = "<image>" * missing + prompt
     for img in args.image:
@@ -189,9 +225,20 @@ def run_generate(args: argparse.Namespace) -> int:
             print(f"mm1 generate: --image {img}: no such file", file=sys.stderr)
             return 2
     stop = args.stop if args.stop is not None else ["\n"]
-    out = generate(model, tok, [prompt], [list(args.image)], max_new_tokens=args.max_new_tokens, stop=stop,
-                   do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                   resize=cfg.data.resize, add_bos=cfg.eval.add_bos)
+    out = generate(
+        model,
+        tok,
+        [prompt],
+        [list(args.image)],
+        max_new_tokens=args.max_new_tokens,
+        stop=stop,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        resize=cfg.data.resize,
+        add_bos=cfg.eval.add_bos,
+    )
     print(out[0])
     return 0
 

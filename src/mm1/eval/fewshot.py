@@ -38,8 +38,13 @@ class Prompt:
 
 def _fields(spec: TaskSpec, ex: Example, answer: str) -> dict[str, str]:
     return {
-        "caption": answer, "answer": answer, "a": answer, "question": ex.question, "q": ex.question,
-        "rationale": ex.rationale, "images": IMAGE_TOKEN * len(ex.images),
+        "caption": answer,
+        "answer": answer,
+        "a": answer,
+        "question": ex.question,
+        "q": ex.question,
+        "rationale": ex.rationale,
+        "images": IMAGE_TOKEN * len(ex.images),
         "image_lines": (IMAGE_TOKEN + "\n") * len(ex.images),
         "options": "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(ex.options)),
     }
@@ -49,8 +54,10 @@ def _cut_point(spec: TaskSpec) -> int:
     targets = TARGET_FIELDS + (("{rationale}",) if spec.cot_marker else ())
     hits = [spec.template.find(t) for t in targets if t in spec.template]
     if not hits:
-        raise ValueError(f"task {spec.name}: template {spec.template!r} has no answer field "
-                         "({caption} or {answer}); the query would have nothing to complete")
+        raise ValueError(
+            f"task {spec.name}: template {spec.template!r} has no answer field "
+            "({caption} or {answer}); the query would have nothing to complete"
+        )
     return min(hits)
 
 
@@ -60,8 +67,10 @@ def _images_for(text: str, ex: Example, spec: TaskSpec, what: str) -> list[str]:
         return list(ex.images)
     if n == 0:
         return []  # a text-only template drops the images
-    raise ValueError(f"task {spec.name}, {what} {ex.id}: the prompt has {n} {IMAGE_TOKEN} markers but the example "
-                     f"has {len(ex.images)} images; fix the template (use {{images}} for a variable number)")
+    raise ValueError(
+        f"task {spec.name}, {what} {ex.id}: the prompt has {n} {IMAGE_TOKEN} markers but the example "
+        f"has {len(ex.images)} images; fix the template (use {{images}} for a variable number)"
+    )
 
 
 def demo_answer(spec: TaskSpec, ex: Example, rng: random.Random) -> str:
@@ -82,7 +91,7 @@ def render_demo(spec: TaskSpec, ex: Example, rng: random.Random) -> tuple[str, l
 
 def render_query(spec: TaskSpec, ex: Example) -> tuple[str, list[str]]:
     """The template up to (not including) the first target field, trailing spaces removed."""
-    text = spec.template[:_cut_point(spec)].format(**_fields(spec, ex, "")).rstrip(" ")
+    text = spec.template[: _cut_point(spec)].format(**_fields(spec, ex, "")).rstrip(" ")
     return text, _images_for(text, ex, spec, "query")
 
 
@@ -110,8 +119,10 @@ def sample_demos(pool: list[Example], query: Example, k: int, rng: random.Random
     if len(chosen) < k:  # small or crowded pools: draw from the full list of eligible examples
         eligible = [i for i in range(len(pool)) if i not in chosen and ok(pool[i])]
         if len(eligible) < k - len(chosen):
-            raise ValueError(f"query {query.id}: only {len(chosen) + len(eligible)} train examples without the "
-                             f"query's image, {k} demonstrations needed; use fewer shots or a larger train split")
+            raise ValueError(
+                f"query {query.id}: only {len(chosen) + len(eligible)} train examples without the "
+                f"query's image, {k} demonstrations needed; use fewer shots or a larger train split"
+            )
         chosen += rng.sample(eligible, k - len(chosen))
     return [pool[i] for i in chosen]
 
@@ -127,12 +138,20 @@ def _chat_prompt(spec: TaskSpec, query: Example, demos: list[Example], rng: rand
         if ex is not query:
             turns.append({"role": "assistant", "content": demo_answer(spec, ex, rng)})
     text = "\n".join(f"[{t['role']}] {t['content']}" for t in turns)
-    return Prompt(query.id, text, images, [d.id for d in demos], [k for d in demos for k in d.image_keys],
-                  list(query.options), chat=turns)
+    return Prompt(
+        query.id,
+        text,
+        images,
+        [d.id for d in demos],
+        [k for d in demos for k in d.image_keys],
+        list(query.options),
+        chat=turns,
+    )
 
 
-def build_prompt(task: Task, query: Example, shots: int, seed: int = 0, chat: bool = False,
-                 image_donor: Example | None = None) -> Prompt:
+def build_prompt(
+    task: Task, query: Example, shots: int, seed: int = 0, chat: bool = False, image_donor: Example | None = None
+) -> Prompt:
     """The prompt for one query; with `chat`, a conversation in the task's chat template.
 
     With `image_donor` (the image-shuffled control, see `mm1.eval.shuffle`) the query shows the
@@ -161,12 +180,24 @@ def build_prompt(task: Task, query: Example, shots: int, seed: int = 0, chat: bo
         images += imgs
     text, imgs = render_query(spec, query)
     parts.append(text)
-    return Prompt(query.id, spec.separator.join(parts), images + imgs, [d.id for d in demos],
-                  [k for d in demos for k in d.image_keys], list(query.options))
+    return Prompt(
+        query.id,
+        spec.separator.join(parts),
+        images + imgs,
+        [d.id for d in demos],
+        [k for d in demos for k in d.image_keys],
+        list(query.options),
+    )
 
 
-def build_prompts(task: Task, queries: list[Example], shots: int, seed: int = 0, chat: bool = False,
-                  image_donors: list[Example | None] | None = None) -> list[Prompt]:
+def build_prompts(
+    task: Task,
+    queries: list[Example],
+    shots: int,
+    seed: int = 0,
+    chat: bool = False,
+    image_donors: list[Example | None] | None = None,
+) -> list[Prompt]:
     donors = image_donors if image_donors is not None else [None] * len(queries)
     return [build_prompt(task, q, shots, seed, chat, d) for q, d in zip(queries, donors, strict=True)]
 
@@ -178,6 +209,6 @@ def extract_answer(generated: str, spec: TaskSpec) -> str:
     if spec.cot_marker:
         at = text.rfind(spec.cot_marker)
         if at >= 0:
-            text = text[at + len(spec.cot_marker):]
+            text = text[at + len(spec.cot_marker) :]
     text = text.strip()
     return text.lower() if spec.lowercase else text

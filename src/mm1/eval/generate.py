@@ -11,9 +11,10 @@ logits; a row stops at EOS, at a stop string, or after `max_new_tokens`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
 
 import torch
 from PIL import Image
@@ -49,7 +50,7 @@ class GenerationConfig:
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:
     """Post-processing: the text before the earliest stop string (all of it when none occurs)."""
     ends = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return text[:min(ends)] if ends else text
+    return text[: min(ends)] if ends else text
 
 
 def image_batch(cfg: ModelConfig, images: Sequence[ImageSource], resize: str = "crop") -> torch.Tensor:
@@ -65,7 +66,9 @@ def image_batch(cfg: ModelConfig, images: Sequence[ImageSource], resize: str = "
                 out.append(preprocess(img, v.image_size, v.mean, v.std, resize).unsqueeze(0))
         else:
             where = str(src) if not isinstance(src, bytes) else f"image {n}"
-            out.append(image_tensors(src, where, v.image_size, v.mean, v.std, resize, cfg.subimage_grid, cfg.overview_first))
+            out.append(
+                image_tensors(src, where, v.image_size, v.mean, v.std, resize, cfg.subimage_grid, cfg.overview_first)
+            )
     if not out:
         return torch.zeros(0, 3, v.image_size, v.image_size)
     return torch.cat(out)
@@ -93,8 +96,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     mask = torch.zeros(len(rows), T, dtype=torch.bool)
     for i, r in enumerate(rows):
         if r:
-            ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, T - len(r):] = True
+            ids[i, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, T - len(r) :] = True
     return ids, mask
 
 
@@ -120,8 +123,14 @@ def _pick(logits: torch.Tensor, gcfg: GenerationConfig, gen: torch.Generator | N
 
 
 @torch.inference_mode()
-def generate_ids(model, tokenizer: Tokenizer, prompts: list[PromptLike], images: list[Sequence[ImageSource]],
-                 gcfg: GenerationConfig, scores: list[torch.Tensor] | None = None) -> list[list[int]]:
+def generate_ids(
+    model,
+    tokenizer: Tokenizer,
+    prompts: list[PromptLike],
+    images: list[Sequence[ImageSource]],
+    gcfg: GenerationConfig,
+    scores: list[torch.Tensor] | None = None,
+) -> list[list[int]]:
     """Generated token ids per prompt (one batch; EOS and what follows are dropped). With a
     `scores` list, each step's next-token logits [B, V] are appended to it (for inspection).
 
@@ -149,8 +158,13 @@ def generate_ids(model, tokenizer: Tokenizer, prompts: list[PromptLike], images:
     step_ids = ids
     for step in range(gcfg.max_new_tokens):
         if cache is not None:
-            logits = model(step_ids, pixels if step == 0 else None, attention_mask=mask if step == 0 else None,
-                           cache=cache, logits_to_keep=1).logits[:, -1]  # [B, V]
+            logits = model(
+                step_ids,
+                pixels if step == 0 else None,
+                attention_mask=mask if step == 0 else None,
+                cache=cache,
+                logits_to_keep=1,
+            ).logits[:, -1]  # [B, V]
         else:
             logits = model(ids, pixels, attention_mask=mask, logits_to_keep=1).logits[:, -1]  # [B, V]
         if scores is not None:
@@ -184,8 +198,14 @@ def batch_order(prompts: Sequence[PromptLike]) -> list[int]:
     return sorted(range(len(prompts)), key=lambda i: (len(str(prompts[i])), i))
 
 
-def generate(model, tokenizer: Tokenizer, prompts: list[PromptLike], images: list[Sequence[ImageSource]] | None = None,
-             gcfg: GenerationConfig | None = None, **overrides) -> list[str]:
+def generate(
+    model,
+    tokenizer: Tokenizer,
+    prompts: list[PromptLike],
+    images: list[Sequence[ImageSource]] | None = None,
+    gcfg: GenerationConfig | None = None,
+    **overrides,
+) -> list[str]:
     """Continuations of `prompts` (texts with `<image>` markers; `images[i]` fills prompt i's
     markers in order; a prompt may also be a conversation, see `encode_prompt`), cut at the first
     stop string. Prompts are grouped by length into batches of
@@ -207,7 +227,7 @@ def generate(model, tokenizer: Tokenizer, prompts: list[PromptLike], images: lis
     texts: list[str] = [""] * len(prompts)
     try:
         for start in range(0, len(order), max(1, gcfg.batch_size)):
-            chunk = order[start:start + gcfg.batch_size]
+            chunk = order[start : start + gcfg.batch_size]
             ids = generate_ids(model, tokenizer, [prompts[i] for i in chunk], [images[i] for i in chunk], gcfg)
             for i, row in zip(chunk, ids):
                 texts[i] = cut_at_stops(tokenizer.decode(row), gcfg.stop)

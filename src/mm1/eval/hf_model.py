@@ -57,8 +57,15 @@ class HFLlava(nn.Module):
         self.cfg = cfg
         self.lm = _Caches()
 
-    def forward(self, input_ids: Tensor, images: Tensor | None = None, attention_mask: Tensor | None = None,
-                cache: HFCache | None = None, logits_to_keep: int = 0, **unused: Any) -> SimpleNamespace:
+    def forward(
+        self,
+        input_ids: Tensor,
+        images: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        cache: HFCache | None = None,
+        logits_to_keep: int = 0,
+        **unused: Any,
+    ) -> SimpleNamespace:
         if unused.get("targets") is not None:
             raise ValueError("HFLlava scores and generates; it does not compute training losses")
         B, T = input_ids.shape
@@ -70,9 +77,15 @@ class HFLlava(nn.Module):
             mask = attention_mask.bool() if attention_mask is not None else step
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]: 0 at each row's first real token
         pixels = None if images is None else images.to(self.hf.dtype)
-        out = self.hf(input_ids=input_ids, pixel_values=pixels, attention_mask=mask.long(), position_ids=pos,
-                      past_key_values=None if cache is None else cache.past, use_cache=cache is not None,
-                      logits_to_keep=logits_to_keep)
+        out = self.hf(
+            input_ids=input_ids,
+            pixel_values=pixels,
+            attention_mask=mask.long(),
+            position_ids=pos,
+            past_key_values=None if cache is None else cache.past,
+            use_cache=cache is not None,
+            logits_to_keep=logits_to_keep,
+        )
         if cache is not None:
             cache.past, cache.mask, cache.next_pos = out.past_key_values, mask, pos[:, -1] + 1
         return SimpleNamespace(logits=out.logits)
@@ -87,13 +100,20 @@ def image_input(folder: Path, config: dict) -> tuple[int, list[float], list[floa
     """(image size, mean, std, data.resize, slots per image) from the folder's processor files."""
     pre, proc = _read(folder, "preprocessor_config.json"), _read(folder, "processor_config.json")
     if not pre:
-        raise FileNotFoundError(f"{folder}: no preprocessor_config.json; mm1 needs it for the image size, mean "
-                                "and std (save the processor beside the model: processor.save_pretrained)")
+        raise FileNotFoundError(
+            f"{folder}: no preprocessor_config.json; mm1 needs it for the image size, mean "
+            "and std (save the processor beside the model: processor.save_pretrained)"
+        )
     crop, size = pre.get("crop_size") or {}, pre.get("size") or {}
-    side = crop.get("height") if pre.get("do_center_crop", True) and crop else size.get("height", size.get("shortest_edge"))
+    side = (
+        crop.get("height")
+        if pre.get("do_center_crop", True) and crop
+        else size.get("height", size.get("shortest_edge"))
+    )
     if not side or (crop and crop.get("width", side) != side):
-        raise ValueError(f"{folder}/preprocessor_config.json: mm1 evaluates square inputs; found size={size} "
-                         f"crop_size={crop}")
+        raise ValueError(
+            f"{folder}/preprocessor_config.json: mm1 evaluates square inputs; found size={size} crop_size={crop}"
+        )
     patch = proc.get("patch_size")
     if patch:
         slots = (side // patch) ** 2 + proc.get("num_additional_image_tokens", 0)
@@ -115,27 +135,43 @@ def load_hf_llava(path: str | Path, trust_remote_code: bool = False) -> tuple[HF
     if not config:
         raise FileNotFoundError(f"{folder}: no config.json; --hf takes a local transformers LLaVA folder")
     if config.get("auto_map") and not trust_remote_code:
-        raise ValueError(f"{folder} carries its own modeling code (auto_map in config.json); read it, then pass "
-                         "--trust-remote-code to run it")
+        raise ValueError(
+            f"{folder} carries its own modeling code (auto_map in config.json); read it, then pass "
+            "--trust-remote-code to run it"
+        )
     size, mean, std, resize, slots = image_input(folder, config)
     tok = Tokenizer.load(folder)
     slot_id = config.get("image_token_index", config.get("image_token_id"))
     if tok.image_id != slot_id:
-        raise ValueError(f"{folder}: the tokenizer's <image> id is {tok.image_id} but config.json's "
-                         f"image_token_index is {slot_id}; mm1 expands the literal <image> into the model's slots")
-    hf = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=trust_remote_code,
-                                                     dtype=torch.float32).eval()
+        raise ValueError(
+            f"{folder}: the tokenizer's <image> id is {tok.image_id} but config.json's "
+            f"image_token_index is {slot_id}; mm1 expands the literal <image> into the model's slots"
+        )
+    hf = AutoModelForImageTextToText.from_pretrained(
+        folder, trust_remote_code=trust_remote_code, dtype=torch.float32
+    ).eval()
     vision, text = config.get("vision_config", {}), config.get("text_config", {})
     mm1_connector = config.get("mm1_connector")
     connector = ConnectorConfig(**mm1_connector) if mm1_connector else ConnectorConfig(kind="mlp", num_tokens=slots)
     if connector.num_tokens != slots:
-        raise ValueError(f"{folder}: mm1_connector makes {connector.num_tokens} tokens but the processor "
-                         f"expands <image> into {slots}")
+        raise ValueError(
+            f"{folder}: mm1_connector makes {connector.num_tokens} tokens but the processor "
+            f"expands <image> into {slots}"
+        )
     cfg = ModelConfig(
-        vision=VisionConfig(image_size=size, patch_size=vision.get("patch_size", size), width=vision.get("hidden_size", 1),
-                            mean=[float(m) for m in mean], std=[float(s) for s in std]),
+        vision=VisionConfig(
+            image_size=size,
+            patch_size=vision.get("patch_size", size),
+            width=vision.get("hidden_size", 1),
+            mean=[float(m) for m in mean],
+            std=[float(s) for s in std],
+        ),
         connector=connector,
-        lm=LMConfig(vocab_size=text.get("vocab_size", tok.vocab_size), dim=text.get("hidden_size", 1),
-                    max_seq_len=text.get("max_position_embeddings", 2048)),
-        image_token_id=slot_id)
+        lm=LMConfig(
+            vocab_size=text.get("vocab_size", tok.vocab_size),
+            dim=text.get("hidden_size", 1),
+            max_seq_len=text.get("max_position_embeddings", 2048),
+        ),
+        image_token_id=slot_id,
+    )
     return HFLlava(hf, cfg), tok, resize

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Hashable, Literal, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Literal
 
 from mm1.eval.ptb import ptb_tokenize, ptb_tokenize_java
 from mm1.eval.vqa_norm import clean_whitespace, normalize_answer, strip_punctuation
@@ -33,7 +34,7 @@ def _ngrams(sentence: str) -> Counter:
     counts: Counter = Counter()
     for n in range(1, MAX_N + 1):
         for i in range(len(words) - n + 1):
-            counts[tuple(words[i:i + n])] += 1
+            counts[tuple(words[i : i + n])] += 1
     return counts
 
 
@@ -58,7 +59,7 @@ class _Vector:
 
 def _similarity(hyp: _Vector, ref: _Vector) -> list[float]:
     """Clipped cosine per order times the Gaussian length penalty."""
-    penalty = math.exp(-float(hyp.length - ref.length) ** 2 / (2 * SIGMA**2))
+    penalty = math.exp(-(float(hyp.length - ref.length) ** 2) / (2 * SIGMA**2))
     out = []
     for order in range(MAX_N):
         ref_w = ref.weights[order]
@@ -77,8 +78,10 @@ def _tokenize_all(candidates: dict, references: dict, tokenizer: Tokenizer) -> t
         return candidates, references
     keys = list(references)
     if tokenizer == "python":
-        return ({k: ptb_tokenize(candidates[k]) for k in keys},
-                {k: [ptb_tokenize(r) for r in references[k]] for k in keys})
+        return (
+            {k: ptb_tokenize(candidates[k]) for k in keys},
+            {k: [ptb_tokenize(r) for r in references[k]] for k in keys},
+        )
     if tokenizer == "java":  # one JVM for the whole corpus
         flat = [candidates[k] for k in keys] + [r for k in keys for r in references[k]]
         toks = iter(ptb_tokenize_java(flat))
@@ -120,17 +123,22 @@ def _check_inputs(candidates: dict, references: dict) -> None:
     if set(candidates) != set(references):
         missing = sorted(map(str, set(references) - set(candidates)))[:5]
         extra = sorted(map(str, set(candidates) - set(references)))[:5]
-        raise ValueError(f"cider: candidates and references must have the same ids; "
-                         f"without a candidate: {missing}, without references: {extra}")
+        raise ValueError(
+            f"cider: candidates and references must have the same ids; "
+            f"without a candidate: {missing}, without references: {extra}"
+        )
     for k, refs in references.items():
         if not isinstance(refs, (list, tuple)) or not refs:
             raise ValueError(f"cider: image {k!r} needs a non-empty list of reference captions, got {refs!r}")
         if not isinstance(candidates[k], str):
-            raise ValueError(f"cider: the candidate for image {k!r} must be one string, got {type(candidates[k]).__name__}")
+            raise ValueError(
+                f"cider: the candidate for image {k!r} must be one string, got {type(candidates[k]).__name__}"
+            )
 
 
-def cider_scores(candidates: dict[Hashable, str], references: dict[Hashable, list[str]],
-                 tokenizer: Tokenizer = "python") -> dict[Hashable, float]:
+def cider_scores(
+    candidates: dict[Hashable, str], references: dict[Hashable, list[str]], tokenizer: Tokenizer = "python"
+) -> dict[Hashable, float]:
     """Per-image CIDEr-D (x100). `candidates` and `references` must cover the same ids; the corpus
     statistics (df, N) come from these references, as in pycocoevalcap."""
     _check_inputs(candidates, references)
@@ -141,8 +149,9 @@ def cider_scores(candidates: dict[Hashable, str], references: dict[Hashable, lis
     return {k: scorer.score(k, cands[k]) for k in refs}
 
 
-def cider(candidates: dict[Hashable, str], references: dict[Hashable, list[str]],
-          tokenizer: Tokenizer = "python") -> float:
+def cider(
+    candidates: dict[Hashable, str], references: dict[Hashable, list[str]], tokenizer: Tokenizer = "python"
+) -> float:
     """Corpus CIDEr-D x100 (COCO numbers like 114.6). `tokenizer`: "python" (PTB-like, default),
     "java" (Stanford PTBTokenizer from pycocoevalcap) or "none" (inputs are already tokenised)."""
     scores = cider_scores(candidates, references, tokenizer)

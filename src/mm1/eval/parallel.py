@@ -14,8 +14,9 @@ where the model runs and in which precision its weights are held.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -42,8 +43,8 @@ class Shards:
         whole batches of `batch_size`, strided over ranks, so every batch is the one a single
         process forms and its numbers are the same to the last bit."""
         batch_size = max(1, batch_size)
-        batches = [list(order[s:s + batch_size]) for s in range(0, len(order), batch_size)]
-        return [i for batch in batches[self.env.rank::self.env.world_size] for i in batch]
+        batches = [list(order[s : s + batch_size]) for s in range(0, len(order), batch_size)]
+        return [i for batch in batches[self.env.rank :: self.env.world_size] for i in batch]
 
     def gather(self, mine: list[int], local: list[T], n: int) -> list[T]:
         """The outputs of all `n` items, in item order, on every rank (`local[j]` belongs to item `mine[j]`)."""

@@ -23,16 +23,48 @@ import tempfile
 from pathlib import Path
 
 # tokens pycocoevalcap drops after tokenising (the bracket escapes only in upper case, see above)
-PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
-                         ".", "?", "!", ",", ":", "-", "--", "...", ";"])
+PUNCTUATION = frozenset(
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
 
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 # multi-word forms the PTB lexer splits in two
-_SPLIT_WORDS = {"cannot": "can not", "gonna": "gon na", "gotta": "got ta", "wanna": "wan na",
-                "gimme": "gim me", "lemme": "lem me"}
+_SPLIT_WORDS = {
+    "cannot": "can not",
+    "gonna": "gon na",
+    "gotta": "got ta",
+    "wanna": "wan na",
+    "gimme": "gim me",
+    "lemme": "lem me",
+}
 # abbreviations whose period stays on the word
-_ABBREVIATIONS = frozenset(["mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "vs", "etc", "mt", "ft",
-                            "inc", "ltd", "co", "corp", "jan", "feb", "aug", "sept", "oct", "nov", "dec"])
+_ABBREVIATIONS = frozenset(
+    [
+        "mr",
+        "mrs",
+        "ms",
+        "dr",
+        "st",
+        "jr",
+        "sr",
+        "prof",
+        "vs",
+        "etc",
+        "mt",
+        "ft",
+        "inc",
+        "ltd",
+        "co",
+        "corp",
+        "jan",
+        "feb",
+        "aug",
+        "sept",
+        "oct",
+        "nov",
+        "dec",
+    ]
+)
 
 _ABBREV = "|".join(sorted(_ABBREVIATIONS, key=len, reverse=True))
 _NOT = re.compile(r"(?<=[a-z])n't(?![a-z])")
@@ -107,19 +139,27 @@ def ptb_tokenize_java(texts: list[str]) -> list[str]:
     punctuation tokens exactly as pycocoevalcap does. Raises if Java or the jar is missing."""
     jar = find_ptb_jar()
     if shutil.which("java") is None or jar is None:
-        raise RuntimeError("the Java PTB tokenizer needs `java` on PATH and pycocoevalcap installed "
-                           "(or MM1_PTB_JAR=/path/to/stanford-corenlp-3.4.1.jar); use tokenizer='python' otherwise")
+        raise RuntimeError(
+            "the Java PTB tokenizer needs `java` on PATH and pycocoevalcap installed "
+            "(or MM1_PTB_JAR=/path/to/stanford-corenlp-3.4.1.jar); use tokenizer='python' otherwise"
+        )
     if not texts:
         return []
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "captions.txt"
         src.write_text("\n".join(t.replace("\n", " ") for t in texts), encoding="utf-8")
-        cmd = ["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
-               "-preserveLines", "-lowerCase", str(src)]
+        cmd = [
+            "java",
+            "-cp",
+            str(jar),
+            "edu.stanford.nlp.process.PTBTokenizer",
+            "-preserveLines",
+            "-lowerCase",
+            str(src),
+        ]
         proc = subprocess.run(cmd, capture_output=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"PTBTokenizer failed ({' '.join(cmd)}): {proc.stderr.decode(errors='replace')[-500:]}")
     lines = proc.stdout.decode("utf-8").split("\n")
     lines += [""] * (len(texts) - len(lines))
-    return [" ".join(w for w in line.rstrip().split(" ") if w and w not in PUNCTUATION)
-            for line in lines[: len(texts)]]
+    return [" ".join(w for w in line.rstrip().split(" ") if w and w not in PUNCTUATION) for line in lines[: len(texts)]]

@@ -15,14 +15,16 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from mm1.data.safety import ReadPolicy, inside_root
 from mm1.data.skips import DataError
 from mm1.registry import ConfigError, Registry
+
 
 @dataclass
 class Example:
@@ -72,6 +74,7 @@ def register_format(name: str, **settings: str) -> Callable[[Reader], Reader]:
     def decorate(read: Reader) -> Reader:
         FORMATS.register(name)(Format(read, **settings))
         return read
+
     return decorate
 
 
@@ -137,8 +140,9 @@ def image_file(root: Path, name: str, where: str) -> str:
             raise DataError(f"{where}: image {refused}; or set allow_outside_paths: true in the task spec")
         if cand.is_file():
             return str(cand.resolve())
-    raise FileNotFoundError(f"{where}: image {name!r} not found under {root} (or {root / 'images'}); "
-                            "set image_root in the task spec")
+    raise FileNotFoundError(
+        f"{where}: image {name!r} not found under {root} (or {root / 'images'}); set image_root in the task spec"
+    )
 
 
 @register_format("coco_captions", kind="caption")
@@ -174,16 +178,30 @@ def read_vqav2(spec: Any, src: Any, split: str) -> list[Example]:
         ann = by_qid.get(q["question_id"])
         if ann is None:
             raise ValueError(f"{apath}: no annotation for question_id {q['question_id']} of {qpath}")
-        name = q.get("image") or q.get("file_name") or (spec.image_pattern.format(image_id=q["image_id"])
-                                                         if spec.image_pattern else None)
+        name = (
+            q.get("image")
+            or q.get("file_name")
+            or (spec.image_pattern.format(image_id=q["image_id"]) if spec.image_pattern else None)
+        )
         if name is None:
-            raise ConfigError(f"task {spec.name}: {qpath} questions carry only image_id; "
-                              "set image_pattern (e.g. 'COCO_val2014_{image_id:012d}.jpg') and image_root")
+            raise ConfigError(
+                f"task {spec.name}: {qpath} questions carry only image_id; "
+                "set image_pattern (e.g. 'COCO_val2014_{image_id:012d}.jpg') and image_root"
+            )
         file = image_file(root, name, f"{qpath} question {q['question_id']}")
         answers = [str(a["answer"]) if isinstance(a, dict) else str(a) for a in ann["answers"]]
         meta = {k: ann[k] for k in ("question_type", "answer_type", "multiple_choice_answer") if k in ann}
-        out.append(Example(str(q["question_id"]), [file], [file], question=q["question"],
-                           answers=answers, rationale=str(ann.get("rationale", q.get("rationale", ""))), meta=meta))
+        out.append(
+            Example(
+                str(q["question_id"]),
+                [file],
+                [file],
+                question=q["question"],
+                answers=answers,
+                rationale=str(ann.get("rationale", q.get("rationale", ""))),
+                meta=meta,
+            )
+        )
     return out
 
 
@@ -197,9 +215,14 @@ def read_mm1_jsonl(spec: Any, path: Path, split: str) -> list[Example]:
         if spec.kind in ("multi", "caption", "vqa") and not files:
             raise ValueError(f"{where}: a {spec.kind} example needs images")
         ans = row.get("answers", row.get("captions", row.get("answer", "")))
-        ex = Example(str(row.get("id", row.get("question_id", n))), files, files,
-                     question=str(row.get("question", row.get("prompt", ""))), rationale=str(row.get("rationale", "")),
-                     meta={k: v for k, v in row.items() if k in ("question_type", "type", "answer_type")})
+        ex = Example(
+            str(row.get("id", row.get("question_id", n))),
+            files,
+            files,
+            question=str(row.get("question", row.get("prompt", ""))),
+            rationale=str(row.get("rationale", "")),
+            meta={k: v for k, v in row.items() if k in ("question_type", "type", "answer_type")},
+        )
         if spec.kind == "mc":
             opts = row.get("options")
             if not isinstance(opts, list) or len(opts) < 2 or not isinstance(ans, int) or not 0 <= ans < len(opts):

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mm1.config import Config, to_dict
 from mm1.data.tokenizer import IMAGE_TOKEN, Tokenizer
@@ -28,41 +29,76 @@ from mm1.eval.task_metrics import SCORERS, choice_from_text
 from mm1.eval.tasks import Task, check_eval_options, get_task
 
 
-def _choose_by_loglik(model, tokenizer: Tokenizer, prompts: list, inputs: list, cfg: Config,
-                      records: list[dict], shards: Shards) -> list[int]:
+def _choose_by_loglik(
+    model, tokenizer: Tokenizer, prompts: list, inputs: list, cfg: Config, records: list[dict], shards: Shards
+) -> list[int]:
     """Every (query, option) row scored in batches of eval.batch_size (this rank's share of them,
     then gathered); the most likely option wins."""
     rows = [(i, o if cfg.eval.chat else " " + o) for i, p in enumerate(prompts) for o in p.options]
     mine = shards.split(range(len(rows)), cfg.eval.batch_size)
-    local = continuation_logprobs(model, tokenizer, [inputs[rows[r][0]] for r in mine], [rows[r][1] for r in mine],
-                                  [prompts[rows[r][0]].images for r in mine], cfg.eval.batch_size,
-                                  cfg.eval.add_bos) if mine else []
+    local = (
+        continuation_logprobs(
+            model,
+            tokenizer,
+            [inputs[rows[r][0]] for r in mine],
+            [rows[r][1] for r in mine],
+            [prompts[rows[r][0]].images for r in mine],
+            cfg.eval.batch_size,
+            cfg.eval.add_bos,
+        )
+        if mine
+        else []
+    )
     lps = shards.gather(mine, local, len(rows))
     chosen, at = [], 0
     for p, rec in zip(prompts, records):
-        scores = [lp / n if cfg.eval.mc_normalize == "length" else lp for lp, n in lps[at:at + len(p.options)]]
+        scores = [lp / n if cfg.eval.mc_normalize == "length" else lp for lp, n in lps[at : at + len(p.options)]]
         at += len(p.options)
         chosen.append(max(range(len(scores)), key=lambda j: scores[j]))
         rec["option_scores"] = scores
     return chosen
 
 
-def _generate(model, tokenizer: Tokenizer, task: Task, prompts: list, inputs: list, cfg: Config,
-              records: list[dict], shards: Shards) -> list[str]:
+def _generate(
+    model,
+    tokenizer: Tokenizer,
+    task: Task,
+    prompts: list,
+    inputs: list,
+    cfg: Config,
+    records: list[dict],
+    shards: Shards,
+) -> list[str]:
     spec = task.spec
-    gcfg = GenerationConfig(max_new_tokens=spec.max_new_tokens or cfg.eval.max_new_tokens, stop=list(spec.stop),
-                            batch_size=cfg.eval.batch_size, add_bos=cfg.eval.add_bos, resize=cfg.data.resize,
-                            stop_ids=[tokenizer.turn_end_id] if cfg.eval.chat else [])
+    gcfg = GenerationConfig(
+        max_new_tokens=spec.max_new_tokens or cfg.eval.max_new_tokens,
+        stop=list(spec.stop),
+        batch_size=cfg.eval.batch_size,
+        add_bos=cfg.eval.add_bos,
+        resize=cfg.data.resize,
+        stop_ids=[tokenizer.turn_end_id] if cfg.eval.chat else [],
+    )
     mine = shards.split(batch_order(inputs), gcfg.batch_size)  # the batches one process would form
-    local = generate(model, tokenizer, [inputs[i] for i in mine], [prompts[i].images for i in mine], gcfg) if mine else []
+    local = (
+        generate(model, tokenizer, [inputs[i] for i in mine], [prompts[i].images for i in mine], gcfg) if mine else []
+    )
     raw = shards.gather(mine, local, len(inputs))
     for rec, r in zip(records, raw):
         rec["raw"] = r
     return [extract_answer(r, spec) for r in raw]
 
 
-def run_trial(model, tokenizer: Tokenizer, task: Task, items: list, shots: int, seed: int,
-              cfg: Config, image_donors: list | None = None, shards: Shards | None = None) -> tuple[float, list[dict]]:
+def run_trial(
+    model,
+    tokenizer: Tokenizer,
+    task: Task,
+    items: list,
+    shots: int,
+    seed: int,
+    cfg: Config,
+    image_donors: list | None = None,
+    shards: Shards | None = None,
+) -> tuple[float, list[dict]]:
     """One pass over `items` with demonstrations drawn from `seed`: (score, per-item records).
     With `image_donors` (the shuffled control) query i shows `image_donors[i]`'s images. With
     `shards` (torchrun) the model sees this rank's share of the batches; everything after the model
@@ -109,9 +145,17 @@ def trial_details(task: Task, items: list, records: list[dict], cfg: Config) -> 
     return scorer.details(items, values, cfg)
 
 
-def evaluate(model, tokenizer: Tokenizer, cfg: Config, tasks: list[str] | None = None, shots: list[int] | None = None,
-             limit: int | None = None, out_dir: str | Path | None = None,
-             log: Callable[[str], Any] | None = print, shards: Shards | None = None) -> list[dict]:
+def evaluate(
+    model,
+    tokenizer: Tokenizer,
+    cfg: Config,
+    tasks: list[str] | None = None,
+    shots: list[int] | None = None,
+    limit: int | None = None,
+    out_dir: str | Path | None = None,
+    log: Callable[[str], Any] | None = print,
+    shards: Shards | None = None,
+) -> list[dict]:
     """Every task x shots; returns one result dict each and, with `out_dir`, writes
     `{out_dir}/{task}_{shots}shot.json` for each (rank 0 only under torchrun: see `mm1.eval.parallel`)."""
     shards = shards or Shards()
@@ -139,30 +183,57 @@ def evaluate(model, tokenizer: Tokenizer, cfg: Config, tasks: list[str] | None =
             mean, std = mean_std(trial_scores)
             spec = task.spec
             result = {
-                "task": task.name, "kind": spec.kind, "metric": spec.metric, "shots": k, "score": mean, "std": std,
-                "trial_scores": trial_scores, "details": details, "mc_mode": spec.mc_mode, "seeds": seeds,
+                "task": task.name,
+                "kind": spec.kind,
+                "metric": spec.metric,
+                "shots": k,
+                "score": mean,
+                "std": std,
+                "trial_scores": trial_scores,
+                "details": details,
+                "mc_mode": spec.mc_mode,
+                "seeds": seeds,
                 "n": len(items),
                 **_shuffled_control(model, tokenizer, task, items, k, seeds, mean, cfg, shards),
                 "seconds": round(time.time() - t0, 2),
-                "template": spec.chat_template if cfg.eval.chat else spec.template, "chat": cfg.eval.chat,
-                "separator": spec.separator, "prefix": spec.prefix, "stop": spec.stop,
-                "cot_marker": spec.cot_marker, "max_new_tokens": spec.max_new_tokens or cfg.eval.max_new_tokens,
-                "config": to_dict(cfg), "predictions": predictions,
+                "template": spec.chat_template if cfg.eval.chat else spec.template,
+                "chat": cfg.eval.chat,
+                "separator": spec.separator,
+                "prefix": spec.prefix,
+                "stop": spec.stop,
+                "cot_marker": spec.cot_marker,
+                "max_new_tokens": spec.max_new_tokens or cfg.eval.max_new_tokens,
+                "config": to_dict(cfg),
+                "predictions": predictions,
             }
             results.append(result)
             if log:
                 gain = result["image_gain"]
-                shuffled = (f"  shuffled {result['score_shuffled']:.2f} (image gain {gain:+.2f})" if gain is not None
-                            else f"  ({result['shuffle_note']})")
-                log(f"{task.name:<16} {k}-shot  {spec.metric:<10} {mean:8.2f} ± {std:.2f}{shuffled}  "
-                    f"(n={len(items)}, {result['seconds']:.1f}s)")
+                shuffled = (
+                    f"  shuffled {result['score_shuffled']:.2f} (image gain {gain:+.2f})"
+                    if gain is not None
+                    else f"  ({result['shuffle_note']})"
+                )
+                log(
+                    f"{task.name:<16} {k}-shot  {spec.metric:<10} {mean:8.2f} ± {std:.2f}{shuffled}  "
+                    f"(n={len(items)}, {result['seconds']:.1f}s)"
+                )
             if out_dir is not None:
                 write_result(result, out_dir)
     return results
 
 
-def _shuffled_control(model, tokenizer: Tokenizer, task: Task, items: list, shots: int, seeds: list[int],
-                      score: float, cfg: Config, shards: Shards) -> dict[str, Any]:
+def _shuffled_control(
+    model,
+    tokenizer: Tokenizer,
+    task: Task,
+    items: list,
+    shots: int,
+    seeds: list[int],
+    score: float,
+    cfg: Config,
+    shards: Shards,
+) -> dict[str, Any]:
     """The image-shuffled control of one (task, shots): every trial re-run with deranged query images
     (the derangement seeded like the trial). Null fields and a note where it does not apply."""
     off = {"score_shuffled": None, "std_shuffled": None, "image_gain": None, "shuffled_trial_scores": []}
@@ -170,8 +241,9 @@ def _shuffled_control(model, tokenizer: Tokenizer, task: Task, items: list, shot
         return off | {"shuffle_note": "off (eval.shuffled_control=false)"}
     template = task.spec.chat_template if cfg.eval.chat else task.spec.template
     inline = any(IMAGE_TOKEN in ex.question for ex in items)  # MMMU: the data places the images
-    if task.spec.metric == "perplexity" or not (inline or any(m in template for m in (IMAGE_TOKEN, "{images}",
-                                                                                         "{image_lines}"))):
+    if task.spec.metric == "perplexity" or not (
+        inline or any(m in template for m in (IMAGE_TOKEN, "{images}", "{image_lines}"))
+    ):
         return off | {"shuffle_note": "text-only prompt: no image to shuffle"}
     scores, predictions, note = [], [], ""
     for seed in seeds:
@@ -182,8 +254,14 @@ def _shuffled_control(model, tokenizer: Tokenizer, task: Task, items: list, shot
         scores.append(s)
         predictions.append(records)
     mean, std = mean_std(scores)
-    return {"score_shuffled": mean, "std_shuffled": std, "image_gain": score - mean, "shuffled_trial_scores": scores,
-            "shuffle_note": note, "shuffled_predictions": predictions}
+    return {
+        "score_shuffled": mean,
+        "std_shuffled": std,
+        "image_gain": score - mean,
+        "shuffled_trial_scores": scores,
+        "shuffle_note": note,
+        "shuffled_predictions": predictions,
+    }
 
 
 def write_result(result: dict, out_dir: str | Path) -> Path:
@@ -211,11 +289,14 @@ def format_table(results: list[dict]) -> str:
         shuffled, gain = r["score_shuffled"], r["image_gain"]
         note = str(r.get("shuffle_note", ""))
         missing = "off" if note.startswith("off") else "no image" if note.startswith("text-only") else "n/a"
-        rows.setdefault((r["task"], r["metric"], "shuffled"), {})[r["shots"]] = \
+        rows.setdefault((r["task"], r["metric"], "shuffled"), {})[r["shots"]] = (
             missing if shuffled is None else f"{shuffled:.2f}"
+        )
         rows.setdefault((r["task"], "", "image gain"), {})[r["shots"]] = missing if gain is None else f"{gain:+.2f}"
     head = ["task", "metric"] + [f"{k}-shot" for k in shots]
-    body = [[f"  {kind}" if kind else t, m] + [cells.get(k, "-") for k in shots] for (t, m, kind), cells in rows.items()]
+    body = [
+        [f"  {kind}" if kind else t, m] + [cells.get(k, "-") for k in shots] for (t, m, kind), cells in rows.items()
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda xs: "  ".join(str(x).ljust(w) for x, w in zip(xs, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
@@ -238,6 +319,8 @@ def format_average(results: list[dict]) -> str:
     if not avg:
         return ""
     tasks = sorted({t for _, names in avg.values() for t in names})
-    cells = "  ".join(f"{k}-shot {mean:.2f}" + (f" ({len(names)} tasks)" if len(names) != len(tasks) else "")
-                      for k, (mean, names) in avg.items())
+    cells = "  ".join(
+        f"{k}-shot {mean:.2f}" + (f" ({len(names)} tasks)" if len(names) != len(tasks) else "")
+        for k, (mean, names) in avg.items()
+    )
     return f"average over {len(tasks)} tasks (MM1-style): {cells}"

@@ -12,7 +12,7 @@ exactly as in the real run (same examples, same images) so the query's image is 
 from __future__ import annotations
 
 import random
-from typing import Collection, Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 
 from mm1.eval.tasks import Example
 
@@ -47,8 +47,10 @@ def derange(keys: Sequence[Collection[Hashable]], seed: int | str) -> list[int]:
                 donor[i], donor[j] = donor[j], donor[i]
                 break
         else:
-            raise ValueError(f"no image derangement exists for item {i} (keys {sorted(map(str, sets[i]))[:3]}): "
-                             "its image is shared by too many of the items")
+            raise ValueError(
+                f"no image derangement exists for item {i} (keys {sorted(map(str, sets[i]))[:3]}): "
+                "its image is shared by too many of the items"
+            )
     return donor
 
 

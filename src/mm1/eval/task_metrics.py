@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from mm1.eval.bench_metrics import circular_accuracy, mmmu_open_correct, parse_choice, parse_yes_no, pope_metrics
 from mm1.eval.metrics import cider_scores, exact_match, vqa_accuracy
@@ -55,6 +56,7 @@ def _per_item(fn: Callable[[Example, Any, Any], float]) -> Callable[[list[Exampl
     def score(items: list[Example], preds: Sequence, cfg: Any) -> Scores:
         per = [100.0 * fn(ex, p, cfg) for ex, p in zip(items, preds)]
         return _mean(per), per
+
     return score
 
 
@@ -62,8 +64,11 @@ def _per_item(fn: Callable[[Example, Any, Any], float]) -> Callable[[list[Exampl
 
 
 def _cider(items: list[Example], preds: Sequence[str], cfg: Any) -> Scores:
-    per = cider_scores({ex.id: p for ex, p in zip(items, preds)}, {ex.id: ex.answers for ex in items},
-                       tokenizer=cfg.eval.cider_tokenizer)
+    per = cider_scores(
+        {ex.id: p for ex, p in zip(items, preds)},
+        {ex.id: ex.answers for ex in items},
+        tokenizer=cfg.eval.cider_tokenizer,
+    )
     scores = [per[ex.id] for ex in items]
     return _mean(scores), scores
 
@@ -74,8 +79,10 @@ def _cider_by_domain(items: list[Example], preds: Sequence[str], cfg: Any) -> di
     for i, ex in enumerate(items):
         if "domain" in ex.meta:
             domains[str(ex.meta["domain"])].append(i)
-    return {f"cider_{d}": _cider([items[i] for i in idx], [preds[i] for i in idx], cfg)[0]
-            for d, idx in sorted(domains.items())}
+    return {
+        f"cider_{d}": _cider([items[i] for i in idx], [preds[i] for i in idx], cfg)[0]
+        for d, idx in sorted(domains.items())
+    }
 
 
 _vqa = _per_item(lambda ex, p, cfg: vqa_accuracy(p, ex.answers, cfg.eval.vqa_mode))
@@ -104,10 +111,17 @@ def _mmmu_correct(ex: Example, response: str, cfg: Any) -> float:
 SCORERS.register("cider")(Scorer(_cider, _cider_by_domain))
 SCORERS.register("vqa")(Scorer(_vqa, lambda items, preds, cfg: _by(items, _vqa(items, preds, cfg)[1], "answer_type")))
 SCORERS.register("exact")(Scorer(_exact, lambda items, preds, cfg: _by(items, _exact(items, preds, cfg)[1], "type")))
-SCORERS.register("pope")(Scorer(_pope, lambda items, preds, cfg: pope_metrics(
-    [parse_yes_no(p) for p in preds], [ex.answers[0] for ex in items])))
-SCORERS.register("mmmu")(Scorer(_per_item(_mmmu_correct), lambda items, preds, cfg: _by(
-    items, _per_item(_mmmu_correct)(items, preds, cfg)[1], "question_type")))
+SCORERS.register("pope")(
+    Scorer(
+        _pope, lambda items, preds, cfg: pope_metrics([parse_yes_no(p) for p in preds], [ex.answers[0] for ex in items])
+    )
+)
+SCORERS.register("mmmu")(
+    Scorer(
+        _per_item(_mmmu_correct),
+        lambda items, preds, cfg: _by(items, _per_item(_mmmu_correct)(items, preds, cfg)[1], "question_type"),
+    )
+)
 
 # ----------------------------------------------------------------------------- chosen options
 
@@ -122,12 +136,16 @@ def _circular(items: list[Example], chosen: Sequence[int], cfg: Any) -> Scores:
 def _circular_details(items: list[Example], chosen: Sequence[int], cfg: Any) -> dict:
     per = _option(items, chosen, cfg)[1]
     first = [s for ex, s in zip(items, per) if ex.meta.get("circular_shift") == 0]
-    return {"vanilla_accuracy": _mean(first), "questions": len({ex.meta["circular_group"] for ex in items}),
-            **_by(items, per, "category")}
+    return {
+        "vanilla_accuracy": _mean(first),
+        "questions": len({ex.meta["circular_group"] for ex in items}),
+        **_by(items, per, "category"),
+    }
 
 
-SCORERS.register("option")(Scorer(_option, lambda items, chosen, cfg: _by(items, _option(items, chosen, cfg)[1],
-                                                                          "category"), choice=True))
+SCORERS.register("option")(
+    Scorer(_option, lambda items, chosen, cfg: _by(items, _option(items, chosen, cfg)[1], "category"), choice=True)
+)
 SCORERS.register("circular")(Scorer(_circular, _circular_details, choice=True))
 
 

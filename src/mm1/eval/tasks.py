@@ -21,9 +21,10 @@ lazily and cached per task, so registering costs nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -86,12 +87,16 @@ class TaskSpec:
         fmt = FORMATS.get(self.format) if self.format else None
         if fmt is not None and fmt.kind:
             if self.kind and self.kind != fmt.kind:
-                raise ConfigError(f"task {self.name}: format {self.format!r} is a {fmt.kind} task, not kind={self.kind!r}; "
-                                  "drop `kind` from the spec")
+                raise ConfigError(
+                    f"task {self.name}: format {self.format!r} is a {fmt.kind} task, not kind={self.kind!r}; "
+                    "drop `kind` from the spec"
+                )
             self.kind = fmt.kind
         if self.kind not in KINDS:
-            raise ConfigError(f"task {self.name}: kind={self.kind!r}; allowed: {', '.join(KINDS)} "
-                              f"(or a format: {', '.join(FORMATS.names())})")
+            raise ConfigError(
+                f"task {self.name}: kind={self.kind!r}; allowed: {', '.join(KINDS)} "
+                f"(or a format: {', '.join(FORMATS.names())})"
+            )
         self.mc_mode = self.mc_mode or (fmt.mc_mode if fmt else "")
         if self.mc_mode not in ("",) + MC_MODES:
             raise ConfigError(f"task {self.name}: mc_mode={self.mc_mode!r}; allowed: {', '.join(MC_MODES)}")
@@ -99,14 +104,16 @@ class TaskSpec:
         key = "mc/generate" if self.kind == "mc" and self.mc_mode == "generate" else self.kind
         self.metric = self.metric or (fmt.metric if fmt else "") or DEFAULT_METRIC[self.kind]
         if self.metric not in SCORERS and self.metric != "perplexity":
-            raise ConfigError(f"task {self.name}: metric={self.metric!r}; allowed: {', '.join(SCORERS.names())}, "
-                              "perplexity")
+            raise ConfigError(
+                f"task {self.name}: metric={self.metric!r}; allowed: {', '.join(SCORERS.names())}, perplexity"
+            )
         self.template = self.template or (fmt.template if fmt else "") or DEFAULT_TEMPLATE[key]
         self.chat_template = self.chat_template or (fmt.chat_template if fmt else "") or DEFAULT_CHAT_TEMPLATE[key]
         if self.cot_marker and "{rationale}" not in self.template:
-            raise ConfigError(f"task {self.name}: cot_marker is set but the template has no {{rationale}} field, "
-                              "e.g. '<image>Question: {question} Reasoning: {rationale} So the answer is {answer}'")
-
+            raise ConfigError(
+                f"task {self.name}: cot_marker is set but the template has no {{rationale}} field, "
+                "e.g. '<image>Question: {question} Reasoning: {rationale} So the answer is {answer}'"
+            )
 
     def with_mc_mode(self, mode: str) -> TaskSpec:
         """The spec with a multiple-choice mode, its defaulted templates re-derived for that mode."""
@@ -186,12 +193,16 @@ def _world(kind: str, stem: str, name: str = "", **kw: Any) -> Callable[[Path], 
     def build(world: Path) -> TaskSpec:
         ev = world / "eval"
         if kind == "vqa":
-            split = {s: {"questions": ev / f"{stem}_{s}_questions.json", "annotations": ev / f"{stem}_{s}_annotations.json"}
-                     for s in ("train", "test")}
+            split = {
+                s: {"questions": ev / f"{stem}_{s}_questions.json", "annotations": ev / f"{stem}_{s}_annotations.json"}
+                for s in ("train", "test")
+            }
             return TaskSpec(name or f"world_{stem}", kind, split["test"], split["train"], image_root=ev, **kw)
         ext = "json" if kind == "caption" else "jsonl"
-        return TaskSpec(name or f"world_{stem}", kind, ev / f"{stem}_test.{ext}", ev / f"{stem}_train.{ext}",
-                        image_root=ev, **kw)
+        return TaskSpec(
+            name or f"world_{stem}", kind, ev / f"{stem}_test.{ext}", ev / f"{stem}_train.{ext}", image_root=ev, **kw
+        )
+
     return build
 
 
@@ -203,18 +214,19 @@ TASKS.register("world_text")(_world("text", "text"))
 TASKS.register("world_multi")(_world("multi", "multi"))
 TASKS.register("world_mc")(_world("mc", "mc"))
 # held-out text documents (kept out of training): the LM's text ability as perplexity, no demonstrations
-TASKS.register("world_text_ppl")(lambda world: TaskSpec("world_text_ppl", "text", world / "eval" / "text_docs_test.jsonl",
-                                                        metric="perplexity"))
+TASKS.register("world_text_ppl")(
+    lambda world: TaskSpec("world_text_ppl", "text", world / "eval" / "text_docs_test.jsonl", metric="perplexity")
+)
 
 
 def load_spec(path: str | Path) -> TaskSpec:
     """A task spec file (YAML or JSON). Relative paths are relative to the spec file. Example:
 
-        name: coco_karpathy
-        kind: caption
-        train: /data/coco/captions_train2014.json
-        test: /data/coco/captions_val2014.json
-        image_root: {train: /data/coco/train2014, test: /data/coco/val2014}
+    name: coco_karpathy
+    kind: caption
+    train: /data/coco/captions_train2014.json
+    test: /data/coco/captions_val2014.json
+    image_root: {train: /data/coco/train2014, test: /data/coco/val2014}
     """
     path = Path(path)
     try:
@@ -222,8 +234,10 @@ def load_spec(path: str | Path) -> TaskSpec:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from None
     if not isinstance(data, dict) or not {"kind", "format"} & set(data) or "test" not in data:
-        raise ConfigError(f"{path}: a task spec needs `test` and a `kind` ({'|'.join(KINDS)}) or a `format` "
-                          f"({'|'.join(FORMATS.names())})")
+        raise ConfigError(
+            f"{path}: a task spec needs `test` and a `kind` ({'|'.join(KINDS)}) or a `format` "
+            f"({'|'.join(FORMATS.names())})"
+        )
     allowed = {f.name for f in fields(TaskSpec) if f.init}
     unknown = set(data) - allowed
     if unknown:

@@ -133,8 +133,10 @@ def _resolve_base(base: str, spec_path: Path | None) -> str:
         if c.is_file():
             return str(c.resolve())
     tried = ", ".join(str(c) for c in candidates)
-    raise ConfigError(f"ablation spec {spec_path or '<dict>'}: base {base!r} not found (tried {tried}); "
-                      "give a preset path such as configs/tiny.yaml")
+    raise ConfigError(
+        f"ablation spec {spec_path or '<dict>'}: base {base!r} not found (tried {tried}); "
+        "give a preset path such as configs/tiny.yaml"
+    )
 
 
 def _string_list(src: str, key: str, value: Any) -> list[str]:
@@ -177,11 +179,18 @@ def parse_spec(data: dict[str, Any], path: str | Path | None = None) -> Ablation
         lengths = {k: len(v) if isinstance(v, list) else -1 for k, v in body.items()}
         n = next(iter(lengths.values()))
         if n <= 0 or any(m != n for m in lengths.values()) or (labels is not None and len(labels) != n):
-            raise _err(src, f"paired.{group}: every key (and `labels`) needs a list of the same length; "
-                            f"got lengths {lengths}" + (f", labels {len(labels)}" if labels is not None else ""))
+            raise _err(
+                src,
+                f"paired.{group}: every key (and `labels`) needs a list of the same length; "
+                f"got lengths {lengths}" + (f", labels {len(labels)}" if labels is not None else ""),
+            )
         keys = list(body)
         values = [[body[k][i] for k in keys] for i in range(n)]
-        shown = [str(x) for x in labels] if labels is not None else ["_".join(format_value(v) for v in row) for row in values]
+        shown = (
+            [str(x) for x in labels]
+            if labels is not None
+            else ["_".join(format_value(v) for v in row) for row in values]
+        )
         axes.append(Axis(str(group), keys, values, shown))
     seen_keys: set[str] = set()
     for ax in axes:
@@ -198,12 +207,21 @@ def parse_spec(data: dict[str, Any], path: str | Path | None = None) -> Ablation
     if set(ev) - _EVAL_KEYS:
         raise _err(src, f"eval: unknown key(s) {sorted(set(ev) - _EVAL_KEYS)}; allowed: {sorted(_EVAL_KEYS)}")
     return AblationSpec(
-        name=name, base=_resolve_base(str(data.get("base") or ""), spec_path),
-        overrides=_string_list(src, "overrides", data.get("overrides")), stages=stages,
+        name=name,
+        base=_resolve_base(str(data.get("base") or ""), spec_path),
+        overrides=_string_list(src, "overrides", data.get("overrides")),
+        stages=stages,
         stage_overrides={k: _string_list(src, f"stage_overrides.{k}", v) for k, v in stage_over.items()},
-        axes=axes, seeds=list(seeds), eval_tasks=ev.get("tasks"), eval_shots=ev.get("shots"),
-        eval_limit=ev.get("limit"), eval_trials=ev.get("trials"), eval_after=ev.get("after"), source=src,
-        lesson=data.get("lesson"))
+        axes=axes,
+        seeds=list(seeds),
+        eval_tasks=ev.get("tasks"),
+        eval_shots=ev.get("shots"),
+        eval_limit=ev.get("limit"),
+        eval_trials=ev.get("trials"),
+        eval_after=ev.get("after"),
+        source=src,
+        lesson=data.get("lesson"),
+    )
 
 
 def load_spec(path: str | Path) -> AblationSpec:
@@ -265,8 +283,11 @@ def point_overrides(spec: AblationSpec, stage: str, settings: dict[str, Any], se
 
 def fingerprint(stages: list[str], configs: dict[str, Config], eval_after: list[str]) -> str:
     """A hash of everything that determines a point's results: stages, resolved configs, what is evaluated."""
-    blob = json.dumps({"stages": stages, "eval_after": eval_after,
-                       "configs": {s: dataclasses.asdict(configs[s]) for s in stages}}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"stages": stages, "eval_after": eval_after, "configs": {s: dataclasses.asdict(configs[s]) for s in stages}},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -299,8 +320,11 @@ def expand(spec: AblationSpec) -> list[Point]:
                 configs[stage].train.seed = seed
             label = "__".join(_safe(f"{short[ax.name]}={labels[ax.name]}") for ax in spec.axes) or "base"
             name = f"{label}__s{seed}"
-            points.append(Point(name, seed, labels, settings, stages, after, configs, overrides,
-                                fingerprint(stages, configs, after)))
+            points.append(
+                Point(
+                    name, seed, labels, settings, stages, after, configs, overrides, fingerprint(stages, configs, after)
+                )
+            )
     return dedupe(points)
 
 

@@ -25,12 +25,19 @@ def _name(parser: argparse.ArgumentParser) -> str:
 
 
 def _runner_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--subprocess", action="store_true",
-                        help="run each stage as `python -m mm1 train/eval` in a child process")
-    parser.add_argument("--launcher", default="",
-                        help='command that replaces `mm1` for training stages, e.g. "torchrun --nproc_per_node 8 -m mm1"')
-    parser.add_argument("--keep-going", action="store_true",
-                        help="log a failing point and go on with the others (the report lists failures)")
+    parser.add_argument(
+        "--subprocess", action="store_true", help="run each stage as `python -m mm1 train/eval` in a child process"
+    )
+    parser.add_argument(
+        "--launcher",
+        default="",
+        help='command that replaces `mm1` for training stages, e.g. "torchrun --nproc_per_node 8 -m mm1"',
+    )
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="log a failing point and go on with the others (the report lists failures)",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,21 +45,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     if name == "ablate":
         parser.add_argument("spec", help="ablation spec YAML (see configs/ablations/example.yaml)")
         parser.add_argument("--out", type=Path, help="sweep directory (default runs/ablate/<spec name>)")
-        parser.add_argument("--dry-run", action="store_true",
-                            help="list the points, write their configs and commands.sh, run nothing")
-        parser.add_argument("--report-only", action="store_true",
-                            help="write report.md from the points finished so far (here or by commands.sh jobs); "
-                                 "run, evaluate and delete nothing")
+        parser.add_argument(
+            "--dry-run", action="store_true", help="list the points, write their configs and commands.sh, run nothing"
+        )
+        parser.add_argument(
+            "--report-only",
+            action="store_true",
+            help="write report.md from the points finished so far (here or by commands.sh jobs); "
+            "run, evaluate and delete nothing",
+        )
     elif name == "lessons":
-        parser.add_argument("--budget", choices=["tiny", "small"], default="tiny",
-                            help="tiny: < 30 min on 2 CPU cores; small: < 90 min")
+        parser.add_argument(
+            "--budget", choices=["tiny", "small"], default="tiny", help="tiny: < 30 min on 2 CPU cores; small: < 90 min"
+        )
         parser.add_argument("--out", type=Path, help="output directory (default runs/lessons-<budget>)")
         parser.add_argument("--only", help="comma-separated lesson names (files in configs/lessons/)")
         parser.add_argument("--dry-run", action="store_true", help="write configs and commands.sh, run nothing")
     else:
-        parser.add_argument("--budget", choices=["tiny", "small"], default="tiny",
-                            help="the grid configs/hparams/budget-<budget>.yaml (an ablation spec): tiny takes a "
-                                 "few minutes on 2 CPU cores; small has more sizes, LRs, seeds")
+        parser.add_argument(
+            "--budget",
+            choices=["tiny", "small"],
+            default="tiny",
+            help="the grid configs/hparams/budget-<budget>.yaml (an ablation spec): tiny takes a "
+            "few minutes on 2 CPU cores; small has more sizes, LRs, seeds",
+        )
         parser.add_argument("--base", default="", help="base preset name or YAML (default: the budget's, tiny)")
         parser.add_argument("--out", type=Path, help="output directory (default runs/hparams-<budget>)")
     _runner_args(parser)
@@ -90,8 +106,9 @@ def _ablate(args: argparse.Namespace) -> int:
         print(f"{len(records)}/{len(runs)} runs finished", file=sys.stderr)
         report = write_sweep_report(spec, points, build_summary(spec, points, records, out, 0.0), out)
     else:
-        report = run_ablation(spec, out, _runner(args), keep_going=args.keep_going, points=points,
-                              log=lambda s: print(s, file=sys.stderr))
+        report = run_ablation(
+            spec, out, _runner(args), keep_going=args.keep_going, points=points, log=lambda s: print(s, file=sys.stderr)
+        )
     print(f"report: {report}")
     return 0
 
@@ -101,8 +118,15 @@ def _lessons(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / f"lessons-{args.budget}"
     only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
-    report = run_lessons(args.budget, out, _runner(args), only=only, keep_going=args.keep_going,
-                         log=lambda s: print(s, file=sys.stderr), dry_run=args.dry_run)
+    report = run_lessons(
+        args.budget,
+        out,
+        _runner(args),
+        only=only,
+        keep_going=args.keep_going,
+        log=lambda s: print(s, file=sys.stderr),
+        dry_run=args.dry_run,
+    )
     print(f"report: {report}")
     return 0
 
@@ -114,8 +138,9 @@ def _hparams(args: argparse.Namespace) -> int:
     if base:
         load_config(base)  # fail early on a bad preset
     out = args.out or Path("runs") / f"hparams-{args.budget}"
-    report = run_hparams(args.budget, out, _runner(args), base, keep_going=args.keep_going,
-                         log=lambda s: print(s, file=sys.stderr))
+    report = run_hparams(
+        args.budget, out, _runner(args), base, keep_going=args.keep_going, log=lambda s: print(s, file=sys.stderr)
+    )
     print(f"report: {report}")
     return 0
 

@@ -80,8 +80,16 @@ def _evaluate(plan: DemoPlan, run_dir: Path, stage: str, shots: list[int], out: 
     model, cfg, tokenizer = load_checkpoint(run_dir)
     cfg.eval.chat = chat
     _say(f"evaluating {stage}: {', '.join(plan.eval_tasks)} at {shots}-shot, {plan.eval_limit} items each")
-    results = evaluate(model.eval(), tokenizer, cfg, plan.eval_tasks, shots, plan.eval_limit,
-                       out_dir=out / "eval" / stage, log=lambda m: _say("  " + m))
+    results = evaluate(
+        model.eval(),
+        tokenizer,
+        cfg,
+        plan.eval_tasks,
+        shots,
+        plan.eval_limit,
+        out_dir=out / "eval" / stage,
+        log=lambda m: _say("  " + m),
+    )
     for r in results:
         r["stage"] = stage
     return results
@@ -114,15 +122,20 @@ def run_demo(plan: DemoPlan, out: Path) -> dict[str, Any]:
     pretrain = train_pretrained(plan, out)
     encoder = out / "encoder"
     results = _evaluate(plan, pretrain, "pretrain", plan.shots, out, chat=False)
-    sft_extra = [f"train.init_from={pretrain}", f"model.vision.image_size={plan.sft_image_size}",
-                 f"model.subimage_grid={plan.sft_subimage_grid}", f"train.sft_lr_scale={plan.sft_lr_scale}"]
+    sft_extra = [
+        f"train.init_from={pretrain}",
+        f"model.vision.image_size={plan.sft_image_size}",
+        f"model.subimage_grid={plan.sft_subimage_grid}",
+        f"train.sft_lr_scale={plan.sft_lr_scale}",
+    ]
     sft = _train_stage(plan, out, "sft", plan.sft_steps, sft_extra)
     results += _evaluate(plan, sft, "sft", [0], out, chat=True)
 
     _say("blind baselines (no image)")
     baselines = _baselines(plan, base)
-    summary = write_demo_report(out, plan, {"encoder": encoder, "pretrain": pretrain, "sft": sft},
-                                results, baselines, time.time() - start)
+    summary = write_demo_report(
+        out, plan, {"encoder": encoder, "pretrain": pretrain, "sft": sft}, results, baselines, time.time() - start
+    )
     _say(f"done in {summary['wall_seconds']:.0f} s: {out / 'report.md'}")
     return summary
 
@@ -132,8 +145,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="model/data preset (default tiny)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing finished stages")
     for name in ("encoder_steps", "pretrain_steps", "sft_steps", "eval_limit"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(DemoPlan, name),
-                            help=f"default {getattr(DemoPlan, name)}")
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=getattr(DemoPlan, name),
+            help=f"default {getattr(DemoPlan, name)}",
+        )
     parser.set_defaults(takes_overrides=True)  # dotted config overrides applied to every stage
 
 
@@ -141,8 +158,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    plan = DemoPlan(preset=args.preset, encoder_steps=args.encoder_steps, pretrain_steps=args.pretrain_steps,
-                    sft_steps=args.sft_steps, eval_limit=args.eval_limit, overrides=list(args.overrides))
+    plan = DemoPlan(
+        preset=args.preset,
+        encoder_steps=args.encoder_steps,
+        pretrain_steps=args.pretrain_steps,
+        sft_steps=args.sft_steps,
+        eval_limit=args.eval_limit,
+        overrides=list(args.overrides),
+    )
     summary = run_demo(plan, out)
     print(json.dumps({k: summary[k] for k in ("report", "wall_seconds", "beats_baselines")}))
     return 0

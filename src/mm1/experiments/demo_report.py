@@ -10,8 +10,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mm1.experiments.report import (format_seconds, image_link, loss_curves, plot_loss_curves,
-                                    plot_scores_by_shots, read_metrics, write_table)
+from mm1.experiments.report import (
+    format_seconds,
+    image_link,
+    loss_curves,
+    plot_loss_curves,
+    plot_scores_by_shots,
+    read_metrics,
+    write_table,
+)
 
 
 def _examples(out: Path, results: list[dict], world: str, n: int) -> list[dict]:
@@ -28,8 +35,16 @@ def _examples(out: Path, results: list[dict], world: str, n: int) -> list[dict]:
         ex = by_id[rec["id"]]
         image = folder / f"{ex.id}{Path(ex.images[0]).suffix}"
         shutil.copyfile(ex.images[0], image)
-        shown.append({"id": ex.id, "image": image, "question": ex.question, "answer": rec.get("prediction", ""),
-                      "truth": ex.answers[0] if ex.answers else "", "score": rec.get("score")})
+        shown.append(
+            {
+                "id": ex.id,
+                "image": image,
+                "question": ex.question,
+                "answer": rec.get("prediction", ""),
+                "truth": ex.answers[0] if ex.answers else "",
+                "score": rec.get("score"),
+            }
+        )
     return shown
 
 
@@ -44,13 +59,25 @@ def _score_rows(results: list[dict], baselines: dict[str, dict]) -> tuple[list[l
         margin = r["score"] - base
         if r["stage"] == "sft" and r["shots"] == 0:
             beats = beats and margin > 0
-        rows.append([r["stage"], r["task"], r["metric"], r["shots"], f"{r['score']:.2f}",
-                     _fmt(r.get("score_shuffled")), _fmt(r.get("image_gain"), "+"), f"{base:.2f}", f"{margin:+.2f}"])
+        rows.append(
+            [
+                r["stage"],
+                r["task"],
+                r["metric"],
+                r["shots"],
+                f"{r['score']:.2f}",
+                _fmt(r.get("score_shuffled")),
+                _fmt(r.get("image_gain"), "+"),
+                f"{base:.2f}",
+                f"{margin:+.2f}",
+            ]
+        )
     return rows, beats
 
 
-def write_demo_report(out: Path, plan: Any, runs: dict[str, Path], results: list[dict],
-                      baselines: dict[str, dict], wall_seconds: float) -> dict[str, Any]:
+def write_demo_report(
+    out: Path, plan: Any, runs: dict[str, Path], results: list[dict], baselines: dict[str, dict], wall_seconds: float
+) -> dict[str, Any]:
     """Write `out/report.md` and `out/summary.json`; return the summary."""
     plots = out / "plots"
     curves = {}
@@ -58,8 +85,11 @@ def write_demo_report(out: Path, plan: Any, runs: dict[str, Path], results: list
         records = read_metrics(run_dir / "metrics.jsonl")
         per_source = {k: v for k, v in loss_curves(records, prefix="loss_").items()}
         curves[stage] = per_source or loss_curves(records)
-    loss_pngs = {stage: plot_loss_curves(c, plots / f"loss_{stage}.png", title=f"{stage}: training loss per source")
-                 for stage, c in curves.items() if c}
+    loss_pngs = {
+        stage: plot_loss_curves(c, plots / f"loss_{stage}.png", title=f"{stage}: training loss per source")
+        for stage, c in curves.items()
+        if c
+    }
     series: dict[str, dict[int, tuple[float, float]]] = {}
     styles: dict[str, str] = {}
     colour_of: dict[str, str] = {}
@@ -75,51 +105,98 @@ def write_demo_report(out: Path, plan: Any, runs: dict[str, Path], results: list
         series[f"{name} blind baseline"] = {s: (b["score"], math.nan) for s in shots}
         styles[f"{name} blind baseline"] = ":"
         colour_of[f"{name} blind baseline"] = next((k for k in series if k.startswith(f"{name} (")), "")
-    shots_png = plot_scores_by_shots(series, plots / "scores_by_shots.png", title="scores by shots",
-                                     ylabel="CIDEr / VQA accuracy (x100)", styles=styles, colour_of=colour_of)
+    shots_png = plot_scores_by_shots(
+        series,
+        plots / "scores_by_shots.png",
+        title="scores by shots",
+        ylabel="CIDEr / VQA accuracy (x100)",
+        styles=styles,
+        colour_of=colour_of,
+    )
     gains = {}
     for r in results:
         if r.get("image_gain") is not None:
             gains.setdefault(f"{r['task']} ({r['stage']})", {})[r["shots"]] = (r["image_gain"], math.nan)
-    gain_png = (plot_scores_by_shots(gains, plots / "image_gain_by_shots.png", ylabel="score − image-shuffled score",
-                                     title="image gain by shots (0 = the image is not used)") if gains else None)
+    gain_png = (
+        plot_scores_by_shots(
+            gains,
+            plots / "image_gain_by_shots.png",
+            ylabel="score − image-shuffled score",
+            title="image gain by shots (0 = the image is not used)",
+        )
+        if gains
+        else None
+    )
     rows, beats = _score_rows(results, baselines)
     examples = _examples(out, results, _world_of(runs["pretrain"]), plan.examples)
 
-    lines = ["# mm1 demo: the MM1 workflow on the tiny synthetic world", "",
-             f"Wall time {format_seconds(wall_seconds)}. Stages: " +
-             ", ".join(f"`{s}` ({runs[s]})" for s in runs) + ".", "",
-             "## Scores", "",
-             "CIDEr-D x100 for captioning, VQAv2 accuracy x100 for VQA. *Blind* baselines never look at the "
-             "image: the best constant caption for CIDEr, the answer prior per question type for VQA. "
-             "The model's number means something only where it beats them. *Shuffled* is the same queries "
-             "scored with each query's image replaced by another test item's (demonstrations unchanged); "
-             "*image gain* = score − shuffled is what the query's own image is worth: near 0, the model "
-             "answers from the question and the demonstrations alone.", "",
-             write_table(["stage", "task", "metric", "shots", "score", "shuffled", "image gain", "blind baseline",
-                          "margin"], rows), "",
-             f"After SFT, 0-shot beats every blind baseline: **{'yes' if beats else 'no'}**.", "",
-             image_link(shots_png, out, "scores by shots"), "",
-             *([image_link(gain_png, out, "image gain by shots"), ""] if gain_png else []),
-             "## Example generations (after SFT, 0-shot VQA)", ""]
+    lines = [
+        "# mm1 demo: the MM1 workflow on the tiny synthetic world",
+        "",
+        f"Wall time {format_seconds(wall_seconds)}. Stages: " + ", ".join(f"`{s}` ({runs[s]})" for s in runs) + ".",
+        "",
+        "## Scores",
+        "",
+        "CIDEr-D x100 for captioning, VQAv2 accuracy x100 for VQA. *Blind* baselines never look at the "
+        "image: the best constant caption for CIDEr, the answer prior per question type for VQA. "
+        "The model's number means something only where it beats them. *Shuffled* is the same queries "
+        "scored with each query's image replaced by another test item's (demonstrations unchanged); "
+        "*image gain* = score − shuffled is what the query's own image is worth: near 0, the model "
+        "answers from the question and the demonstrations alone.",
+        "",
+        write_table(
+            ["stage", "task", "metric", "shots", "score", "shuffled", "image gain", "blind baseline", "margin"], rows
+        ),
+        "",
+        f"After SFT, 0-shot beats every blind baseline: **{'yes' if beats else 'no'}**.",
+        "",
+        image_link(shots_png, out, "scores by shots"),
+        "",
+        *([image_link(gain_png, out, "image gain by shots"), ""] if gain_png else []),
+        "## Example generations (after SFT, 0-shot VQA)",
+        "",
+    ]
     for ex in examples:
-        lines += [f"{image_link(ex['image'], out, ex['id'])}", "",
-                  f"- prompt: `<image>` {ex['question']}", f"- answer: **{ex['answer']}** (reference: {ex['truth']})", ""]
-    lines += ["## Training loss", "", "Per data source; `loss_probe` / `loss_shuffled`: one fixed batch scored every "
-              "`train.eval_every` steps with its own images / with its images deranged across documents (the gap "
-              "is what the images are worth to the model).", ""]
+        lines += [
+            f"{image_link(ex['image'], out, ex['id'])}",
+            "",
+            f"- prompt: `<image>` {ex['question']}",
+            f"- answer: **{ex['answer']}** (reference: {ex['truth']})",
+            "",
+        ]
+    lines += [
+        "## Training loss",
+        "",
+        "Per data source; `loss_probe` / `loss_shuffled`: one fixed batch scored every "
+        "`train.eval_every` steps with its own images / with its images deranged across documents (the gap "
+        "is what the images are worth to the model).",
+        "",
+    ]
     lines += [image_link(p, out, f"loss {s}") for s, p in loss_pngs.items()] + [""]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     summary = {
-        "report": str(report), "wall_seconds": round(wall_seconds, 1), "beats_baselines": beats,
+        "report": str(report),
+        "wall_seconds": round(wall_seconds, 1),
+        "beats_baselines": beats,
         "runs": {k: str(v) for k, v in runs.items()},
-        "scores": [{"task": r["task"], "metric": r["metric"], "shots": r["shots"], "stage": r["stage"],
-                    "score": r["score"], "std": r.get("std"), "n": r["n"],
-                    "baseline": baselines.get(r["task"], {}).get("score"),
-                    "baseline_kind": baselines.get(r["task"], {}).get("baseline"),
-                    "score_shuffled": r.get("score_shuffled"), "image_gain": r.get("image_gain")} for r in results],
+        "scores": [
+            {
+                "task": r["task"],
+                "metric": r["metric"],
+                "shots": r["shots"],
+                "stage": r["stage"],
+                "score": r["score"],
+                "std": r.get("std"),
+                "n": r["n"],
+                "baseline": baselines.get(r["task"], {}).get("score"),
+                "baseline_kind": baselines.get(r["task"], {}).get("baseline"),
+                "score_shuffled": r.get("score_shuffled"),
+                "image_gain": r.get("image_gain"),
+            }
+            for r in results
+        ],
         "plots": [str(p) for p in [shots_png, *([gain_png] if gain_png else []), *loss_pngs.values()]],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")

@@ -83,8 +83,9 @@ class Lesson:
 def parse_eval_column(column: str) -> dict[str, Any] | None:
     """`[stage: ]task metric@shots` -> its parts (None for a training-loss column)."""
     m = _EVAL_COLUMN.match(column)
-    return None if m is None else {"stage": m["stage"], "task": m["task"], "metric": m["metric"],
-                                   "shots": int(m["shots"])}
+    return (
+        None if m is None else {"stage": m["stage"], "task": m["task"], "metric": m["metric"], "shots": int(m["shots"])}
+    )
 
 
 def _number(value: Any, where: str, what: str) -> float:
@@ -100,20 +101,40 @@ def parse_claim(c: Any, labels: list[str], where: str) -> Claim:
     """Validate one `lesson.claims` entry against the axis labels (see the module docstring)."""
     if not isinstance(c, dict):
         raise ConfigError(f"{where}: expected a mapping with text, primary and better/worse or similar; got {c!r}")
-    unknown = set(c) - {"text", "primary", "better", "worse", "similar", "margin", "paper_effect", "secondary", "images"}
+    unknown = set(c) - {
+        "text",
+        "primary",
+        "better",
+        "worse",
+        "similar",
+        "margin",
+        "paper_effect",
+        "secondary",
+        "images",
+    }
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (the old `metrics` list is now one "
-                          "`primary` column plus `secondary` globs)")
-    claim = Claim(text=str(c.get("text", "")), primary=str(c.get("primary") or ""), better=str(c.get("better", "")),
-                  worse=str(c.get("worse", "")), similar=[str(x) for x in c.get("similar") or []],
-                  margin=_number(c.get("margin"), where, "margin"),
-                  paper_effect=_number(c.get("paper_effect"), where, "paper_effect"),
-                  secondary=[str(x) for x in c.get("secondary") or []], images=bool(c.get("images", True)))
+        raise ConfigError(
+            f"{where}: unknown key(s) {sorted(unknown)} (the old `metrics` list is now one "
+            "`primary` column plus `secondary` globs)"
+        )
+    claim = Claim(
+        text=str(c.get("text", "")),
+        primary=str(c.get("primary") or ""),
+        better=str(c.get("better", "")),
+        worse=str(c.get("worse", "")),
+        similar=[str(x) for x in c.get("similar") or []],
+        margin=_number(c.get("margin"), where, "margin"),
+        paper_effect=_number(c.get("paper_effect"), where, "paper_effect"),
+        secondary=[str(x) for x in c.get("secondary") or []],
+        images=bool(c.get("images", True)),
+    )
     if not claim.primary or any(ch in claim.primary for ch in "*?["):
         raise ConfigError(f"{where}: needs `primary`: one exact column such as 'world_vqa vqa@4' (no globs)")
     if claim.images and parse_eval_column(claim.primary) is None:
-        raise ConfigError(f"{where}: primary {claim.primary!r} is not an evaluation column ('task metric@shots'); "
-                          "an image lesson is gated by the image_gain of its primary task, which a loss has not")
+        raise ConfigError(
+            f"{where}: primary {claim.primary!r} is not an evaluation column ('task metric@shots'); "
+            "an image lesson is gated by the image_gain of its primary task, which a loss has not"
+        )
     if claim.similar:
         if len(claim.similar) < 2 or not claim.margin > 0:
             raise ConfigError(f"{where}: a `similar` claim needs >= 2 labels and an equivalence `margin` > 0")
@@ -167,24 +188,39 @@ def load_lessons(budget: str = "tiny", directory: Path = LESSON_DIR, only: list[
         if len(spec.axes) != 1:
             raise ConfigError(f"{path}: a lesson varies exactly one axis (or one paired group), found {len(spec.axes)}")
         if len(spec.seeds) < MIN_SEEDS:
-            raise ConfigError(f"{path}: seeds {spec.seeds}: a verdict needs at least {MIN_SEEDS} seeds per arm; "
-                              f"list {MIN_SEEDS} or more under `seeds` in the budget file")
+            raise ConfigError(
+                f"{path}: seeds {spec.seeds}: a verdict needs at least {MIN_SEEDS} seeds per arm; "
+                f"list {MIN_SEEDS} or more under `seeds` in the budget file"
+            )
         labels = list(spec.axes[0].labels)
         baseline = str(meta.get("baseline", ""))
         if baseline not in labels:
-            raise ConfigError(f"{path}: lesson.baseline {baseline!r} must name the axis label of the standard recipe "
-                              f"(one of {labels})")
-        claims = [parse_claim(c, labels, f"{path}: lesson.claims[{i}]")
-                  for i, c in enumerate(meta.get("claims") or [])]
+            raise ConfigError(
+                f"{path}: lesson.baseline {baseline!r} must name the axis label of the standard recipe "
+                f"(one of {labels})"
+            )
+        claims = [parse_claim(c, labels, f"{path}: lesson.claims[{i}]") for i, c in enumerate(meta.get("claims") or [])]
         if not claims:
             raise ConfigError(f"{path}: lesson.claims is empty; a lesson states at least one claim")
-        lessons.append(Lesson(path.stem, int(meta.get("number", 0)), str(meta.get("title", path.stem)),
-                              str(meta.get("paper", "")), claims, spec, spec.axes[0].name, baseline,
-                              str(meta.get("note", ""))))
+        lessons.append(
+            Lesson(
+                path.stem,
+                int(meta.get("number", 0)),
+                str(meta.get("title", path.stem)),
+                str(meta.get("paper", "")),
+                claims,
+                spec,
+                spec.axes[0].name,
+                baseline,
+                str(meta.get("note", "")),
+            )
+        )
     lessons.sort(key=lambda lesson: (lesson.number, lesson.name))
     if only and len(lessons) != len(set(only)):
         missing = set(only) - {lesson.name for lesson in lessons}
-        raise ConfigError(f"unknown lesson(s) {sorted(missing)}; available: {[p.stem for p in directory.glob('*.yaml')]}")
+        raise ConfigError(
+            f"unknown lesson(s) {sorted(missing)}; available: {[p.stem for p in directory.glob('*.yaml')]}"
+        )
     return lessons
 
 
@@ -207,8 +243,11 @@ def pooled_points(lessons: list[Lesson]) -> dict[str, list[Point]]:
     names: dict[str, str] = {}
     for r in shared:
         seed = next(p.seed for p in everything if p.run == r)
-        base = "baseline" if not any(n.startswith("baseline__") and n.endswith(f"__s{seed}") for n in names.values()) \
+        base = (
+            "baseline"
+            if not any(n.startswith("baseline__") and n.endswith(f"__s{seed}") for n in names.values())
             else f"shared{len(names)}"
+        )
         names[r] = f"{base}__s{seed}"
     for p in everything:
         p.run = names.get(p.run, p.run)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mm1.experiments import report as R
 from mm1.experiments.ablate import _safe
@@ -21,9 +22,9 @@ from mm1.experiments.verdicts import VERDICTS, ClaimResult, Comparison, arm_valu
 
 HOW_TO_READ = (
     "**How to read the verdicts.** Each claim was registered in its spec before the runs with ONE primary "
-    "metric; the other metrics are secondary and never change the verdict. \"A beats B\": Welch's t-test, "
+    'metric; the other metrics are secondary and never change the verdict. "A beats B": Welch\'s t-test, '
     "one-sided in the paper's direction: *reproduced* at p < 0.05, *contradicted* when the opposite one-sided "
-    "test gives p < 0.05, *inconclusive* otherwise. \"A ≈ B\": two one-sided tests (TOST) against the margin "
+    'test gives p < 0.05, *inconclusive* otherwise. "A ≈ B": two one-sided tests (TOST) against the margin '
     "stated in the spec, on every pair of arms: *reproduced* when equivalence is shown at p < 0.05, "
     "*contradicted* when a difference beyond the margin is shown at p < 0.05, *inconclusive* otherwise. "
     f"No verdict rests on fewer than {MIN_SEEDS} seeds per arm, and a claim about images is only judged where "
@@ -31,7 +32,8 @@ HOW_TO_READ = (
     "item's, > 0 by a one-sided t-test over seeds, p < 0.05). Effects are positive in the paper's direction "
     "(lower is better for losses and perplexity); the CI is the two-sided 95 % interval of the difference. "
     "These are miniature models on a synthetic world: a lesson that does not reproduce here says something "
-    "about scale, not necessarily about the paper.")
+    "about scale, not necessarily about the paper."
+)
 
 
 def _num(x: float | None) -> str:
@@ -58,24 +60,49 @@ def _claim_section(lesson: Lesson, res: ClaimResult) -> list[str]:
     rows = [[f"`{lab}`", _arm_cell(v), ", ".join(R.fmt_number(x) for x in v) or "–"] for lab, v in p.arms.items()]
     out.append(R.write_table([lesson.axis, "mean ± sd (seeds)", "per seed"], rows, "lrl"))
     if claim.similar:
-        test = (f"largest pairwise |difference| ({p.pair[0]} vs {p.pair[1]}) {_effect(p)}; TOST within ±{claim.margin:g}: "
-                f"p = {_p(p.p_value)} (equivalent), p = {_p(p.p_opposite)} (beyond the margin)")
+        test = (
+            f"largest pairwise |difference| ({p.pair[0]} vs {p.pair[1]}) {_effect(p)}; TOST within ±{claim.margin:g}: "
+            f"p = {_p(p.p_value)} (equivalent), p = {_p(p.p_opposite)} (beyond the margin)"
+        )
     else:
-        test = (f"effect ({claim.better} over {claim.worse}, paper's direction positive) {_effect(p)}; Welch t, "
-                f"df = {R.fmt_number(p.df)}: p = {_p(p.p_value)} (paper's direction), {_p(p.p_opposite)} (other way)")
+        test = (
+            f"effect ({claim.better} over {claim.worse}, paper's direction positive) {_effect(p)}; Welch t, "
+            f"df = {R.fmt_number(p.df)}: p = {_p(p.p_value)} (paper's direction), {_p(p.p_opposite)} (other way)"
+        )
     out += [f"- {test}"]
     if claim.images:
-        gain = (f"{_num(res.baseline_image_gain)}, one-sided p = {_p(res.baseline_image_gain_p)}"
-                if res.baseline_image_gain_p is not None else _num(res.baseline_image_gain))
+        gain = (
+            f"{_num(res.baseline_image_gain)}, one-sided p = {_p(res.baseline_image_gain_p)}"
+            if res.baseline_image_gain_p is not None
+            else _num(res.baseline_image_gain)
+        )
         out.append(f"- baseline `{lesson.baseline}` image_gain on `{claim.primary}`: {gain}")
     out += [f"- {res.power_line}", ""]
     if res.secondary:
         labels = claim.labels
-        rows = [[f"`{s.column}`", *[_arm_cell(s.arms[lab]) for lab in labels], _effect(s),
-                 _p(s.p_value if not claim.similar else math.nan)] for s in res.secondary]
-        out += ["Secondary metrics (reported, not deciding):", "",
-                R.write_table(["metric", *labels, "effect [95 % CI]" if not claim.similar else "largest |difference|",
-                               "p (one-sided)"], rows, "l" + "r" * (len(labels) + 2))]
+        rows = [
+            [
+                f"`{s.column}`",
+                *[_arm_cell(s.arms[lab]) for lab in labels],
+                _effect(s),
+                _p(s.p_value if not claim.similar else math.nan),
+            ]
+            for s in res.secondary
+        ]
+        out += [
+            "Secondary metrics (reported, not deciding):",
+            "",
+            R.write_table(
+                [
+                    "metric",
+                    *labels,
+                    "effect [95 % CI]" if not claim.similar else "largest |difference|",
+                    "p (one-sided)",
+                ],
+                rows,
+                "l" + "r" * (len(labels) + 2),
+            ),
+        ]
     return out
 
 
@@ -90,23 +117,33 @@ def _gain_table(lesson: Lesson, res: ClaimResult, agg: list[dict]) -> list[str]:
             rows.append([f"`{gain_column(cmp.column)}`", *[_arm_cell(gains[lab]) for lab in labels]])
     if not rows:
         return []
-    return ["Image gain of these metrics (score − the same queries with shuffled images; near 0 = the image "
-            "is not used):", "", R.write_table(["image gain", *labels], rows, "l" + "r" * len(labels))]
+    return [
+        "Image gain of these metrics (score − the same queries with shuffled images; near 0 = the image is not used):",
+        "",
+        R.write_table(["image gain", *labels], rows, "l" + "r" * len(labels)),
+    ]
 
 
-def write_lessons_report(lessons: list[Lesson], by_lesson: dict, records: dict, out: Path, budget: str,
-                         wall_seconds: float) -> Path:
+def write_lessons_report(
+    lessons: list[Lesson], by_lesson: dict, records: dict, out: Path, budget: str, wall_seconds: float
+) -> Path:
     """`report.md` (verdict table, then one section per lesson) and `summary.json` (one entry per claim)."""
     runs = {p.run for pts in by_lesson.values() for p in pts}
     compute = compute_seconds({r: records[r] for r in runs if r in records})
     first = lessons[0].spec if lessons else None
-    lines = [f"# MM1 lessons, re-measured at `{budget}` scale", "",
-             f"- {len(lessons)} lessons, {sum(len(p) for p in by_lesson.values())} points, {len(runs)} distinct runs "
-             "(points with identical resolved configs, such as the shared baseline, train once; so does every "
-             "stage that several points share, such as an encoder pre-training)",
-             f"- base preset `{first.base if first else '?'}`; seeds {first.seeds if first else []}",
-             f"- wall time of this invocation: {R.format_seconds(wall_seconds)}; compute of all runs: "
-             f"{R.format_seconds(compute)}", "", HOW_TO_READ, ""]
+    lines = [
+        f"# MM1 lessons, re-measured at `{budget}` scale",
+        "",
+        f"- {len(lessons)} lessons, {sum(len(p) for p in by_lesson.values())} points, {len(runs)} distinct runs "
+        "(points with identical resolved configs, such as the shared baseline, train once; so does every "
+        "stage that several points share, such as an encoder pre-training)",
+        f"- base preset `{first.base if first else '?'}`; seeds {first.seeds if first else []}",
+        f"- wall time of this invocation: {R.format_seconds(wall_seconds)}; compute of all runs: "
+        f"{R.format_seconds(compute)}",
+        "",
+        HOW_TO_READ,
+        "",
+    ]
     table, by_verdict, detail, claims = [], {}, [], []
     for lesson in lessons:
         summary = build_summary(lesson.spec, by_lesson[lesson.name], records, out, wall_seconds)
@@ -119,8 +156,17 @@ def write_lessons_report(lessons: list[Lesson], by_lesson: dict, records: dict, 
         for res in results:
             name = f"{lesson.number}. {res.claim.text}"
             by_verdict.setdefault(res.verdict, []).append(name)
-            table.append([f"{lesson.number}. {lesson.title}", res.claim.text, f"`{res.claim.primary}`",
-                          _effect(res.primary), _p(res.primary.p_value), str(res.seeds), f"**{res.outcome}**"])
+            table.append(
+                [
+                    f"{lesson.number}. {lesson.title}",
+                    res.claim.text,
+                    f"`{res.claim.primary}`",
+                    _effect(res.primary),
+                    _p(res.primary.p_value),
+                    str(res.seeds),
+                    f"**{res.outcome}**",
+                ]
+            )
             detail += _claim_section(lesson, res) + _gain_table(lesson, res, agg)
             claims.append(summary_row(lesson, res))
         png = out / "plots" / lesson.name / f"axis-{_safe(lesson.axis)}.png"
@@ -130,8 +176,13 @@ def write_lessons_report(lessons: list[Lesson], by_lesson: dict, records: dict, 
         if gain_png.is_file():
             detail += [R.image_link(gain_png, out, f"{lesson.title}: image gain vs {lesson.axis}"), ""]
         detail += [f"Every metric, loss curves and exact configs: [{lesson.name}.md]({lesson.name}.md)", ""]
-    lines += ["## Verdicts", "", R.write_table(["lesson", "claim (paper)", "primary metric", "effect [95 % CI]",
-                                                "p", "seeds", "verdict"], table, "lllrrrl")]
+    lines += [
+        "## Verdicts",
+        "",
+        R.write_table(
+            ["lesson", "claim (paper)", "primary metric", "effect [95 % CI]", "p", "seeds", "verdict"], table, "lllrrrl"
+        ),
+    ]
     for verdict in VERDICTS:
         if verdict in by_verdict:
             lines += [f"**{verdict.capitalize()} at this scale:** " + "; ".join(by_verdict[verdict]) + ".", ""]
@@ -139,22 +190,51 @@ def write_lessons_report(lessons: list[Lesson], by_lesson: dict, records: dict, 
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     write_json_atomic(out / "summary.json", claims)
-    write_json_atomic(out / "run.json", {"budget": budget, "wall_seconds": wall_seconds, "compute_seconds": compute,
-                                         "lessons": [lesson.name for lesson in lessons]})
+    write_json_atomic(
+        out / "run.json",
+        {
+            "budget": budget,
+            "wall_seconds": wall_seconds,
+            "compute_seconds": compute,
+            "lessons": [lesson.name for lesson in lessons],
+        },
+    )
     return path
 
 
-def run_lessons(budget: str, out: Path, runner: Any, only: list[str] | None = None, keep_going: bool = False,
-                log: Callable[[str], None] = print, dry_run: bool = False) -> Path:
+def run_lessons(
+    budget: str,
+    out: Path,
+    runner: Any,
+    only: list[str] | None = None,
+    keep_going: bool = False,
+    log: Callable[[str], None] = print,
+    dry_run: bool = False,
+) -> Path:
     """Run every lesson's points (pooled, deduplicated, resumable) and write `report.md`."""
     t0 = time.perf_counter()
     lessons = load_lessons(budget, only=only)
     by_lesson = pooled_points(lessons)
     points = [p for pts in by_lesson.values() for p in pts]
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "sweep.json", {"budget": budget, "lessons": [lesson.name for lesson in lessons], "points": [
-        {"name": p.name, "run": p.run, "seed": p.seed, "labels": p.labels, "overrides": p.overrides,
-         "fingerprint": p.fingerprint} for p in points]})
+    write_json_atomic(
+        out / "sweep.json",
+        {
+            "budget": budget,
+            "lessons": [lesson.name for lesson in lessons],
+            "points": [
+                {
+                    "name": p.name,
+                    "run": p.run,
+                    "seed": p.seed,
+                    "labels": p.labels,
+                    "overrides": p.overrides,
+                    "fingerprint": p.fingerprint,
+                }
+                for p in points
+            ],
+        },
+    )
     commands = write_commands(points, out)
     n_runs = len({p.run for p in points})
     log(f"mm1 lessons: {len(lessons)} lessons, {len(points)} points, {n_runs} distinct runs -> {out}")
@@ -173,5 +253,3 @@ def verdict_counts(summary: list[dict]) -> dict[str, int]:
     for claim in summary:
         counts[claim["verdict"]] = counts.get(claim["verdict"], 0) + 1
     return counts
-
-

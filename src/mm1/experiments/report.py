@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -57,8 +58,7 @@ def write_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: st
     align = align or "l" + "r" * (len(headers) - 1)
     marks = {"l": ":--", "r": "--:", "c": ":-:"}
     esc = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = ["| " + " | ".join(esc(h) for h in headers) + " |",
-             "|" + "|".join(marks[a] for a in align) + "|"]
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
     for row in rows:
         cells = [esc(c) for c in row]
         if len(cells) != len(headers):
@@ -125,9 +125,14 @@ def save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_loss_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path: str | Path,
-                     title: str = "training loss", ylabel: str = "loss", smooth: int = 0,
-                     log_y: bool = False) -> Path:
+def plot_loss_curves(
+    curves: dict[str, tuple[Sequence[int], Sequence[float]]],
+    path: str | Path,
+    title: str = "training loss",
+    ylabel: str = "loss",
+    smooth: int = 0,
+    log_y: bool = False,
+) -> Path:
     """One line per label (e.g. per source, or per ablation point); `smooth`=0 picks ~1/50 of the run."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, (steps, values) in curves.items():
@@ -146,9 +151,14 @@ def plot_loss_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], p
     return save_figure(fig, Path(path))
 
 
-def plot_scores_by_shots(series: dict[str, dict[int, tuple[float, float]]], path: str | Path,
-                         title: str = "score by shots", ylabel: str = "score",
-                         styles: dict[str, str] | None = None, colour_of: dict[str, str] | None = None) -> Path:
+def plot_scores_by_shots(
+    series: dict[str, dict[int, tuple[float, float]]],
+    path: str | Path,
+    title: str = "score by shots",
+    ylabel: str = "score",
+    styles: dict[str, str] | None = None,
+    colour_of: dict[str, str] | None = None,
+) -> Path:
     """Score vs number of in-context examples; `series[label][shots] = (mean, std)` (std may be NaN).
     `styles[label]` is a matplotlib line style ("--" for an image-shuffled control, ":" for a baseline);
     `colour_of[label]` names an earlier series whose colour it shares (a score and its control)."""
@@ -159,8 +169,16 @@ def plot_scores_by_shots(series: dict[str, dict[int, tuple[float, float]]], path
         means = [by_shots[s][0] for s in shots]
         stds = [0.0 if math.isnan(by_shots[s][1]) else by_shots[s][1] for s in shots]
         same = colours.get((colour_of or {}).get(label, ""))
-        line = ax.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label=label,
-                           linestyle=(styles or {}).get(label, "-"), **({"color": same} if same else {}))
+        line = ax.errorbar(
+            shots,
+            means,
+            yerr=stds,
+            marker="o",
+            capsize=3,
+            label=label,
+            linestyle=(styles or {}).get(label, "-"),
+            **({"color": same} if same else {}),
+        )
         colours[label] = line[0].get_color()
     ax.set_xlabel("shots")
     ax.set_ylabel(ylabel)
@@ -179,8 +197,9 @@ def _as_numbers(labels: Sequence[str]) -> list[float] | None:
         return None
 
 
-def plot_axis(axis: str, labels: Sequence[str], panels: dict[str, dict[str, list[tuple[float, float]]]],
-              path: str | Path) -> Path:
+def plot_axis(
+    axis: str, labels: Sequence[str], panels: dict[str, dict[str, list[tuple[float, float]]]], path: str | Path
+) -> Path:
     """Score vs axis value with seed error bars: one subplot per metric, one line per other-axes setting.
 
     `panels[metric][line_label][i] = (mean, std)` at `labels[i]`. Numeric axis values get a real x
@@ -209,7 +228,7 @@ def plot_axis(axis: str, labels: Sequence[str], panels: dict[str, dict[str, list
         ax.grid(alpha=0.3)
         if any(lines) and len(lines) > 1:
             ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     return save_figure(fig, Path(path))
 

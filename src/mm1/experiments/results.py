@@ -20,8 +20,22 @@ from mm1.experiments import report as R
 from mm1.experiments.ablate import AblationSpec, Point, _safe
 from mm1.experiments.sweep import compute_seconds, stage_dir, write_json_atomic
 
-_NOT_METRICS = {"shots", "n", "count", "items", "n_items", "seconds", "trials", "seed", "limit", "step",
-                "time", "elapsed", "num_examples", "examples"}
+_NOT_METRICS = {
+    "shots",
+    "n",
+    "count",
+    "items",
+    "n_items",
+    "seconds",
+    "trials",
+    "seed",
+    "limit",
+    "step",
+    "time",
+    "elapsed",
+    "num_examples",
+    "examples",
+}
 LOWER_IS_BETTER = ("loss", "perplexity", "ppl")
 # result key -> metric suffix of the image-shuffled control's columns (`world_vqa vqa_image_gain@4`)
 CONTROLS = {"score_shuffled": "_shuffled", "image_gain": "_image_gain"}
@@ -40,8 +54,9 @@ def eval_rows(result: dict) -> list[tuple[str, int | None, str, float]]:
         items += [(f"{result['metric']}{suffix}", result.get(key)) for key, suffix in CONTROLS.items()]
     else:
         items = [(k, v) for k, v in result.items() if k not in _NOT_METRICS]
-    return [(task, shots, str(k), float(v)) for k, v in items
-            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return [
+        (task, shots, str(k), float(v)) for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
 
 
 def column_name(stage: str, task: str, shots: int | None, metric: str, multi_stage: bool) -> str:
@@ -61,7 +76,7 @@ def control_of(column: str) -> tuple[str, str]:
         head, shots = column, ""
     for suffix in CONTROLS.values():
         if head.endswith(suffix):
-            return head[:-len(suffix)] + (at + shots), suffix
+            return head[: -len(suffix)] + (at + shots), suffix
     return column, ""
 
 
@@ -80,14 +95,32 @@ def point_rows(point: Point, record: dict, sweep_dir: Path) -> list[dict[str, An
     rows = []
     for res in record.get("results", []):
         for task, shots, metric, value in eval_rows(res):
-            rows.append(dict(base, stage=res.get("stage", ""), task=task, shots=shots, metric=metric, value=value,
-                             column=column_name(res.get("stage", ""), task, shots, metric, multi)))
+            rows.append(
+                dict(
+                    base,
+                    stage=res.get("stage", ""),
+                    task=task,
+                    shots=shots,
+                    metric=metric,
+                    value=value,
+                    column=column_name(res.get("stage", ""), task, shots, metric, multi),
+                )
+            )
     for stage in point.stages:
         curves = R.loss_curves(R.read_metrics(stage_dir(point, sweep_dir, stage) / "metrics.jsonl"))
         for key, (_, values) in sorted(curves.items()):
             if key == "loss" or key.startswith("loss_"):
-                rows.append(dict(base, stage=stage, task="train", shots=None, metric=key,
-                                 value=R.final_value(values), column=f"{stage} {key}"))
+                rows.append(
+                    dict(
+                        base,
+                        stage=stage,
+                        task="train",
+                        shots=None,
+                        metric=key,
+                        value=R.final_value(values),
+                        column=f"{stage} {key}",
+                    )
+                )
     return rows
 
 
@@ -100,8 +133,7 @@ def aggregate(rows: list[dict], axes: list[str]) -> list[dict[str, Any]]:
     out = []
     for (labels, column), values in groups.items():
         m, s, n = R.mean_std(values)
-        out.append({"labels": dict(zip(axes, labels)), "column": column, "mean": m, "std": s, "n": n,
-                    "values": values})
+        out.append({"labels": dict(zip(axes, labels)), "column": column, "mean": m, "std": s, "n": n, "values": values})
     return out
 
 
@@ -126,20 +158,36 @@ def config_diff(spec: AblationSpec, point: Point, stage: str) -> dict[str, Any]:
     return {k: v for k, v in mine.items() if base.get(k, object()) != v}
 
 
-def build_summary(spec: AblationSpec, points: list[Point], records: dict[str, dict], sweep_dir: Path,
-                  wall_seconds: float) -> dict[str, Any]:
+def build_summary(
+    spec: AblationSpec, points: list[Point], records: dict[str, dict], sweep_dir: Path, wall_seconds: float
+) -> dict[str, Any]:
     axes = [ax.name for ax in spec.axes]
     rows = [r for p in points if p.run in records for r in point_rows(p, records[p.run], sweep_dir)]
     compute = compute_seconds(records)
     return {
-        "name": spec.name, "spec": spec.source, "base": spec.base, "sweep_dir": str(sweep_dir),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": wall_seconds, "compute_seconds": compute,
+        "name": spec.name,
+        "spec": spec.source,
+        "base": spec.base,
+        "sweep_dir": str(sweep_dir),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "wall_seconds": wall_seconds,
+        "compute_seconds": compute,
         "axes": [{"name": ax.name, "keys": ax.keys, "labels": ax.labels} for ax in spec.axes],
         "seeds": spec.seeds,
-        "points": [{"name": p.name, "run": p.run, "seed": p.seed, "labels": p.labels, "stages": p.stages,
-                    "fingerprint": p.fingerprint, "failed": records.get(p.run, {}).get("failed"),
-                    "seconds": records.get(p.run, {}).get("seconds", {}),
-                    "configs": {s: f"points/{p.run}/{s}.yaml" for s in p.stages}} for p in points],
+        "points": [
+            {
+                "name": p.name,
+                "run": p.run,
+                "seed": p.seed,
+                "labels": p.labels,
+                "stages": p.stages,
+                "fingerprint": p.fingerprint,
+                "failed": records.get(p.run, {}).get("failed"),
+                "seconds": records.get(p.run, {}).get("seconds", {}),
+                "configs": {s: f"points/{p.run}/{s}.yaml" for s in p.stages},
+            }
+            for p in points
+        ],
         "rows": rows,
         "aggregate": aggregate(rows, axes),
     }
@@ -149,8 +197,9 @@ def _columns(summary: dict) -> list[str]:
     """Scores first, each followed by its shuffled score and image gain; losses last."""
     cols = list(dict.fromkeys(a["column"] for a in summary["aggregate"]))
     order = ("", *CONTROLS.values())
-    return sorted(cols, key=lambda c: (" loss" in c or c.startswith("train"), control_of(c)[0],
-                                       order.index(control_of(c)[1])))
+    return sorted(
+        cols, key=lambda c: (" loss" in c or c.startswith("train"), control_of(c)[0], order.index(control_of(c)[1]))
+    )
 
 
 def _axis_panels(ax: Any, axes: list[str], combos: list[tuple], cell: dict, cols: list[str]) -> dict:
@@ -173,8 +222,9 @@ def _axis_panels(ax: Any, axes: list[str], combos: list[tuple], cell: dict, cols
     return panels
 
 
-def write_sweep_report(spec: AblationSpec, points: list[Point], summary: dict, sweep_dir: Path,
-                       name: str = "report") -> Path:
+def write_sweep_report(
+    spec: AblationSpec, points: list[Point], summary: dict, sweep_dir: Path, name: str = "report"
+) -> Path:
     """`NAME.md` (+ `NAME.json` summary and `plots/NAME/*.png` or `plots/*.png`) of a sweep."""
     sweep_dir = Path(sweep_dir)
     plots = sweep_dir / "plots" / ("" if name == "report" else name)
@@ -183,32 +233,64 @@ def write_sweep_report(spec: AblationSpec, points: list[Point], summary: dict, s
     cell = {(tuple(a["labels"].get(x, "") for x in axes), a["column"]): a for a in summary["aggregate"]}
     combos = list(dict.fromkeys(tuple(p.labels.get(x, "") for x in axes) for p in points))
     n_runs = len({p.run for p in points})
-    lines = [f"# Ablation `{spec.name}`", "",
-             f"- spec: `{spec.source}`; base preset: `{spec.base or 'built-in defaults'}`",
-             f"- stages: {', '.join(spec.stages)}; seeds: {spec.seeds}; {len(points)} points, {n_runs} distinct runs",
-             f"- wall time of this invocation: {R.format_seconds(summary['wall_seconds'])}; "
-             f"compute of all points (train, each shared stage once, + eval): {R.format_seconds(summary['compute_seconds'])}", "",
-             "## Results", "", "Mean ± sample std over seeds (number of seeds). Loss and perplexity: lower is "
-             "better; every other metric: higher is better. `loss` columns are the final training loss "
-             "(mean of the last 10 % of steps). `_shuffled`: the same queries scored with each query's image "
-             "replaced by another test item's; `_image_gain` = score − shuffled, what the image is worth "
-             "(text-only tasks have none).", ""]
-    table = [[*combo, *(R.fmt_mean_std(cell[(combo, c)]["mean"], cell[(combo, c)]["std"], cell[(combo, c)]["n"])
-                        if (combo, c) in cell else "–" for c in cols)] for combo in combos]
-    lines.append(R.write_table([*(axes or ["point"]), *cols], [r if axes else ["base", *r] for r in table],
-                               "l" * max(1, len(axes)) + "r" * len(cols)))
+    lines = [
+        f"# Ablation `{spec.name}`",
+        "",
+        f"- spec: `{spec.source}`; base preset: `{spec.base or 'built-in defaults'}`",
+        f"- stages: {', '.join(spec.stages)}; seeds: {spec.seeds}; {len(points)} points, {n_runs} distinct runs",
+        f"- wall time of this invocation: {R.format_seconds(summary['wall_seconds'])}; "
+        f"compute of all points (train, each shared stage once, + eval): "
+        f"{R.format_seconds(summary['compute_seconds'])}",
+        "",
+        "## Results",
+        "",
+        "Mean ± sample std over seeds (number of seeds). Loss and perplexity: lower is "
+        "better; every other metric: higher is better. `loss` columns are the final training loss "
+        "(mean of the last 10 % of steps). `_shuffled`: the same queries scored with each query's image "
+        "replaced by another test item's; `_image_gain` = score − shuffled, what the image is worth "
+        "(text-only tasks have none).",
+        "",
+    ]
+    table = [
+        [
+            *combo,
+            *(
+                R.fmt_mean_std(cell[(combo, c)]["mean"], cell[(combo, c)]["std"], cell[(combo, c)]["n"])
+                if (combo, c) in cell
+                else "–"
+                for c in cols
+            ),
+        ]
+        for combo in combos
+    ]
+    lines.append(
+        R.write_table(
+            [*(axes or ["point"]), *cols],
+            [r if axes else ["base", *r] for r in table],
+            "l" * max(1, len(axes)) + "r" * len(cols),
+        )
+    )
     if cols:
         scores = [c for c in cols if not (" loss_" in c or c.startswith("train")) and not control_of(c)[1]][:9]
         gains = [c for c in cols if control_of(c)[1] == CONTROLS["image_gain"]][:9]
         for ax in spec.axes:
-            png = R.plot_axis(ax.name, ax.labels, _axis_panels(ax, axes, combos, cell, scores),
-                              plots / f"axis-{_safe(ax.name)}.png")
+            png = R.plot_axis(
+                ax.name, ax.labels, _axis_panels(ax, axes, combos, cell, scores), plots / f"axis-{_safe(ax.name)}.png"
+            )
             lines += [f"### {ax.name}", "", R.image_link(png, sweep_dir, f"scores vs {ax.name}"), ""]
             if gains:
-                png = R.plot_axis(ax.name, ax.labels, _axis_panels(ax, axes, combos, cell, gains),
-                                  plots / f"axis-{_safe(ax.name)}-image-gain.png")
-                lines += ["Image gain (score − the same queries with shuffled images; near 0 = the image is not "
-                          "used):", "", R.image_link(png, sweep_dir, f"image gain vs {ax.name}"), ""]
+                png = R.plot_axis(
+                    ax.name,
+                    ax.labels,
+                    _axis_panels(ax, axes, combos, cell, gains),
+                    plots / f"axis-{_safe(ax.name)}-image-gain.png",
+                )
+                lines += [
+                    "Image gain (score − the same queries with shuffled images; near 0 = the image is not used):",
+                    "",
+                    R.image_link(png, sweep_dir, f"image gain vs {ax.name}"),
+                    "",
+                ]
     curves = {}
     for p in points:
         recs = R.read_metrics(stage_dir(p, sweep_dir, p.stages[-1]) / "metrics.jsonl")
@@ -219,13 +301,22 @@ def write_sweep_report(spec: AblationSpec, points: list[Point], summary: dict, s
     if curves:
         png = R.plot_loss_curves(curves, plots / "loss-curves.png", title=f"{spec.stages[-1]} training loss")
         lines += ["## Training loss", "", R.image_link(png, sweep_dir, "loss curves"), ""]
-    lines += ["## Configs", "", "Each point's exact resolved config per stage is in the linked YAML; "
-              "the last column lists what differs from the base preset (last stage).", ""]
+    lines += [
+        "## Configs",
+        "",
+        "Each point's exact resolved config per stage is in the linked YAML; "
+        "the last column lists what differs from the base preset (last stage).",
+        "",
+    ]
     common: dict[str, Any] | None = None
     diffs = {}
     for p in points:
         diffs[p.name] = config_diff(spec, p, p.stages[-1])
-        common = dict(diffs[p.name]) if common is None else {k: v for k, v in common.items() if diffs[p.name].get(k, object()) == v}
+        common = (
+            dict(diffs[p.name])
+            if common is None
+            else {k: v for k, v in common.items() if diffs[p.name].get(k, object()) == v}
+        )
     common = common or {}
     if common:
         lines += ["Every point: " + ", ".join(f"`{k}={v}`" for k, v in sorted(common.items()) if k != "train.seed"), ""]
@@ -242,8 +333,14 @@ def write_sweep_report(spec: AblationSpec, points: list[Point], summary: dict, s
     return path
 
 
-def run_ablation(spec: AblationSpec, sweep_dir: Path, runner: Any, keep_going: bool = False,
-                 points: list[Point] | None = None, log: Any = print) -> Path:
+def run_ablation(
+    spec: AblationSpec,
+    sweep_dir: Path,
+    runner: Any,
+    keep_going: bool = False,
+    points: list[Point] | None = None,
+    log: Any = print,
+) -> Path:
     """Expand, run what is missing, write `summary.json` + `report.md`; returns the report path."""
     from mm1.experiments.ablate import expand
     from mm1.experiments.sweep import run_sweep, write_commands
@@ -251,9 +348,26 @@ def run_ablation(spec: AblationSpec, sweep_dir: Path, runner: Any, keep_going: b
     t0 = time.perf_counter()
     points = points if points is not None else expand(spec)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(sweep_dir / "sweep.json", {"spec": spec.source, "name": spec.name, "points": [
-        {"name": p.name, "run": p.run, "seed": p.seed, "labels": p.labels, "settings": p.settings,
-         "stages": p.stages, "overrides": p.overrides, "fingerprint": p.fingerprint} for p in points]})
+    write_json_atomic(
+        sweep_dir / "sweep.json",
+        {
+            "spec": spec.source,
+            "name": spec.name,
+            "points": [
+                {
+                    "name": p.name,
+                    "run": p.run,
+                    "seed": p.seed,
+                    "labels": p.labels,
+                    "settings": p.settings,
+                    "stages": p.stages,
+                    "overrides": p.overrides,
+                    "fingerprint": p.fingerprint,
+                }
+                for p in points
+            ],
+        },
+    )
     write_commands(points, sweep_dir)
     records = run_sweep(points, sweep_dir, runner, keep_going=keep_going, log=log)
     summary = build_summary(spec, points, records, sweep_dir, time.perf_counter() - t0)

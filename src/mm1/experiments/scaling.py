@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from mm1.config import PRESETS_DIR
 from mm1.experiments import report as R
 from mm1.experiments.ablate import AblationSpec, load_spec
-from mm1.registry import ConfigError
 from mm1.experiments.sweep import stage_dir
+from mm1.registry import ConfigError
 from mm1.train.optim import LAW_INTERCEPT, LAW_SLOPE, WD_RATIO, mm1_lr
-
 
 HPARAMS_DIR = PRESETS_DIR / "hparams"  # budget-<name>.yaml: ablation specs with a `size` and an `lr` axis
 BUDGETS = ("tiny", "small")
@@ -66,8 +66,10 @@ def grid_of(spec: AblationSpec) -> Grid:
     train.weight_decay; without it λ = 0.1·η as in MM1)."""
     axes = {ax.name: ax for ax in spec.axes}
     if sorted(axes) != ["lr", "size"] or "train.lr" not in axes["lr"].keys:
-        raise ConfigError(f"hparams spec {spec.source}: needs exactly two paired axes, `size` (model.lm fields) and "
-                          f"`lr` (train.lr, optionally train.weight_decay); found {sorted(axes)}")
+        raise ConfigError(
+            f"hparams spec {spec.source}: needs exactly two paired axes, `size` (model.lm fields) and "
+            f"`lr` (train.lr, optionally train.weight_decay); found {sorted(axes)}"
+        )
     lr_axis = axes["lr"]
     i_lr = lr_axis.keys.index("train.lr")
     i_wd = lr_axis.keys.index("train.weight_decay") if "train.weight_decay" in lr_axis.keys else None
@@ -76,8 +78,13 @@ def grid_of(spec: AblationSpec) -> Grid:
         lr = float(values[i_lr])
         ratio = round(float(values[i_wd]) / lr, 9) if i_wd is not None else WD_RATIO
         cells[(lr, ratio)] = label
-    return Grid(list(axes["size"].labels), sorted({lr for lr, _ in cells}), sorted({r for _, r in cells}), cells,
-                list(spec.seeds))
+    return Grid(
+        list(axes["size"].labels),
+        sorted({lr for lr, _ in cells}),
+        sorted({r for _, r in cells}),
+        cells,
+        list(spec.seeds),
+    )
 
 
 def best_lr(lrs: list[float], losses: list[float]) -> tuple[float, bool]:
@@ -96,7 +103,7 @@ def best_lr(lrs: list[float], losses: list[float]) -> tuple[float, bool]:
     i = int(np.argmin(y))
     if i == 0 or i == len(x) - 1:
         return float(grid[i]), True
-    c2, c1, _ = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)
+    c2, c1, _ = np.polyfit(x[i - 1 : i + 2], y[i - 1 : i + 2], 2)
     if c2 <= 0:
         return float(grid[i]), False
     vertex = float(np.clip(-c1 / (2 * c2), x[i - 1], x[i + 1]))
@@ -142,12 +149,21 @@ def analyse(grid: Grid, points: list, records: dict[str, dict], out: Path) -> di
     from mm1.experiments.results import aggregate, point_rows
 
     rows = [r for p in points if p.run in records for r in point_rows(p, records[p.run], out)]
-    agg = {(a["labels"]["size"], a["labels"]["lr"]): a for a in aggregate(rows, ["size", "lr"])
-           if a["column"] == "pretrain loss"}
+    agg = {
+        (a["labels"]["size"], a["labels"]["lr"]): a
+        for a in aggregate(rows, ["size", "lr"])
+        if a["column"] == "pretrain loss"
+    }
     sizes, table, curves = [], [], {}
     for label in grid.sizes:
-        n = next((_n_params(stage_dir(p, out, "pretrain")) for p in points
-                  if p.labels["size"] == label and p.run in records and "failed" not in records[p.run]), None)
+        n = next(
+            (
+                _n_params(stage_dir(p, out, "pretrain"))
+                for p in points
+                if p.labels["size"] == label and p.run in records and "failed" not in records[p.run]
+            ),
+            None,
+        )
         best = None
         for ratio in grid.wd_ratios:
             cells = [agg.get((label, grid.label(lr, ratio))) for lr in grid.lrs]
@@ -157,48 +173,89 @@ def analyse(grid: Grid, points: list, records: dict[str, dict], out: Path) -> di
             low = np.nanmin(losses) if np.isfinite(losses).any() else math.nan
             if best is None or low < best[3]:
                 best = (lr, edge, ratio, low)
-            table.append([label, f"{n:,}" if n else "?", f"{ratio:g}",
-                          *[R.fmt_mean_std(c["mean"], c["std"], c["n"]) if c else "–" for c in cells],
-                          f"{lr:.3g}" + (" (grid edge)" if edge else "")])
+            table.append(
+                [
+                    label,
+                    f"{n:,}" if n else "?",
+                    f"{ratio:g}",
+                    *[R.fmt_mean_std(c["mean"], c["std"], c["n"]) if c else "–" for c in cells],
+                    f"{lr:.3g}" + (" (grid edge)" if edge else ""),
+                ]
+            )
         if n and best and math.isfinite(best[0]):
-            sizes.append({"size": label, "n_params": n, "best_lr": best[0], "at_edge": best[1], "wd_ratio": best[2],
-                          "loss": best[3], "mm1_lr": mm1_lr(n)})
+            sizes.append(
+                {
+                    "size": label,
+                    "n_params": n,
+                    "best_lr": best[0],
+                    "at_edge": best[1],
+                    "wd_ratio": best[2],
+                    "loss": best[3],
+                    "mm1_lr": mm1_lr(n),
+                }
+            )
     law: dict[str, Any] = {"sizes": sizes, "source": str(out)}
     if len(sizes) >= 2:
         a, b = fit_law([s["n_params"] for s in sizes], [s["best_lr"] for s in sizes])
         ratios = sorted(s["wd_ratio"] for s in sizes)
-        law |= {"a": a, "b": b, "wd_ratio": ratios[len(ratios) // 2], "formula": f"eta(N) = exp({a:.4f} * ln N {b:+.4f})",
-                "paper": {"a": LAW_SLOPE, "b": LAW_INTERCEPT}}
+        law |= {
+            "a": a,
+            "b": b,
+            "wd_ratio": ratios[len(ratios) // 2],
+            "formula": f"eta(N) = exp({a:.4f} * ln N {b:+.4f})",
+            "paper": {"a": LAW_SLOPE, "b": LAW_INTERCEPT},
+        }
     law["table"], law["curves"] = table, curves
     return law
 
 
 def write_hparams_report(grid: Grid, steps: int, law: dict[str, Any], out: Path, wall: float) -> Path:
     """`lr_law.json`, `plots/lr-law.png`, `plots/loss-vs-lr.png` and `hparams.md`."""
-    lines = ["# Learning-rate law", "", f"Text-only pre-training runs of {steps} steps, seeds {grid.seeds}, "
-             "image encoder and connector frozen (N = the language model's trainable parameters). "
-             f"Loss = final training loss (mean of the last 10 % of steps). Wall time {R.format_seconds(wall)}.", ""]
+    lines = [
+        "# Learning-rate law",
+        "",
+        f"Text-only pre-training runs of {steps} steps, seeds {grid.seeds}, "
+        "image encoder and connector frozen (N = the language model's trainable parameters). "
+        f"Loss = final training loss (mean of the last 10 % of steps). Wall time {R.format_seconds(wall)}.",
+        "",
+    ]
     fig_curves = {k: v for k, v in law["curves"].items()}
     png = _plot_loss_vs_lr(fig_curves, out / "plots" / "loss-vs-lr.png")
-    lines += [R.write_table(["size", "N", "λ / η", *[f"lr {lr:g}" for lr in grid.lrs], "best lr"], law["table"]),
-              R.image_link(png, out, "final loss vs peak LR"), ""]
+    lines += [
+        R.write_table(["size", "N", "λ / η", *[f"lr {lr:g}" for lr in grid.lrs], "best lr"], law["table"]),
+        R.image_link(png, out, "final loss vs peak LR"),
+        "",
+    ]
     if "a" in law:
         s = law["sizes"]
-        law_png = plot_law([x["n_params"] for x in s], [x["best_lr"] for x in s], law["a"], law["b"],
-                           out / "plots" / "lr-law.png")
+        law_png = plot_law(
+            [x["n_params"] for x in s], [x["best_lr"] for x in s], law["a"], law["b"], out / "plots" / "lr-law.png"
+        )
         fitted = lambda n: math.exp(law["a"] * math.log(n) + law["b"])  # noqa: E731
         preds = [[f"{n:.2g}", f"{fitted(n):.3g}", f"{mm1_lr(int(n)):.3g}"] for n in (1e6, 1e8, 1.2e9, 3e10)]
-        lines += ["## Fit", "", f"**Fitted:** ln η = {law['a']:.4f}·ln N {law['b']:+.4f}  "
-                  f"(MM1: ln η = {LAW_SLOPE}·ln N {LAW_INTERCEPT:+}); decoupled weight decay λ = {law['wd_ratio']:g}·η.", "",
-                  R.image_link(law_png, out, "LR law: measured, fitted, MM1"), "",
-                  R.write_table(["N", "fitted η", "MM1 η"], preds),
-                  "Extrapolating a fit over a few miniature sizes to billions of parameters is not reliable; "
-                  "the paper's line is the safer default at scale.", "",
-                  f"Use it: `mm1 train CONFIG train.lr_law={out / 'lr_law.json'}` (a run with `train.lr` unset "
-                  "then starts from the fitted law instead of the paper's).", ""]
+        lines += [
+            "## Fit",
+            "",
+            f"**Fitted:** ln η = {law['a']:.4f}·ln N {law['b']:+.4f}  "
+            f"(MM1: ln η = {LAW_SLOPE}·ln N {LAW_INTERCEPT:+}); decoupled weight decay λ = {law['wd_ratio']:g}·η.",
+            "",
+            R.image_link(law_png, out, "LR law: measured, fitted, MM1"),
+            "",
+            R.write_table(["N", "fitted η", "MM1 η"], preds),
+            "Extrapolating a fit over a few miniature sizes to billions of parameters is not reliable; "
+            "the paper's line is the safer default at scale.",
+            "",
+            f"Use it: `mm1 train CONFIG train.lr_law={out / 'lr_law.json'}` (a run with `train.lr` unset "
+            "then starts from the fitted law instead of the paper's).",
+            "",
+        ]
         if any(x["at_edge"] for x in s):
-            lines += ["**Warning:** the best LR of " + ", ".join(x["size"] for x in s if x["at_edge"]) +
-                      " is at the edge of the grid; widen `lrs` before trusting the fit.", ""]
+            lines += [
+                "**Warning:** the best LR of "
+                + ", ".join(x["size"] for x in s if x["at_edge"])
+                + " is at the edge of the grid; widen `lrs` before trusting the fit.",
+                "",
+            ]
     else:
         lines += ["Fewer than two sizes finished: no fit.", ""]
     lines += ["Every run of the grid (loss curves, exact configs): [report.md](report.md)", ""]
@@ -223,8 +280,14 @@ def _plot_loss_vs_lr(curves: dict[str, tuple[list[float], list[float]]], path: P
     return R.save_figure(fig, path)
 
 
-def run_hparams(budget_name: str, out: Path, runner: Any, base: str = "", keep_going: bool = False,
-                log: Callable[[str], None] = print) -> Path:
+def run_hparams(
+    budget_name: str,
+    out: Path,
+    runner: Any,
+    base: str = "",
+    keep_going: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Run the grid (resumable), write the sweep report, then the LR-law report and `lr_law.json`."""
     import time
 
@@ -238,8 +301,10 @@ def run_hparams(budget_name: str, out: Path, runner: Any, base: str = "", keep_g
     points = expand(spec)
     out.mkdir(parents=True, exist_ok=True)
     write_commands(points, out)
-    log(f"mm1 hparams: {len(grid.sizes)} sizes x {len(grid.lrs)} LRs x {len(grid.wd_ratios)} weight decays "
-        f"x {len(grid.seeds)} seeds = {len(points)} runs -> {out}")
+    log(
+        f"mm1 hparams: {len(grid.sizes)} sizes x {len(grid.lrs)} LRs x {len(grid.wd_ratios)} weight decays "
+        f"x {len(grid.seeds)} seeds = {len(points)} runs -> {out}"
+    )
     records = run_sweep(points, out, runner, keep_going=keep_going, log=log)
     write_sweep_report(spec, points, build_summary(spec, points, records, out, time.perf_counter() - t0), out)
     law = analyse(grid, points, records, out)

@@ -16,8 +16,8 @@ its continued fraction). `tests/test_experiments_stats.py` checks every number a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 ALPHA = 0.05
 
@@ -155,8 +155,9 @@ def tost(a: Sequence[float], b: Sequence[float], margin: float, level: float = 0
     return Tost(d, margin, max(p_above_lower, p_below_upper), p_beyond)
 
 
-def seeds_needed(effect: float, sd: float, alpha: float = ALPHA, power: float = 0.8, equivalence: bool = False,
-                 most: int = 1000) -> int | None:
+def seeds_needed(
+    effect: float, sd: float, alpha: float = ALPHA, power: float = 0.8, equivalence: bool = False, most: int = 1000
+) -> int | None:
     """Seeds per arm for a one-sided Welch test at `alpha` to detect `effect` with `power`, both arms
     having standard deviation `sd` (the usual t approximation: n = 2·sd²·(t_{1−α} + t_{power})² / effect²,
     df = 2n − 2, solved by counting up). With `equivalence`, `effect` is the TOST margin and the true

@@ -21,7 +21,8 @@ its latest checkpoint.
 
 On a cluster: `mm1 ablate SPEC --dry-run --out SWEEP` writes every stage config and `commands.sh`
 (one `mm1 train` line per distinct stage, one `mm1 eval` line per evaluated point, the same
-thing this module runs). Launch each line as its own job, replacing `mm1` by `torchrun --nnodes N --nproc_per_node 8 -m mm1` for training
+thing this module runs). Launch each line as its own job, replacing `mm1` by
+`torchrun --nnodes N --nproc_per_node 8 -m mm1` for training
 (a stage only starts after the stage it is initialised from, which comes earlier in the file).
 Once the jobs are done, `mm1 ablate SPEC --out SWEEP` recognises the finished stages (a checkpoint
 at `train.steps`) and evaluations (`points/RUN/eval-STAGE/*.json`), runs whatever is missing and
@@ -42,8 +43,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import yaml
 
@@ -173,8 +175,11 @@ def stage_keys(point: Point) -> dict[str, str]:
     keys: dict[str, str] = {}
     prev = ""
     for stage in point.stages:
-        blob = json.dumps({"stage": stage, "from": prev, "config": stage_view(stage, point.configs[stage])},
-                          sort_keys=True, default=str)
+        blob = json.dumps(
+            {"stage": stage, "from": prev, "config": stage_view(stage, point.configs[stage])},
+            sort_keys=True,
+            default=str,
+        )
         prev = keys[stage] = f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
     return keys
 
@@ -234,7 +239,11 @@ def compute_seconds(records: dict[str, dict]) -> float:
     return sum(stages.values()) + evals
 
 
-_BULKY = {"predictions", "shuffled_predictions", "config"}  # kept in eval-STAGE.json for audits, left out of done.json / summaries
+_BULKY = {
+    "predictions",
+    "shuffled_predictions",
+    "config",
+}  # kept in eval-STAGE.json for audits, left out of done.json / summaries
 
 
 class SpecChanged(RuntimeError):
@@ -278,9 +287,11 @@ def run_point(point: Point, sweep_dir: Path, runner: Runner, log: Callable[[str]
     if done_path.is_file():
         done = json.loads(done_path.read_text())
         if done.get("fingerprint") != point.fingerprint:
-            raise SpecChanged(f"{pdir} was finished with a different config (fingerprint {done.get('fingerprint')} "
-                              f"!= {point.fingerprint}); the spec or a preset changed since. Delete {pdir} to rerun "
-                              "it, or pass another --out")
+            raise SpecChanged(
+                f"{pdir} was finished with a different config (fingerprint {done.get('fingerprint')} "
+                f"!= {point.fingerprint}); the spec or a preset changed since. Delete {pdir} to rerun "
+                "it, or pass another --out"
+            )
         return done
     shared, own = write_stage_configs(point, sweep_dir)
     cfgs = stage_configs(point, sweep_dir)
@@ -314,17 +325,25 @@ def run_point(point: Point, sweep_dir: Path, runner: Runner, log: Callable[[str]
             if not ej.is_file() and getattr(runner, "collect_only", False):
                 raise NotFinished(f"{pdir / f'eval-{stage}'}: no complete evaluation results")
             if not ej.is_file():
-                log(f"  {point.run}: evaluating {stage} ({', '.join(cfgs[stage].eval.tasks)}; "
-                    f"shots {list(cfgs[stage].eval.shots)})")
+                log(
+                    f"  {point.run}: evaluating {stage} ({', '.join(cfgs[stage].eval.tasks)}; "
+                    f"shots {list(cfgs[stage].eval.shots)})"
+                )
                 t0 = time.perf_counter()
                 res = runner.evaluate(sdir, cfgs[stage], own[stage])
                 write_json_atomic(ej, {"seconds": time.perf_counter() - t0, "results": res})
             ev = json.loads(ej.read_text())
             stage_seconds[f"eval-{stage}"] = float(ev["seconds"])
             results += [{k: v for k, v in r.items() if k not in _BULKY} | {"stage": stage} for r in ev["results"]]
-    done = {"run": point.run, "fingerprint": point.fingerprint, "stages": point.stages,
-            "stage_dirs": {s: str(d.relative_to(sweep_dir)) for s, d in dirs.items()},
-            "seconds": stage_seconds, "results": results, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    done = {
+        "run": point.run,
+        "fingerprint": point.fingerprint,
+        "stages": point.stages,
+        "stage_dirs": {s: str(d.relative_to(sweep_dir)) for s, d in dirs.items()},
+        "seconds": stage_seconds,
+        "results": results,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     write_json_atomic(done_path, done)
     return done
 
@@ -341,9 +360,11 @@ def plan(points: list[Point]) -> list[str]:
             ev = p.configs[stage].eval
             evals += 1
             items += len(ev.tasks) * len(ev.shots) * (ev.limit or 0)
-    lines = [f"{stage}: {len(keys)} distinct stages, {sum(keys.values())} training steps "
-             f"(used by {sum(1 for q in unique_runs(points) if stage in q.stages)} runs)"
-             for stage, keys in stages.items()]
+    lines = [
+        f"{stage}: {len(keys)} distinct stages, {sum(keys.values())} training steps "
+        f"(used by {sum(1 for q in unique_runs(points) if stage in q.stages)} runs)"
+        for stage, keys in stages.items()
+    ]
     return lines + [f"evaluations: {evals} (about {items} task x shots x item queries)"]
 
 
@@ -357,10 +378,13 @@ def write_commands(points: list[Point], sweep_dir: Path) -> Path:
     for p in runs:
         for key in stage_keys(p).values():
             users.setdefault(key, []).append(p.run)
-    lines = ["#!/bin/sh", "# One `mm1 train` line per distinct stage (shared stages appear once, before the stages",
-             "# that start from them), one `mm1 eval` line per evaluated point. Replace `mm1 train` by",
-             "# `torchrun --nproc_per_node 8 -m mm1 train` on a GPU node, then rerun the same mm1 command for the report.",
-             "set -e"]
+    lines = [
+        "#!/bin/sh",
+        "# One `mm1 train` line per distinct stage (shared stages appear once, before the stages",
+        "# that start from them), one `mm1 eval` line per evaluated point. Replace `mm1 train` by",
+        "# `torchrun --nproc_per_node 8 -m mm1 train` on a GPU node, then rerun the same mm1 command for the report.",
+        "set -e",
+    ]
     written: set[str] = set()
     for p in runs:
         shared, own = write_stage_configs(p, sweep_dir)
@@ -382,8 +406,9 @@ def write_commands(points: list[Point], sweep_dir: Path) -> Path:
     return path
 
 
-def run_sweep(points: list[Point], sweep_dir: Path, runner: Runner, keep_going: bool = False,
-              log: Callable[[str], None] = print) -> dict[str, dict]:
+def run_sweep(
+    points: list[Point], sweep_dir: Path, runner: Runner, keep_going: bool = False, log: Callable[[str], None] = print
+) -> dict[str, dict]:
     """Run every distinct point in order, skipping finished ones; returns run name -> done record.
 
     With `keep_going`, a failing point is logged (and listed in the report) instead of stopping the sweep."""

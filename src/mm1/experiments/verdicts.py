@@ -135,8 +135,11 @@ def judge_claim(lesson: Lesson, claim: Claim, agg: list[dict], gains: list[float
     columns = list(dict.fromkeys(a["column"] for a in agg))
     arms = {lab: arm_values(agg, lesson.axis, lab, claim.primary) for lab in claim.labels}
     primary = compare(claim, claim.primary, arms)
-    secondary = [compare(claim, c, {lab: arm_values(agg, lesson.axis, lab, c) for lab in claim.labels})
-                 for c in columns if c != claim.primary and any(fnmatch.fnmatchcase(c, g) for g in claim.secondary)]
+    secondary = [
+        compare(claim, c, {lab: arm_values(agg, lesson.axis, lab, c) for lab in claim.labels})
+        for c in columns
+        if c != claim.primary and any(fnmatch.fnmatchcase(c, g) for g in claim.secondary)
+    ]
     seeds = min(len(v) for v in arms.values())
     res = ClaimResult(claim, INCONCLUSIVE, "", primary, secondary, seeds)
     res.seeds_for_power, res.power_line = _power(claim, primary)
@@ -154,12 +157,16 @@ def judge_claim(lesson: Lesson, claim: Claim, agg: list[dict], gains: list[float
         return res
     if claim.images:
         if len(gains) < 2:
-            res.why = (f"baseline image_gain not measured on `{claim.primary}` ({len(gains)} seeds); "
-                       "the evaluation results carry no image_gain")
+            res.why = (
+                f"baseline image_gain not measured on `{claim.primary}` ({len(gains)} seeds); "
+                "the evaluation results carry no image_gain"
+            )
             return res
         if not res.baseline_image_gain_p < ALPHA:
-            res.why = (f"baseline does not use the image: image_gain {res.baseline_image_gain:+.3g}, "
-                       f"p = {res.baseline_image_gain_p:.3g} over {len(gains)} seeds")
+            res.why = (
+                f"baseline does not use the image: image_gain {res.baseline_image_gain:+.3g}, "
+                f"p = {res.baseline_image_gain_p:.3g} over {len(gains)} seeds"
+            )
             return res
     res.gated = False
     if primary.p_value < ALPHA:
@@ -173,8 +180,10 @@ def judge_claim(lesson: Lesson, claim: Claim, agg: list[dict], gains: list[float
 
 def judge_lesson(lesson: Lesson, agg: list[dict]) -> list[ClaimResult]:
     """Every claim of a lesson; the image gate reads the baseline arm's `<primary>_image_gain` column."""
-    return [judge_claim(lesson, c, agg, arm_values(agg, lesson.axis, lesson.baseline, gain_column(c.primary)))
-            for c in lesson.claims]
+    return [
+        judge_claim(lesson, c, agg, arm_values(agg, lesson.axis, lesson.baseline, gain_column(c.primary)))
+        for c in lesson.claims
+    ]
 
 
 def _finite(x: float | None) -> float | None:
@@ -184,13 +193,30 @@ def _finite(x: float | None) -> float | None:
 def summary_row(lesson: Lesson, res: ClaimResult) -> dict[str, Any]:
     """One claim of `summary.json` (issue 15's fields first, then the detail behind them)."""
     p = res.primary
-    return {"lesson": lesson.name, "claim": res.claim.text, "metric": res.claim.primary, "verdict": res.verdict,
-            "p_value": _finite(p.p_value), "effect": _finite(p.effect), "ci_low": _finite(p.ci_low),
-            "ci_high": _finite(p.ci_high), "seeds": res.seeds,
-            "baseline_image_gain": _finite(res.baseline_image_gain),
-            "why": res.why, "gated": res.gated, "kind": "similar" if res.claim.similar else "compare", "pair": list(p.pair),
-            "df": _finite(p.df), "p_opposite": _finite(p.p_opposite),
-            "margin": _finite(res.claim.margin), "paper_effect": _finite(res.claim.paper_effect),
-            "baseline_image_gain_p": _finite(res.baseline_image_gain_p), "seeds_for_power": res.seeds_for_power,
-            "arms": p.arms, "secondary": [{k: _finite(v) if isinstance(v, float) else v for k, v in asdict(s).items()
-                                           if k != "arms"} for s in res.secondary]}
+    return {
+        "lesson": lesson.name,
+        "claim": res.claim.text,
+        "metric": res.claim.primary,
+        "verdict": res.verdict,
+        "p_value": _finite(p.p_value),
+        "effect": _finite(p.effect),
+        "ci_low": _finite(p.ci_low),
+        "ci_high": _finite(p.ci_high),
+        "seeds": res.seeds,
+        "baseline_image_gain": _finite(res.baseline_image_gain),
+        "why": res.why,
+        "gated": res.gated,
+        "kind": "similar" if res.claim.similar else "compare",
+        "pair": list(p.pair),
+        "df": _finite(p.df),
+        "p_opposite": _finite(p.p_opposite),
+        "margin": _finite(res.claim.margin),
+        "paper_effect": _finite(res.claim.paper_effect),
+        "baseline_image_gain_p": _finite(res.baseline_image_gain_p),
+        "seeds_for_power": res.seeds_for_power,
+        "arms": p.arms,
+        "secondary": [
+            {k: _finite(v) if isinstance(v, float) else v for k, v in asdict(s).items() if k != "arms"}
+            for s in res.secondary
+        ],
+    }

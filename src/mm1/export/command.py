@@ -18,8 +18,12 @@ FORMATS = ("hf",)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="run dir (its latest checkpoint) or checkpoint dir")
     parser.add_argument("out", help="folder to write (must not exist unless --overwrite)")
-    parser.add_argument("--format", choices=FORMATS, default="hf",
-                        help="hf: a transformers LLaVA folder (config, safetensors, tokenizer, processor)")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="hf",
+        help="hf: a transformers LLaVA folder (config, safetensors, tokenizer, processor)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
@@ -34,9 +38,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"mm1 export: {e}", file=sys.stderr)
         return 2
     if layout.plain:
-        print(f"mm1 export: wrote {args.out}: LlavaForConditionalGeneration ({layout.tower} tower, "
-              f"{layout.text} LM); loads without remote code")
+        print(
+            f"mm1 export: wrote {args.out}: LlavaForConditionalGeneration ({layout.tower} tower, "
+            f"{layout.text} LM); loads without remote code"
+        )
     else:
-        print(f"mm1 export: wrote {args.out}: LLaVA with mm1's projector in modeling_mm1_llava.py, load with "
-              f"trust_remote_code=True ({layout.why_remote})")
+        print(
+            f"mm1 export: wrote {args.out}: LLaVA with mm1's projector in modeling_mm1_llava.py, load with "
+            f"trust_remote_code=True ({layout.why_remote})"
+        )
     return 0

@@ -36,8 +36,10 @@ def export_hf(checkpoint: str | Path, out: str | Path, overwrite: bool = False) 
         raise ExportError(f"{out} already exists; choose a new folder or pass --overwrite")
     model, cfg, tok = load_checkpoint(checkpoint)
     if tok.image_id != cfg.model.image_token_id:
-        raise ExportError(f"{checkpoint}: tokenizer's <image> id {tok.image_id} differs from "
-                          f"model.image_token_id={cfg.model.image_token_id}; the checkpoint is inconsistent")
+        raise ExportError(
+            f"{checkpoint}: tokenizer's <image> id {tok.image_id} differs from "
+            f"model.image_token_id={cfg.model.image_token_id}; the checkpoint is inconsistent"
+        )
     layout = plan(cfg.model)
     remote = None
     if not layout.plain:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mm1.config import Config
-from mm1.data.tokenizer import IMAGE_TOKEN, IM_END, IM_START, Tokenizer
+from mm1.data.tokenizer import IM_END, IM_START, IMAGE_TOKEN, Tokenizer
 from mm1.eval.generate import banned_ids
 from mm1.export.hf_layout import Layout
 from mm1.export.hf_weights import SHARED_EXPERT_WIDTH
@@ -44,9 +44,18 @@ CHAT_TEMPLATE = (
 
 def vision_config(cfg: Config, layout: Layout) -> dict[str, Any]:
     v = cfg.model.vision
-    out = {"model_type": f"{layout.tower}_vision_model", "hidden_size": v.width, "intermediate_size": v.mlp_dim,
-           "num_hidden_layers": layout.blocks, "num_attention_heads": v.heads, "image_size": v.image_size,
-           "patch_size": v.patch_size, "hidden_act": HF_ACT[v.act], "layer_norm_eps": v.norm_eps, "num_channels": 3}
+    out = {
+        "model_type": f"{layout.tower}_vision_model",
+        "hidden_size": v.width,
+        "intermediate_size": v.mlp_dim,
+        "num_hidden_layers": layout.blocks,
+        "num_attention_heads": v.heads,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "hidden_act": HF_ACT[v.act],
+        "layer_norm_eps": v.norm_eps,
+        "num_channels": 3,
+    }
     if layout.tower == "siglip":
         out["vision_use_head"] = False  # the attention-pooling head makes a pooled output LLaVA never reads
     return out
@@ -54,33 +63,59 @@ def vision_config(cfg: Config, layout: Layout) -> dict[str, Any]:
 
 def text_config(cfg: Config, tok: Tokenizer, layout: Layout) -> dict[str, Any]:
     lm = cfg.model.lm
-    out = {"model_type": layout.text, "vocab_size": lm.vocab_size, "hidden_size": lm.dim,
-           "intermediate_size": lm.ffn_dim, "num_hidden_layers": lm.n_layers, "num_attention_heads": lm.n_heads,
-           "num_key_value_heads": lm.kv_heads, "head_dim": lm.dim // lm.n_heads, "hidden_act": "silu",
-           "rms_norm_eps": lm.norm_eps, "max_position_embeddings": lm.max_seq_len,
-           "rope_theta": lm.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": lm.rope_theta},
-           "tie_word_embeddings": lm.tie_embeddings, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-           "pad_token_id": tok.pad_id}
+    out = {
+        "model_type": layout.text,
+        "vocab_size": lm.vocab_size,
+        "hidden_size": lm.dim,
+        "intermediate_size": lm.ffn_dim,
+        "num_hidden_layers": lm.n_layers,
+        "num_attention_heads": lm.n_heads,
+        "num_key_value_heads": lm.kv_heads,
+        "head_dim": lm.dim // lm.n_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": lm.norm_eps,
+        "max_position_embeddings": lm.max_seq_len,
+        "rope_theta": lm.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": lm.rope_theta},
+        "tie_word_embeddings": lm.tie_embeddings,
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.pad_id,
+    }
     if layout.text == "llama":
         out.update(attention_bias=False, mlp_bias=False)
     else:
         out.update(use_sliding_window=False)
     if layout.text == "qwen2_moe":  # see mm1.export.hf_layout: the same sparse layers, router and experts
-        out.update(decoder_sparse_step=lm.moe_every, num_experts=lm.n_experts, num_experts_per_tok=lm.moe_top_k,
-                   moe_intermediate_size=lm.ffn_dim, norm_topk_prob=True, mlp_only_layers=[], qkv_bias=True,
-                   shared_expert_intermediate_size=SHARED_EXPERT_WIDTH, router_aux_loss_coef=lm.moe_lb_coef)
+        out.update(
+            decoder_sparse_step=lm.moe_every,
+            num_experts=lm.n_experts,
+            num_experts_per_tok=lm.moe_top_k,
+            moe_intermediate_size=lm.ffn_dim,
+            norm_topk_prob=True,
+            mlp_only_layers=[],
+            qkv_bias=True,
+            shared_expert_intermediate_size=SHARED_EXPERT_WIDTH,
+            router_aux_loss_coef=lm.moe_lb_coef,
+        )
     return out
 
 
 def llava_config(cfg: Config, tok: Tokenizer, layout: Layout, remote: dict[str, Any] | None = None) -> dict[str, Any]:
     """config.json. `remote` (the modeling file's extra fields and auto_map) turns it into mm1's subclass."""
     out = {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-        "vision_config": vision_config(cfg, layout), "text_config": text_config(cfg, tok, layout),
-        "image_token_index": cfg.model.image_token_id, "image_seq_length": cfg.model.tokens_per_image,
-        "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
-        "vision_feature_layer": -1, "vision_feature_select_strategy": layout.select_strategy,
-        "tie_word_embeddings": cfg.model.lm.tie_embeddings, "torch_dtype": "float32",
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "vision_config": vision_config(cfg, layout),
+        "text_config": text_config(cfg, tok, layout),
+        "image_token_index": cfg.model.image_token_id,
+        "image_seq_length": cfg.model.tokens_per_image,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": True,
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": layout.select_strategy,
+        "tie_word_embeddings": cfg.model.lm.tie_embeddings,
+        "torch_dtype": "float32",
     }
     return {**out, **(remote or {})}
 
@@ -93,10 +128,17 @@ def processor_configs(cfg: Config, layout: Layout) -> tuple[dict[str, Any], dict
     crop = cfg.data.resize == "crop"
     pre = {
         "image_processor_type": "CLIPImageProcessor" if crop else "LlavaImageProcessor",
-        "do_convert_rgb": True, "do_resize": True, "size": {"shortest_edge": v.image_size}, "resample": 3,
-        "do_center_crop": True, "crop_size": {"height": v.image_size, "width": v.image_size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(v.mean), "image_std": list(v.std),
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": v.image_size},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": v.image_size, "width": v.image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(v.mean),
+        "image_std": list(v.std),
     }
     if not crop:
         pre["do_pad"] = True  # pad to square with the mean colour first, as data.resize=pad
@@ -105,18 +147,30 @@ def processor_configs(cfg: Config, layout: Layout) -> tuple[dict[str, Any], dict
     else:
         drops_cls = layout.select_strategy == "default"
         patch, extra = v.image_size, cfg.model.tokens_per_image - 1 + drops_cls
-    proc = {"processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": patch,
-            "num_additional_image_tokens": extra, "vision_feature_select_strategy": layout.select_strategy}
+    proc = {
+        "processor_class": "LlavaProcessor",
+        "image_token": IMAGE_TOKEN,
+        "patch_size": patch,
+        "num_additional_image_tokens": extra,
+        "vision_feature_select_strategy": layout.select_strategy,
+    }
     return pre, proc
 
 
 def tokenizer_config(cfg: Config, tok: Tokenizer) -> dict[str, Any]:
     name = tok.id_to_token
     return {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id),
-        "pad_token": name(tok.pad_id), "model_max_length": cfg.model.lm.max_seq_len, "padding_side": "left",
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "extra_special_tokens": {"image_token": IMAGE_TOKEN}, "image_token": IMAGE_TOKEN,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name(tok.bos_id),
+        "eos_token": name(tok.eos_id),
+        "pad_token": name(tok.pad_id),
+        "model_max_length": cfg.model.lm.max_seq_len,
+        "padding_side": "left",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "extra_special_tokens": {"image_token": IMAGE_TOKEN},
+        "image_token": IMAGE_TOKEN,
         "chat_template": chat_template(cfg, tok),
     }
 
@@ -127,13 +181,19 @@ def chat_template(cfg: Config, tok: Tokenizer) -> str:
     evaluated with one (eval.add_bos)."""
     if tok.template is not None:
         return tok.template.source
-    return CHAT_TEMPLATE.replace("{% if add_bos %}{{ bos_token }}{% endif %}",
-                                 "{{ bos_token }}" if cfg.eval.add_bos else "")
+    return CHAT_TEMPLATE.replace(
+        "{% if add_bos %}{{ bos_token }}{% endif %}", "{{ bos_token }}" if cfg.eval.add_bos else ""
+    )
 
 
 def generation_config(tok: Tokenizer) -> dict[str, Any]:
-    return {"bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id, tok.im_end_id], "pad_token_id": tok.pad_id,
-            "suppress_tokens": banned_ids(tok), "do_sample": False}
+    return {
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": [tok.eos_id, tok.im_end_id],
+        "pad_token_id": tok.pad_id,
+        "suppress_tokens": banned_ids(tok),
+        "do_sample": False,
+    }
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

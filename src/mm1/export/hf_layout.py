@@ -58,9 +58,11 @@ def vision_tower(cfg: ModelConfig) -> str:
         return "clip"
     if not v.use_cls and not v.pre_norm:
         return "siglip"
-    raise ExportError(f"model.vision.use_cls={v.use_cls} with pre_norm={v.pre_norm}: transformers has no vision "
-                      "tower with this combination (CLIP has both a CLS token and a pre-norm, SigLIP neither); "
-                      "only models whose ViT matches one of the two can be exported")
+    raise ExportError(
+        f"model.vision.use_cls={v.use_cls} with pre_norm={v.pre_norm}: transformers has no vision "
+        "tower with this combination (CLIP has both a CLS token and a pre-norm, SigLIP neither); "
+        "only models whose ViT matches one of the two can be exported"
+    )
 
 
 def text_model(cfg: ModelConfig) -> str:
@@ -72,16 +74,22 @@ def text_model(cfg: ModelConfig) -> str:
 def plan(cfg: ModelConfig) -> Layout:
     """The layout for `cfg`, or an ExportError naming what cannot be exported."""
     if cfg.subimage_grid:
-        raise ExportError(f"model.subimage_grid={cfg.subimage_grid}: LLaVA feeds one crop per image; models "
-                          "trained on sub-image grids cannot be exported yet")
+        raise ExportError(
+            f"model.subimage_grid={cfg.subimage_grid}: LLaVA feeds one crop per image; models "
+            "trained on sub-image grids cannot be exported yet"
+        )
     if cfg.vision.kind != "vit" or cfg.lm.kind != "llama":
-        raise ExportError(f"model.vision.kind={cfg.vision.kind!r} / model.lm.kind={cfg.lm.kind!r}: "
-                          "only the `vit` encoder and the `llama` decoder can be exported")
+        raise ExportError(
+            f"model.vision.kind={cfg.vision.kind!r} / model.lm.kind={cfg.lm.kind!r}: "
+            "only the `vit` encoder and the `llama` decoder can be exported"
+        )
     tower = vision_tower(cfg)
     blocks = used_blocks(cfg.vision)
     if blocks == 0:
-        raise ExportError(f"model.vision.feature_layer={cfg.vision.feature_layer}: features taken before the first "
-                          "ViT block (the embeddings) cannot be exported; use a feature_layer of a block")
+        raise ExportError(
+            f"model.vision.feature_layer={cfg.vision.feature_layer}: features taken before the first "
+            "ViT block (the embeddings) cannot be exported; use a feature_layer of a block"
+        )
     feature_norm = cfg.vision.post_norm and blocks == cfg.vision.depth
     c = cfg.connector
     reasons = []
@@ -92,7 +100,14 @@ def plan(cfg: ModelConfig) -> Layout:
     elif c.out_norm:
         reasons.append(f"model.connector.out_norm={c.out_norm} (LLaVA's projector ends in a Linear)")
     if feature_norm:
-        reasons.append("model.vision.post_norm=true normalises the features, which LLaVA reads before the "
-                       "tower's final norm")
-    return Layout(tower=tower, blocks=blocks, feature_norm=feature_norm, text=text_model(cfg),
-                  plain=not reasons, why_remote="; ".join(reasons))
+        reasons.append(
+            "model.vision.post_norm=true normalises the features, which LLaVA reads before the tower's final norm"
+        )
+    return Layout(
+        tower=tower,
+        blocks=blocks,
+        feature_norm=feature_norm,
+        text=text_model(cfg),
+        plain=not reasons,
+        why_remote="; ".join(reasons),
+    )

@@ -23,11 +23,23 @@ MODEL_TYPE = "mm1_llava"
 # What the connector classes need, in dependency order.
 _FROM_REGISTRY = [registry.check]  # the rule helper the connectors' own checks call
 _FROM_VISION = [vision.interpolate_grid_embeddings, vision.regrid_on_load]
-_FROM_CONNECTORS = [connectors._pair, connectors.infer_grid, connectors._pooled_side, connectors._check_heads,
-                    connectors.OutputNorm, connectors.readout,
-                    connectors._Connector, connectors.MLPConnector, connectors.AvgPoolConnector,
-                    connectors.AttnPoolConnector, connectors.LayerNorm2d, connectors.SqueezeExcite,
-                    connectors.RegBottleneck, connectors.reg_stage, connectors.CAbstractor]
+_FROM_CONNECTORS = [
+    connectors._pair,
+    connectors.infer_grid,
+    connectors._pooled_side,
+    connectors._check_heads,
+    connectors.OutputNorm,
+    connectors.readout,
+    connectors._Connector,
+    connectors.MLPConnector,
+    connectors.AvgPoolConnector,
+    connectors.AttnPoolConnector,
+    connectors.LayerNorm2d,
+    connectors.SqueezeExcite,
+    connectors.RegBottleneck,
+    connectors.reg_stage,
+    connectors.CAbstractor,
+]
 
 _HEADER = '''"""mm1's connector in front of transformers' LLaVA (written by `mm1 export --format hf`).
 
@@ -107,8 +119,12 @@ def modeling_source() -> str:
 def remote_config_fields(connector: dict, feature_norm: bool) -> dict:
     """What config.json needs for transformers to find and build the modeling file's classes."""
     return {
-        "architectures": ["MM1LlavaForConditionalGeneration"], "model_type": MODEL_TYPE,
-        "auto_map": {"AutoConfig": f"{MODULE}.MM1LlavaConfig",
-                     "AutoModelForImageTextToText": f"{MODULE}.MM1LlavaForConditionalGeneration"},
-        "mm1_connector": connector, "mm1_feature_norm": feature_norm,
+        "architectures": ["MM1LlavaForConditionalGeneration"],
+        "model_type": MODEL_TYPE,
+        "auto_map": {
+            "AutoConfig": f"{MODULE}.MM1LlavaConfig",
+            "AutoModelForImageTextToText": f"{MODULE}.MM1LlavaForConditionalGeneration",
+        },
+        "mm1_connector": connector,
+        "mm1_feature_norm": feature_norm,
     }

@@ -61,8 +61,10 @@ def projector_weights(model: MLLM, layout: Layout) -> dict[str, Tensor]:
     norm when it shapes the features) under the names of the modeling file's projector."""
     connector = {k: v.detach().float().contiguous() for k, v in model.connector.state_dict().items()}
     if layout.plain:  # mlp, depth 2: readout.0 = Linear, readout.1 = GELU, readout.2 = Linear
-        return {PROJECTOR + k.replace("readout.0.", "linear_1.").replace("readout.2.", "linear_2."): v
-                for k, v in connector.items()}
+        return {
+            PROJECTOR + k.replace("readout.0.", "linear_1.").replace("readout.2.", "linear_2."): v
+            for k, v in connector.items()
+        }
     out = {f"{PROJECTOR}connector.{k}": v for k, v in connector.items()}
     if layout.feature_norm:
         for k, v in model.vision.post_norm.state_dict().items():
@@ -79,10 +81,14 @@ def moe_weights(layer: str, ffn: dict[str, Tensor], dim: int) -> dict[str, Tenso
         for e, w in enumerate(ffn[f"experts.{name}"]):
             out[f"{layer}.mlp.experts.{e}.{name}_proj.weight"] = w.clone()
     width = SHARED_EXPERT_WIDTH
-    out.update({f"{layer}.mlp.shared_expert.gate_proj.weight": torch.zeros(width, dim),
-                f"{layer}.mlp.shared_expert.up_proj.weight": torch.zeros(width, dim),
-                f"{layer}.mlp.shared_expert.down_proj.weight": torch.zeros(dim, width),
-                f"{layer}.mlp.shared_expert_gate.weight": torch.zeros(1, dim)})
+    out.update(
+        {
+            f"{layer}.mlp.shared_expert.gate_proj.weight": torch.zeros(width, dim),
+            f"{layer}.mlp.shared_expert.up_proj.weight": torch.zeros(width, dim),
+            f"{layer}.mlp.shared_expert.down_proj.weight": torch.zeros(dim, width),
+            f"{layer}.mlp.shared_expert_gate.weight": torch.zeros(1, dim),
+        }
+    )
     return out
 
 
@@ -107,7 +113,11 @@ def text_weights(model: MLLM, layout: Layout) -> dict[str, Tensor]:
             out[TEXT + to_hf[rest].format(i=i)] = value
         else:
             raise KeyError(f"language model parameter {key} has no transformers name")
-        if layout.text == "qwen2_moe" and not cfg.qkv_bias and rest in ("attn.q.weight", "attn.k.weight", "attn.v.weight"):
+        if (
+            layout.text == "qwen2_moe"
+            and not cfg.qkv_bias
+            and rest in ("attn.q.weight", "attn.k.weight", "attn.v.weight")
+        ):
             out[TEXT + to_hf[rest].format(i=i).replace(".weight", ".bias")] = torch.zeros(value.shape[0])
     for i, ffn in moe.items():
         out.update(moe_weights(f"{TEXT}model.layers.{i}", ffn, cfg.dim))

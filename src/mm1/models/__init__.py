@@ -2,10 +2,12 @@
 
 Importing this package fills the registries (`mm1.models.registry`)."""
 
-from mm1.models import registry  # noqa: F401  (first: the modules below register into it)
-from mm1.models import vision  # noqa: F401,E402  (registers ENCODERS 'vit')
-from mm1.models import connectors  # noqa: F401,E402  (registers CONNECTORS)
-from mm1.models import lm  # noqa: F401,E402  (registers "llama")
+from mm1.models import (
+    connectors,  # noqa: F401,E402  (registers CONNECTORS)
+    lm,  # noqa: F401,E402  (registers "llama")
+    registry,  # noqa: F401  (first: the modules below register into it)
+    vision,  # noqa: F401,E402  (registers ENCODERS 'vit')
+)
 from mm1.models.build import build_model  # noqa: E402
 from mm1.models.mllm import MLLM, MLLMOutput  # noqa: E402
 

@@ -23,14 +23,15 @@ When there are no documents and no padding, SDPA's own `is_causal=True` path is 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from mm1.registry import one_of
-from torch import Tensor
 
 BACKENDS = ("auto", "sdpa", "flex")
 
@@ -64,8 +65,8 @@ def dense_mask(kv_doc: Tensor, q_len: int) -> Tensor:
     `q_len` of the `kv_len` keys whose document ids are `kv_doc` [B,kv_len]."""
     B, S = kv_doc.shape
     k_idx = torch.arange(S, device=kv_doc.device)  # [S]
-    q_idx = k_idx[S - q_len:]  # [Q] absolute index of each query
-    q_doc = kv_doc[:, S - q_len:]  # [B, Q]
+    q_idx = k_idx[S - q_len :]  # [Q] absolute index of each query
+    q_doc = kv_doc[:, S - q_len :]  # [B, Q]
     causal = k_idx[None, :] <= q_idx[:, None]  # [Q, S]
     same = (q_doc[:, :, None] == kv_doc[:, None, :]) & (kv_doc[:, None, :] >= 0)  # [B, Q, S]
     diagonal = k_idx[None, :] == q_idx[:, None]  # [Q, S]
@@ -102,8 +103,9 @@ def flex_block_mask(kv_doc: Tensor, q_len: int) -> Any:
         try:
             return _compiled_block_mask(*args, device=kv_doc.device)
         except Exception as e:  # noqa: BLE001  (the eager build below is the same mask)
-            warnings.warn(f"compiled create_block_mask failed ({type(e).__name__}); building masks eagerly",
-                          stacklevel=2)
+            warnings.warn(
+                f"compiled create_block_mask failed ({type(e).__name__}); building masks eagerly", stacklevel=2
+            )
             _compiled_block_mask = False
     return create_block_mask(*args, device=kv_doc.device)
 
@@ -123,7 +125,7 @@ class AttentionMask:
 
 
 def choose_backend(backend: str, device: torch.device, packed: bool, cached: bool, training: bool = True) -> str:
-    """"auto" takes FlexAttention on CUDA for packed training passes (fixed shapes, gradients, no
+    """ "auto" takes FlexAttention on CUDA for packed training passes (fixed shapes, gradients, no
     cache) and SDPA elsewhere: the compiled kernel is specialised to one shape, while inference
     shapes (decoding, prompts of every length) change from call to call."""
     one_of("model.lm.attention", backend, BACKENDS)
@@ -132,8 +134,14 @@ def choose_backend(backend: str, device: torch.device, packed: bool, cached: boo
     return backend
 
 
-def build_mask(kv_doc: Tensor | None, q_len: int, kv_len: int, backend: str = "auto",
-               device: torch.device | None = None, cached: bool = False) -> AttentionMask:
+def build_mask(
+    kv_doc: Tensor | None,
+    q_len: int,
+    kv_len: int,
+    backend: str = "auto",
+    device: torch.device | None = None,
+    cached: bool = False,
+) -> AttentionMask:
     """The mask for queries that are the last `q_len` of `kv_len` keys.
 
     kv_doc: [B,kv_len] document ids of every key (-1 = padding), or None for one causal document
@@ -169,6 +177,7 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     gqa = q.shape[1] != k.shape[1]
+
     def dense() -> AttentionMask:  # built only when needed: it is what flex avoids materialising
         return AttentionMask("dense", dense_mask(mask.kv_doc, mask.q_len))
 
@@ -186,9 +195,11 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
             return _compiled_flex(q, k, v, block_mask=mask.mask, enable_gqa=gqa)
         except Exception as e:  # noqa: BLE001  (inductor raises several types; the fallback is exact)
             _flex_rejected.add(key)
-            warnings.warn(f"FlexAttention did not compile for q {tuple(q.shape)}, k {tuple(k.shape)}, {q.dtype} "
-                          f"({type(e).__name__}); using SDPA with the dense document mask for this shape",
-                          stacklevel=3)
+            warnings.warn(
+                f"FlexAttention did not compile for q {tuple(q.shape)}, k {tuple(k.shape)}, {q.dtype} "
+                f"({type(e).__name__}); using SDPA with the dense document mask for this shape",
+                stacklevel=3,
+            )
     return attend(q, k, v, dense())
 
 
@@ -269,11 +280,11 @@ class KVCache:
             current = self.doc[:, self.length - 1].clamp(min=0) if self.length else self.doc.new_zeros(batch_size)
             doc = current[:, None].expand(batch_size, T)
             if self.visible is not None:  # the new keys belong to the document they continue
-                self.visible[:, self.length:self.length + T] = True
+                self.visible[:, self.length : self.length + T] = True
         else:
             self.visible = None
-        self.doc[:, self.length:self.length + T] = doc
-        return self.doc[:, :self.length + T]
+        self.doc[:, self.length : self.length + T] = doc
+        return self.doc[:, : self.length + T]
 
     def continuation_mask(self) -> AttentionMask:
         """The mask of one new token that continues its row's last document (a decoding step, after
@@ -282,7 +293,7 @@ class KVCache:
         place, and is no mask at all when every key is visible (no padding, one document)."""
         end = self.length + 1
         if self.visible is None:
-            self.visible = self.doc == self.doc[:, end - 1:end]  # [B, capacity]; that document is >= 0
+            self.visible = self.doc == self.doc[:, end - 1 : end]  # [B, capacity]; that document is >= 0
             self.all_visible = bool(self.visible[:, :end].all())
         if self.all_visible:
             return AttentionMask("none")
@@ -295,8 +306,8 @@ class KVCache:
             self.keys[layer] = k.new_zeros(B, H, self.capacity, hd)
             self.values[layer] = v.new_zeros(B, H, self.capacity, hd)
         end = self.length + T
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def advance(self, T: int, next_pos: Tensor, explicit_positions: bool = False) -> None:

@@ -39,5 +39,3 @@ def load_pretrained(model: MLLM, cfg: ModelConfig) -> None:
 
         load_hf_lm_into(model.lm, cfg.lm.hf_path)
         log.info("language model weights from %s", cfg.lm.hf_path)
-
-

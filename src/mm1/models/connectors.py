@@ -21,7 +21,7 @@ near 1; an unnormalised readout drifts to ~10 in pre-training), see docs/groundi
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +46,7 @@ def infer_grid(n_patches: int, grid: int | tuple[int, int] | None = None) -> tup
         return h, w
     side = math.isqrt(n_patches)
     if side * side != n_patches:
-        raise ValueError(f"connector: {n_patches} patches is not a square grid; pass grid=(h, w) for "
-                         "non-square images")
+        raise ValueError(f"connector: {n_patches} patches is not a square grid; pass grid=(h, w) for non-square images")
     return side, side
 
 
@@ -63,21 +62,33 @@ def _check_any(cfg: Config) -> None:
 
 def _pooled_side(cfg: ConnectorConfig) -> int:
     side = math.isqrt(cfg.num_tokens)
-    check(side * side == cfg.num_tokens, "model.connector.num_tokens", cfg.num_tokens,
-          f"must be a perfect square for {cfg.kind} (it pools to sqrt(k) x sqrt(k)), e.g. 16, 64, 144")
+    check(
+        side * side == cfg.num_tokens,
+        "model.connector.num_tokens",
+        cfg.num_tokens,
+        f"must be a perfect square for {cfg.kind} (it pools to sqrt(k) x sqrt(k)), e.g. 16, 64, 144",
+    )
     return side
 
 
 def _check_pooling(cfg: Config) -> None:
     c, grid = cfg.model.connector, cfg.model.vision.grid
-    check(_pooled_side(c) <= grid, "model.connector.num_tokens", c.num_tokens,
-          f"pooling cannot make more tokens than the {grid}x{grid} patch grid")
+    check(
+        _pooled_side(c) <= grid,
+        "model.connector.num_tokens",
+        c.num_tokens,
+        f"pooling cannot make more tokens than the {grid}x{grid} patch grid",
+    )
 
 
 def _check_every_patch(cfg: Config) -> None:
     c, grid = cfg.model.connector, cfg.model.vision.grid
-    check(c.num_tokens == grid**2, "model.connector.num_tokens", c.num_tokens,
-          f"the mlp connector keeps every patch: must equal grid^2 = {grid**2}")
+    check(
+        c.num_tokens == grid**2,
+        "model.connector.num_tokens",
+        c.num_tokens,
+        f"the mlp connector keeps every patch: must equal grid^2 = {grid**2}",
+    )
 
 
 def _check_heads(heads: int, lm_dim: int) -> None:
@@ -95,8 +106,9 @@ class OutputNorm(nn.RMSNorm):
         nn.init.constant_(self.weight, self.start)
 
 
-def readout(in_dim: int, out_dim: int, depth: int, act: Callable[[], nn.Module] = nn.GELU,
-            out_norm: float = 0.0) -> nn.Sequential:
+def readout(
+    in_dim: int, out_dim: int, depth: int, act: Callable[[], nn.Module] = nn.GELU, out_norm: float = 0.0
+) -> nn.Sequential:
     """LLaVA / Honeybee MLP: Linear(in, out) then (act, Linear(out, out)) x (depth - 1) [+ OutputNorm]."""
     if depth < 1:
         raise ConfigError(f"model.connector.mlp_depth={depth}: must be >= 1")
@@ -208,12 +220,16 @@ class RegBottleneck(nn.Module):
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         self.conv1 = nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, bias=False), LayerNorm2d(out_dim), nn.SiLU())
-        self.conv2 = nn.Sequential(nn.Conv2d(out_dim, out_dim, 3, padding=1, groups=out_dim, bias=False),
-                                   LayerNorm2d(out_dim), nn.SiLU())
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(out_dim, out_dim, 3, padding=1, groups=out_dim, bias=False), LayerNorm2d(out_dim), nn.SiLU()
+        )
         self.se = SqueezeExcite(out_dim, max(1, round(in_dim * 0.25)))
         self.conv3 = nn.Sequential(nn.Conv2d(out_dim, out_dim, 1, bias=False), LayerNorm2d(out_dim))
-        self.shortcut = (nn.Identity() if in_dim == out_dim else
-                         nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, bias=False), LayerNorm2d(out_dim)))
+        self.shortcut = (
+            nn.Identity()
+            if in_dim == out_dim
+            else nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, bias=False), LayerNorm2d(out_dim))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv3(self.se(self.conv2(self.conv1(x))))  # [N, C_out, h, w]
@@ -260,7 +276,8 @@ class CAbstractor(_Connector):
 CONNECTORS.register("mlp", validate=_check_every_patch)(MLPConnector)
 CONNECTORS.register("avgpool", validate=_check_pooling)(AvgPoolConnector)
 CONNECTORS.register("attnpool", validate=lambda cfg: _check_heads(cfg.model.connector.heads, cfg.model.lm.dim))(
-    AttnPoolConnector)
+    AttnPoolConnector
+)
 CONNECTORS.register("c_abstractor", validate=_check_pooling)(CAbstractor)
 
 

@@ -48,8 +48,13 @@ def _candidates(model: nn.Module) -> dict[str, nn.Linear]:
     found = {}
     for name, module in model.named_modules():
         w = getattr(module, "weight", None)
-        if (isinstance(module, nn.Linear) and type(w) is nn.Parameter and w.device.type == "cpu"
-                and w.dtype.is_floating_point and w.is_contiguous()):
+        if (
+            isinstance(module, nn.Linear)
+            and type(w) is nn.Parameter
+            and w.device.type == "cpu"
+            and w.dtype.is_floating_point
+            and w.is_contiguous()
+        ):
             found[name] = module
     return found
 

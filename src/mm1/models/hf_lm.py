@@ -24,9 +24,12 @@ SUPPORTED = ("llama", "qwen2")
 
 # HF name (within model.layers.{i}.) -> ours (within layers.{i}.); the exporter reads it backwards
 LAYER_KEYS = {
-    "self_attn.q_proj.weight": "attn.q.weight", "self_attn.q_proj.bias": "attn.q.bias",
-    "self_attn.k_proj.weight": "attn.k.weight", "self_attn.k_proj.bias": "attn.k.bias",
-    "self_attn.v_proj.weight": "attn.v.weight", "self_attn.v_proj.bias": "attn.v.bias",
+    "self_attn.q_proj.weight": "attn.q.weight",
+    "self_attn.q_proj.bias": "attn.q.bias",
+    "self_attn.k_proj.weight": "attn.k.weight",
+    "self_attn.k_proj.bias": "attn.k.bias",
+    "self_attn.v_proj.weight": "attn.v.weight",
+    "self_attn.v_proj.bias": "attn.v.bias",
     "self_attn.o_proj.weight": "attn.o.weight",
     "mlp.gate_proj.weight": "ffn.gate.weight",
     "mlp.up_proj.weight": "ffn.up.weight",
@@ -34,8 +37,11 @@ LAYER_KEYS = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
-TOP_KEYS = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-             "lm_head.weight": "output.weight"}
+TOP_KEYS = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _BUFFERS_RE = re.compile(r"\.rotary_emb\.inv_freq$")  # a non-parameter some old checkpoints saved
 
@@ -89,8 +95,10 @@ def lm_config_from_hf(hf: dict, where: str = "config.json") -> LMConfig:
 def read_hf_config(path: str | Path) -> dict:
     file = Path(path) / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: model.lm.hf_path must be a local HF model dir "
-                                "(config.json + model.safetensors), e.g. from `huggingface-cli download`")
+        raise FileNotFoundError(
+            f"{file} not found: model.lm.hf_path must be a local HF model dir "
+            "(config.json + model.safetensors), e.g. from `huggingface-cli download`"
+        )
     return json.loads(file.read_text())
 
 
@@ -110,8 +118,10 @@ def read_hf_state_dict(path: str | Path) -> dict[str, Tensor]:
                 raise FileNotFoundError(f"{path / shard} is listed in {index} but missing; re-download the model")
             sd.update(load_file(str(path / shard)))
         return sd
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json; mm1 reads safetensors "
-                            "only (convert a pytorch_model.bin with transformers' save_pretrained)")
+    raise FileNotFoundError(
+        f"{path}: no model.safetensors or model.safetensors.index.json; mm1 reads safetensors "
+        "only (convert a pytorch_model.bin with transformers' save_pretrained)"
+    )
 
 
 def convert_hf_lm_state_dict(sd: dict[str, Tensor], cfg: LMConfig) -> dict[str, Tensor]:
@@ -138,24 +148,44 @@ def convert_hf_lm_state_dict(sd: dict[str, Tensor], cfg: LMConfig) -> dict[str, 
         else:
             out[f"layers.{i}.{ours}"] = value
     if unknown:
-        raise ValueError(f"HF checkpoint has {len(unknown)} key(s) with no place in mm1's LanguageModel: "
-                         f"{', '.join(sorted(unknown)[:10])}{' ...' if len(unknown) > 10 else ''}; "
-                         "is this a Llama / Qwen2 causal LM with the same number of layers?")
+        raise ValueError(
+            f"HF checkpoint has {len(unknown)} key(s) with no place in mm1's LanguageModel: "
+            f"{', '.join(sorted(unknown)[:10])}{' ...' if len(unknown) > 10 else ''}; "
+            "is this a Llama / Qwen2 causal LM with the same number of layers?"
+        )
     return out
 
 
 def _check_compatible(model_cfg: LMConfig, hf_cfg: LMConfig, path: Path) -> None:
     if model_cfg.vocab_size < hf_cfg.vocab_size:
-        raise ValueError(f"{path}/config.json has vocab_size={hf_cfg.vocab_size} but model.lm.vocab_size="
-                         f"{model_cfg.vocab_size}; set model.lm.vocab_size >= {hf_cfg.vocab_size} (larger adds rows "
-                         "for added tokens)")
-    fields = ("rope_original_max_len", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "dim", "n_layers", "n_heads", "kv_heads", "ffn_dim", "tie_embeddings", "qkv_bias",
-              "rope_theta", "norm_eps")
-    diff = [(f, getattr(model_cfg, f), getattr(hf_cfg, f)) for f in fields
-            if getattr(model_cfg, f) != getattr(hf_cfg, f)]
+        raise ValueError(
+            f"{path}/config.json has vocab_size={hf_cfg.vocab_size} but model.lm.vocab_size="
+            f"{model_cfg.vocab_size}; set model.lm.vocab_size >= {hf_cfg.vocab_size} (larger adds rows "
+            "for added tokens)"
+        )
+    fields = (
+        "rope_original_max_len",
+        "rope_factor",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+        "dim",
+        "n_layers",
+        "n_heads",
+        "kv_heads",
+        "ffn_dim",
+        "tie_embeddings",
+        "qkv_bias",
+        "rope_theta",
+        "norm_eps",
+    )
+    diff = [
+        (f, getattr(model_cfg, f), getattr(hf_cfg, f)) for f in fields if getattr(model_cfg, f) != getattr(hf_cfg, f)
+    ]
     if diff:
-        lines = ", ".join(f"model.lm.{'n_kv_heads' if f == 'kv_heads' else f}={theirs!r} (config has {ours!r})"
-                          for f, ours, theirs in diff)
+        lines = ", ".join(
+            f"model.lm.{'n_kv_heads' if f == 'kv_heads' else f}={theirs!r} (config has {ours!r})"
+            for f, ours, theirs in diff
+        )
         raise ValueError(f"{path}/config.json does not match the LM config; set {lines}")
 
 
@@ -165,12 +195,17 @@ def load_state_dict_strict(lm: LanguageModel, ours: dict[str, Tensor], where: st
     expected = lm.state_dict()
     missing = [k for k in expected if k not in ours and not k.endswith(".ffn.router.weight")]
     unexpected = [k for k in ours if k not in expected]
-    shapes = [f"{k} {tuple(ours[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in ours and ours[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(ours[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in ours and ours[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
-        parts = [f"missing: {', '.join(missing)}" if missing else "",
-                 f"unexpected: {', '.join(unexpected)}" if unexpected else "",
-                 f"shape mismatch (checkpoint vs model): {'; '.join(shapes)}" if shapes else ""]
+        parts = [
+            f"missing: {', '.join(missing)}" if missing else "",
+            f"unexpected: {', '.join(unexpected)}" if unexpected else "",
+            f"shape mismatch (checkpoint vs model): {'; '.join(shapes)}" if shapes else "",
+        ]
         raise ValueError(f"{where}: weights do not fit the language model; " + "; ".join(p for p in parts if p))
     lm.load_state_dict(ours, strict=False, assign=assign)
 
@@ -198,8 +233,9 @@ def load_hf_lm_into(lm: LanguageModel, path: str | Path) -> None:
     load_state_dict_strict(lm, ours, str(path))
 
 
-def load_hf_lm(path: str | Path, device: str | torch.device | None = None,
-               dtype: torch.dtype = torch.float32) -> LanguageModel:
+def load_hf_lm(
+    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> LanguageModel:
     """A LanguageModel built from a local HF dir's config.json with its weights, in `dtype`."""
     path = Path(path)
     cfg = lm_config_from_hf(read_hf_config(path), str(path / "config.json"))

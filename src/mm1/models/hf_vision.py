@@ -27,15 +27,36 @@ from mm1.models.vision import ViT, resize_position_embeddings
 log = logging.getLogger(__name__)
 
 # HF hidden_act -> ours. gelu_new / gelu_fast are tanh approximations too (equal to ~1e-7).
-HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-                  "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+HF_ACTIVATIONS = {
+    "quick_gelu": "quick_gelu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+}
 
 # Defaults of transformers' configs, for config.json files that omit a field.
 _DEFAULTS = {
-    "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
-    "siglip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    "clip": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=32,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    ),
+    "siglip": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=16,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+    ),
 }
 _FAMILIES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
 
@@ -60,8 +81,10 @@ def _family(config: dict) -> tuple[str, dict]:
     """('clip' | 'siglip', the vision sub-config) of a config.json dict."""
     model_type = config.get("model_type", "")
     if model_type not in _FAMILIES:
-        raise ValueError(f"config.json model_type={model_type!r}: mm1 loads CLIP and SigLIP vision towers "
-                         f"({', '.join(_FAMILIES)}); convert other encoders to one of these layouts")
+        raise ValueError(
+            f"config.json model_type={model_type!r}: mm1 loads CLIP and SigLIP vision towers "
+            f"({', '.join(_FAMILIES)}); convert other encoders to one of these layouts"
+        )
     family = _FAMILIES[model_type]
     vision = config.get("vision_config", config) if model_type in ("clip", "siglip") else config
     return family, {**_DEFAULTS[family], **(vision or {})}
@@ -88,11 +111,21 @@ def vision_config_from_hf(config: dict, preprocessor: dict | None = None, featur
     mean = pre.get("image_mean", CLIP_MEAN if clip else [0.5, 0.5, 0.5])
     std = pre.get("image_std", CLIP_STD if clip else [0.5, 0.5, 0.5])
     return VisionConfig(
-        kind="vit", image_size=int(size), patch_size=int(patch), width=v["hidden_size"],
-        depth=v["num_hidden_layers"], heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
-        act=HF_ACTIVATIONS[act], use_cls=clip, pre_norm=clip, post_norm=not clip,
-        norm_eps=float(v["layer_norm_eps"]), feature_layer=feature_layer,
-        mean=[float(m) for m in mean], std=[float(s) for s in std],
+        kind="vit",
+        image_size=int(size),
+        patch_size=int(patch),
+        width=v["hidden_size"],
+        depth=v["num_hidden_layers"],
+        heads=v["num_attention_heads"],
+        mlp_dim=v["intermediate_size"],
+        act=HF_ACTIVATIONS[act],
+        use_cls=clip,
+        pre_norm=clip,
+        post_norm=not clip,
+        norm_eps=float(v["layer_norm_eps"]),
+        feature_layer=feature_layer,
+        mean=[float(m) for m in mean],
+        std=[float(s) for s in std],
     )
 
 
@@ -108,18 +141,28 @@ def _tower_key(key: str, n_blocks: int, post_norm: bool) -> str | None:
         if i >= n_blocks:
             return None
         rest = ".".join(parts[3:])
-        names = {"layer_norm1": "ln1", "layer_norm2": "ln2", "self_attn.out_proj": "proj",
-                 "mlp.fc1": "fc1", "mlp.fc2": "fc2"}
+        names = {
+            "layer_norm1": "ln1",
+            "layer_norm2": "ln2",
+            "self_attn.out_proj": "proj",
+            "mlp.fc1": "fc1",
+            "mlp.fc2": "fc2",
+        }
         for hf, ours in names.items():
             if rest.startswith(hf + "."):
-                return f"blocks.{i}.{ours}{rest[len(hf):]}"
+                return f"blocks.{i}.{ours}{rest[len(hf) :]}"
         for proj in ("q_proj", "k_proj", "v_proj"):
             if rest.startswith(f"self_attn.{proj}."):
                 return f"blocks.{i}.qkv.{proj[0]}.{parts[-1]}"  # fused below
         return ""  # unknown
-    fixed = {"embeddings.class_embedding": "cls_token", "embeddings.patch_embedding.weight": "patch_embed.weight",
-             "embeddings.patch_embedding.bias": "patch_embed.bias", "embeddings.position_embedding.weight": "pos_embed",
-             "pre_layrnorm.weight": "pre_norm.weight", "pre_layrnorm.bias": "pre_norm.bias"}
+    fixed = {
+        "embeddings.class_embedding": "cls_token",
+        "embeddings.patch_embedding.weight": "patch_embed.weight",
+        "embeddings.patch_embedding.bias": "patch_embed.bias",
+        "embeddings.position_embedding.weight": "pos_embed",
+        "pre_layrnorm.weight": "pre_norm.weight",
+        "pre_layrnorm.bias": "pre_norm.bias",
+    }
     if key in fixed:
         return fixed[key]
     if key.startswith("post_layernorm."):
@@ -130,29 +173,41 @@ def _tower_key(key: str, n_blocks: int, post_norm: bool) -> str | None:
 def hf_name(ours: str, prefix: str) -> str:
     """The checkpoint key(s) one of our parameters is loaded from (error messages; the exporter writes
     them): `{q,k,v}` stands for the three projections our fused `qkv` splits into."""
-    fixed = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding.weight",
-             "patch_embed.weight": "embeddings.patch_embedding.weight",
-             "patch_embed.bias": "embeddings.patch_embedding.bias"}
+    fixed = {
+        "cls_token": "embeddings.class_embedding",
+        "pos_embed": "embeddings.position_embedding.weight",
+        "patch_embed.weight": "embeddings.patch_embedding.weight",
+        "patch_embed.bias": "embeddings.patch_embedding.bias",
+    }
     if ours in fixed:
         return prefix + fixed[ours]
     head, leaf = ours.rsplit(".", 1)
     if head in ("pre_norm", "post_norm"):
         return f"{prefix}{'pre_layrnorm' if head == 'pre_norm' else 'post_layernorm'}.{leaf}"
     _, i, part = head.split(".")
-    hf = {"ln1": "layer_norm1", "ln2": "layer_norm2", "proj": "self_attn.out_proj", "fc1": "mlp.fc1",
-          "fc2": "mlp.fc2", "qkv": "self_attn.{q,k,v}_proj"}[part]
+    hf = {
+        "ln1": "layer_norm1",
+        "ln2": "layer_norm2",
+        "proj": "self_attn.out_proj",
+        "fc1": "mlp.fc1",
+        "fc2": "mlp.fc2",
+        "qkv": "self_attn.{q,k,v}_proj",
+    }[part]
     return f"{prefix}encoder.layers.{i}.{hf}.{leaf}"
 
 
-def convert_hf_vision_state_dict(hf: dict[str, torch.Tensor], cfg: VisionConfig, where: str = "checkpoint"
-                                 ) -> dict[str, torch.Tensor]:
+def convert_hf_vision_state_dict(
+    hf: dict[str, torch.Tensor], cfg: VisionConfig, where: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """Map an HF CLIP/SigLIP (vision or full) state dict onto `ViT(cfg)`'s names and shapes.
 
     Raises ValueError naming every unknown key, missing key and shape mismatch."""
     anchors = [k for k in hf if k.endswith("embeddings.patch_embedding.weight") and "text_model" not in k]
     if len(anchors) != 1:
-        raise ValueError(f"{where}: expected one vision tower (a key ending in embeddings.patch_embedding.weight), "
-                         f"found {len(anchors)}; is this a CLIP/SigLIP checkpoint?")
+        raise ValueError(
+            f"{where}: expected one vision tower (a key ending in embeddings.patch_embedding.weight), "
+            f"found {len(anchors)}; is this a CLIP/SigLIP checkpoint?"
+        )
     prefix = anchors[0][: -len("embeddings.patch_embedding.weight")]
     with torch.device("meta"):
         expected = ViT(cfg).state_dict()
@@ -168,11 +223,11 @@ def convert_hf_vision_state_dict(hf: dict[str, torch.Tensor], cfg: VisionConfig,
                 unknown.append(key)
             skipped[why] = skipped.get(why, 0) + 1
             continue
-        ours = _tower_key(key[len(prefix):], n_blocks, post_norm)
+        ours = _tower_key(key[len(prefix) :], n_blocks, post_norm)
         if ours == "":
             unknown.append(key)
         elif ours is None:
-            why = _skip_reason(key[len(prefix):], SKIPPED_IN_TOWER)
+            why = _skip_reason(key[len(prefix) :], SKIPPED_IN_TOWER)
             skipped[why] = skipped.get(why, 0) + 1
         elif ours is not None and ".qkv." in ours:
             base, part, leaf = ours.rsplit(".", 2)
@@ -191,15 +246,26 @@ def convert_hf_vision_state_dict(hf: dict[str, torch.Tensor], cfg: VisionConfig,
         out["patch_embed.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
     missing = [f"{k} (HF: {hf_name(k, prefix)})" for k in expected if k not in out]
     extra = [k for k in out if k not in expected]  # e.g. CLS in a config that says SigLIP
-    bad = [f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(expected[k].shape)}"
-           for k in expected if k in out and out[k].shape != expected[k].shape]
-    problems = [f"{what}: {keys}" for what, keys in [
-        ("unknown keys (not a CLIP/SigLIP vision weight, not in the skip list)", unknown),
-        ("missing keys", missing), ("keys the config does not use (our names)", extra),
-        ("shape mismatches", bad)] if keys]
+    bad = [
+        f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in out and out[k].shape != expected[k].shape
+    ]
+    problems = [
+        f"{what}: {keys}"
+        for what, keys in [
+            ("unknown keys (not a CLIP/SigLIP vision weight, not in the skip list)", unknown),
+            ("missing keys", missing),
+            ("keys the config does not use (our names)", extra),
+            ("shape mismatches", bad),
+        ]
+        if keys
+    ]
     if problems:
-        raise ValueError(f"{where}: cannot load into ViT({cfg.width}w x {cfg.depth}, patch {cfg.patch_size}, "
-                         f"{cfg.image_size}px): " + "; ".join(problems))
+        raise ValueError(
+            f"{where}: cannot load into ViT({cfg.width}w x {cfg.depth}, patch {cfg.patch_size}, "
+            f"{cfg.image_size}px): " + "; ".join(problems)
+        )
     for why, count in skipped.items():
         log.info("%s: not loading %d key(s): %s", where, count, why)
     return {k: v.float() for k, v in out.items()}
@@ -217,21 +283,35 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         return {k: v for shard in shards for k, v in load_file(path / shard).items()}
     if (path / "pytorch_model.bin").is_file():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin; "
-                            "point model.vision.hf_path at a local HF CLIP/SigLIP model directory")
+    raise FileNotFoundError(
+        f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin; "
+        "point model.vision.hf_path at a local HF CLIP/SigLIP model directory"
+    )
 
 
 def _read_configs(path: Path) -> tuple[dict, dict | None]:
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json; expected a local HF CLIP/SigLIP model directory "
-                                "(save one with `model.save_pretrained(dir)`)")
+        raise FileNotFoundError(
+            f"{path}: no config.json; expected a local HF CLIP/SigLIP model directory "
+            "(save one with `model.save_pretrained(dir)`)"
+        )
     pre_file = path / "preprocessor_config.json"
     pre = json.loads(pre_file.read_text()) if pre_file.is_file() else None
     return json.loads((path / "config.json").read_text()), pre
 
 
-ARCH_FIELDS = ("patch_size", "width", "depth", "heads", "mlp_dim", "act", "use_cls", "pre_norm", "post_norm",
-               "norm_eps")
+ARCH_FIELDS = (
+    "patch_size",
+    "width",
+    "depth",
+    "heads",
+    "mlp_dim",
+    "act",
+    "use_cls",
+    "pre_norm",
+    "post_norm",
+    "norm_eps",
+)
 
 
 def load_hf_vision_into(vit: ViT, path: str | Path) -> ViT:
@@ -241,19 +321,33 @@ def load_hf_vision_into(vit: ViT, path: str | Path) -> ViT:
     path = Path(path)
     config, pre = _read_configs(path)
     hf_cfg = vision_config_from_hf(config, pre, vit.cfg.feature_layer)
-    wrong = [f"model.vision.{f}={getattr(hf_cfg, f)!r}" for f in ARCH_FIELDS
-             if (abs(getattr(vit.cfg, f) - getattr(hf_cfg, f)) > 1e-12 if f == "norm_eps"
-                 else getattr(vit.cfg, f) != getattr(hf_cfg, f))]
+    wrong = [
+        f"model.vision.{f}={getattr(hf_cfg, f)!r}"
+        for f in ARCH_FIELDS
+        if (
+            abs(getattr(vit.cfg, f) - getattr(hf_cfg, f)) > 1e-12
+            if f == "norm_eps"
+            else getattr(vit.cfg, f) != getattr(hf_cfg, f)
+        )
+    ]
     if wrong:
-        raise ValueError(f"{path}: the checkpoint's vision tower differs from model.vision; set {' '.join(wrong)} "
-                         "(or build the config with mm1.models.hf_vision.vision_config_from_hf)")
+        raise ValueError(
+            f"{path}: the checkpoint's vision tower differs from model.vision; set {' '.join(wrong)} "
+            "(or build the config with mm1.models.hf_vision.vision_config_from_hf)"
+        )
     state = convert_hf_vision_state_dict(read_hf_weights(path), hf_cfg, where=str(path))
     if vit.cfg.image_size != hf_cfg.image_size:
         state = resize_position_embeddings(state, vit.cfg.image_size)
     if (list(vit.cfg.mean), list(vit.cfg.std)) != (hf_cfg.mean, hf_cfg.std):
-        log.warning("%s: model.vision.mean/std %s/%s differ from the checkpoint's preprocessing %s/%s; images "
-                    "will be normalised with the config's values", path, vit.cfg.mean, vit.cfg.std,
-                    hf_cfg.mean, hf_cfg.std)
+        log.warning(
+            "%s: model.vision.mean/std %s/%s differ from the checkpoint's preprocessing %s/%s; images "
+            "will be normalised with the config's values",
+            path,
+            vit.cfg.mean,
+            vit.cfg.std,
+            hf_cfg.mean,
+            hf_cfg.std,
+        )
     on_meta = any(p.is_meta for p in vit.parameters())
     vit.load_state_dict(state, strict=True, assign=on_meta)  # assign: materialise a meta-built tower
     return vit

@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {part:<10} {_human(p[part]):>9} parameters")
     print(f"  {'total':<10} {_human(p['total']):>9}   active per token: {_human(p['active'])}")
     print(f"  image tokens per image: {info['image_tokens_per_image']} (from {info['patches_per_image']} patches)")
-    print(f"  training FLOPs: {_human(info['train_flops_per_token'])} per token at seq {info['seq_len']}, "
-          f"{_human(info['train_flops_per_image'])} per image")
+    print(
+        f"  training FLOPs: {_human(info['train_flops_per_token'])} per token at seq {info['seq_len']}, "
+        f"{_human(info['train_flops_per_image'])} per image"
+    )
     return 0

@@ -28,8 +28,16 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from mm1.config import LMConfig
-from mm1.models.attention import (BACKENDS, AttentionMask, KVCache, attend, build_mask, choose_backend, merge_doc_ids,
-                                  positions_from_docs)
+from mm1.models.attention import (
+    BACKENDS,
+    AttentionMask,
+    KVCache,
+    attend,
+    build_mask,
+    choose_backend,
+    merge_doc_ids,
+    positions_from_docs,
+)
 from mm1.models.decode_layout import restore_standard_layout
 from mm1.models.moe import MoEFeedForward
 from mm1.models.registry import LANGUAGE_MODELS
@@ -72,16 +80,18 @@ def llama3_inv_freq(inv_freq: Tensor, factor: float, low: float, high: float, ol
     return torch.where(medium, mixed, scaled)
 
 
-def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype,
-                 cfg: LMConfig | None = None) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(
+    position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype, cfg: LMConfig | None = None
+) -> tuple[Tensor, Tensor]:
     """cos, sin [B,T,hd] for per-token positions [B,T]. Computed on the fly (no buffers), so the
     model builds on the meta device and positions may restart anywhere. `cfg.rope_original_max_len`
     > 0 applies Llama-3's frequency scaling."""
     exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (theta ** exponent)  # [hd/2]
+    inv_freq = 1.0 / (theta**exponent)  # [hd/2]
     if cfg is not None and cfg.rope_original_max_len > 0:
-        inv_freq = llama3_inv_freq(inv_freq, cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
-                                   cfg.rope_original_max_len)
+        inv_freq = llama3_inv_freq(
+            inv_freq, cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+        )
     freqs = position_ids.float()[..., None] * inv_freq  # [B, T, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, hd]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -148,11 +158,13 @@ class Block(nn.Module):
         self.is_moe = is_moe_layer(cfg, layer_idx)
         self.ffn: nn.Module = (
             MoEFeedForward(cfg.dim, cfg.ffn_dim, cfg.n_experts, cfg.moe_top_k, cfg.moe_lb_coef, cfg.moe_z_coef)
-            if self.is_moe else FeedForward(cfg.dim, cfg.ffn_dim)
+            if self.is_moe
+            else FeedForward(cfg.dim, cfg.ffn_dim)
         )
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask, cache: KVCache | None,
-                valid: Tensor | None) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask, cache: KVCache | None, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         if self.is_moe:
             y, aux, stats = self.ffn(self.ffn_norm(x), valid)
@@ -164,11 +176,19 @@ def check_llama(lm: LMConfig) -> None:
     """The decoder's rules on its config (run at config load)."""
     check(lm.dim % lm.n_heads == 0, "model.lm.n_heads", lm.n_heads, f"must divide model.lm.dim={lm.dim}")
     check((lm.dim // lm.n_heads) % 2 == 0, "model.lm.n_heads", lm.n_heads, "head dim must be even for RoPE")
-    check(lm.n_heads % lm.kv_heads == 0, "model.lm.n_kv_heads", lm.n_kv_heads,
-          f"must divide model.lm.n_heads={lm.n_heads}")
+    check(
+        lm.n_heads % lm.kv_heads == 0,
+        "model.lm.n_kv_heads",
+        lm.n_kv_heads,
+        f"must divide model.lm.n_heads={lm.n_heads}",
+    )
     if lm.n_experts:
-        check(1 <= lm.moe_top_k <= lm.n_experts, "model.lm.moe_top_k", lm.moe_top_k,
-              f"must be between 1 and model.lm.n_experts={lm.n_experts}")
+        check(
+            1 <= lm.moe_top_k <= lm.n_experts,
+            "model.lm.moe_top_k",
+            lm.moe_top_k,
+            f"must be between 1 and model.lm.n_experts={lm.n_experts}",
+        )
         check(lm.moe_every >= 1, "model.lm.moe_every", lm.moe_every, "must be >= 1")
     one_of("model.lm.attention", lm.attention, BACKENDS)
 
@@ -223,8 +243,15 @@ class LanguageModel(nn.Module):
         device/dtype of the keys; they grow if `max_len` is exceeded)."""
         return KVCache(self.cfg.n_layers, batch_size, max_len or self.cfg.max_seq_len)
 
-    def forward(self, inputs_embeds: Tensor, position_ids: Tensor | None = None, doc_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None, cache: KVCache | None = None, logits: bool = True) -> LMOutput:
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        position_ids: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        logits: bool = True,
+    ) -> LMOutput:
         """inputs_embeds [B,T,D]; position_ids [B,T] (default: restart at each document / after left
         padding, continuing the cache); doc_ids [B,T] (-1 = padding); attention_mask [B,T] bool
         (False = left padding); cache: KVCache to read and extend (incremental decoding).
@@ -235,8 +262,13 @@ class LanguageModel(nn.Module):
         doc = merge_doc_ids(doc_ids, attention_mask)  # [B, T] or None
         start = cache.length if cache is not None else 0
         # one token continuing each row's document (a decoding step): the cache keeps its mask
-        continuing = cache is not None and doc is None and T == 1 and choose_backend(
-            self.cfg.attention, x.device, packed=True, cached=True, training=torch.is_grad_enabled()) == "sdpa"
+        continuing = (
+            cache is not None
+            and doc is None
+            and T == 1
+            and choose_backend(self.cfg.attention, x.device, packed=True, cached=True, training=torch.is_grad_enabled())
+            == "sdpa"
+        )
         if cache is not None:
             doc = cache.append_docs(doc, B, T, x.device)  # [B, start+T]: every key's document
         explicit_positions = position_ids is not None
@@ -276,7 +308,9 @@ class LanguageModel(nn.Module):
             return rope_tables(*rope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, dtype, self.cfg))
         if cache.rope is None or cache.rope[0].dtype != dtype or cache.rope[0].device != position_ids.device:
             every = torch.arange(cache.capacity, device=position_ids.device)[None]  # [1, C]
-            cos, sin = rope_tables(*rope_cos_sin(every, self.head_dim, self.cfg.rope_theta, dtype, self.cfg))  # [1,1,C,hd]
+            cos, sin = rope_tables(
+                *rope_cos_sin(every, self.head_dim, self.cfg.rope_theta, dtype, self.cfg)
+            )  # [1,1,C,hd]
             cache.rope = (cos[0, 0], sin[0, 0])  # [C, hd]
         cos, sin = cache.rope
         return cos[position_ids][:, None], sin[position_ids][:, None]  # [B, 1, T, hd]

@@ -14,8 +14,8 @@ plus the MoE auxiliary losses.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -110,13 +110,20 @@ class MLLM(nn.Module):
         much as a layer."""
         x = self.embed(input_ids, images)
         with_loss = targets is not None
-        out = self.lm(x, position_ids=position_ids, doc_ids=doc_ids, attention_mask=attention_mask, cache=cache,
-                      logits=not with_loss and logits_to_keep <= 0)
+        out = self.lm(
+            x,
+            position_ids=position_ids,
+            doc_ids=doc_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            logits=not with_loss and logits_to_keep <= 0,
+        )
         logits = out.logits
         if logits is None and not with_loss:
             logits = self.lm.head(out.hidden[:, -logits_to_keep:])  # [B, n, V]
-        result = MLLMOutput(logits, aux_loss=out.aux_loss, moe_stats=out.moe_stats, _hidden=out.hidden,
-                            _head=self.lm.head)
+        result = MLLMOutput(
+            logits, aux_loss=out.aux_loss, moe_stats=out.moe_stats, _hidden=out.hidden, _head=self.lm.head
+        )
         if with_loss:
             valid = targets != IGNORE_INDEX  # [B, T]
             picked = self.lm.head(out.hidden[valid])  # [n, V]: logits only where there is a target

@@ -49,8 +49,9 @@ class StackedExperts(nn.Module):
 class MoEFeedForward(nn.Module):
     """Top-k routed SwiGLU experts. forward(x [B,T,D], valid [B,T] | None) -> (y, aux_loss, stats)."""
 
-    def __init__(self, dim: int, hidden: int, n_experts: int, top_k: int,
-                 lb_coef: float = 0.01, z_coef: float = 0.001) -> None:
+    def __init__(
+        self, dim: int, hidden: int, n_experts: int, top_k: int, lb_coef: float = 0.01, z_coef: float = 0.001
+    ) -> None:
         super().__init__()
         if not 1 <= top_k <= n_experts:
             raise ValueError(f"MoE top_k={top_k} must be between 1 and n_experts={n_experts}")
@@ -72,8 +73,10 @@ class MoEFeedForward(nn.Module):
             w = getattr(dense_ffn, name).weight  # [out, in]
             target = getattr(self.experts, name)
             if tuple(target.shape[1:]) != tuple(w.shape):
-                raise ValueError(f"upcycle: dense {name} weight {tuple(w.shape)} does not match expert shape "
-                                 f"{tuple(target.shape[1:])}; dim/ffn_dim of the MoE and dense models differ")
+                raise ValueError(
+                    f"upcycle: dense {name} weight {tuple(w.shape)} does not match expert shape "
+                    f"{tuple(target.shape[1:])}; dim/ffn_dim of the MoE and dense models differ"
+                )
             target.copy_(w.unsqueeze(0).expand_as(target))
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -109,12 +112,10 @@ class MoEFeedForward(nn.Module):
         E = self.n_experts
         if logits.shape[0] == 0:  # a batch of padding only
             zero = logits.sum() * 0.0
-            return zero, {"lb_loss": zero.detach(), "z_loss": zero.detach(),
-                          "expert_fraction": logits.new_zeros(E)}
+            return zero, {"lb_loss": zero.detach(), "z_loss": zero.detach(), "expert_fraction": logits.new_zeros(E)}
         probs = logits.softmax(dim=-1)  # [N, E]
         fraction = torch.bincount(top_i.reshape(-1), minlength=E).float() / top_i.numel()  # f_i, sums to 1
         lb = E * (fraction * probs.mean(dim=0)).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
         aux = self.lb_coef * lb + self.z_coef * z
         return aux, {"lb_loss": lb.detach(), "z_loss": z.detach(), "expert_fraction": fraction.detach()}
-

@@ -91,14 +91,26 @@ class Block(nn.Module):
 
 def check_vit(v: VisionConfig) -> None:
     """The ViT's rules on its config (run at config load and when a ViT is built)."""
-    check(v.image_size % v.patch_size == 0, "model.vision.image_size", v.image_size,
-          f"must be divisible by model.vision.patch_size={v.patch_size}")
+    check(
+        v.image_size % v.patch_size == 0,
+        "model.vision.image_size",
+        v.image_size,
+        f"must be divisible by model.vision.patch_size={v.patch_size}",
+    )
     check(v.width % v.heads == 0, "model.vision.heads", v.heads, f"must divide model.vision.width={v.width}")
     one_of("model.vision.act", v.act, list(ACTIVATIONS))
-    check(len(v.mean) == 3 and len(v.std) == 3 and all(s > 0 for s in v.std), "model.vision.std", v.std,
-          "mean and std need 3 values (RGB), std > 0")
-    check(-v.depth <= v.feature_layer < v.depth, "model.vision.feature_layer", v.feature_layer,
-          f"must be in [-{v.depth}, {v.depth - 1}] (a block of the {v.depth}-block encoder)")
+    check(
+        len(v.mean) == 3 and len(v.std) == 3 and all(s > 0 for s in v.std),
+        "model.vision.std",
+        v.std,
+        "mean and std need 3 values (RGB), std > 0",
+    )
+    check(
+        -v.depth <= v.feature_layer < v.depth,
+        "model.vision.feature_layer",
+        v.feature_layer,
+        f"must be in [-{v.depth}, {v.depth - 1}] (a block of the {v.depth}-block encoder)",
+    )
 
 
 @ENCODERS.register("vit", validate=lambda cfg: check_vit(cfg.model.vision))
@@ -161,7 +173,7 @@ class ViT(nn.Module):
         key = (h, w, pos.device, pos.dtype, pos._version, pos.data_ptr()) if cacheable else ()
         if cacheable and key in self._pos_cache:
             return self._pos_cache[key]
-        patches = interpolate_grid_embeddings(pos[:, self.n_prefix:], (g, g), (h, w))
+        patches = interpolate_grid_embeddings(pos[:, self.n_prefix :], (g, g), (h, w))
         out = torch.cat([pos[:, : self.n_prefix], patches], dim=1)
         if cacheable:
             self._pos_cache = {k: v for k, v in self._pos_cache.items() if k[2:] == key[2:]}  # drop stale
@@ -172,8 +184,10 @@ class ViT(nn.Module):
         n, _, height, width = pixels.shape
         p = self.cfg.patch_size
         if height % p or width % p:
-            raise ValueError(f"ViT: image of {height}x{width} px is not divisible by the patch size {p}; "
-                             f"resize or pad it to a multiple of {p}")
+            raise ValueError(
+                f"ViT: image of {height}x{width} px is not divisible by the patch size {p}; "
+                f"resize or pad it to a multiple of {p}"
+            )
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))  # [N, D, h, w]
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # [N, h*w, D]
@@ -189,7 +203,7 @@ class ViT(nn.Module):
                 x = block(x)
         if self.post_norm is not None:
             x = self.post_norm(x)
-        return x[:, self.n_prefix:]  # [N, h*w, D]
+        return x[:, self.n_prefix :]  # [N, h*w, D]
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         """Position embeddings saved for another square grid are re-gridded on load (a pre-training
@@ -226,7 +240,7 @@ def resize_position_embeddings(state_dict_or_module: dict[str, torch.Tensor] | V
         if new_image_size % p:
             raise ValueError(f"new image size {new_image_size} is not a multiple of the patch size {p}")
         g = new_image_size // p
-        patches = interpolate_grid_embeddings(vit.pos_embed.data[:, vit.n_prefix:], (vit.grid, vit.grid), (g, g))
+        patches = interpolate_grid_embeddings(vit.pos_embed.data[:, vit.n_prefix :], (vit.grid, vit.grid), (g, g))
         new = torch.cat([vit.pos_embed.data[:, : vit.n_prefix], patches], dim=1)
         vit.pos_embed = nn.Parameter(new, requires_grad=vit.pos_embed.requires_grad)
         vit.cfg.image_size = new_image_size
@@ -251,6 +265,8 @@ def resize_position_embeddings(state_dict_or_module: dict[str, torch.Tensor] | V
         patches = interpolate_grid_embeddings(pos[:, n_prefix:], (old, old), (g, g))
         out[key] = torch.cat([pos[:, :n_prefix], patches], dim=1)
     if not found:
-        raise ValueError("resize_position_embeddings: no ViT `pos_embed` (with a sibling `patch_embed.weight`) "
-                         "in the state dict; is this an mm1 checkpoint?")
+        raise ValueError(
+            "resize_position_embeddings: no ViT `pos_embed` (with a sibling `patch_embed.weight`) "
+            "in the state dict; is this an mm1 checkpoint?"
+        )
     return out

@@ -29,8 +29,10 @@ def shard_plan(cfg: Config, rank: int, world_size: int) -> tuple[list[int], int,
         raise ConfigError(f"train.data_shards={shards} must be a multiple of the {world_size} processes")
     per_rank = shards // world_size
     if cfg.data.batch_size % per_rank:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} (per process) must be divisible by the "
-                          f"{per_rank} data shards each process reads (train.data_shards={shards})")
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} (per process) must be divisible by the "
+            f"{per_rank} data shards each process reads (train.data_shards={shards})"
+        )
     return list(range(rank * per_rank, (rank + 1) * per_rank)), shards, cfg.data.batch_size // per_rank
 
 
@@ -65,7 +67,10 @@ class ShardedLoader:
         return concat_batches([next(it) for it in self._its])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "shards": {str(i): loader.state_dict() for i, loader in zip(self.shard_ids, self.loaders)}}
+        return {
+            "total": self.total,
+            "shards": {str(i): loader.state_dict() for i, loader in zip(self.shard_ids, self.loaders)},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Positions of this rank's shards, from a state that may hold every rank's (a resume on
@@ -74,9 +79,11 @@ class ShardedLoader:
         total = state.get("total", len(saved))
         missing = [i for i in self.shard_ids if str(i) not in saved]
         if total != self.total or missing:
-            raise ConfigError(f"the checkpoint's data stream was split into {total} shard(s) ({sorted(saved)} saved), "
-                              f"this run splits it into {self.total} and reads shards {self.shard_ids}; to resume on "
-                              f"another number of processes set train.data_shards={total} (and keep it)")
+            raise ConfigError(
+                f"the checkpoint's data stream was split into {total} shard(s) ({sorted(saved)} saved), "
+                f"this run splits it into {self.total} and reads shards {self.shard_ids}; to resume on "
+                f"another number of processes set train.data_shards={total} (and keep it)"
+            )
         for i, loader in zip(self.shard_ids, self.loaders):
             loader.load_state_dict(saved[str(i)])
         self._its = None

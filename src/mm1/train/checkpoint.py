@@ -32,9 +32,9 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -85,25 +85,31 @@ def read_checksums(ckpt: Path) -> dict[str, str]:
     """`checksums.json` of a checkpoint (relative path -> sha256); CheckpointError if absent or damaged."""
     sums_path = Path(ckpt) / CHECKSUMS
     if not sums_path.is_file():
-        raise CheckpointError(f"{ckpt} cannot be verified: {CHECKSUMS} is missing, so it is not loaded (and not "
-                              "skipped past); delete that step directory to resume from the one before it")
+        raise CheckpointError(
+            f"{ckpt} cannot be verified: {CHECKSUMS} is missing, so it is not loaded (and not "
+            "skipped past); delete that step directory to resume from the one before it"
+        )
     try:
         sums = json.loads(sums_path.read_text())
         assert isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())
     except (ValueError, AssertionError, UnicodeDecodeError):
-        raise CheckpointError(f"{sums_path} is damaged (not a JSON map of file -> sha256); "
-                              "the checkpoint cannot be trusted — delete it and use an older one") from None
+        raise CheckpointError(
+            f"{sums_path} is damaged (not a JSON map of file -> sha256); "
+            "the checkpoint cannot be trusted — delete it and use an older one"
+        ) from None
     for name in sums:
         if not _is_checkpoint_file(name):  # a file of this directory or its shard dirs, nothing else
-            raise CheckpointError(f"{sums_path} lists {name!r}, which is not a file of {ckpt}; "
-                                  "the checkpoint cannot be trusted")
+            raise CheckpointError(
+                f"{sums_path} lists {name!r}, which is not a file of {ckpt}; the checkpoint cannot be trusted"
+            )
     return sums
 
 
 def _is_checkpoint_file(name: str) -> bool:
     parts = name.split("/")
-    return (all(p not in ("", ".", "..") and "\\" not in p for p in parts)
-            and (len(parts) == 1 or (len(parts) == 2 and parts[0] in (MODEL_DIR, OPTIM_DIR))))
+    return all(p not in ("", ".", "..") and "\\" not in p for p in parts) and (
+        len(parts) == 1 or (len(parts) == 2 and parts[0] in (MODEL_DIR, OPTIM_DIR))
+    )
 
 
 def verify_files(ckpt: Path, sums: dict[str, str], names: list[str]) -> None:
@@ -117,7 +123,8 @@ def verify_files(ckpt: Path, sums: dict[str, str], names: list[str]) -> None:
             raise CheckpointError(
                 f"checkpoint {ckpt} is damaged: {f} has sha256 {got[:16]}… but {CHECKSUMS} records "
                 f"{sums[name][:16]}…; the file changed after it was saved (disk error, partial copy, edit). "
-                "Refusing to load it: delete this step directory and resume from an older checkpoint")
+                "Refusing to load it: delete this step directory and resume from an older checkpoint"
+            )
 
 
 def verify_checkpoint(ckpt: Path, env: DistEnv | None = None) -> None:
@@ -128,7 +135,7 @@ def verify_checkpoint(ckpt: Path, env: DistEnv | None = None) -> None:
     error = None
     try:
         sums = read_checksums(ckpt)
-        verify_files(ckpt, sums, sorted(sums)[env.rank::env.world_size])
+        verify_files(ckpt, sums, sorted(sums)[env.rank :: env.world_size])
     except CheckpointError as e:
         error = str(e)
     errors = [e for e in all_gather_objects(error, env) if e]
@@ -161,8 +168,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     latest = latest_checkpoint(p)
     if latest is None:
-        raise CheckpointError(f"{p}: no complete checkpoint here (expected a run dir with "
-                              "checkpoints/step-N/ or a step-N dir with checksums.json)")
+        raise CheckpointError(
+            f"{p}: no complete checkpoint here (expected a run dir with "
+            "checkpoints/step-N/ or a step-N dir with checksums.json)"
+        )
     return latest
 
 
@@ -199,8 +208,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                             "numpy": np.random.get_state()}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -291,20 +303,25 @@ def _dcp_errors(what: str, directory: Path) -> Iterator[None]:
             if first.filename is None:
                 first.filename = str(directory)
             raise first from None
-        raise CheckpointError(f"{what} {directory} failed on rank {rank}: {type(first).__name__}: "
-                              f"{' '.join(str(first).split())[:300]}") from None
+        raise CheckpointError(
+            f"{what} {directory} failed on rank {rank}: {type(first).__name__}: {' '.join(str(first).split())[:300]}"
+        ) from None
 
 
 def _dcp_save(state: dict[str, torch.Tensor], directory: Path, env: DistEnv) -> None:
     with _quiet_single_process(), _dcp_errors("writing", directory):
-        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
-                 no_dist=not env.initialized)
+        dcp.save(
+            state,
+            storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
+            no_dist=not env.initialized,
+        )
 
 
 def _dcp_load(state: dict[str, torch.Tensor], directory: Path, env: DistEnv | None) -> None:
     with _quiet_single_process(), _dcp_errors("reading", directory):
-        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(directory)),
-                 no_dist=env is None or not env.initialized)
+        dcp.load(
+            state, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=env is None or not env.initialized
+        )
 
 
 def read_sharded_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -329,10 +346,21 @@ def read_checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- save / load
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, *, env: DistEnv, trainer_state: dict, rank_state: dict,
-                    extra: Callable[[Path], None] | None = None, keep_last: int = 0, prefix: str = "",
-                    consolidated: bool = False) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    env: DistEnv,
+    trainer_state: dict,
+    rank_state: dict,
+    extra: Callable[[Path], None] | None = None,
+    keep_last: int = 0,
+    prefix: str = "",
+    consolidated: bool = False,
+) -> Path:
     """Collective: every rank calls it and writes its shards; rank 0 seals `checkpoints/step-N`.
 
     `rank_state` is this rank's plain-data state (data position); RNG states are added here.
@@ -363,16 +391,22 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
             write_weights(full, tmp / CONSOLIDATED)
         sched = scheduler.state_dict()
         sched["lr_lambdas"] = [None] * len(sched.get("lr_lambdas", []))  # the schedule comes from the config
-        state_io.write_state({**trainer_state, "step": step, "world_size": env.world_size,
-                              "scheduler": sched}, tmp, "trainer")
+        state_io.write_state(
+            {**trainer_state, "step": step, "world_size": env.world_size, "scheduler": sched}, tmp, "trainer"
+        )
         for r, st in enumerate(per_rank):
             state_io.write_state(st, tmp, f"rank-{r}")
         if extra is not None:
             extra(tmp)
         sums = {k: v for part in shard_sums for k, v in part.items()}
         sums.update({f.name: sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()})
-        missing = [str(f.relative_to(tmp)) for d in (MODEL_DIR, OPTIM_DIR) if (tmp / d).is_dir()
-                   for f in (tmp / d).iterdir() if str(f.relative_to(tmp)) not in sums]
+        missing = [
+            str(f.relative_to(tmp))
+            for d in (MODEL_DIR, OPTIM_DIR)
+            if (tmp / d).is_dir()
+            for f in (tmp / d).iterdir()
+            if str(f.relative_to(tmp)) not in sums
+        ]
         if missing:  # a file no rank claims: a writer naming scheme we do not know; refuse to seal
             raise CheckpointError(f"checkpoint {tmp}: files written by no known rank: {missing[:4]}")
         state_io.write_text(tmp / CHECKSUMS, json.dumps(dict(sorted(sums.items())), indent=1))
@@ -402,8 +436,9 @@ def _rank_states(ckpt: Path) -> list[dict]:
     return [state_io.read_state(ckpt, f"rank-{r}") for r in range(n)]
 
 
-def load_training_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                        env: DistEnv, prefix: str = "") -> tuple[dict, dict]:
+def load_training_state(
+    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, env: DistEnv, prefix: str = ""
+) -> tuple[dict, dict]:
     """Restore weights, optimizer, scheduler and RNG; return (trainer_state, rank_state).
 
     The checkpoint may come from another number of processes or strategy: each rank reads the
@@ -414,8 +449,10 @@ def load_training_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Opt
     ckpt = Path(ckpt)
     verify_checkpoint(ckpt, env)
     if not (ckpt / MODEL_DIR).is_dir():
-        raise CheckpointError(f"{ckpt} has the single-file layout of an older mm1, which cannot be resumed; "
-                              f"start a new run with train.init_from={ckpt} to continue from its weights")
+        raise CheckpointError(
+            f"{ckpt} has the single-file layout of an older mm1, which cannot be resumed; "
+            f"start a new run with train.init_from={ckpt} to continue from its weights"
+        )
     trainer = state_io.read_state(ckpt, "trainer")
     weights = _model_shards(model, prefix)
     _dcp_load(weights, ckpt / MODEL_DIR, env)
@@ -433,8 +470,13 @@ def load_training_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Opt
     if rng is not None and len(ranks) == env.world_size:
         set_rng_state(rng)
     elif env.is_main:
-        log.warning("%s was written by %d process(es), this run has %d: RNG streams restart from the seed "
-                    "(data positions are restored per data shard)", ckpt, len(ranks), env.world_size)
+        log.warning(
+            "%s was written by %d process(es), this run has %d: RNG streams restart from the seed "
+            "(data positions are restored per data shard)",
+            ckpt,
+            len(ranks),
+            env.world_size,
+        )
     if all("shards" in (r.get("data") or {}) for r in ranks):  # the trainer's per-shard data positions
         shards = {k: v for r in ranks for k, v in r["data"]["shards"].items()}
         rank_state["data"] = {**ranks[0]["data"], "shards": shards}
@@ -476,12 +518,15 @@ def read_checkpoint_weights_into(ckpt: Path, targets: dict[str, torch.Tensor]) -
 def _check_names(ckpt: Path, expected: set[str], stored: set[str]) -> None:
     missing, unexpected = sorted(expected - stored), sorted(stored - expected)
     if missing or unexpected:
-        raise CheckpointError(f"{ckpt}: the weights do not match the model of its config.yaml: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"{ckpt}: the weights do not match the model of its config.yaml: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
 
 
-def load_checkpoint(path: str | Path, verify: bool = True, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> tuple[MLLM, Config, Tokenizer]:
+def load_checkpoint(
+    path: str | Path, verify: bool = True, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[MLLM, Config, Tokenizer]:
     """(model, config, tokenizer) of a pretrain/SFT checkpoint: a step dir, or a run dir's latest one.
 
     Either layout (sharded DCP weights or one model.safetensors). The model is built from the
@@ -498,8 +543,10 @@ def load_checkpoint(path: str | Path, verify: bool = True, device: torch.device 
         verify_checkpoint(ckpt)
     cfg = read_config(ckpt)
     if cfg.train.stage == "encoder":
-        raise CheckpointError(f"{ckpt} is an image-encoder checkpoint (train.stage=encoder), not an MLLM; "
-                              f"use it as train.init_from={ckpt} in a pretrain run")
+        raise CheckpointError(
+            f"{ckpt} is an image-encoder checkpoint (train.stage=encoder), not an MLLM; "
+            f"use it as train.init_from={ckpt} in a pretrain run"
+        )
     cfg.model.vision.hf_path = ""
     cfg.model.lm.hf_path = ""
     with torch.device("meta"):

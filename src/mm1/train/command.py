@@ -15,13 +15,23 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="preset name or YAML, e.g. tiny or configs/tiny.yaml")
-    parser.add_argument("--out", required=True, metavar="DIR", help="run directory to create (or continue with --resume)")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="run directory to create (or continue with --resume)"
+    )
     parser.set_defaults(takes_overrides=True)  # e.g. train.steps=100 train.seed=1, anywhere on the line
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest complete checkpoint in --out (start fresh if none); a "
-                             "config that differs from the checkpoint's is refused, naming each key")
-    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
-                        help="with --resume: apply this changed key (repeatable), e.g. train.steps to train longer")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest complete checkpoint in --out (start fresh if none); a "
+        "config that differs from the checkpoint's is refused, naming each key",
+    )
+    parser.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="with --resume: apply this changed key (repeatable), e.g. train.steps to train longer",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"mm1 train: {e}", file=sys.stderr)
         return 1
     if result.get("final_loss") is not None and os.environ.get("RANK", "0") == "0":
-        print(f"mm1 train: {result['steps']} steps, loss {result['first_loss']:.4f} -> {result['final_loss']:.4f}; "
-              f"run dir {result['run_dir']}", file=sys.stderr)
+        print(
+            f"mm1 train: {result['steps']} steps, loss {result['first_loss']:.4f} -> {result['final_loss']:.4f}; "
+            f"run dir {result['run_dir']}",
+            file=sys.stderr,
+        )
     return 0

@@ -44,8 +44,10 @@ def resolve_strategy(strategy: str, world_size: int) -> str:
     if strategy == "auto":
         return "ddp" if world_size > 1 else "single"
     if strategy == "single" and world_size > 1:
-        raise ValueError(f"train.strategy=single but torchrun started {world_size} processes; "
-                         "use train.strategy=ddp or fsdp (or auto)")
+        raise ValueError(
+            f"train.strategy=single but torchrun started {world_size} processes; "
+            "use train.strategy=ddp or fsdp (or auto)"
+        )
     return strategy
 
 
@@ -80,8 +82,9 @@ def shutdown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, strategy: str, env: DistEnv, bf16: bool,
-               materialise: Callable[[], None] | None = None) -> nn.Module:
+def wrap_model(
+    model: nn.Module, strategy: str, env: DistEnv, bf16: bool, materialise: Callable[[], None] | None = None
+) -> nn.Module:
     """DDP or FSDP2 around `model`; `single` returns it unchanged.
 
     `model` is on `env.device`, or on the meta device with `materialise` given: FSDP2 then shards
@@ -101,7 +104,11 @@ def wrap_model(model: nn.Module, strategy: str, env: DistEnv, bf16: bool,
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if bf16
+            else MixedPrecisionPolicy()
+        )
         for block in transformer_blocks(model):
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
@@ -197,7 +204,7 @@ class GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]]
+        return grad[start : start + ctx.sizes[ctx.rank]]
 
 
 def gather_with_grad(x: torch.Tensor, env: DistEnv) -> torch.Tensor:

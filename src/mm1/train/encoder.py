@@ -42,8 +42,11 @@ class TextTower(nn.Module):
         self.tok = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.empty(1, max_len, dim))
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
-            for _ in range(depth))
+            nn.TransformerEncoderLayer(
+                dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, out_dim, bias=False)
         self.reset_parameters()
@@ -63,8 +66,9 @@ class TextTower(nn.Module):
         return self.proj((x * w).sum(1) / w.sum(1).clamp(min=1))  # [N, out]
 
 
-def caption_pairs(batch: dict[str, torch.Tensor], image_id: int, tokens_per_image: int, special: set[int],
-                  max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def caption_pairs(
+    batch: dict[str, torch.Tensor], image_id: int, tokens_per_image: int, special: set[int], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images [N,3,H,W], text ids [N,L], valid [N,L]) from a packed caption batch.
 
     Each image is paired with the non-special tokens of its own document (packed rows hold many
@@ -73,8 +77,10 @@ def caption_pairs(batch: dict[str, torch.Tensor], image_id: int, tokens_per_imag
     slot_pos = (ids == image_id).nonzero()  # [S, 2] row-major, k per image
     first = slot_pos[::tokens_per_image]  # [N, 2] first slot of each image
     if first.shape[0] != images.shape[0]:
-        raise ValueError(f"encoder stage: {images.shape[0]} images but {first.shape[0]} slot runs of "
-                         f"{tokens_per_image}; sub-image grids are not supported here (set model.subimage_grid=0)")
+        raise ValueError(
+            f"encoder stage: {images.shape[0]} images but {first.shape[0]} slot runs of "
+            f"{tokens_per_image}; sub-image grids are not supported here (set model.subimage_grid=0)"
+        )
     keep = torch.ones_like(ids, dtype=torch.bool)
     for s in special:
         keep &= ids != s
@@ -105,7 +111,9 @@ class WordSwapper:
                 if len(words) > 1 and all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == len(ids):
                     self.groups.append([i[0] for i in ids])
 
-    def __call__(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, ids: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(negative ids [N, L], changed [N]: whether a caption had any word to swap)."""
         out = ids.clone()
         for group in self.groups:
@@ -118,8 +126,13 @@ class WordSwapper:
         return out, (out != ids).any(1)
 
 
-def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, neg: torch.Tensor | None = None,
-              neg_ok: torch.Tensor | None = None) -> torch.Tensor:
+def clip_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    scale: torch.Tensor,
+    neg: torch.Tensor | None = None,
+    neg_ok: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Symmetric InfoNCE; with hard negative captions `neg` [M, E], images also have to reject those
     (columns where `neg_ok` is False, captions with nothing swapped, are left out)."""
     logits = scale * img @ txt.T  # [N, N]
@@ -131,8 +144,14 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, neg: to
     return 0.5 * (F.cross_entropy(i2t, labels) + F.cross_entropy(logits.T, labels))
 
 
-def siglip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                neg: torch.Tensor | None = None, neg_ok: torch.Tensor | None = None) -> torch.Tensor:
+def siglip_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    neg: torch.Tensor | None = None,
+    neg_ok: torch.Tensor | None = None,
+) -> torch.Tensor:
     logits = scale * img @ txt.T + bias  # [N, N]
     signs = 2 * torch.eye(img.shape[0], device=img.device) - 1
     loss = -F.logsigmoid(signs * logits).sum()
@@ -184,8 +203,9 @@ class EncoderPretrainer(nn.Module):
             self.head = nn.Sequential(nn.Linear(v.width, v.mlp_dim), nn.GELU(), nn.Linear(v.mlp_dim, 3 * p * p))
         else:
             dim = min(v.width, 512)
-            self.text = TextTower(vocab_size, dim, max(2, min(6, v.depth // 2)), max(1, dim // 64),
-                                  min(cfg.data.seq_len, 128), dim)
+            self.text = TextTower(
+                vocab_size, dim, max(2, min(6, v.depth // 2)), max(1, dim // 64), min(cfg.data.seq_len, 128), dim
+            )
             self.image_proj = nn.Linear(v.width, dim, bias=False)
             scale, bias = LOGIT_INIT[self.objective]
             self.logit_scale = nn.Parameter(torch.tensor(scale))
@@ -258,4 +278,3 @@ class EncoderPretrainer(nn.Module):
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
         pred = self.head(feats[:, prefix - 1 : -1]).float()  # position t predicts patch t+1
         return F.mse_loss(pred, target[:, prefix:])
-

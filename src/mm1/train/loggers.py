@@ -42,13 +42,18 @@ def _clean(v: Any) -> Any:
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in record.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v)}
+    return {
+        k: v
+        for k, v in record.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v)
+    }
 
 
 def _missing(name: str, extra: str) -> ConfigError:
-    return ConfigError(f"train.loggers includes {name} but the {name} package is not installed: "
-                       f"pip install 'mm1[{extra}]' (or drop {name} from train.loggers)")
+    return ConfigError(
+        f"train.loggers includes {name} but the {name} package is not installed: "
+        f"pip install 'mm1[{extra}]' (or drop {name} from train.loggers)"
+    )
 
 
 @LOGGERS.register("jsonl")
@@ -89,9 +94,16 @@ class WandbSink:
         except ImportError:
             raise _missing("wandb", "wandb") from None
         t = cfg.train
-        self.run = wandb.init(project=t.wandb_project, name=Path(run_dir).resolve().name, dir=str(run_dir),
-                              mode=t.wandb_mode, config=to_dict(cfg), resume="allow",
-                              id=f"{Path(run_dir).resolve().name}-{t.seed}", settings=wandb.Settings(silent=True))
+        self.run = wandb.init(
+            project=t.wandb_project,
+            name=Path(run_dir).resolve().name,
+            dir=str(run_dir),
+            mode=t.wandb_mode,
+            config=to_dict(cfg),
+            resume="allow",
+            id=f"{Path(run_dir).resolve().name}-{t.seed}",
+            settings=wandb.Settings(silent=True),
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         self.run.log(_scalars(record), step=record["step"])

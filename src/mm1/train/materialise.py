@@ -27,8 +27,16 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.overrides import TorchFunctionMode
 
-_RANDOM_INITS = {nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_, nn.init.kaiming_uniform_,
-                 nn.init.kaiming_normal_, nn.init.xavier_uniform_, nn.init.xavier_normal_, nn.init.orthogonal_}
+_RANDOM_INITS = {
+    nn.init.normal_,
+    nn.init.uniform_,
+    nn.init.trunc_normal_,
+    nn.init.kaiming_uniform_,
+    nn.init.kaiming_normal_,
+    nn.init.xavier_uniform_,
+    nn.init.xavier_normal_,
+    nn.init.orthogonal_,
+}
 _RANDOM_METHODS = {torch.Tensor.normal_, torch.Tensor.uniform_}
 
 
@@ -41,8 +49,9 @@ def param_seed(seed: int, name: str, draw: int) -> int:
 def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
     """Write a full-shape tensor into `target`, which may be a sharded DTensor (only its slice)."""
     if isinstance(target, DTensor):
-        local = distribute_tensor(full.to(target.dtype), target.device_mesh, target.placements,
-                                  src_data_rank=None).to_local()  # no communication: every rank slices
+        local = distribute_tensor(
+            full.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None
+        ).to_local()  # no communication: every rank slices
         target.to_local().copy_(local)
     else:
         target.copy_(full)
@@ -64,9 +73,11 @@ class SeededInit(TorchFunctionMode):
             name = self.names.get(id(target))
             if name is None:
                 if isinstance(target, DTensor):
-                    raise RuntimeError(f"{getattr(func, '__name__', func)} on a sharded tensor that is not a "
-                                       "parameter of the model being initialised: its values would depend on the "
-                                       "sharding; initialise parameters only")
+                    raise RuntimeError(
+                        f"{getattr(func, '__name__', func)} on a sharded tensor that is not a "
+                        "parameter of the model being initialised: its values would depend on the "
+                        "sharding; initialise parameters only"
+                    )
                 return func(target, *args[1:], **kwargs)
             gen = torch.Generator().manual_seed(param_seed(self.seed, name, self.draws[name]))
             self.draws[name] += 1

@@ -48,16 +48,25 @@ class MetricsLogger:
     """Sends each step's record to the configured sinks (rank 0), shows a progress bar on a terminal
     or a log line every `log_every` steps elsewhere (cluster logs)."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, cfg: Config,
-                 progress: bool, log_every: int = 1) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        cfg: Config,
+        progress: bool,
+        log_every: int = 1,
+    ) -> None:
         self.enabled, self.total, self.log_every = enabled, total_steps, max(1, log_every)
         self.bar = None
         self.sinks = build_loggers(run_dir, cfg) if enabled else []
         if enabled and progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                            mininterval=1.0)
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0
+            )
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -66,14 +75,22 @@ class MetricsLogger:
             sink.log(record)
         tps = record.get("tokens_per_s", 0.0)
         if self.bar is not None:
-            self.bar.set_postfix({"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
-                                  "tok/s": f"{tps:.0f}"}, refresh=False)
+            self.bar.set_postfix(
+                {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{tps:.0f}"}, refresh=False
+            )
             self.bar.update(1)
         elif record["step"] % self.log_every == 0 or record["step"] == self.total:
             eta = (self.total - record["step"]) * record.get("step_time_s", 0.0)
-            log.info("step %d/%d  loss %.4f  lr %.3g  grad %.3g  %.0f tok/s  eta %s", record["step"], self.total,
-                     record["loss"], record["lr"], record.get("grad_norm", float("nan")), tps,
-                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+            log.info(
+                "step %d/%d  loss %.4f  lr %.3g  grad %.3g  %.0f tok/s  eta %s",
+                record["step"],
+                self.total,
+                record["loss"],
+                record["lr"],
+                record.get("grad_norm", float("nan")),
+                tps,
+                time.strftime("%H:%M:%S", time.gmtime(eta)),
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -7,7 +7,8 @@ a sensible rate.
 
 λ is a *decoupled* decay: each step multiplies a decayed weight by (1 − λ·s_t), s_t the schedule's
 multiplier, whatever η is. torch's AdamW multiplies its `weight_decay` by the current LR η·s_t, so it
-is given λ / η (0.1 under the law); passing λ itself would decay by λ·η·s_t, i.e. not at all. This file is the only place the law lives; N is the number of distinct trainable
+is given λ / η (0.1 under the law); passing λ itself would decay by λ·η·s_t, i.e. not at all. This
+file is the only place the law lives; N is the number of distinct trainable
 parameters (tied weights counted once, frozen parts excluded), and the trainer logs both.
 
 The law is a *pre-training* law. SFT starts from weights that already read the image and runs at a
@@ -35,8 +36,11 @@ LAW_INTERCEPT = -0.5535
 WD_RATIO = 0.1
 
 # parameters that should not be pulled towards zero: gains, biases, learned positions/queries/tokens
-_NO_DECAY = re.compile(r"(^|\.)(bias|.*norm.*|pos_embed.*|position_embedding.*|cls.*|class_embedding.*|"
-                       r"logit_scale|logit_bias|queries|query_tokens|mask_token)(\.|$)", re.IGNORECASE)
+_NO_DECAY = re.compile(
+    r"(^|\.)(bias|.*norm.*|pos_embed.*|position_embedding.*|cls.*|class_embedding.*|"
+    r"logit_scale|logit_bias|queries|query_tokens|mask_token)(\.|$)",
+    re.IGNORECASE,
+)
 
 
 def mm1_lr(n_params: int, slope: float = LAW_SLOPE, intercept: float = LAW_INTERCEPT) -> float:
@@ -55,8 +59,9 @@ def read_lr_law(path: str) -> tuple[float, float, float]:
         law = json.loads(file.read_text())
         return float(law["a"]), float(law["b"]), float(law.get("wd_ratio", WD_RATIO))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"train.lr_law={path!r}: expected JSON with numbers 'a' and 'b' "
-                          f"(log lr = a ln N + b), got an error: {e}") from None
+        raise ConfigError(
+            f"train.lr_law={path!r}: expected JSON with numbers 'a' and 'b' (log lr = a ln N + b), got an error: {e}"
+        ) from None
 
 
 def count_trainable(model: nn.Module) -> int:
@@ -87,18 +92,24 @@ class LRChoice:
         if self.weight_decay == 0.0:
             return 0.0
         if self.lr <= 0.0:
-            raise ConfigError(f"train.weight_decay={self.weight_decay:g} needs a positive peak LR (got "
-                              f"train.lr={self.lr:g}): the decay is applied as λ/η by AdamW; set train.lr > 0")
+            raise ConfigError(
+                f"train.weight_decay={self.weight_decay:g} needs a positive peak LR (got "
+                f"train.lr={self.lr:g}): the decay is applied as λ/η by AdamW; set train.lr > 0"
+            )
         return self.weight_decay / self.lr
 
     def describe(self) -> str:
         law = "fitted law train.lr_law" if self.lr_source == "lr_law" else "MM1 law"
-        lr_how = "train.lr" if self.lr_source == "config" else f"{law} eta(N) for N={self.n_params:,} trainable parameters"
+        lr_how = (
+            "train.lr" if self.lr_source == "config" else f"{law} eta(N) for N={self.n_params:,} trainable parameters"
+        )
         if self.lr_scale != 1.0:
             lr_how += f" x train.sft_lr_scale={self.lr_scale:g}"
         wd_how = "train.weight_decay" if self.wd_source == "config" else self.wd_source.replace("*", " * ")
-        return (f"peak lr {self.lr:.4g} ({lr_how}); decoupled weight decay {self.weight_decay:.4g} per step "
-                f"({wd_how}; torch AdamW weight_decay {self.torch_weight_decay:.4g})")
+        return (
+            f"peak lr {self.lr:.4g} ({lr_how}); decoupled weight decay {self.weight_decay:.4g} per step "
+            f"({wd_how}; torch AdamW weight_decay {self.torch_weight_decay:.4g})"
+        )
 
 
 def resolve_lr(cfg: TrainConfig, n_params: int) -> LRChoice:
@@ -111,8 +122,14 @@ def resolve_lr(cfg: TrainConfig, n_params: int) -> LRChoice:
     scale = cfg.sft_lr_scale if cfg.stage == "sft" and cfg.lr is None else 1.0
     lr = cfg.lr if cfg.lr is not None else scale * mm1_lr(n_params, slope, intercept)
     wd = cfg.weight_decay if cfg.weight_decay is not None else wd_ratio * lr
-    return LRChoice(lr, wd, n_params, "config" if cfg.lr is not None else source,
-                    "config" if cfg.weight_decay is not None else f"{wd_ratio:g}*lr", scale)
+    return LRChoice(
+        lr,
+        wd,
+        n_params,
+        "config" if cfg.lr is not None else source,
+        "config" if cfg.weight_decay is not None else f"{wd_ratio:g}*lr",
+        scale,
+    )
 
 
 PARTS = ("lm", "connector", "vision")  # the MLLM's parts; the first group is the LM's (the logged lr)
@@ -124,8 +141,9 @@ def _part(name: str) -> str:
     return next((p for p in PARTS if p in pieces), "other")
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
-                 lr_mult: object | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, lr_mult: object | None = None
+) -> list[dict]:
     """AdamW groups: matrices decay; biases, norm gains and learned positions/queries do not. With
     `lr_mult` (train.lr_mult) each part gets its own pair at lr x its multiplier, and weight decay /
     multiplier, so the per-step decay (lr x weight_decay) does not change with the multiplier.
@@ -146,8 +164,11 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
         m = mult.get(part, 1.0)
         for decay in (True, False):
             if buckets.get((part, decay)):
-                g = {"params": buckets[(part, decay)], "weight_decay": weight_decay / m if decay else 0.0,
-                     "name": ("decay" if decay else "no_decay") + ("" if part == "all" else f"/{part}")}
+                g = {
+                    "params": buckets[(part, decay)],
+                    "weight_decay": weight_decay / m if decay else 0.0,
+                    "name": ("decay" if decay else "no_decay") + ("" if part == "all" else f"/{part}"),
+                }
                 if lr is not None:
                     g["lr"] = lr * m
                 groups.append(g)
@@ -158,8 +179,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, choice: LRChoice) -> tor
     """AdamW over `param_groups`; the fused kernel on CUDA, the multi-tensor (foreach) one elsewhere."""
     groups = param_groups(model, choice.torch_weight_decay, choice.lr, cfg.lr_mult)
     if not groups:
-        raise ValueError("no trainable parameters: every part is frozen (check train.freeze_vision, "
-                         "train.freeze_connector, train.freeze_lm)")
+        raise ValueError(
+            "no trainable parameters: every part is frozen (check train.freeze_vision, "
+            "train.freeze_connector, train.freeze_lm)"
+        )
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     kwargs = {"fused": True} if on_cuda else {"foreach": True}
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))

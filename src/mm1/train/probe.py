@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -29,8 +30,16 @@ from mm1.train.checkpoint import CHECKSUMS, CheckpointError, latest_checkpoint, 
 log = logging.getLogger("mm1.train")
 
 # changes that a continued run really applies (the schedule and loop read train.steps from the config)
-RESUMABLE = ("train.steps", "train.save_every", "train.keep_last", "train.log_every", "train.nonfinite",
-             "train.loggers", "train.eval_every", "data.max_skip_rate")
+RESUMABLE = (
+    "train.steps",
+    "train.save_every",
+    "train.keep_last",
+    "train.log_every",
+    "train.nonfinite",
+    "train.loggers",
+    "train.eval_every",
+    "data.max_skip_rate",
+)
 # keys a continued run never reads: the evaluation settings, the run's name, and the weights a run
 # started from (a resume takes every weight from its checkpoint)
 UNUSED_ON_RESUME = ("name", "train.init_from")
@@ -47,8 +56,10 @@ def check_resume(cfg: Config, run_dir: Path, allow_change: Sequence[str] = ()) -
     compare, the run starts at step 0."""
     bad = [k for k in allow_change if k not in RESUMABLE]
     if bad:
-        raise ConfigError(f"--allow-change {', '.join(bad)}: cannot change on resume (the checkpoint's state was "
-                          f"built with it); what can: {', '.join(RESUMABLE)}")
+        raise ConfigError(
+            f"--allow-change {', '.join(bad)}: cannot change on resume (the checkpoint's state was "
+            f"built with it); what can: {', '.join(RESUMABLE)}"
+        )
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return []
@@ -56,15 +67,20 @@ def check_resume(cfg: Config, run_dir: Path, allow_change: Sequence[str] = ()) -
     now = flatten(to_dict(cfg))
     changed = sorted(k for k in saved.keys() | now.keys() if k not in DERIVED and saved.get(k) != now.get(k))
     layout = LAYOUT if cfg.train.data_shards > 0 and saved.get("train.data_shards") == cfg.train.data_shards else ()
-    refused = [k for k in changed if k not in allow_change and not (k.startswith("eval.") or k in UNUSED_ON_RESUME
-                                                                    or k in layout)]
+    refused = [
+        k
+        for k in changed
+        if k not in allow_change and not (k.startswith("eval.") or k in UNUSED_ON_RESUME or k in layout)
+    ]
     if refused:
         what = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in refused)
         hint = [k for k in refused if k in RESUMABLE]
         allow = f" To apply {', '.join(hint)}, add --allow-change {' --allow-change '.join(hint)}." if hint else ""
-        raise ConfigError(f"--resume would change the run in {run_dir} (trained to {ckpt.name} with the old values): "
-                          f"{what}. Nothing was written.{allow} Otherwise drop the overrides, or start a new run "
-                          f"from these weights with train.init_from={ckpt} --out NEW_DIR")
+        raise ConfigError(
+            f"--resume would change the run in {run_dir} (trained to {ckpt.name} with the old values): "
+            f"{what}. Nothing was written.{allow} Otherwise drop the overrides, or start a new run "
+            f"from these weights with train.init_from={ckpt} --out NEW_DIR"
+        )
     applied = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed]
     for change in applied:
         log.info("--resume applies %s", change)
@@ -82,8 +98,10 @@ def saved_config(ckpt: Path) -> Config:
     except (ValueError, AttributeError, UnicodeDecodeError):
         expected = None
     if not path.is_file() or expected != sha256(path):
-        raise CheckpointError(f"{path} is missing or does not match {sums_path}; the checkpoint cannot be trusted: "
-                              "delete that step directory to resume from the one before it")
+        raise CheckpointError(
+            f"{path} is missing or does not match {sums_path}; the checkpoint cannot be trusted: "
+            "delete that step directory to resume from the one before it"
+        )
     return config_from_dict(migrate_renamed(yaml.safe_load(path.read_text())), where=str(path))
 
 

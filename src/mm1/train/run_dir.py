@@ -48,8 +48,10 @@ class RunDirLock:
         except BlockingIOError:
             holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "an unknown process"
             os.close(fd)
-            return (f"{self.path.parent} is in use by another mm1 train ({holder}; lock {self.path}); wait for it "
-                    "to finish or stop it, or use another --out")
+            return (
+                f"{self.path.parent} is in use by another mm1 train ({holder}; lock {self.path}); wait for it "
+                "to finish or stop it, or use another --out"
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self.fd = fd

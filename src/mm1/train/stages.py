@@ -16,8 +16,9 @@ ViT's position embeddings re-gridded when `model.vision.image_size` changed) -> 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,8 +26,13 @@ from torch import nn
 from mm1.config import Config
 from mm1.data.kinds import KINDS
 from mm1.registry import Registry, at_key, one_of
-from mm1.train.checkpoint import (CheckpointError, read_checkpoint_weights, read_config, resolve_checkpoint,
-                                  verify_checkpoint)
+from mm1.train.checkpoint import (
+    CheckpointError,
+    read_checkpoint_weights,
+    read_config,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 from mm1.train.distributed import DistEnv
 from mm1.train.encoder import OBJECTIVES, EncoderPretrainer
 from mm1.train.objective import ObjectiveOutput
@@ -57,8 +63,13 @@ class MLLMObjective(nn.Module):
             size = self.mllm.cfg.vision.image_size
             blank = torch.zeros(1, 3, size, size, device=batch["input_ids"].device)
             extra = self.mllm.encode_images(blank).sum() * 0.0
-        out = self.mllm(batch["input_ids"], images=images if images is not None and images.shape[0] else None,
-                        targets=batch["targets"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"))
+        out = self.mllm(
+            batch["input_ids"],
+            images=images if images is not None and images.shape[0] else None,
+            targets=batch["targets"],
+            position_ids=batch.get("position_ids"),
+            doc_ids=batch.get("doc_ids"),
+        )
         valid = batch["targets"] != -100  # [B, T]
         row_sum = out.token_loss.float().sum(1)  # [B]
         row_n = valid.sum(1).float()  # [B]
@@ -70,8 +81,11 @@ class MLLMObjective(nn.Module):
         aux = out.aux_loss if out.aux_loss is not None else row_sum.new_zeros(())
         if extra is not None:
             aux = aux + extra
-        metrics = {f"moe_{k}": v.detach().float() for k, v in (out.moe_stats or {}).items()
-                   if torch.is_tensor(v) and v.numel() == 1}
+        metrics = {
+            f"moe_{k}": v.detach().float()
+            for k, v in (out.moe_stats or {}).items()
+            if torch.is_tensor(v) and v.numel() == 1
+        }
         return ObjectiveOutput(loss_sum=row_sum.sum(), aux_loss=aux, per_source=per_source, metrics=metrics)
 
 
@@ -83,7 +97,7 @@ def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
 
 
 def _vision_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("vision."):]: v for k, v in state.items() if k.startswith("vision.")}
+    return {k[len("vision.") :]: v for k, v in state.items() if k.startswith("vision.")}
 
 
 def load_init(model: nn.Module, vision: nn.Module, cfg: Config) -> None:
@@ -100,8 +114,11 @@ def load_init(model: nn.Module, vision: nn.Module, cfg: Config) -> None:
         log.info("init: ViT position embeddings re-gridded %d px -> %d px", src_cfg.model.vision.image_size, new_size)
     src_mllm, mllm = STAGES.get(src_cfg.train.stage).trains_mllm, STAGES.get(cfg.train.stage).trains_mllm
     whole = src_mllm and mllm
-    same_encoder = (src_cfg.train.stage == cfg.train.stage and not mllm
-                    and src_cfg.train.encoder_objective == cfg.train.encoder_objective)
+    same_encoder = (
+        src_cfg.train.stage == cfg.train.stage
+        and not mllm
+        and src_cfg.train.encoder_objective == cfg.train.encoder_objective
+    )
     if whole or same_encoder:
         target, part = model, state
         what = "whole model"
@@ -113,7 +130,8 @@ def load_init(model: nn.Module, vision: nn.Module, cfg: Config) -> None:
         raise CheckpointError(
             f"train.init_from={cfg.train.init_from}: the weights of {ckpt} do not fit this model's "
             f"{what} (missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]}); the model config "
-            "(widths, depths, vocab) must match the run that wrote it")
+            "(widths, depths, vocab) must match the run that wrote it"
+        )
     log.info("init: %s from %s (stage %s)", what, ckpt, src_cfg.train.stage)
 
 
@@ -160,8 +178,9 @@ def _encoder_weights(model: nn.Module, cfg: Config) -> None:
         load_hf_vision_into(model.vision, cfg.model.vision.hf_path)
 
 
-def _build_encoder(cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str, encode: Any,
-                   weights: bool) -> tuple[nn.Module, nn.Module, nn.Module]:
+def _build_encoder(
+    cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str, encode: Any, weights: bool
+) -> tuple[nn.Module, nn.Module, nn.Module]:
     module = EncoderPretrainer(cfg, vocab_size, special_ids, env, encode)
     if weights:
         _encoder_weights(module, cfg)
@@ -174,8 +193,9 @@ def _mllm_weights(model: nn.Module, cfg: Config) -> None:
     load_pretrained(model, cfg.model)
 
 
-def _build_mllm(cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str, encode: Any,
-                weights: bool) -> tuple[nn.Module, nn.Module, nn.Module]:
+def _build_mllm(
+    cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str, encode: Any, weights: bool
+) -> tuple[nn.Module, nn.Module, nn.Module]:
     from mm1.models.build import build_model
 
     mllm = build_model(cfg.model, weights=weights)
@@ -187,15 +207,17 @@ STAGES.register("pretrain")(Stage(_build_mllm, _mllm_weights, trains_mllm=True))
 STAGES.register("sft")(Stage(_build_mllm, _mllm_weights, trains_mllm=True))
 
 
-def build_stage_module(cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str,
-                       encode=None, weights: bool = True) -> nn.Module:
+def build_stage_module(
+    cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, strategy: str, encode=None, weights: bool = True
+) -> nn.Module:
     """The module the trainer optimises for `cfg.train.stage`, initialised and frozen as configured.
     `encode` (text -> token ids) lets the encoder stage find its hard-negative words.
 
     `weights=False` (a stage built on the meta device) skips HF weights and `train.init_from`:
     `load_stage_weights` applies them once the module is materialised."""
-    module, inner, vision = STAGES.get(cfg.train.stage).build(cfg, vocab_size, special_ids, env, strategy, encode,
-                                                              weights)
+    module, inner, vision = STAGES.get(cfg.train.stage).build(
+        cfg, vocab_size, special_ids, env, strategy, encode, weights
+    )
     if cfg.train.init_from and weights:
         load_init(inner, vision, cfg)
     frozen = apply_freeze(inner, cfg)

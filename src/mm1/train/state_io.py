@@ -35,16 +35,22 @@ def encode(obj: Any, tensors: dict[str, torch.Tensor], path: str = "s") -> Any:
         if all(isinstance(k, str) for k in obj):
             return {"__dict__": {k: encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}}
         # non-string keys (e.g. torch's integer parameter ids): keep them with their type
-        return {"__items__": [[encode(k, tensors, f"{path}.k{i}"), encode(v, tensors, f"{path}.{i}")]
-                              for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__items__": [
+                [encode(k, tensors, f"{path}.k{i}"), encode(v, tensors, f"{path}.{i}")]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, tuple):
         return {"__tuple__": [encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
         return [encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
     if obj is None or isinstance(obj, (str, bool, int, float)):
         return obj
-    raise TypeError(f"cannot checkpoint a value of type {type(obj).__name__} at {path}: training state "
-                    "must be plain data (dict/list/tuple/str/number/bool/None), tensors or NumPy arrays")
+    raise TypeError(
+        f"cannot checkpoint a value of type {type(obj).__name__} at {path}: training state "
+        "must be plain data (dict/list/tuple/str/number/bool/None), tensors or NumPy arrays"
+    )
 
 
 def decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:

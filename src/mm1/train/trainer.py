@@ -17,25 +17,35 @@ import math
 import random
 import sys
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from mm1.config import Config, to_yaml
-from mm1.data.kinds import KINDS
 from mm1.data.inputs import resolve_inputs
+from mm1.data.kinds import KINDS
 from mm1.train import checkpoint as ckpt_io
 from mm1.train.batches import ShardedLoader, to_device
-from mm1.train.distributed import (DistEnv, all_reduce_sum, barrier, init_distributed, resolve_strategy,
-                                   setup_logging, shutdown, transformer_blocks, wrap_model)
+from mm1.train.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    resolve_strategy,
+    setup_logging,
+    shutdown,
+    transformer_blocks,
+    wrap_model,
+)
+from mm1.train.materialise import loading_into_shards, peak_rss_mb, reset_peak_rss, rss_mb, seeded_init
+from mm1.train.materialise import materialise as materialise_module
 from mm1.train.metrics import MetricsLogger, truncate_metrics
 from mm1.train.objective import StageObjective
 from mm1.train.optim import build_optimizer, build_scheduler, count_trainable, resolve_lr
-from mm1.train.materialise import loading_into_shards, peak_rss_mb, reset_peak_rss, rss_mb, seeded_init
-from mm1.train.materialise import materialise as materialise_module
 from mm1.train.resume_guard import check_resume
 from mm1.train.run_dir import RunDirLock
 from mm1.train.stages import STAGES, build_stage_module, load_stage_weights, stage_model
@@ -92,12 +102,19 @@ class Trainer:
         self.tokenizer = tok = self.inputs.tokenizer
         cfg.model.image_token_id = self.tokenizer.image_id
         if self.tokenizer.vocab_size > cfg.model.lm.vocab_size and cfg.model.lm.hf_path:
-            log.info("model.lm.vocab_size %d -> %d: the tokenizer adds tokens to %s; their embedding rows start "
-                     "at the mean of the others", cfg.model.lm.vocab_size, self.tokenizer.vocab_size, cfg.model.lm.hf_path)
+            log.info(
+                "model.lm.vocab_size %d -> %d: the tokenizer adds tokens to %s; their embedding rows start "
+                "at the mean of the others",
+                cfg.model.lm.vocab_size,
+                self.tokenizer.vocab_size,
+                cfg.model.lm.hf_path,
+            )
             cfg.model.lm.vocab_size = self.tokenizer.vocab_size
         if self.tokenizer.vocab_size > cfg.model.lm.vocab_size:
-            raise ValueError(f"the tokenizer {tok.source} has {self.tokenizer.vocab_size} tokens but "
-                             f"model.lm.vocab_size={cfg.model.lm.vocab_size}; raise model.lm.vocab_size")
+            raise ValueError(
+                f"the tokenizer {tok.source} has {self.tokenizer.vocab_size} tokens but "
+                f"model.lm.vocab_size={cfg.model.lm.vocab_size}; raise model.lm.vocab_size"
+            )
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, t, self.lr_choice)
         self.scheduler = build_scheduler(self.optimizer, t)
@@ -119,8 +136,9 @@ class Trainer:
         with the seeded init and any HF / init_from weights (`mm1.train.materialise`)."""
         cfg, env, t, tok = self.cfg, self.env, self.cfg.train, self.tokenizer
         with torch.device("meta"):
-            module = build_stage_module(cfg, tok.vocab_size, set(tok.special_ids), env, self.strategy, tok.encode,
-                                        weights=False)
+            module = build_stage_module(
+                cfg, tok.vocab_size, set(tok.special_ids), env, self.strategy, tok.encode, weights=False
+            )
         model = stage_model(module)
 
         def init() -> None:
@@ -146,8 +164,10 @@ class Trainer:
         out, env = self.out, self.env
         latest = ckpt_io.latest_checkpoint(out) if resume else None
         if not resume and ((out / "metrics.jsonl").exists() or ckpt_io.list_checkpoints(out)):
-            raise FileExistsError(f"{out} already holds a run (metrics.jsonl / checkpoints); pass --resume to "
-                                  "continue it, or choose another --out")
+            raise FileExistsError(
+                f"{out} already holds a run (metrics.jsonl / checkpoints); pass --resume to "
+                "continue it, or choose another --out"
+            )
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(to_yaml(self.cfg))
@@ -155,7 +175,8 @@ class Trainer:
         start = 0
         if latest is not None:
             trainer_state, rank_state = ckpt_io.load_training_state(
-                latest, self.model, self.optimizer, self.scheduler, env, prefix=self.prefix)
+                latest, self.model, self.optimizer, self.scheduler, env, prefix=self.prefix
+            )
             self.loader.load_state_dict(rank_state["data"])
             start = int(trainer_state["step"])
             self.last_ckpt = latest
@@ -167,17 +188,33 @@ class Trainer:
             if env.is_main:
                 truncate_metrics(out / "metrics.jsonl", 0)  # the steps logged before are redone
         if env.is_main:
-            info = {"stage": self.cfg.train.stage, "n_trainable_params": self.n_params,
-                    "peak_lr": self.lr_choice.lr, "weight_decay": self.lr_choice.weight_decay,
-                    "torch_weight_decay": self.lr_choice.torch_weight_decay,
-                    "lr_source": self.lr_choice.lr_source, "lr_scale": self.lr_choice.lr_scale,
-                    "wd_source": self.lr_choice.wd_source,
-                    "strategy": self.strategy, "world_size": env.world_size, "device": str(env.device),
-                    "precision": "bf16" if self.bf16 else "fp32", "start_step": start,
-                    "build_peak_rss_mb": round(self.build_rss_mb, 1)}
+            info = {
+                "stage": self.cfg.train.stage,
+                "n_trainable_params": self.n_params,
+                "peak_lr": self.lr_choice.lr,
+                "weight_decay": self.lr_choice.weight_decay,
+                "torch_weight_decay": self.lr_choice.torch_weight_decay,
+                "lr_source": self.lr_choice.lr_source,
+                "lr_scale": self.lr_choice.lr_scale,
+                "wd_source": self.lr_choice.wd_source,
+                "strategy": self.strategy,
+                "world_size": env.world_size,
+                "device": str(env.device),
+                "precision": "bf16" if self.bf16 else "fp32",
+                "start_step": start,
+                "build_peak_rss_mb": round(self.build_rss_mb, 1),
+            }
             (out / "run.json").write_text(json.dumps(info, indent=1))
-        log.info("%s | %s on %d x %s (%s), %s | %s", self.cfg.train.stage, self.strategy, env.world_size,
-                 env.device.type, "bf16" if self.bf16 else "fp32", f"N={self.n_params:,}", self.lr_choice.describe())
+        log.info(
+            "%s | %s on %d x %s (%s), %s | %s",
+            self.cfg.train.stage,
+            self.strategy,
+            env.world_size,
+            env.device.type,
+            "bf16" if self.bf16 else "fp32",
+            f"N={self.n_params:,}",
+            self.lr_choice.describe(),
+        )
         return start
 
     # ------------------------------------------------------------------ one optimizer step
@@ -225,13 +262,16 @@ class Trainer:
                 add(k, v / accum / env.world_size)
                 metric_keys.add(k)
             add("images", torch.tensor(float(mb["images"].shape[0]) if "images" in mb else 0.0))
-            add("tokens", (mb["doc_ids"] >= 0).sum() if "doc_ids" in mb else torch.tensor(float(mb["input_ids"].numel())))
+            add(
+                "tokens",
+                (mb["doc_ids"] >= 0).sum() if "doc_ids" in mb else torch.tensor(float(mb["input_ids"].numel())),
+            )
         keys = sorted(stats)
         flat = all_reduce_sum(torch.cat([stats[k].reshape(-1) for k in keys]), env)
         reduced, i = {}, 0
         for k in keys:
             n = stats[k].numel()
-            reduced[k] = flat[i:i + n].view_as(stats[k])
+            reduced[k] = flat[i : i + n].view_as(stats[k])
             i += n
         clip = self.cfg.train.clip if self.cfg.train.clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], clip)
@@ -267,17 +307,27 @@ class Trainer:
                 (d / "tokenizer_config.json").write_text(src_cfg.read_text())
 
         self.last_ckpt = ckpt_io.save_checkpoint(
-            self.out, step, self.model, self.optimizer, self.scheduler, env=self.env,
-            trainer_state={"n_trainable_params": self.n_params}, rank_state={"data": self.loader.state_dict()},
-            extra=extra, keep_last=cfg.train.keep_last, prefix=self.prefix,
-            consolidated=cfg.train.save_consolidated)
+            self.out,
+            step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            env=self.env,
+            trainer_state={"n_trainable_params": self.n_params},
+            rank_state={"data": self.loader.state_dict()},
+            extra=extra,
+            keep_last=cfg.train.keep_last,
+            prefix=self.prefix,
+            consolidated=cfg.train.save_consolidated,
+        )
 
     def run(self, resume: bool) -> dict[str, Any]:
         self._setup()
         start = self._start_run_dir(resume)
         t = self.cfg.train
-        logger = MetricsLogger(self.out, t.steps, start, self.env.is_main, self.cfg,
-                               progress=sys.stderr.isatty(), log_every=t.log_every)
+        logger = MetricsLogger(
+            self.out, t.steps, start, self.env.is_main, self.cfg, progress=sys.stderr.isatty(), log_every=t.log_every
+        )
         first = last = None
         self.model.train()
         try:
@@ -291,9 +341,15 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 dt = max(time.perf_counter() - t0, 1e-9)
-                record = {"step": step + 1, "loss": record.pop("loss"), "lr": lr, **record,
-                          "tokens_per_s": record["tokens"] / dt, "images_per_s": record["images"] / dt,
-                          "step_time_s": dt}
+                record = {
+                    "step": step + 1,
+                    "loss": record.pop("loss"),
+                    "lr": lr,
+                    **record,
+                    "tokens_per_s": record["tokens"] / dt,
+                    "images_per_s": record["images"] / dt,
+                    "step_time_s": dt,
+                }
                 if self.env.device.type == "cuda":
                     record["max_mem_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
                 if self.peak and self.stage.trains_mllm:
@@ -307,7 +363,8 @@ class Trainer:
                         raise NonFiniteLoss(
                             f"step {step + 1}: non-finite loss {record['loss']} / grad norm {record['grad_norm']}; "
                             f"stopping. Last good checkpoint: {where}. Lower train.lr or check the data, then "
-                            "continue with --resume; or set train.nonfinite=skip to drop such steps")
+                            "continue with --resume; or set train.nonfinite=skip to drop such steps"
+                        )
                     log.warning("step %d: non-finite loss/grad norm, step skipped (train.nonfinite=skip)", step + 1)
                 if self.probe is not None and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
                     record.update(self.probe.measure(self.model, self._autocast))
@@ -318,7 +375,14 @@ class Trainer:
                     self._save(step + 1)
         finally:
             logger.close()
-        return {"run_dir": str(self.out), "steps": t.steps, "start_step": start, "first_loss": first,
-                "final_loss": last, "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
-                "n_trainable_params": self.n_params, "peak_lr": self.lr_choice.lr,
-                "lr_source": self.lr_choice.lr_source}
+        return {
+            "run_dir": str(self.out),
+            "steps": t.steps,
+            "start_step": start,
+            "first_loss": first,
+            "final_loss": last,
+            "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+            "n_trainable_params": self.n_params,
+            "peak_lr": self.lr_choice.lr,
+            "lr_source": self.lr_choice.lr_source,
+        }

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import gzip
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -96,8 +97,10 @@ def require_columns(file: str, schema: pa.Schema, needed: tuple[str, ...], layou
     """Raise `DataError` naming the missing columns (or a column that is not a list, with `lists`)."""
     missing = [c for c in needed if c not in schema.names]
     if missing:
-        raise DataError(f"{file}: parquet file has no column {', '.join(missing)} (it has: "
-                        f"{', '.join(schema.names)}); expected {layout}")
+        raise DataError(
+            f"{file}: parquet file has no column {', '.join(missing)} (it has: "
+            f"{', '.join(schema.names)}); expected {layout}"
+        )
     for col in needed if lists else ():
         if not pa.types.is_list(schema.field(col).type) and not pa.types.is_large_list(schema.field(col).type):
             raise DataError(f"{file}: column {col} is {schema.field(col).type}, not a list; expected {layout}")

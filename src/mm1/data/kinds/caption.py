@@ -12,9 +12,10 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from mm1.data import tars
 from mm1.data.kinds.base import KINDS, DataKind, ReadContext
@@ -35,10 +36,12 @@ class CaptionRecord:
 
 @KINDS.register("caption")
 class Caption(DataKind):
-    layout = ("WebDataset .tar shards in img2dataset layout (KEY.jpg|jpeg|png|webp + KEY.txt, optional KEY.json "
-              "with a 'dense' caption), given as a directory, glob, brace pattern (shard-{00000..00009}.tar), list, "
-              "or pipe:/http URL (with data.allow_commands=true); or a JSONL manifest of "
-              "{\"image\": path, \"caption\": str} lines (paths relative to the manifest)")
+    layout = (
+        "WebDataset .tar shards in img2dataset layout (KEY.jpg|jpeg|png|webp + KEY.txt, optional KEY.json "
+        "with a 'dense' caption), given as a directory, glob, brace pattern (shard-{00000..00009}.tar), list, "
+        "or pipe:/http URL (with data.allow_commands=true); or a JSONL manifest of "
+        '{"image": path, "caption": str} lines (paths relative to the manifest)'
+    )
     suffixes = ((".tar", ".tar.gz", ".tgz"), (".jsonl", ".jsonl.gz"))  # a directory's tars, else its manifests
     streamable = True
     lookahead = 32
@@ -62,7 +65,7 @@ class Caption(DataKind):
             raise SampleError("empty_caption", rec.where, "caption is empty")
         crops = b.crops(rec.image, rec.where)
         words = b.tokenizer.encode(" " + plain_text(text.strip())) + [b.tokenizer.eos_id]
-        words = words[:b.seq_len - b.tokens_per_image]  # a caption longer than a row keeps its beginning
+        words = words[: b.seq_len - b.tokens_per_image]  # a caption longer than a row keeps its beginning
         ids = b.slot_run() + words
         return [Doc(ids, [False] * b.tokens_per_image + [True] * len(words), crops, rec.key)]
 

@@ -9,9 +9,10 @@ and `data.max_images` images (never inside a slot run); a piece may also be cut 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,8 +34,10 @@ class InterleavedRecord:
 
 @KINDS.register("interleaved")
 class Interleaved(DataKind):
-    layout = ("parquet files in OBELICS layout: columns texts: list<string|null> and images: "
-              "list<binary|string|null> (encoded image bytes or local paths), exactly one non-null per position")
+    layout = (
+        "parquet files in OBELICS layout: columns texts: list<string|null> and images: "
+        "list<binary|string|null> (encoded image bytes or local paths), exactly one non-null per position"
+    )
     suffixes = ((".parquet",),)
     lookahead = 4
     splittable = True
@@ -49,8 +52,9 @@ class Interleaved(DataKind):
             record = _record(cells, where, base, t, ctx)
             if record is not None:
                 t.ok()
-                yield InterleavedRecord(str(cells["id"]) if cells.get("id") is not None else f"{stem(file)}-{row}",
-                                        where, *record)
+                yield InterleavedRecord(
+                    str(cells["id"]) if cells.get("id") is not None else f"{stem(file)}-{row}", where, *record
+                )
 
     def to_docs(self, b: DocBuilder, rec: Any) -> list[Doc]:
         """Texts and images in document order, cut into docs of <= seq_len tokens / max_images images."""
@@ -62,8 +66,11 @@ class Interleaved(DataKind):
         prev_text = ""
         for i, (text, image) in enumerate(zip(rec.texts, rec.images)):
             if (text is None) == (image is None):
-                raise SampleError("bad_interleaved", f"{rec.where} position {i}",
-                                  "needs exactly one of texts[i] / images[i] to be non-null")
+                raise SampleError(
+                    "bad_interleaved",
+                    f"{rec.where} position {i}",
+                    "needs exactly one of texts[i] / images[i] to be non-null",
+                )
             if image is not None:
                 crops += b.crops(image, f"{rec.where} image {i}")
                 ids += b.slot_run()
@@ -81,8 +88,9 @@ class Interleaved(DataKind):
         return b.cut(Doc(ids, learn, crops, rec.key))
 
 
-def _record(cells: dict[str, Any], where: str, base: str, t: Tally,
-            ctx: ReadContext) -> tuple[list[str | None], list[bytes | str | None]] | None:
+def _record(
+    cells: dict[str, Any], where: str, base: str, t: Tally, ctx: ReadContext
+) -> tuple[list[str | None], list[bytes | str | None]] | None:
     """(texts, images with paths resolved) of one row, or None after counting why it is unusable."""
     texts, images = cells["texts"], cells["images"]
     if not isinstance(texts, list) or not isinstance(images, list):
@@ -108,16 +116,18 @@ def _record(cells: dict[str, Any], where: str, base: str, t: Tally,
     return texts, resolved
 
 
-def write_interleaved_parquet(path: str | Path, docs: Iterable[dict[str, Any]], row_group_size: int = 64,
-                              image_type: str = "binary") -> Path:
+def write_interleaved_parquet(
+    path: str | Path, docs: Iterable[dict[str, Any]], row_group_size: int = 64, image_type: str = "binary"
+) -> Path:
     """OBELICS layout: each doc {"texts": [str|None], "images": [bytes|str|None], "id": str (optional)}.
     `image_type` "binary" (encoded bytes) or "string" (paths). Lists are written as given, unchecked,
     so tests can write malformed rows on purpose (the world writes its own: `mm1.data.world.writers`)."""
     docs = list(docs)
     columns: dict[str, pa.Array] = {
         "texts": pa.array([d["texts"] for d in docs], type=pa.list_(pa.string())),
-        "images": pa.array([d["images"] for d in docs],
-                           type=pa.list_(pa.binary() if image_type == "binary" else pa.string())),
+        "images": pa.array(
+            [d["images"] for d in docs], type=pa.list_(pa.binary() if image_type == "binary" else pa.string())
+        ),
     }
     if any("id" in d for d in docs):
         columns["id"] = pa.array([str(d.get("id", i)) for i, d in enumerate(docs)], type=pa.string())

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from mm1.data.kinds.base import KINDS, DataKind, ReadContext, check_json_head
 from mm1.data.readers import iter_jsonl, local_image
@@ -33,8 +34,10 @@ class SFTRecord:
 
 @KINDS.register("sft")
 class SFT(DataKind):
-    layout = ("LLaVA JSON (a list) or JSONL of {\"id\", \"image\": path or [paths] (optional, relative to the JSON "
-              "file), \"conversations\": [{\"from\": \"human\"|\"gpt\", \"value\": str}]}")
+    layout = (
+        'LLaVA JSON (a list) or JSONL of {"id", "image": path or [paths] (optional, relative to the JSON '
+        'file), "conversations": [{"from": "human"|"gpt", "value": str}]}'
+    )
     suffixes = ((".json", ".jsonl"),)
     lookahead = 8
 
@@ -58,8 +61,9 @@ class SFT(DataKind):
             turns[0][key] = IMAGE_TOKEN + "\n" + str(turns[0].get(key, ""))
             markers = len(rec.images)
         if markers != len(rec.images):
-            raise SampleError("image_count_mismatch", rec.where,
-                              f"{markers} {IMAGE_TOKEN} markers but {len(rec.images)} images")
+            raise SampleError(
+                "image_count_mismatch", rec.where, f"{markers} {IMAGE_TOKEN} markers but {len(rec.images)} images"
+            )
         try:
             ids, learn = b.tokenizer.chat(turns, b.tokens_per_image)
         except ValueError as e:
@@ -81,11 +85,15 @@ def _items(file: str, t: Tally) -> Iterator[tuple[str, Any]]:
             with open(file, "rb") as f:
                 data = json.load(f)
         except MemoryError:
-            raise DataError(f"{file}: out of memory parsing this JSON list; convert it to JSONL (one sample per "
-                            "line) so it is read line by line") from None
+            raise DataError(
+                f"{file}: out of memory parsing this JSON list; convert it to JSONL (one sample per "
+                "line) so it is read line by line"
+            ) from None
         except ValueError as e:
-            raise DataError(f"{file}: not valid JSON ({e}); a LLaVA JSON file is one list of samples: fix the "
-                            "file, or convert it to JSONL (one sample per line) so bad lines are skipped") from None
+            raise DataError(
+                f"{file}: not valid JSON ({e}); a LLaVA JSON file is one list of samples: fix the "
+                "file, or convert it to JSONL (one sample per line) so bad lines are skipped"
+            ) from None
         for i, obj in enumerate(data):
             yield f"{file}:[{i}]", obj
     else:

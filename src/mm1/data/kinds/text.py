@@ -7,9 +7,10 @@ be cut to top up a row. A literal `<image>` in raw text stays text (it never bec
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,7 +30,7 @@ class TextRecord:
 
 @KINDS.register("text")
 class Text(DataKind):
-    layout = "JSONL files of {\"text\": str} lines (optional \"id\"), or parquet files with a 'text' column"
+    layout = 'JSONL files of {"text": str} lines (optional "id"), or parquet files with a \'text\' column'
     suffixes = ((".jsonl", ".jsonl.gz", ".parquet"),)
     lookahead = 16
     splittable = True
@@ -46,8 +47,11 @@ class Text(DataKind):
             where = f"{file}:{unit} {n}"
             text = obj.get("text")
             if not isinstance(text, str):
-                t.skip("missing text" if text is None else "non-string text", where,
-                       "" if text is None else f"text is {type(text).__name__}")
+                t.skip(
+                    "missing text" if text is None else "non-string text",
+                    where,
+                    "" if text is None else f"text is {type(text).__name__}",
+                )
                 continue
             if not text.strip():
                 t.skip("empty text", where)

@@ -14,9 +14,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from mm1.data.tokenizer import Tokenizer
 from mm1.data.world import items
@@ -49,18 +50,48 @@ class WorldSize:
     layout: str = "scenes"  # scenes (the full world) | single (one shape per image: SFT + VQA only, see single.py)
 
     def scaled(self, factor: float, name: str | None = None) -> WorldSize:
-        counts = ("captions", "interleaved", "text_train", "text_test", "sft", "eval_images", "multi_pairs",
-                  "text_questions")
-        return replace(self, name=name or f"{self.name}x{factor:g}",
-                       **{k: max(2, round(getattr(self, k) * factor)) for k in counts})
+        counts = (
+            "captions",
+            "interleaved",
+            "text_train",
+            "text_test",
+            "sft",
+            "eval_images",
+            "multi_pairs",
+            "text_questions",
+        )
+        return replace(
+            self,
+            name=name or f"{self.name}x{factor:g}",
+            **{k: max(2, round(getattr(self, k) * factor)) for k in counts},
+        )
 
 
-TINY = WorldSize("tiny", captions=3000, interleaved=600, text_train=1500, text_test=150, sft=1500,
-                 eval_images=200, multi_pairs=100, text_questions=200)
+TINY = WorldSize(
+    "tiny",
+    captions=3000,
+    interleaved=600,
+    text_train=1500,
+    text_test=150,
+    sft=1500,
+    eval_images=200,
+    multi_pairs=100,
+    text_questions=200,
+)
 WORLD_SIZES: dict[str, WorldSize] = {
     "tiny": TINY,
-    "single": WorldSize("single", captions=0, interleaved=0, text_train=0, text_test=0, sft=6000, eval_images=300,
-                        multi_pairs=0, text_questions=0, layout="single"),
+    "single": WorldSize(
+        "single",
+        captions=0,
+        interleaved=0,
+        text_train=0,
+        text_test=0,
+        sft=6000,
+        eval_images=300,
+        multi_pairs=0,
+        text_questions=0,
+        layout="single",
+    ),
     "small": replace(TINY.scaled(5, "small"), lexicon=64),
     "base": replace(TINY.scaled(25, "base"), lexicon=128),
 }
@@ -101,14 +132,21 @@ def default_workers() -> int:
 # ----------------------------------------------------------------------------- build
 
 
-def build_world(out: str | Path, size: str | WorldSize = "tiny", seed: int = 0, workers: int | None = None,
-                overwrite: bool = False, verbose: bool = True) -> dict:
+def build_world(
+    out: str | Path,
+    size: str | WorldSize = "tiny",
+    seed: int = 0,
+    workers: int | None = None,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> dict:
     """Write the synthetic world to `out` and return its manifest (also written as world.json)."""
     spec = resolve_size(size)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True (mm1 world --force) "
-                              "or choose another folder")
+        raise FileExistsError(
+            f"{out} already exists and is not empty; pass overwrite=True (mm1 world --force) or choose another folder"
+        )
     start = time.perf_counter()
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -144,18 +182,28 @@ def _write_all(root: Path, spec: WorldSize, seed: int, pool: Any) -> tuple[dict[
     # eval test first: its image hashes are what every other part must avoid
     forbidden: frozenset[str] = frozenset()
     for split in ("test", "train"):
-        pool_items = list(_imap(items.eval_item, ((seed, i, split, px, forbidden) for i in range(spec.eval_images)), pool))
+        pool_items = list(
+            _imap(items.eval_item, ((seed, i, split, px, forbidden) for i in range(spec.eval_images)), pool)
+        )
         pairs = list(_imap(items.multi_item, ((seed, i, split, px, forbidden) for i in range(spec.multi_pairs)), pool))
         counts.update(_write_eval(root / "eval", split, px, pool_items, pairs, texts if split == "train" else []))
         if split == "test":
             forbidden = frozenset(items.digest(it["png"]) for it in pool_items) | frozenset(
-                items.digest(p) for it in pairs for p in it["pngs"])
+                items.digest(p) for it in pairs for p in it["pngs"]
+            )
     counts.update(_write_text_eval(root / "eval", spec, seed, texts))
 
     shards = ShardWriter(root / "caption", spec.per_shard)
     for it in _imap(items.caption_item, ((seed, i, px, forbidden) for i in range(spec.captions)), pool):
-        meta = {"key": it["key"], "caption": it["alt"], "alt": it["alt"], "dense": it["dense"],
-                "width": px, "height": px, "scene": it["scene"]}
+        meta = {
+            "key": it["key"],
+            "caption": it["alt"],
+            "alt": it["alt"],
+            "dense": it["dense"],
+            "width": px,
+            "height": px,
+            "scene": it["scene"],
+        }
         shards.write(it["key"], {"png": it["png"], "txt": it["alt"].encode(), "json": dumps(meta).encode()})
         texts += [it["alt"], it["dense"]]
     shards.close()
@@ -187,15 +235,18 @@ def _write_all(root: Path, spec: WorldSize, seed: int, pool: Any) -> tuple[dict[
         paths = [f"images/{it['id']}{'' if len(it['pngs']) == 1 else f'_{j}'}.png" for j in range(len(it["pngs"]))]
         for rel, png in zip(paths, it["pngs"]):
             write_bytes(root / "sft" / rel, png)
-        records.append({"id": it["id"], "image": paths[0] if len(paths) == 1 else paths,
-                        "conversations": it["conversations"]})
+        records.append(
+            {"id": it["id"], "image": paths[0] if len(paths) == 1 else paths, "conversations": it["conversations"]}
+        )
         texts += [t["value"].replace("<image>\n", "") for t in it["conversations"]]
     write_json(root / "sft" / "train.json", records)
     counts["sft"] = len(records)
     return counts, texts
 
 
-def _write_eval(root: Path, split: str, px: int, pool_items: list[dict], pairs: list[dict], texts: list[str]) -> dict[str, int]:
+def _write_eval(
+    root: Path, split: str, px: int, pool_items: list[dict], pairs: list[dict], texts: list[str]
+) -> dict[str, int]:
     images, caps, questions, annotations, mc, multi = [], [], [], [], [], []
     for i, it in enumerate(pool_items):
         image_id, rel = i + 1, f"images/{split}_{i + 1:06d}.png"
@@ -213,16 +264,29 @@ def _write_eval(root: Path, split: str, px: int, pool_items: list[dict], pairs: 
         rels = [f"images/multi_{split}_{i + 1:06d}_{c}.png" for c in "ab"]
         for rel, png in zip(rels, it["pngs"]):
             write_bytes(root / rel, png)
-        multi.append({"id": f"multi-{split}-{i + 1:06d}", "images": rels, "question": it["question"],
-                      "answer": it["answer"], "question_type": it["question_type"]})
-    write_json(root / f"caption_{split}.json", {"info": {"description": f"mm1 synthetic world captions ({split})"},
-                                                "images": images, "annotations": caps})
+        multi.append(
+            {
+                "id": f"multi-{split}-{i + 1:06d}",
+                "images": rels,
+                "question": it["question"],
+                "answer": it["answer"],
+                "question_type": it["question_type"],
+            }
+        )
+    write_json(
+        root / f"caption_{split}.json",
+        {"info": {"description": f"mm1 synthetic world captions ({split})"}, "images": images, "annotations": caps},
+    )
     write_json(root / f"vqa_{split}_questions.json", {"data_subtype": split, "questions": questions})
     write_json(root / f"vqa_{split}_annotations.json", {"data_subtype": split, "annotations": annotations})
     write_jsonl(root / f"mc_{split}.jsonl", mc)
     write_jsonl(root / f"multi_{split}.jsonl", multi)
-    return {f"eval_images_{split}": len(images), f"vqa_{split}": len(questions), f"mc_{split}": len(mc),
-            f"multi_{split}": len(multi)}
+    return {
+        f"eval_images_{split}": len(images),
+        f"vqa_{split}": len(questions),
+        f"mc_{split}": len(mc),
+        f"multi_{split}": len(multi),
+    }
 
 
 def _write_text_eval(root: Path, spec: WorldSize, seed: int, texts: list[str]) -> dict[str, int]:
@@ -252,24 +316,39 @@ def _manifest(root: Path, spec: WorldSize, seed: int, counts: dict[str, int]) ->
             top = p.relative_to(root).parts[0]
             part_bytes[top] = part_bytes.get(top, 0) + p.stat().st_size
             files += 1
-    return {"generator_version": GENERATOR_VERSION, "size": spec.name, "seed": seed, "spec": asdict(spec),
-            "counts": counts, "bytes": part_bytes, "files": files}
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "size": spec.name,
+        "seed": seed,
+        "spec": asdict(spec),
+        "counts": counts,
+        "bytes": part_bytes,
+        "files": files,
+    }
 
 
 def _print_summary(out: Path, m: dict, seconds: float, workers: int) -> None:
     c = m["counts"]
     mb = sum(m["bytes"].values()) / 1e6
-    print(f"world {m['size']} (seed {m['seed']}) -> {out}  [{seconds:.1f} s, {workers} worker(s), {mb:.1f} MB, "
-          f"{m['files']} files]")
+    print(
+        f"world {m['size']} (seed {m['seed']}) -> {out}  [{seconds:.1f} s, {workers} worker(s), {mb:.1f} MB, "
+        f"{m['files']} files]"
+    )
     if m["spec"].get("layout") == "single":
-        print(f"  one shape per image: sft {c['sft']} conversations | vqa train/test {c['vqa_train']}/{c['vqa_test']} "
-              f"questions on {c['eval_images_train']}/{c['eval_images_test']} images")
+        print(
+            f"  one shape per image: sft {c['sft']} conversations | vqa train/test {c['vqa_train']}/{c['vqa_test']} "
+            f"questions on {c['eval_images_train']}/{c['eval_images_test']} images"
+        )
         return
-    print(f"  caption {c['caption']} pairs | interleaved {c['interleaved']} docs | text {c['text_train']}+"
-          f"{c['text_test']} docs | sft {c['sft']} conversations")
-    print(f"  eval per split (train/test): images {c['eval_images_train']}/{c['eval_images_test']}, "
-          f"vqa {c['vqa_train']}/{c['vqa_test']}, mc {c['mc_train']}/{c['mc_test']}, "
-          f"multi {c['multi_train']}/{c['multi_test']}, text {c['text_qa_train']}/{c['text_qa_test']}")
+    print(
+        f"  caption {c['caption']} pairs | interleaved {c['interleaved']} docs | text {c['text_train']}+"
+        f"{c['text_test']} docs | sft {c['sft']} conversations"
+    )
+    print(
+        f"  eval per split (train/test): images {c['eval_images_train']}/{c['eval_images_test']}, "
+        f"vqa {c['vqa_train']}/{c['vqa_test']}, mc {c['mc_train']}/{c['mc_test']}, "
+        f"multi {c['multi_train']}/{c['multi_test']}, text {c['text_qa_train']}/{c['text_qa_test']}"
+    )
     for part, b in sorted(m["bytes"].items()):
         print(f"  {part:<12} {b / 1e6:8.2f} MB")
 
@@ -280,8 +359,10 @@ def ensure_world(data_cfg: Any, verbose: bool = True) -> Path:
     manifest = out / "world.json"
     if not manifest.is_file():
         if out.exists() and any(out.iterdir()):
-            raise FileNotFoundError(f"{out} exists but has no world.json: it is not a complete mm1 world; "
-                                    "delete it or set data.world to another folder")
+            raise FileNotFoundError(
+                f"{out} exists but has no world.json: it is not a complete mm1 world; "
+                "delete it or set data.world to another folder"
+            )
         try:
             build_world(out, data_cfg.world_preset, data_cfg.world_seed, verbose=verbose)
         except OSError:
@@ -290,9 +371,14 @@ def ensure_world(data_cfg: Any, verbose: bool = True) -> Path:
         return out
     m = json.loads(manifest.read_text())
     if (m.get("size"), m.get("seed"), m.get("generator_version")) != (
-            data_cfg.world_preset, data_cfg.world_seed, GENERATOR_VERSION):
-        raise ValueError(f"{manifest}: world was built with size={m.get('size')!r} seed={m.get('seed')!r} "
-                         f"generator {m.get('generator_version')!r}, but the config asks for "
-                         f"data.world_preset={data_cfg.world_preset!r} data.world_seed={data_cfg.world_seed!r} "
-                         f"(generator {GENERATOR_VERSION}); point data.world to another folder or delete {out}")
+        data_cfg.world_preset,
+        data_cfg.world_seed,
+        GENERATOR_VERSION,
+    ):
+        raise ValueError(
+            f"{manifest}: world was built with size={m.get('size')!r} seed={m.get('seed')!r} "
+            f"generator {m.get('generator_version')!r}, but the config asks for "
+            f"data.world_preset={data_cfg.world_preset!r} data.world_seed={data_cfg.world_seed!r} "
+            f"(generator {GENERATOR_VERSION}); point data.world to another folder or delete {out}"
+        )
     return out

@@ -13,15 +13,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mm1.data.world.language import (dense_description, group_phrase, number_word, objects_phrase, pick, plural,
-                                     short_caption)
+from mm1.data.world.language import (
+    dense_description,
+    group_phrase,
+    number_word,
+    objects_phrase,
+    pick,
+    plural,
+    short_caption,
+)
 from mm1.data.world.questions import QA, ask, ask_many, distractors
 from mm1.data.world.scenes import COLOURS, SHAPES, Scene, sample_scene
 
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
-INTROS = ("Here are some pictures from my shape collection.", "Today's worksheet: look at each picture.",
-          "A few examples of simple shapes.", "Practice sheet for counting and colors.", "Photos from the art class.",
-          "Some drawings we made this week.", "Look at these images carefully.")
+INTROS = (
+    "Here are some pictures from my shape collection.",
+    "Today's worksheet: look at each picture.",
+    "A few examples of simple shapes.",
+    "Practice sheet for counting and colors.",
+    "Photos from the art class.",
+    "Some drawings we made this week.",
+    "Look at these images carefully.",
+)
 
 
 @dataclass
@@ -118,29 +131,52 @@ def pair_qa(rng: np.random.Generator) -> PairQA:
     if kind == "more":
         sh = pick(rng, SHAPES)
         while True:
-            a, b = (sample_scene(rng, kinds=[(pick(rng, list(COLOURS)), sh)] + ([(pick(rng, list(COLOURS)),
-                    pick(rng, SHAPES))] if rng.random() < 0.5 else [])) for _ in range(2))
+            a, b = (
+                sample_scene(
+                    rng,
+                    kinds=[(pick(rng, list(COLOURS)), sh)]
+                    + ([(pick(rng, list(COLOURS)), pick(rng, SHAPES))] if rng.random() < 0.5 else []),
+                )
+                for _ in range(2)
+            )
             if a.count(sh) != b.count(sh):
                 break
-        return PairQA((a, b), f"Which image has more {plural(sh)}, the first or the second?",
-                      "first" if a.count(sh) > b.count(sh) else "second", "more")
+        return PairQA(
+            (a, b),
+            f"Which image has more {plural(sh)}, the first or the second?",
+            "first" if a.count(sh) > b.count(sh) else "second",
+            "more",
+        )
     a, b = sample_scene(rng), sample_scene(rng)
     if kind == "both":
         c = pick(rng, [o.colour for o in a.objects] + [pick(rng, list(COLOURS))])
-        return PairQA((a, b), f"Do both images contain a {c} object?",
-                      "yes" if a.count(colour=c) and b.count(colour=c) else "no", "both")
+        return PairQA(
+            (a, b),
+            f"Do both images contain a {c} object?",
+            "yes" if a.count(colour=c) and b.count(colour=c) else "no",
+            "both",
+        )
     if kind == "total":
         sh = pick(rng, [o.shape for o in a.objects + b.objects])
-        return PairQA((a, b), f"How many {plural(sh)} are there in the two images together?",
-                      str(a.count(sh) + b.count(sh)), "total")
+        return PairQA(
+            (a, b),
+            f"How many {plural(sh)} are there in the two images together?",
+            str(a.count(sh) + b.count(sh)),
+            "total",
+        )
     if kind == "label":
         a, b = sample_scene(rng, label_prob=1.0), sample_scene(rng, label_prob=0.0)
         if rng.random() < 0.5:
             a, b = b, a
-        return PairQA((a, b), "Which image has a label, the first or the second?",
-                      "first" if a.label else "second", "label")
-    return PairQA((a, b), "Do the two images have the same kind of background?",
-                  "yes" if a.background == b.background else "no", "same")
+        return PairQA(
+            (a, b), "Which image has a label, the first or the second?", "first" if a.label else "second", "label"
+        )
+    return PairQA(
+        (a, b),
+        "Do the two images have the same kind of background?",
+        "yes" if a.background == b.background else "no",
+        "same",
+    )
 
 
 # ----------------------------------------------------------------------------- SFT
@@ -163,12 +199,20 @@ def sft_conversation(rng: np.random.Generator) -> tuple[list[Scene], list[dict]]
         return list(p.scenes), _turns([("<image>\n<image>\n" + p.question, p.answer)])
     s = sample_scene(rng, label_prob=1.0 if kind == "label" else 0.35)
     if kind == "detail":
-        q = pick(rng, ["Describe the image in detail.", "Give a complete description of this picture.",
-                       "What is in this image? Describe every object."])
+        q = pick(
+            rng,
+            [
+                "Describe the image in detail.",
+                "Give a complete description of this picture.",
+                "What is in this image? Describe every object.",
+            ],
+        )
         return [s], _turns([("<image>\n" + q, dense_description(s))])
     if kind == "caption":
-        q = pick(rng, ["Give a short caption for this image.", "Describe the image briefly.",
-                       "Write a one-sentence caption."])
+        q = pick(
+            rng,
+            ["Give a short caption for this image.", "Describe the image briefly.", "Write a one-sentence caption."],
+        )
         return [s], _turns([("<image>\n" + q, short_caption(s, rng))])
     if kind == "label":
         qa = ask(s, rng, "label")
@@ -181,8 +225,9 @@ def sft_conversation(rng: np.random.Generator) -> tuple[list[Scene], list[dict]]
         letters = "ABCD"
         body = "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(opts))
         ans = letters[opts.index(qa.answer)]
-        return [s], _turns([(f"<image>\n{qa.question}\n{body}\nAnswer with the option's letter from the given choices "
-                             f"directly.", ans)])
+        return [s], _turns(
+            [(f"<image>\n{qa.question}\n{body}\nAnswer with the option's letter from the given choices directly.", ans)]
+        )
     n = 1 if kind == "vqa" else int(rng.integers(2, 5))
     qas = ask_many(s, rng, n)
     pairs = []

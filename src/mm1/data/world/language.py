@@ -13,14 +13,40 @@ import numpy as np
 
 from mm1.data.world.scenes import Obj, Scene
 
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-           "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
-           "nineteen", "twenty")
+NUMBERS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+)
 BACKGROUND_WORDS = {"plain": "plain", "gradient": "gradient", "noise": "mottled", "stripes": "striped"}
 POSITION_PHRASES = {
-    "top left": "in the top left corner", "top": "at the top", "top right": "in the top right corner",
-    "left": "on the left", "center": "in the center", "right": "on the right",
-    "bottom left": "in the bottom left corner", "bottom": "at the bottom", "bottom right": "in the bottom right corner",
+    "top left": "in the top left corner",
+    "top": "at the top",
+    "top right": "in the top right corner",
+    "left": "on the left",
+    "center": "in the center",
+    "right": "on the right",
+    "bottom left": "in the bottom left corner",
+    "bottom": "at the bottom",
+    "bottom right": "in the bottom right corner",
 }
 
 
@@ -72,8 +98,10 @@ def reference_captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> li
     templates = [
         lambda o: f"{o} on a {bg_word} background.",
         lambda o: f"A {bg_word} background with {o}.",
-        lambda o: f"{'There is' if total == 1 else 'There are'} {number_word(total)} "
-                  f"{'shape' if total == 1 else 'shapes'}: {o}.",
+        lambda o: (
+            f"{'There is' if total == 1 else 'There are'} {number_word(total)} "
+            f"{'shape' if total == 1 else 'shapes'}: {o}."
+        ),
         lambda o: f"{o} against a {bg_word} {scene.tone} backdrop.",
         lambda o: f"An image of {o}.",
         lambda o: f"A picture showing {o}.",
@@ -85,8 +113,9 @@ def reference_captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> li
     for i, t in enumerate(order):
         text = templates[int(t)](objects_phrase(scene, rng, digits=rng.random() < 0.3))
         if label and (i < 2 or rng.random() < 0.4):  # the TextCaps role: some refs read the label
-            text = text[:-1] + pick(rng, [f" with a label reading {label}.", f", one labeled {label}.",
-                                         f" and the text {label}."])
+            text = text[:-1] + pick(
+                rng, [f" with a label reading {label}.", f", one labeled {label}.", f" and the text {label}."]
+            )
         out.append(text[0].upper() + text[1:])
     return out
 
@@ -111,14 +140,19 @@ def dense_description(scene: Scene) -> str:
             parts.append(f"one {o.size} {colour} {shape} {POSITION_PHRASES[o.position]}")
         else:
             parts.append(f"{number_word(n)} {colour} {plural(shape)} ({join_list([_object_detail(o) for o in objs])})")
-    bg = {"plain": f"a plain {scene.tone} background", "gradient": f"a background fading from {scene.tone} to {scene.tone2}",
-          "noise": f"a mottled {scene.tone} background",
-          "stripes": f"a background striped in {scene.tone} and {scene.tone2}"}[scene.background]
+    bg = {
+        "plain": f"a plain {scene.tone} background",
+        "gradient": f"a background fading from {scene.tone} to {scene.tone2}",
+        "noise": f"a mottled {scene.tone} background",
+        "stripes": f"a background striped in {scene.tone} and {scene.tone2}",
+    }[scene.background]
     head = f"{number_word(total).capitalize()} {'shape' if total == 1 else 'shapes'} on {bg}: "
     text = head + join_list(parts) + "."
     lab = scene.labelled
     if lab is not None:
-        text += f' The {lab.colour} {lab.shape} {POSITION_PHRASES[lab.position]} carries a label that reads "{lab.label}".'
+        text += (
+            f' The {lab.colour} {lab.shape} {POSITION_PHRASES[lab.position]} carries a label that reads "{lab.label}".'
+        )
     return text
 
 
@@ -127,14 +161,45 @@ def alt_text(scene: Scene, rng: np.random.Generator, index: int) -> str:
     o = scene.objects[int(rng.integers(len(scene.objects)))]
     r = rng.random()
     if r < 0.12:
-        return pick(rng, ["nice picture", "image", "untitled", "wallpaper", "clip art", "abstract art",
-                          "see more", "photo", "background design", "download"])
+        return pick(
+            rng,
+            [
+                "nice picture",
+                "image",
+                "untitled",
+                "wallpaper",
+                "clip art",
+                "abstract art",
+                "see more",
+                "photo",
+                "background design",
+                "download",
+            ],
+        )
     if r < 0.22:
-        return pick(rng, [f"img_{index % 10000:04d} shapes", f"IMG_{index % 10000:04d}.png", f"shapes_{index % 997}",
-                          f"dsc{index % 10000:04d}", f"pattern-{index % 500}"])
+        return pick(
+            rng,
+            [
+                f"img_{index % 10000:04d} shapes",
+                f"IMG_{index % 10000:04d}.png",
+                f"shapes_{index % 997}",
+                f"dsc{index % 10000:04d}",
+                f"pattern-{index % 500}",
+            ],
+        )
     if r < 0.55:
-        return pick(rng, [f"{o.colour} {o.shape}", f"{o.shape}", f"{plural(o.shape)}", f"{o.colour} {plural(o.shape)}",
-                          f"{o.colour} shape", f"{o.shape} icon", f"{o.colour} {o.shape} clipart"])
+        return pick(
+            rng,
+            [
+                f"{o.colour} {o.shape}",
+                f"{o.shape}",
+                f"{plural(o.shape)}",
+                f"{o.colour} {plural(o.shape)}",
+                f"{o.colour} shape",
+                f"{o.shape} icon",
+                f"{o.colour} {o.shape} clipart",
+            ],
+        )
     if r < 0.8:
         c, s, n = scene.kinds()[0]
         text = group_phrase(c, s, n, digits=rng.random() < 0.5)
@@ -143,5 +208,13 @@ def alt_text(scene: Scene, rng: np.random.Generator, index: int) -> str:
         return text
     if r < 0.9 and scene.label:
         return pick(rng, [f"{scene.label} sign", f"label {scene.label}", f"{o.shape} {scene.label}"])
-    return pick(rng, [f"{o.colour} and {scene.tone} design", f"geometric {plural(o.shape)}", f"{len(scene.objects)} shapes",
-                      f"cute {o.shape} pattern", f"{scene.tone} background {plural(o.shape)}"])
+    return pick(
+        rng,
+        [
+            f"{o.colour} and {scene.tone} design",
+            f"geometric {plural(o.shape)}",
+            f"{len(scene.objects)} shapes",
+            f"cute {o.shape} pattern",
+            f"{scene.tone} background {plural(o.shape)}",
+        ],
+    )

@@ -16,17 +16,71 @@ import numpy as np
 from mm1.data.world.language import number_word, pick, plural
 from mm1.data.world.scenes import COLOURS, SHAPES, SIZES
 
-ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "bl", "dr", "gl", "pl", "tr", "sk", "sn", "zw")
+ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "bl",
+    "dr",
+    "gl",
+    "pl",
+    "tr",
+    "sk",
+    "sn",
+    "zw",
+)
 VOWELS = ("a", "e", "i", "o", "u", "oo", "ei")
 CODAS = ("", "b", "k", "m", "n", "p", "t", "x", "rk", "sh", "nd")
 CORNERS = {"triangle": 3, "square": 4, "diamond": 4, "hexagon": 6, "circle": 0, "star": 10, "cross": 12}
 # generated words containing these are rejected (rude or too close to real words)
-BLOCKED = ("boob", "poo", "pee", "dic", "dik", "fuk", "fuc", "sex", "tit", "ass", "cum", "nig", "fag", "cok", "bum",
-           "rap", "nazi", "porn", "turd", "fart", "piss", "anal", "anus", "kkk", "gay", "sin", "kil", "die", "dead")
-REAL_WORDS = frozenset("skin skit snap snip snob snub snot plan plot plum plus glad glum glut trap trim trip trot drum drip drop "
-                       "blob blot blur drug trek skim skid sked bled plod pled slid dram drab glib glen tram "
-                       "bond band bend bind fond fund land lend mend mind pond sand send tend wind rind "
-                       "damn dent done gone line mine nine pine tune zone vine lone bone tone cone".split())
+BLOCKED = (
+    "boob",
+    "poo",
+    "pee",
+    "dic",
+    "dik",
+    "fuk",
+    "fuc",
+    "sex",
+    "tit",
+    "ass",
+    "cum",
+    "nig",
+    "fag",
+    "cok",
+    "bum",
+    "rap",
+    "nazi",
+    "porn",
+    "turd",
+    "fart",
+    "piss",
+    "anal",
+    "anus",
+    "kkk",
+    "gay",
+    "sin",
+    "kil",
+    "die",
+    "dead",
+)
+REAL_WORDS = frozenset(
+    "skin skit snap snip snob snub snot plan plot plum plus glad glum glut trap trim trip trot drum drip drop "
+    "blob blot blur drug trek skim skid sked bled plod pled slid dram drab glib glen tram "
+    "bond band bend bind fond fund land lend mend mind pond sand send tend wind rind "
+    "damn dent done gone line mine nine pine tune zone vine lone bone tone cone".split()
+)
 NAMES = ("Mia", "Tom", "Ana", "Leo", "Sara", "Omar", "Yuki", "Ben", "Lena", "Ravi", "Ines", "Kofi")
 
 
@@ -54,8 +108,12 @@ def make_lexicon(seed: int, n: int) -> tuple[Creature, ...]:
     out = []
     while len(out) < n:
         syll = int(rng.choice([1, 2], p=[0.6, 0.4]))
-        word = "".join(pick(rng, ONSETS) + pick(rng, VOWELS) for _ in range(syll - 1)) + pick(rng, ONSETS) + pick(
-            rng, VOWELS) + pick(rng, CODAS)
+        word = (
+            "".join(pick(rng, ONSETS) + pick(rng, VOWELS) for _ in range(syll - 1))
+            + pick(rng, ONSETS)
+            + pick(rng, VOWELS)
+            + pick(rng, CODAS)
+        )
         kind = (pick(rng, SIZES), pick(rng, list(COLOURS)), pick(rng, SHAPES))
         if len(word) < 4 or word in names or kind in kinds or any(b in word for b in BLOCKED) or word in REAL_WORDS:
             continue
@@ -70,23 +128,30 @@ def _an(word: str) -> str:
 
 
 def definition(c: Creature, rng: np.random.Generator) -> str:
-    return pick(rng, [
-        f"{_an(c.name).capitalize()} is {_an(c.size)} {c.colour} {c.shape}.",
-        f"{c.plural.capitalize()} are {c.size} {c.colour} {plural(c.shape)}.",
-        f"If you see {_an(c.size)} {c.colour} {c.shape}, you are looking at {_an(c.name)}.",
-        f"The {c.name} is {c.colour}, {c.size} and shaped like {_an(c.shape)}.",
-        f"Every {c.name} has the shape of {_an(c.shape)}. {c.plural.capitalize()} are always {c.colour} and {c.size}.",
-        f"People call {_an(c.size)} {c.colour} {c.shape} {_an(c.name)}.",
-    ])
+    return pick(
+        rng,
+        [
+            f"{_an(c.name).capitalize()} is {_an(c.size)} {c.colour} {c.shape}.",
+            f"{c.plural.capitalize()} are {c.size} {c.colour} {plural(c.shape)}.",
+            f"If you see {_an(c.size)} {c.colour} {c.shape}, you are looking at {_an(c.name)}.",
+            f"The {c.name} is {c.colour}, {c.size} and shaped like {_an(c.shape)}.",
+            f"Every {c.name} has the shape of {_an(c.shape)}. "
+            f"{c.plural.capitalize()} are always {c.colour} and {c.size}.",
+            f"People call {_an(c.size)} {c.colour} {c.shape} {_an(c.name)}.",
+        ],
+    )
 
 
 def points_fact(c: Creature, rng: np.random.Generator) -> str:
     p = c.points
-    return pick(rng, [
-        f"{_an(c.name).capitalize()} is worth {p} {'point' if p == 1 else 'points'}.",
-        f"{c.plural.capitalize()} are worth {number_word(p)} {'point' if p == 1 else 'points'} each.",
-        f"In the game, every {c.name} scores {p}.",
-    ])
+    return pick(
+        rng,
+        [
+            f"{_an(c.name).capitalize()} is worth {p} {'point' if p == 1 else 'points'}.",
+            f"{c.plural.capitalize()} are worth {number_word(p)} {'point' if p == 1 else 'points'} each.",
+            f"In the game, every {c.name} scores {p}.",
+        ],
+    )
 
 
 def sum_fact(cs: list[Creature], counts: list[int]) -> tuple[str, int]:
@@ -110,8 +175,14 @@ def geometry_fact(rng: np.random.Generator) -> str:
 def arithmetic_fact(rng: np.random.Generator) -> str:
     a, b = int(rng.integers(0, 21)), int(rng.integers(0, 21))
     if rng.random() < 0.6:
-        return pick(rng, [f"{a} plus {b} is {a + b}.", f"{number_word(a).capitalize()} plus {number_word(b)} equals "
-                                                      f"{number_word(a + b)}.", f"{a} + {b} = {a + b}."])
+        return pick(
+            rng,
+            [
+                f"{a} plus {b} is {a + b}.",
+                f"{number_word(a).capitalize()} plus {number_word(b)} equals {number_word(a + b)}.",
+                f"{a} + {b} = {a + b}.",
+            ],
+        )
     hi, lo = max(a, b), min(a, b)
     return pick(rng, [f"{hi} minus {lo} is {hi - lo}.", f"{hi} - {lo} = {hi - lo}."])
 
@@ -120,9 +191,11 @@ def story(cs: list[Creature], rng: np.random.Generator) -> str:
     c = cs[0]
     who = pick(rng, NAMES)
     a, b = int(rng.integers(1, 5)), int(rng.integers(1, 5))
-    return (f"{who} had {number_word(a)} {c.name if a == 1 else c.plural}. {who} found {number_word(b)} more. "
-            f"Now {who} has {a + b} {c.plural}, worth {(a + b) * c.points} points, because each {c.name} is worth "
-            f"{c.points}.")
+    return (
+        f"{who} had {number_word(a)} {c.name if a == 1 else c.plural}. {who} found {number_word(b)} more. "
+        f"Now {who} has {a + b} {c.plural}, worth {(a + b) * c.points} points, because each {c.name} is worth "
+        f"{c.points}."
+    )
 
 
 def text_document(lexicon: tuple[Creature, ...], rng: np.random.Generator) -> str:
@@ -166,7 +239,10 @@ def text_question(lexicon: tuple[Creature, ...], rng: np.random.Generator) -> tu
         d = lexicon[int(rng.integers(len(lexicon)))]
         if d != c:
             k, m = int(rng.integers(1, 4)), int(rng.integers(1, 4))
-            what = f"{number_word(k)} {c.name if k == 1 else c.plural} and {number_word(m)} {d.name if m == 1 else d.plural}"
+            what = (
+                f"{number_word(k)} {c.name if k == 1 else c.plural} and "
+                f"{number_word(m)} {d.name if m == 1 else d.plural}"
+            )
             return f"How many points are {what} worth?", str(k * c.points + m * d.points)
     if r < 0.8:
         shape = pick(rng, ["triangle", "square", "diamond", "hexagon", "circle"])

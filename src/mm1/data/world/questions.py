@@ -18,13 +18,37 @@ from mm1.data.world.language import NUMBERS, number_word, pick, plural
 from mm1.data.world.scenes import COLOURS, LABEL_CHARS, POSITIONS, SHAPES, Scene
 
 QUESTION_TYPES = ("colour", "shape", "count", "position", "label", "yes/no")
-ANSWER_TYPES = {"colour": "other", "shape": "other", "count": "number", "position": "other", "label": "other",
-                "yes/no": "yes/no"}
-NEAR_COLOUR = {"red": "orange", "orange": "red", "pink": "purple", "purple": "pink", "yellow": "orange",
-               "brown": "orange", "white": "grey", "black": "brown", "green": "teal", "blue": "purple"}
-NEAR_POSITION = {"top left": "upper left", "top right": "upper right", "bottom left": "lower left",
-                 "bottom right": "lower right", "center": "middle", "top": "top middle", "bottom": "bottom middle",
-                 "left": "left side", "right": "right side"}
+ANSWER_TYPES = {
+    "colour": "other",
+    "shape": "other",
+    "count": "number",
+    "position": "other",
+    "label": "other",
+    "yes/no": "yes/no",
+}
+NEAR_COLOUR = {
+    "red": "orange",
+    "orange": "red",
+    "pink": "purple",
+    "purple": "pink",
+    "yellow": "orange",
+    "brown": "orange",
+    "white": "grey",
+    "black": "brown",
+    "green": "teal",
+    "blue": "purple",
+}
+NEAR_POSITION = {
+    "top left": "upper left",
+    "top right": "upper right",
+    "bottom left": "lower left",
+    "bottom right": "lower right",
+    "center": "middle",
+    "top": "top middle",
+    "bottom": "bottom middle",
+    "left": "left side",
+    "right": "right side",
+}
 
 
 @dataclass
@@ -46,8 +70,16 @@ def colour_qa(s: Scene, rng: np.random.Generator) -> QA | None:
     col = next(o.colour for o in s.objects if o.shape == sh)
     noun = sh if s.count(sh) == 1 else plural(sh)
     verb = "is" if s.count(sh) == 1 else "are"
-    q = pick(rng, [f"What {_color_word(rng)} {verb} the {noun}?", f"Which {_color_word(rng)} {verb} the {noun}?",
-                   f"What is the {_color_word(rng)} of the {sh}?" if s.count(sh) == 1 else f"What {_color_word(rng)} are the {noun}?"])
+    q = pick(
+        rng,
+        [
+            f"What {_color_word(rng)} {verb} the {noun}?",
+            f"Which {_color_word(rng)} {verb} the {noun}?",
+            f"What is the {_color_word(rng)} of the {sh}?"
+            if s.count(sh) == 1
+            else f"What {_color_word(rng)} are the {noun}?",
+        ],
+    )
     return QA(q, col, "colour")
 
 
@@ -66,16 +98,39 @@ def shape_qa(s: Scene, rng: np.random.Generator) -> QA | None:
 def count_qa(s: Scene, rng: np.random.Generator) -> QA:
     r = rng.random()
     if r < 0.25:
-        return QA(pick(rng, ["How many shapes are there?", "How many objects are in the image?",
-                             "How many shapes are in the picture?"]), str(len(s.objects)), "count")
+        return QA(
+            pick(
+                rng,
+                [
+                    "How many shapes are there?",
+                    "How many objects are in the image?",
+                    "How many shapes are in the picture?",
+                ],
+            ),
+            str(len(s.objects)),
+            "count",
+        )
     if r < 0.75:
         present = sorted({o.shape for o in s.objects})
         sh = pick(rng, present) if rng.random() < 0.85 else pick(rng, SHAPES)
-        return QA(pick(rng, [f"How many {plural(sh)} are there?", f"How many {plural(sh)} are in the image?",
-                             f"How many {plural(sh)} can you see?"]), str(s.count(sh)), "count")
+        return QA(
+            pick(
+                rng,
+                [
+                    f"How many {plural(sh)} are there?",
+                    f"How many {plural(sh)} are in the image?",
+                    f"How many {plural(sh)} can you see?",
+                ],
+            ),
+            str(s.count(sh)),
+            "count",
+        )
     c = pick(rng, sorted({o.colour for o in s.objects}))
-    return QA(pick(rng, [f"How many {c} shapes are there?", f"How many {c} objects are in the picture?"]),
-              str(s.count(colour=c)), "count")
+    return QA(
+        pick(rng, [f"How many {c} shapes are there?", f"How many {c} objects are in the picture?"]),
+        str(s.count(colour=c)),
+        "count",
+    )
 
 
 def position_qa(s: Scene, rng: np.random.Generator) -> QA | None:
@@ -84,7 +139,10 @@ def position_qa(s: Scene, rng: np.random.Generator) -> QA | None:
         return None
     o = unique[int(rng.integers(len(unique)))]
     name = f"{o.colour} {o.shape}" if s.count(o.shape) > 1 else pick(rng, [o.shape, f"{o.colour} {o.shape}"])
-    q = pick(rng, [f"Where is the {name}?", f"Where is the {name} in the image?", f"In which part of the image is the {name}?"])
+    q = pick(
+        rng,
+        [f"Where is the {name}?", f"Where is the {name} in the image?", f"In which part of the image is the {name}?"],
+    )
     return QA(q, o.position, "position")
 
 
@@ -92,8 +150,16 @@ def label_qa(s: Scene, rng: np.random.Generator) -> QA | None:
     o = s.labelled
     if o is None:
         return None
-    q = pick(rng, ["What does the label say?", "What is written on the label?", f"What is written on the {o.shape}?",
-                   f"What text is on the {o.colour} {o.shape}?", "What does the sign read?"])
+    q = pick(
+        rng,
+        [
+            "What does the label say?",
+            "What is written on the label?",
+            f"What is written on the {o.shape}?",
+            f"What text is on the {o.colour} {o.shape}?",
+            "What does the sign read?",
+        ],
+    )
     return QA(q, o.label.lower(), "label")
 
 
@@ -109,8 +175,11 @@ def yesno_qa(s: Scene, rng: np.random.Generator) -> QA:
                 if not s.count(sh, c):
                     break
         ans = "yes" if s.count(sh, c) else "no"
-        return QA(pick(rng, [f"Is there a {c} {sh}?", f"Is there a {c} {sh} in the image?", f"Can you see a {c} {sh}?"]),
-                  ans, "yes/no")
+        return QA(
+            pick(rng, [f"Is there a {c} {sh}?", f"Is there a {c} {sh} in the image?", f"Can you see a {c} {sh}?"]),
+            ans,
+            "yes/no",
+        )
     if r < 0.75:
         a, b = (pick(rng, sorted({o.shape for o in s.objects})), pick(rng, SHAPES))
         if a == b:
@@ -123,14 +192,25 @@ def yesno_qa(s: Scene, rng: np.random.Generator) -> QA:
     truth = side in o.position.split()
     name = f"{o.colour} {o.shape}" if s.count(o.shape, o.colour) == 1 else None
     if name is None:
-        return QA(f"Is there a {o.shape} on the {side}?" if side in ("left", "right") else f"Is there a {o.shape} at the {side}?",
-                  "yes" if any(side in p.position.split() for p in s.objects if p.shape == o.shape) else "no", "yes/no")
+        return QA(
+            f"Is there a {o.shape} on the {side}?"
+            if side in ("left", "right")
+            else f"Is there a {o.shape} at the {side}?",
+            "yes" if any(side in p.position.split() for p in s.objects if p.shape == o.shape) else "no",
+            "yes/no",
+        )
     prep = "on the" if side in ("left", "right") else "at the"
     return QA(f"Is the {name} {prep} {side}?", "yes" if truth else "no", "yes/no")
 
 
-GENERATORS = {"colour": colour_qa, "shape": shape_qa, "count": count_qa, "position": position_qa,
-              "label": label_qa, "yes/no": yesno_qa}
+GENERATORS = {
+    "colour": colour_qa,
+    "shape": shape_qa,
+    "count": count_qa,
+    "position": position_qa,
+    "label": label_qa,
+    "yes/no": yesno_qa,
+}
 
 
 def ask(s: Scene, rng: np.random.Generator, qtype: str | None = None) -> QA:
@@ -200,7 +280,7 @@ def _disagreement(qa: QA, rng: np.random.Generator) -> str:
         return "no" if a == "yes" else "yes"
     if qa.qtype == "label":
         i = int(rng.integers(len(a)))
-        return a[:i] + LABEL_CHARS[int(rng.integers(len(LABEL_CHARS)))].lower() + a[i + 1:]
+        return a[:i] + LABEL_CHARS[int(rng.integers(len(LABEL_CHARS)))].lower() + a[i + 1 :]
     if qa.qtype == "shape":
         return {"diamond": "square", "hexagon": "circle", "square": "diamond", "star": "cross"}.get(a, "polygon")
     return a
@@ -220,8 +300,13 @@ def annotator_answers(qa: QA, rng: np.random.Generator, n: int = 10) -> list[dic
 
 def distractors(qa: QA, rng: np.random.Generator, k: int = 3) -> list[str]:
     """k wrong options for multiple choice, of the same kind as the answer."""
-    pool = {"colour": list(COLOURS), "shape": list(SHAPES), "position": list(POSITIONS),
-            "count": [str(i) for i in range(0, 7)], "yes/no": ["yes", "no"]}.get(qa.qtype)
+    pool = {
+        "colour": list(COLOURS),
+        "shape": list(SHAPES),
+        "position": list(POSITIONS),
+        "count": [str(i) for i in range(0, 7)],
+        "yes/no": ["yes", "no"],
+    }.get(qa.qtype)
     if pool is None:  # label: perturbed readings
         pool = sorted({_disagreement(qa, rng) for _ in range(12)})  # sorted: set order varies per process
     pool = [p for p in pool if p != qa.answer]

@@ -44,7 +44,11 @@ TONES: dict[str, tuple[int, int, int]] = {
     "teal": (90, 140, 140),
 }
 LABEL_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ2345679"  # no O/0, I/1: the label should be readable, not a trick
-SCALE = {"small": 0.075, "large": 0.14, "huge": 0.25}  # shape radius as a fraction of the image side ("huge": the single world)
+SCALE = {
+    "small": 0.075,
+    "large": 0.14,
+    "huge": 0.25,
+}  # shape radius as a fraction of the image side ("huge": the single world)
 SUPERSAMPLE = 2  # shapes are drawn at 2x and box-downsampled: cheap anti-aliasing
 
 
@@ -98,11 +102,28 @@ class Scene:
 
     def to_dict(self) -> dict:
         """JSON-ready metadata (what the caption json and eval files store about the scene)."""
-        objects = [{"shape": o.shape, "colour": o.colour, "size": o.size, "position": o.position, "cell": o.cell,
-                    "label": o.label, "dx": round(o.dx, 4), "dy": round(o.dy, 4), "angle": round(o.angle, 4)}
-                   for o in self.objects]
-        return {"objects": objects, "background": self.background, "tone": self.tone, "tone2": self.tone2,
-                "pattern": self.pattern, "texture_seed": self.texture_seed}
+        objects = [
+            {
+                "shape": o.shape,
+                "colour": o.colour,
+                "size": o.size,
+                "position": o.position,
+                "cell": o.cell,
+                "label": o.label,
+                "dx": round(o.dx, 4),
+                "dy": round(o.dy, 4),
+                "angle": round(o.angle, 4),
+            }
+            for o in self.objects
+        ]
+        return {
+            "objects": objects,
+            "background": self.background,
+            "tone": self.tone,
+            "tone2": self.tone2,
+            "pattern": self.pattern,
+            "texture_seed": self.texture_seed,
+        }
 
 
 def random_label(rng: np.random.Generator) -> str:
@@ -130,8 +151,15 @@ def sample_scene(
     cells = rng.permutation(len(POSITIONS))[:n].tolist()
     u = rng.random((n, 4)).tolist()  # size, dx, dy, angle per object
     objs = [
-        Obj(shape=kinds[k][1], colour=kinds[k][0], size=SIZES[int(v[0] * 2)], cell=c,
-            dx=(v[1] - 0.5) * 0.24, dy=(v[2] - 0.5) * 0.24, angle=(v[3] - 0.5) * 24)
+        Obj(
+            shape=kinds[k][1],
+            colour=kinds[k][0],
+            size=SIZES[int(v[0] * 2)],
+            cell=c,
+            dx=(v[1] - 0.5) * 0.24,
+            dy=(v[2] - 0.5) * 0.24,
+            angle=(v[3] - 0.5) * 24,
+        )
         for k, c, v in zip(assign[:n], cells, u)
     ]
     objs.sort(key=lambda o: o.cell)  # reading order: captions and lists enumerate objects this way
@@ -206,7 +234,20 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         return ring(6, [r * 1.05], 0)
     if shape == "cross":
         w = r * 0.38
-        base = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        base = [
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+        ]
         c, s = np.cos(np.deg2rad(angle)), np.sin(np.deg2rad(angle))
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in base]
     raise ValueError(f"no polygon for shape {shape!r}")

@@ -52,11 +52,32 @@ def single_question(s: Scene, rng: np.random.Generator, qtype: str) -> QA:
     """A question of `qtype` about the scene's one object (the question never names the answer)."""
     o = s.objects[0]
     if qtype == "colour":
-        return QA(pick(rng, [f"What {_colour_word(rng)} is the shape?", f"What {_colour_word(rng)} is the {o.shape}?",
-                             f"Which {_colour_word(rng)} is the object?"]), o.colour, "colour")
+        return QA(
+            pick(
+                rng,
+                [
+                    f"What {_colour_word(rng)} is the shape?",
+                    f"What {_colour_word(rng)} is the {o.shape}?",
+                    f"Which {_colour_word(rng)} is the object?",
+                ],
+            ),
+            o.colour,
+            "colour",
+        )
     if qtype == "shape":
-        return QA(pick(rng, ["What shape is this?", "What shape is in the image?", f"What shape is the {o.colour} object?",
-                             "Which shape is shown?"]), o.shape, "shape")
+        return QA(
+            pick(
+                rng,
+                [
+                    "What shape is this?",
+                    "What shape is in the image?",
+                    f"What shape is the {o.colour} object?",
+                    "Which shape is shown?",
+                ],
+            ),
+            o.shape,
+            "shape",
+        )
     colour, shape, answer = o.colour, o.shape, "yes"
     if rng.random() < 0.5:  # a "no" differs in exactly one attribute
         answer = "no"
@@ -64,8 +85,18 @@ def single_question(s: Scene, rng: np.random.Generator, qtype: str) -> QA:
             colour = pick(rng, [c for c in SINGLE_COLOURS if c != o.colour])
         else:
             shape = pick(rng, [sh for sh in SINGLE_SHAPES if sh != o.shape])
-    return QA(pick(rng, [f"Is there a {colour} {shape}?", f"Is there a {colour} {shape} in the image?",
-                         f"Can you see a {colour} {shape}?"]), answer, "yes/no")
+    return QA(
+        pick(
+            rng,
+            [
+                f"Is there a {colour} {shape}?",
+                f"Is there a {colour} {shape} in the image?",
+                f"Can you see a {colour} {shape}?",
+            ],
+        ),
+        answer,
+        "yes/no",
+    )
 
 
 def _scene_only(r: np.random.Generator) -> tuple[list[Scene], None]:
@@ -76,8 +107,11 @@ def single_sft_item(seed: int, index: int, px: int, forbidden: frozenset[str]) -
     pngs, (scenes, _, rng) = items._draw(seed, "sft", index, px, forbidden, _scene_only)
     qa = single_question(scenes[0], rng, SINGLE_TYPES[index % len(SINGLE_TYPES)])
     q = qa.question + (f"\n{SHORT}" if rng.random() < 0.5 else "")
-    return {"id": f"single-{index:08d}", "png": pngs[0],
-            "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": qa.answer}]}
+    return {
+        "id": f"single-{index:08d}",
+        "png": pngs[0],
+        "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": qa.answer}],
+    }
 
 
 def single_eval_item(seed: int, index: int, split: str, px: int, forbidden: frozenset[str]) -> dict:
@@ -85,8 +119,15 @@ def single_eval_item(seed: int, index: int, split: str, px: int, forbidden: froz
     vqa = []
     for t in SINGLE_TYPES:
         qa = single_question(scenes[0], rng, t)
-        vqa.append({"question": qa.question, "answer": qa.answer, "question_type": qa.qtype,
-                    "answer_type": ANSWER_TYPES[qa.qtype], "answers": annotator_answers(qa, rng)})
+        vqa.append(
+            {
+                "question": qa.question,
+                "answer": qa.answer,
+                "question_type": qa.qtype,
+                "answer_type": ANSWER_TYPES[qa.qtype],
+                "answers": annotator_answers(qa, rng),
+            }
+        )
     return {"png": pngs[0], "scene": scenes[0].to_dict(), "vqa": vqa}
 
 

@@ -48,19 +48,29 @@ class ShardWriter:
             self._tar = None
 
 
-INTERLEAVED_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("texts", pa.list_(pa.string())),
-    ("images", pa.list_(pa.binary())),
-])
+INTERLEAVED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("texts", pa.list_(pa.string())),
+        ("images", pa.list_(pa.binary())),
+    ]
+)
 
 
 def write_parquet(path: Path, rows: list[dict]) -> None:
     """OBELICS layout: `texts` and `images` lists of equal length, exactly one non-null per position."""
     table = pa.Table.from_pylist(rows, schema=INTERLEAVED_SCHEMA)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, compression="zstd", compression_level=3, row_group_size=128,
-                   write_statistics=False, use_dictionary=["id"], data_page_version="1.0")
+    pq.write_table(
+        table,
+        path,
+        compression="zstd",
+        compression_level=3,
+        row_group_size=128,
+        write_statistics=False,
+        use_dictionary=["id"],
+        data_page_version="1.0",
+    )
 
 
 def vqa_records(image_id: int, file_name: str, vqa: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -70,7 +80,14 @@ def vqa_records(image_id: int, file_name: str, vqa: list[dict]) -> tuple[list[di
     for j, q in enumerate(vqa):
         qid = image_id * 10 + j
         questions.append({"question_id": qid, "image_id": image_id, "question": q["question"], "file_name": file_name})
-        annotations.append({"question_id": qid, "image_id": image_id, "question_type": q["question_type"],
-                            "answer_type": q["answer_type"], "multiple_choice_answer": q["answer"],
-                            "answers": q["answers"]})
+        annotations.append(
+            {
+                "question_id": qid,
+                "image_id": image_id,
+                "question_type": q["question_type"],
+                "answer_type": q["answer_type"],
+                "multiple_choice_answer": q["answer"],
+                "answers": q["answers"],
+            }
+        )
     return questions, annotations

@@ -20,7 +20,7 @@ def read_textcaps(spec: Any, path: Path, split: str) -> list[Example]:
     data, root = read_json(path), image_root(spec, split, path)
     rows = data.get("data") if isinstance(data, dict) else None
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected TextCaps' {{\"data\": [...]}} layout")
+        raise ValueError(f'{path}: expected TextCaps\' {{"data": [...]}} layout')
     refs: dict[str, list[str]] = {}
     given: dict[str, list[str]] = {}
     for n, row in enumerate(rows):

@@ -45,8 +45,18 @@ def read_scienceqa(spec: Any, path: Path, split: str) -> list[Example]:
         file = image_file(root, f"{split}/{pid}/{p['image']}", where)
         hint = str(p.get("hint") or "").strip()
         question = f"Context: {hint}\n{p['question']}" if hint else str(p["question"])
-        out.append(Example(str(pid), [file], [file], question=question, options=[str(c) for c in choices],
-                           label=answer, answers=[str(choices[answer])], meta={"category": p.get("subject", "")}))
+        out.append(
+            Example(
+                str(pid),
+                [file],
+                [file],
+                question=question,
+                options=[str(c) for c in choices],
+                label=answer,
+                answers=[str(choices[answer])],
+                meta={"category": p.get("subject", "")},
+            )
+        )
     if not out:
         raise ValueError(f"{path}: no problems with an image in split {split!r}")
     return out
@@ -66,14 +76,23 @@ def read_seed_bench(spec: Any, path: Path, split: str) -> list[Example]:
         where = f"{path} questions[{n}]"
         options = [str(q[f"choice_{c}"]) for c in "abcdefgh" if f"choice_{c}" in q]
         answer = str(q.get("answer", ""))
-        if len(options) < 2 or answer not in LETTERS[:len(options)]:
+        if len(options) < 2 or answer not in LETTERS[: len(options)]:
             raise ValueError(f"{where}: needs choice_a, choice_b, ... and answer = one of their letters")
         data_id = str(q["data_id"])
         file = image_file(root, data_id if Path(data_id).suffix else f"{data_id}.jpg", where)
         label = LETTERS.index(answer)
-        out.append(Example(str(q["question_id"]), [file], [file], question=str(q["question"]), options=options,
-                           label=label, answers=[options[label]],
-                           meta={"category": type_names.get(q.get("question_type_id"), q.get("question_type_id"))}))
+        out.append(
+            Example(
+                str(q["question_id"]),
+                [file],
+                [file],
+                question=str(q["question"]),
+                options=options,
+                label=label,
+                answers=[options[label]],
+                meta={"category": type_names.get(q.get("question_type_id"), q.get("question_type_id"))},
+            )
+        )
     return out
 
 
@@ -107,7 +126,7 @@ def read_mmbench(spec: Any, path: Path, split: str) -> list[Example]:
     for r in rows:
         index, where = int(r["index"]), f"{path} index {r['index']}"
         options = [r[c] for c in LETTERS if c in r and _present(r[c])]
-        if r["answer"] not in LETTERS[:len(options)]:
+        if r["answer"] not in LETTERS[: len(options)]:
             raise ValueError(f"{where}: answer {r['answer']!r} is not one of the {len(options)} option letters")
         image = _decode_image(images.get(r["image"], r["image"]), where)
         hint = r.get("hint")
@@ -118,7 +137,16 @@ def read_mmbench(spec: Any, path: Path, split: str) -> list[Example]:
         for s in shifts:
             opts = options if has_rotations else options[s:] + options[:s]
             label = LETTERS.index(r["answer"]) if has_rotations else (LETTERS.index(r["answer"]) - s) % len(options)
-            out.append(Example(str(s * CIRCULAR + group), [image], [key], question=question, options=opts,
-                               label=label, answers=[opts[label]],
-                               meta={"circular_group": group, "circular_shift": s, "category": r.get("category", "")}))
+            out.append(
+                Example(
+                    str(s * CIRCULAR + group),
+                    [image],
+                    [key],
+                    question=question,
+                    options=opts,
+                    label=label,
+                    answers=[opts[label]],
+                    meta={"circular_group": group, "circular_shift": s, "category": r.get("category", "")},
+                )
+            )
     return out

@@ -74,11 +74,15 @@ def _example(row: dict[str, Any], where: str) -> Example:
     text = "<image>" * len(unreferenced) + IMAGE_REF.sub("<image>", body)
     order = unreferenced + refs
     answer = str(row.get("answer", ""))
-    ex = Example(str(row["id"]), [images[k] for k in order], [f"{row['id']}#{k}" for k in order],
-                 question=text + "\n" + (MC_SUFFIX if options else OPEN_SUFFIX),
-                 meta={"question_type": row.get("question_type", ""), "subfield": row.get("subfield", "")})
+    ex = Example(
+        str(row["id"]),
+        [images[k] for k in order],
+        [f"{row['id']}#{k}" for k in order],
+        question=text + "\n" + (MC_SUFFIX if options else OPEN_SUFFIX),
+        meta={"question_type": row.get("question_type", ""), "subfield": row.get("subfield", "")},
+    )
     if options:
-        if answer not in LETTERS[:len(options)]:
+        if answer not in LETTERS[: len(options)]:
             raise ValueError(f"{where}: answer {answer!r} is not one of the {len(options)} option letters")
         ex.options, ex.label = options, LETTERS.index(answer)
         ex.answers = [options[ex.label]]
@@ -87,8 +91,14 @@ def _example(row: dict[str, Any], where: str) -> Example:
     return ex
 
 
-@register_format("mmmu", kind="mc", metric="mmmu", mc_mode="generate",
-                 template="{question} Answer: {answer}", chat_template="{question}")
+@register_format(
+    "mmmu",
+    kind="mc",
+    metric="mmmu",
+    mc_mode="generate",
+    template="{question} Answer: {answer}",
+    chat_template="{question}",
+)
 def read_mmmu(spec: Any, src: Path, split: str) -> list[Example]:
     out = []
     for file in _parquet_files(src):

@@ -19,8 +19,10 @@ from typing import Any
 
 from mm1.eval.readers import Example, image_file, image_root, read_json, read_jsonl, register_format
 
-VIZWIZ_CHAT = ("{image_lines}{question}\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n"
-               "Answer the question using a single word or phrase.")
+VIZWIZ_CHAT = (
+    "{image_lines}{question}\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n"
+    "Answer the question using a single word or phrase."
+)
 YES_NO_CHAT = "{image_lines}{question}\nAnswer the question using a single word or phrase."
 
 
@@ -40,7 +42,7 @@ def read_textvqa(spec: Any, path: Path, split: str) -> list[Example]:
     data, root = read_json(path), image_root(spec, split, path)
     rows = data.get("data") if isinstance(data, dict) else None
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected TextVQA's {{\"data\": [...]}} layout")
+        raise ValueError(f'{path}: expected TextVQA\'s {{"data": [...]}} layout')
     out = []
     for n, row in enumerate(rows):
         where = f"{path} data[{n}]"
@@ -48,8 +50,16 @@ def read_textvqa(spec: Any, path: Path, split: str) -> list[Example]:
         if not row.get("answers"):
             raise ValueError(f"{where}: no answers (TextVQA's test split has none; evaluate on val)")
         files, keys = _one_image(root, f"{row['image_id']}.jpg", where)
-        out.append(Example(str(row["question_id"]), files, keys, question=str(row["question"]),
-                           answers=[str(a) for a in row["answers"]], meta={"set_name": row.get("set_name", "")}))
+        out.append(
+            Example(
+                str(row["question_id"]),
+                files,
+                keys,
+                question=str(row["question"]),
+                answers=[str(a) for a in row["answers"]],
+                meta={"set_name": row.get("set_name", "")},
+            )
+        )
     return out
 
 
@@ -65,8 +75,11 @@ def read_vizwiz(spec: Any, path: Path, split: str) -> list[Example]:
         files, keys = _one_image(root, str(row["image"]), where)
         answers = [str(a["answer"]) if isinstance(a, dict) else str(a) for a in row["answers"]]
         meta = {k: row[k] for k in ("answer_type", "answerable") if k in row}
-        out.append(Example(Path(str(row["image"])).stem, files, keys, question=str(row["question"]),
-                           answers=answers, meta=meta))
+        out.append(
+            Example(
+                Path(str(row["image"])).stem, files, keys, question=str(row["question"]), answers=answers, meta=meta
+            )
+        )
     return out
 
 
@@ -81,8 +94,16 @@ def read_gqa(spec: Any, path: Path, split: str) -> list[Example]:
         _need(row, ("imageId", "question", "answer"), where, "GQA questions")
         files, keys = _one_image(root, f"{row['imageId']}.jpg", where)
         types = row.get("types") or {}
-        out.append(Example(str(qid), files, keys, question=str(row["question"]), answers=[str(row["answer"])],
-                           meta={"type": types.get("structural", "")} if types else {}))
+        out.append(
+            Example(
+                str(qid),
+                files,
+                keys,
+                question=str(row["question"]),
+                answers=[str(row["answer"])],
+                meta={"type": types.get("structural", "")} if types else {},
+            )
+        )
     return out
 
 
@@ -96,6 +117,14 @@ def read_pope(spec: Any, path: Path, split: str) -> list[Example]:
         if label not in ("yes", "no"):
             raise ValueError(f"{where}: label {row['label']!r}; POPE labels are yes or no")
         files, keys = _one_image(root, str(row["image"]), where)
-        out.append(Example(str(row["question_id"]), files, keys, question=str(row["text"]), answers=[label],
-                           meta={"category": row.get("category", "")}))
+        out.append(
+            Example(
+                str(row["question_id"]),
+                files,
+                keys,
+                question=str(row["text"]),
+                answers=[label],
+                meta={"category": row.get("category", "")},
+            )
+        )
     return out
