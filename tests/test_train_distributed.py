@@ -96,8 +96,11 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_on_one(strategy, r
     assert [r["tokens"] for r in rows] == [r["tokens"] for r in one]
     ours, theirs = mm1.train.load_checkpoint(out)[0].state_dict(), mm1.train.load_checkpoint(single)[0].state_dict()
     assert ours.keys() == theirs.keys()
+    # AdamW divides by the gradient's own scale, so an element whose gradient is float noise (its sign set
+    # by the reduction order) moves by up to ~lr either way: weights agree to a tenth of train.lr=1e-3,
+    # while losses and gradient norms above carry the tight check
     for name, value in ours.items():
-        torch.testing.assert_close(value, theirs[name], rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(value, theirs[name], rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
     # 2 processes -> 1, under another strategy: each rank reads the slices it now holds
     again = interrupted_copy(out, tmp_path / "again")
     train(
