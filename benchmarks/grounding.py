@@ -40,7 +40,7 @@ from mm1.data.world import ensure_world  # noqa: E402
 from mm1.eval.baselines import blind_baseline  # noqa: E402
 from mm1.eval.runner import evaluate  # noqa: E402
 from mm1.eval.tasks import Example, get_task  # noqa: E402
-from mm1.experiments.demo import DemoPlan, train_pretrained  # noqa: E402
+from mm1.experiments.demo import DemoPlan, resolve_precision, train_pretrained  # noqa: E402
 from mm1.train.checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
 from mm1.train.trainer import train  # noqa: E402
 
@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"train.steps={args.steps}",
         f"train.save_every={args.steps}",
         "model.subimage_grid=0",
+        f"train.precision={resolve_precision(DemoPlan())}",  # as the demo: bf16 where native
     ]
     if init:
         overrides += [f"train.init_from={init}", f"data.tokenizer={Path(init) / 'tokenizer.json'}"]
@@ -114,6 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         {
             "machine": machine_info(),
             "init": init or "scratch",
+            "precision": cfg.train.precision,
             "overrides": list(args.overrides),
             "n": len(items),
             "by_type": _by_type(items, res["predictions"][0]),

@@ -27,21 +27,29 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import cli, emit, machine_info  # noqa: E402
 
 from mm1.config import VisionConfig, load_config, preset_path  # noqa: E402
 from mm1.data.images import image_tensors  # noqa: E402
+from mm1.data.world.scenes import COLOURS, SHAPES, png_bytes, render, sample_scene  # noqa: E402
 from mm1.data.world.single import SINGLE_COLOURS, SINGLE_SHAPES, single_eval_item  # noqa: E402
 from mm1.models.vision import ViT  # noqa: E402
 
-CLASSES = {"shape": SINGLE_SHAPES, "colour": SINGLE_COLOURS}
+# classes per scene family: `single` (one huge shape) or `tiny` (the tiny world's scenes, 1-5 objects
+# of one colour-shape kind, small or large, on textured backgrounds: what the demo's encoder sees)
+CLASSES = {
+    "single": {"shape": SINGLE_SHAPES, "colour": SINGLE_COLOURS},
+    "tiny": {"shape": SHAPES, "colour": tuple(COLOURS)},
+}
 DEFAULT_ARMS = ["model.vision.pos_init_std=1.0", "model.vision.pos_init_std=0.02"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--attribute", choices=sorted(CLASSES), default="shape")
+    p.add_argument("--attribute", choices=sorted(CLASSES["single"]), default="shape")
+    p.add_argument("--scenes", choices=sorted(CLASSES), default="single", help="scene family (default single)")
     p.add_argument("--preset", default="tiny", help="preset whose model.vision is trained (default tiny)")
     p.add_argument(
         "--arm",
@@ -59,13 +67,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
 
 
-def scenes(vision: VisionConfig, attribute: str, split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n single-world scenes of `split` as ([n,3,S,S] pixels, [n] class ids)."""
+def _scene(family: str, seed: int, split: str, i: int) -> tuple[bytes, dict]:
+    """(PNG at the worlds' native 128 px, the object's attributes) of scene i of a family."""
+    if family == "single":
+        item = single_eval_item(seed, i, split, 128, frozenset())
+        return item["png"], item["scene"]["objects"][0]
+    rng = np.random.default_rng([seed, ("train", "test").index(split), i])
+    kind = (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
+    s = sample_scene(rng, kinds=[kind], label_prob=0.0)
+    return png_bytes(render(s, 128)), {"colour": kind[0], "shape": kind[1]}
+
+
+def scenes(
+    vision: VisionConfig, family: str, attribute: str, split: str, n: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """n scenes of `family` and `split` as ([n,3,S,S] pixels, [n] class ids)."""
     xs, ys = [], []
     for i in range(n):
-        item = single_eval_item(seed, i, split, 128, frozenset())
-        xs.append(image_tensors(item["png"], f"{split} scene {i}", vision.image_size, vision.mean, vision.std)[0])
-        ys.append(CLASSES[attribute].index(item["scene"]["objects"][0][attribute]))
+        png, obj = _scene(family, seed, split, i)
+        xs.append(image_tensors(png, f"{split} scene {i}", vision.image_size, vision.mean, vision.std)[0])
+        ys.append(CLASSES[family][attribute].index(obj[attribute]))
     return torch.stack(xs), torch.tensor(ys)
 
 
@@ -114,15 +135,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("learnability: arms must share model.vision.image_size, mean and std (same pixels)")
     first = next(iter(visions.values()))
     data = {
-        "train": scenes(first, args.attribute, "train", args.train_images, args.seed),
-        "test": scenes(first, args.attribute, "test", args.test_images, args.seed),
+        "train": scenes(first, args.scenes, args.attribute, "train", args.train_images, args.seed),
+        "test": scenes(first, args.scenes, args.attribute, "test", args.test_images, args.seed),
     }
     yte = data["test"][1]
     chance = round(100.0 * float(torch.bincount(yte).max()) / len(yte), 1)
-    result: dict[str, Any] = {"attribute": args.attribute, "chance": chance, "arms": {}}
+    result: dict[str, Any] = {"scenes": args.scenes, "attribute": args.attribute, "chance": chance, "arms": {}}
     emit(
         {
             "machine": machine_info(),
+            "scenes": args.scenes,
             "attribute": args.attribute,
             "steps": args.steps,
             "batch": args.batch,
@@ -132,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     for arm, vision in visions.items():
         print(f"arm {arm}", flush=True)
-        result["arms"][arm] = train_arm(vision, data, len(CLASSES[args.attribute]), args)
+        result["arms"][arm] = train_arm(vision, data, len(CLASSES[args.scenes][args.attribute]), args)
     emit(result)
     return result
 

@@ -53,7 +53,7 @@ def test_tiny_world_has_the_documented_counts(tiny_world: Path) -> None:
     m = json.loads((tiny_world / "world.json").read_text())
     assert (m["size"], m["seed"]) == ("tiny", 0)
     c = m["counts"]
-    assert (c["caption"], c["interleaved"], c["text_train"], c["sft"]) == (3000, 600, 1500, 1500)
+    assert (c["caption"], c["interleaved"], c["text_train"], c["sft"]) == (3000, 600, 1500, 6000)
     assert c["eval_images_test"] == c["eval_images_train"] == 200
     assert set(m["bytes"]) == {"caption", "interleaved", "text", "sft", "eval", "tokenizer.json"}
 
@@ -185,7 +185,7 @@ def test_mc_multi_and_text_tasks_are_well_formed(tiny_world: Path) -> None:
 def test_sft_json_is_llava_format_with_existing_images(tiny_world: Path) -> None:
     sft = tiny_world / "sft"
     records = json.loads((sft / "train.json").read_text())
-    assert len(records) == 1500
+    assert len(records) == 6000
     kinds = {"multi_image": 0, "multi_turn": 0}
     for r in records:
         paths = r["image"] if isinstance(r["image"], list) else [r["image"]]
@@ -230,7 +230,7 @@ def test_eval_test_images_never_appear_in_any_training_split(tiny_world: Path) -
     test = {sha1(p.read_bytes()) for p in (tiny_world / "eval" / "images").glob("*test_*.png")}
     assert len(test) == 200 + 2 * 100
     train = _training_image_hashes(tiny_world)
-    assert len(train) > 3000 + 600 * 2 + 1500
+    assert len(train) > 3000 + 600 * 2 + 6000
     assert test.isdisjoint(train)
 
 

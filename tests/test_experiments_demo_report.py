@@ -39,6 +39,7 @@ def test_report_and_summary_carry_score_baseline_shuffled_and_image_gain(tmp_pat
                 for i in range(1, 6)
             )
         )
+        (runs[stage] / "run.json").write_text(json.dumps({"precision": "fp32" if stage == "encoder" else "bf16"}))
     results = [_result("pretrain", "world_vqa", "vqa", k, 30.0 + k, 20.0) for k in (0, 4)]
     results += [_result("pretrain", "world_caption", "cider", k, 50.0, 49.0) for k in (0, 4)]
     results += [_result("pretrain", "world_text", "exact", 0, 12.0, None)]
@@ -51,12 +52,14 @@ def test_report_and_summary_carry_score_baseline_shuffled_and_image_gain(tmp_pat
 
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["scores"] == summary["scores"]
+    assert saved["precision"] == {"encoder": "fp32", "pretrain": "bf16", "sft": "bf16"}
     vqa4 = next(r for r in saved["scores"] if r["task"] == "world_vqa" and r["shots"] == 4)
     assert (vqa4["score"], vqa4["baseline"], vqa4["score_shuffled"]) == (34.0, 25.7, 20.0)
     assert vqa4["image_gain"] == pytest.approx(14.0)
     text = next(r for r in saved["scores"] if r["task"] == "world_text")
     assert text["score_shuffled"] is None and text["image_gain"] is None  # no image: null, not a fake 0
     report = (tmp_path / "report.md").read_text()
+    assert f"`sft` ({runs['sft']}, bf16)" in report
     assert "| shuffled | image gain | blind baseline |" in report
     assert re.search(
         r"\| pretrain \| world_vqa \| vqa \| 4 \| 34\.00 \| 20\.00 \| \+14\.00 \| 25\.70 \| \+8\.30 \|", report
@@ -65,3 +68,16 @@ def test_report_and_summary_carry_score_baseline_shuffled_and_image_gain(tmp_pat
     for rel in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (tmp_path / rel).read_bytes()[:4] == b"\x89PNG"
     assert "plots/image_gain_by_shots.png" in report and any("image_gain" in p for p in saved["plots"])
+
+
+def test_demo_precision_native_follows_the_hardware_and_rejects_unknown_values(monkeypatch):
+    from mm1.experiments import demo
+
+    assert demo.resolve_precision(demo.DemoPlan(precision="fp32")) == "fp32"
+    assert demo.resolve_precision(demo.DemoPlan(precision="bf16")) == "bf16"
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(demo, "native_bf16", lambda native=native: native)
+        assert demo.resolve_precision(demo.DemoPlan()) == want
+        assert demo._stage_config(demo.DemoPlan(), "pretrain", []).train.precision == want
+    with pytest.raises(ValueError, match="precision must be native, fp32 or bf16"):
+        demo.resolve_precision(demo.DemoPlan(precision="fp16"))

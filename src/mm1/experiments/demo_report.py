@@ -128,12 +128,15 @@ def write_demo_report(
         else None
     )
     rows, beats = _score_rows(results, baselines)
+    precision = {s: json.loads((d / "run.json").read_text()).get("precision", "?") for s, d in runs.items()}
     examples = _examples(out, results, _world_of(runs["pretrain"]), plan.examples)
 
     lines = [
         "# mm1 demo: the MM1 workflow on the tiny synthetic world",
         "",
-        f"Wall time {format_seconds(wall_seconds)}. Stages: " + ", ".join(f"`{s}` ({runs[s]})" for s in runs) + ".",
+        f"Wall time {format_seconds(wall_seconds)}. Stages: "
+        + ", ".join(f"`{s}` ({runs[s]}, {precision[s]})" for s in runs)
+        + ".",
         "",
         "## Scores",
         "",
@@ -181,6 +184,7 @@ def write_demo_report(
         "wall_seconds": round(wall_seconds, 1),
         "beats_baselines": beats,
         "runs": {k: str(v) for k, v in runs.items()},
+        "precision": precision,
         "scores": [
             {
                 "task": r["task"],
