@@ -236,3 +236,22 @@ def test_world_benchmark_reports_build_seconds_and_the_manifest(capsys: pytest.C
     assert last["seconds"] > 0 and last["size"] == "tinyx0.03"
     assert last["counts"]["caption"] == 90 and set(last["bytes"]) >= {"caption", "eval", "tokenizer.json"}
     assert {"cpu", "cores", "torch", "date"} <= set(last["machine"])
+
+
+def test_learnability_tiny_scenes_are_labelled_by_their_one_kind() -> None:
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    import learnability
+    import torch
+
+    from mm1.config import load_config, preset_path
+    from mm1.data.world.scenes import SHAPES
+
+    vision = load_config(preset_path("tiny")).model.vision
+    x, y = learnability.scenes(vision, "tiny", "shape", "train", 16, seed=0)
+    assert x.shape == (16, 3, vision.image_size, vision.image_size) and len(set(y.tolist())) > 3
+    for i in range(16):
+        png, kind = learnability._scene("tiny", 0, "train", i)
+        assert SHAPES.index(kind["shape"]) == int(y[i]) and png[:4] == b"\x89PNG"
+    x_test, _ = learnability.scenes(vision, "tiny", "shape", "test", 16, seed=0)
+    assert not torch.equal(x, x_test)  # held-out scenes are other scenes

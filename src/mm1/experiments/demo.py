@@ -37,7 +37,7 @@ class DemoPlan:
     preset: str = "tiny"
     encoder_steps: int = 150
     pretrain_steps: int = 600
-    sft_steps: int = 500
+    sft_steps: int = 350
     # SFT at the encoder's own 64 px, one crop per image: at this budget the high-resolution variant
     # (80 px, 2x2 crops + overview; both DemoPlan fields) scored lower (docs/grounding.md)
     sft_image_size: int = 64
@@ -49,7 +49,7 @@ class DemoPlan:
     # else fp32. On the 2-core AVX512-BF16 test machine a tiny pre-training step took 0.62 s against
     # 0.77 s in fp32 at equal losses (docs/grounding.md); "fp32" or "bf16" force one.
     precision: str = "native"
-    eval_limit: int = 60
+    eval_limit: int = 200
     eval_tasks: list[str] = field(default_factory=lambda: ["world_caption", "world_vqa"])
     shots: list[int] = field(default_factory=lambda: [0, 4, 8])
     examples: int = 4
