@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--demo", default=str(ROOT / "runs" / "demo"), help="demo folder whose pretrain stage is the default init"
     )
     p.add_argument("--scratch", action="store_true", help="fine-tune from random weights instead")
-    p.add_argument("--steps", type=int, default=1200, help="SFT steps (default 1200: ~9 min on 2 cores in bf16)")
+    p.add_argument("--steps", type=int, default=1200, help="SFT steps (default 1200: ~10 min on 2 cores in bf16)")
     p.add_argument("--out", default=str(ROOT / "runs" / "grounding"), help="SFT run folder (replaced)")
     p.add_argument("--limit", type=int, default=0, help="test questions to score (0 = all 900)")
     p.add_argument("--seed", type=int, default=0, help="eval seed (the image derangement's)")
