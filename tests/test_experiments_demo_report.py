@@ -79,5 +79,5 @@ def test_demo_precision_native_follows_the_hardware_and_rejects_unknown_values(m
         monkeypatch.setattr(demo, "native_bf16", lambda native=native: native)
         assert demo.resolve_precision(demo.DemoPlan()) == want
         assert demo._stage_config(demo.DemoPlan(), "pretrain", []).train.precision == want
-    with pytest.raises(ValueError, match="precision must be native, fp32 or bf16"):
+    with pytest.raises(ValueError, match="precision must be one of native, fp32, bf16"):
         demo.resolve_precision(demo.DemoPlan(precision="fp16"))

@@ -27,6 +27,7 @@ from mm1.config import Config, load_config, preset_path
 from mm1.data.inputs import resolve_inputs
 from mm1.train.checkpoint import latest_checkpoint
 
+PRECISIONS = ("native", "fp32", "bf16")  # DemoPlan.precision / mm1 demo --precision
 STAGE_NAMES = {"encoder": "0. encoder pre-training", "pretrain": "1. MLLM pre-training", "sft": "2. SFT"}
 
 
@@ -67,8 +68,8 @@ def native_bf16() -> bool:
 
 
 def resolve_precision(plan: DemoPlan) -> str:
-    if plan.precision not in ("native", "fp32", "bf16"):
-        raise ValueError(f"demo: precision must be native, fp32 or bf16, got {plan.precision!r}")
+    if plan.precision not in PRECISIONS:
+        raise ValueError(f"demo: precision must be one of {', '.join(PRECISIONS)}, got {plan.precision!r}")
     if plan.precision == "native":
         return "bf16" if native_bf16() else "fp32"
     return plan.precision
@@ -167,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing finished stages")
     parser.add_argument(
         "--precision",
-        choices=["native", "fp32", "bf16"],
+        choices=PRECISIONS,
         default=DemoPlan.precision,
         help="native (default): bf16 where this CPU/GPU runs it natively, else fp32",
     )
