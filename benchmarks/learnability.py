@@ -1,17 +1,19 @@
-"""Can the image encoder *learn* an attribute at all? Supervised training from pixels, per init.
+"""Can the image encoder *learn* an attribute at all? Supervised training from pixels, per encoder variant.
 
 A linear probe (`benchmarks/probe.py`) says what a trained encoder's features carry. When an
 attribute stays at chance there, two explanations remain: the pre-training objective never asked for
 it, or the architecture cannot pick it up at this size and budget. This benchmark separates them: it
 trains the ViT end to end with a linear head on the mean-pooled patch features to classify one
-attribute of freshly drawn `single`-world scenes (one flat-coloured shape per image: shape, 4
-classes; colour, 8), and reports held-out accuracy along the way. Each `--arm` is a set of config
-overrides trained from the same seed on the same images, so the comparison is paired.
+attribute of freshly drawn scenes (`--scenes single`: one flat-coloured shape per image, shape 4
+classes, colour 8; `--scenes tiny`: the demo's scenes, shape 8, colour 10), and reports held-out
+accuracy along the way. Each `--arm` is a set of config overrides trained from the same seed on the
+same images, so the comparison is paired.
 
-The default arms compare the position-embedding init: `model.vision.pos_init_std` 1.0 (mm1's
-default, the patch embeddings' own scale) against 0.02 (the usual ViT init, mm1's before issue 11).
+The default arms compare the stem (`model.vision.stem`): `patch` (the ViT/CLIP patchify) against
+`conv` (3x3 stride-2 convolutions, `mm1.models.stems`), at the preset's resolution and patch size.
+Position-embedding inits, patch sizes and resolutions are arms like any other override.
 
-    python benchmarks/learnability.py                       # shape, both inits, 300 steps
+    python benchmarks/learnability.py --scenes tiny         # shape, both stems, 300 steps
     python benchmarks/learnability.py --attribute colour --arm model.vision.patch_size=4
 
 Last line JSON: {"attribute", "chance", "arms": {name: {"accuracy", "curve", "seconds"}}} (percent).
@@ -44,7 +46,7 @@ CLASSES = {
     "single": {"shape": SINGLE_SHAPES, "colour": SINGLE_COLOURS},
     "tiny": {"shape": SHAPES, "colour": tuple(COLOURS)},
 }
-DEFAULT_ARMS = ["model.vision.pos_init_std=1.0", "model.vision.pos_init_std=0.02"]
+DEFAULT_ARMS = ["model.vision.stem=patch", "model.vision.stem=conv"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--arm",
         action="append",
         default=[],
-        help="comma-separated config overrides of one arm (repeatable; default: the two inits)",
+        help="comma-separated config overrides of one arm (repeatable; default: the two stems)",
     )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=64)

@@ -188,6 +188,8 @@ def test_unexportable_models_are_refused_with_the_reason():
         plan(ModelConfig(subimage_grid=2))
     with pytest.raises(ExportError, match="no vision tower with this combination"):
         plan(ModelConfig(vision=VisionConfig(use_cls=True, pre_norm=False)))
+    with pytest.raises(ExportError, match="stem='conv'.*train with model.vision.stem=patch"):
+        plan(ModelConfig(vision=VisionConfig(stem="conv")))
 
 
 def test_export_refuses_to_overwrite(exported, capsys):

@@ -159,3 +159,49 @@ def test_position_init_scale_must_be_positive():
 
     with pytest.raises(ConfigError, match="model.vision.pos_init_std"):
         load_config(preset_path("tiny"), ["model.vision.pos_init_std=0"])
+
+
+@pytest.mark.parametrize("patch", [4, 8, 16])
+def test_conv_stem_gives_the_patchify_grid_at_unit_scale(patch):
+    cfg = tiny(patch_size=patch, image_size=4 * patch, stem="conv")
+    vit = ViT(cfg)
+    convs = [m for m in vit.patch_embed.convs if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == {4: 2, 8: 3, 16: 4}[patch]  # one stride-2 3x3 convolution per halving
+    assert vit(torch.randn(2, 3, 4 * patch, 4 * patch)).shape == (2, 16, 32)
+    assert vit(torch.randn(1, 3, 8 * patch, 4 * patch)).shape == (1, 32, 32)  # any multiple, like patchify
+    with torch.no_grad():
+        content = vit.embed_patches(torch.randn(8, 3, 4 * patch, 4 * patch)).std()
+    assert 0.3 < float(content) < 3.0  # near the unit-variance positions it is added to
+
+
+def test_stem_config_errors_name_the_key_and_the_fix():
+    from mm1.models.vision import check_vit
+
+    with pytest.raises(ConfigError, match="model.vision.stem='pixel'.*patch, conv"):
+        check_vit(tiny(stem="pixel"))
+    with pytest.raises(ConfigError, match="patch_size=12 must be a power of 2"):
+        check_vit(tiny(stem="conv", patch_size=12, image_size=48))
+    with pytest.raises(ConfigError, match="use stem=patch"):
+        check_vit(tiny(stem="conv", hf_path="some/clip"))
+
+
+def test_conv_stem_state_resizes_and_reloads_at_another_resolution():
+    vit = ViT(tiny(stem="conv")).eval()
+    x = torch.randn(2, 3, 48, 48)
+    sd = {f"vision.{k}": v for k, v in vit.state_dict().items()}
+    out = resize_position_embeddings(sd, 48)  # patch size 8 read off the stem's three convolutions
+    assert out["vision.pos_embed"].shape == (1, 36, 32)
+    big = ViT(tiny(stem="conv", image_size=48)).eval()
+    big.load_state_dict({k[len("vision.") :]: v for k, v in out.items()})
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), vit(x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_stem_meta_build_materialises_with_finite_outputs():
+    with torch.device("meta"):
+        meta = ViT(tiny(stem="conv"))
+    meta.to_empty(device="cpu")
+    meta.reset_parameters()
+    convs = [m for m in meta.patch_embed.convs if isinstance(m, torch.nn.Conv2d)]
+    assert all(bool((c.bias == 0).all()) and 0.1 < float(c.weight.detach().std()) < 1.0 for c in convs)
+    assert torch.isfinite(meta(torch.randn(1, 3, 32, 32))).all()

@@ -42,6 +42,9 @@ class VisionConfig:
     heads: int = 4
     mlp_dim: int = 512
     act: str = "gelu"  # gelu | quick_gelu (CLIP) | gelu_tanh (SigLIP)
+    # pixels -> patch tokens: "patch" (ViT/CLIP patchify, what HF towers have) or "conv" (3x3 stride-2
+    # convolutions, Xiao et al. 2021; measured in mm1.models.stems and docs/grounding.md section 10)
+    stem: str = "patch"
     use_cls: bool = False
     pre_norm: bool = False  # CLIP applies a LayerNorm before the blocks
     post_norm: bool = True  # final LayerNorm over the returned features

@@ -39,9 +39,9 @@ class DemoPlan:
     encoder_steps: int = 150
     pretrain_steps: int = 600
     sft_steps: int = 350
-    # SFT at the encoder's own 64 px, one crop per image: at this budget the high-resolution variant
-    # (80 px, 2x2 crops + overview; both DemoPlan fields) scored lower (docs/grounding.md)
-    sft_image_size: int = 64
+    # SFT at the encoder's own resolution (0 = the preset's), one crop per image: at this budget the
+    # high-resolution variant (2x2 crops + overview; both DemoPlan fields) scored lower (docs/grounding.md)
+    sft_image_size: int = 0
     sft_subimage_grid: int = 0
     # 350 SFT steps at the default train.sft_lr_scale (0.17) left the model answering "no" to most
     # question types; 0.5 x the law learns the formats in that budget (docs/grounding.md)
@@ -146,7 +146,7 @@ def run_demo(plan: DemoPlan, out: Path) -> dict[str, Any]:
     results = _evaluate(plan, pretrain, "pretrain", plan.shots, out, chat=False)
     sft_extra = [
         f"train.init_from={pretrain}",
-        f"model.vision.image_size={plan.sft_image_size}",
+        *([f"model.vision.image_size={plan.sft_image_size}"] if plan.sft_image_size else []),
         f"model.subimage_grid={plan.sft_subimage_grid}",
         f"train.sft_lr_scale={plan.sft_lr_scale}",
     ]

@@ -83,6 +83,11 @@ def plan(cfg: ModelConfig) -> Layout:
             f"model.vision.kind={cfg.vision.kind!r} / model.lm.kind={cfg.lm.kind!r}: "
             "only the `vit` encoder and the `llama` decoder can be exported"
         )
+    if cfg.vision.stem != "patch":
+        raise ExportError(
+            f"model.vision.stem={cfg.vision.stem!r}: transformers' CLIP and SigLIP towers embed patches "
+            "with one patchify convolution; train with model.vision.stem=patch to export"
+        )
     tower = vision_tower(cfg)
     blocks = used_blocks(cfg.vision)
     if blocks == 0:

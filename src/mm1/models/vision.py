@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mm1.config import VisionConfig
 from mm1.models.registry import ENCODERS
+from mm1.models.stems import STEMS, stem_problem
 from mm1.registry import ConfigError, check, one_of
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ def check_vit(v: VisionConfig) -> None:
     )
     check(v.width % v.heads == 0, "model.vision.heads", v.heads, f"must divide model.vision.width={v.width}")
     one_of("model.vision.act", v.act, list(ACTIVATIONS))
+    problem = stem_problem(v)
+    check(not problem, "model.vision.stem", v.stem, problem)
     check(
         len(v.mean) == 3 and len(v.std) == 3 and all(s > 0 for s in v.std),
         "model.vision.std",
@@ -124,7 +127,7 @@ class ViT(nn.Module):
         self.cfg = cfg
         d, g = cfg.width, cfg.grid
         self.n_prefix = 1 if cfg.use_cls else 0
-        self.patch_embed = nn.Conv2d(3, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = STEMS[cfg.stem](cfg)  # pixels -> [N, D, h, w] (mm1.models.stems)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.use_cls else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.n_prefix + g * g, d))  # CLS position first
         self.pre_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.pre_norm else None
@@ -156,9 +159,7 @@ class ViT(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 m.reset_parameters()
-        w = self.patch_embed.weight
-        nn.init.trunc_normal_(w, std=1.0 / math.sqrt(w[0].numel()))
-        nn.init.zeros_(self.patch_embed.bias)
+        self.patch_embed.reset_parameters()
         self._pos_cache.clear()
 
     def position_embeddings(self, h: int, w: int) -> torch.Tensor:
@@ -180,6 +181,10 @@ class ViT(nn.Module):
             self._pos_cache[key] = out = out.detach()
         return out
 
+    def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] pixels -> [N, D, H/p, W/p] patch embeddings, in the weights' dtype."""
+        return self.patch_embed(pixels.to(self.pos_embed.dtype))
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         n, _, height, width = pixels.shape
         p = self.cfg.patch_size
@@ -188,7 +193,7 @@ class ViT(nn.Module):
                 f"ViT: image of {height}x{width} px is not divisible by the patch size {p}; "
                 f"resize or pad it to a multiple of {p}"
             )
-        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))  # [N, D, h, w]
+        x = self.embed_patches(pixels)  # [N, D, h, w]
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # [N, h*w, D]
         if self.cls_token is not None:
@@ -233,7 +238,7 @@ def resize_position_embeddings(state_dict_or_module: dict[str, torch.Tensor] | V
     Module: resized in place (its `cfg.image_size` updated; the parameter is replaced, so do this
     before building the optimizer), returned. State dict (a bare ViT's or a
     whole model's, any prefix): a shallow copy with every `<prefix>pos_embed` resized, using the patch
-    size read from the sibling `<prefix>patch_embed.weight`."""
+    size read from the sibling `<prefix>patch_embed.*` stem weights."""
     if isinstance(state_dict_or_module, ViT):
         vit = state_dict_or_module
         p = vit.cfg.patch_size
@@ -252,11 +257,10 @@ def resize_position_embeddings(state_dict_or_module: dict[str, torch.Tensor] | V
         if not key.endswith("pos_embed"):
             continue
         prefix = key[: -len("pos_embed")]
-        patch_w = state_dict_or_module.get(prefix + "patch_embed.weight")
-        if patch_w is None:
+        p = _stored_patch_size(state_dict_or_module, prefix + "patch_embed.")
+        if p is None:
             continue  # some other module's pos_embed (e.g. a connector's): not a ViT's
         found = True
-        p = patch_w.shape[-1]
         if new_image_size % p:
             raise ValueError(f"{key}: new image size {new_image_size} is not a multiple of the patch size {p}")
         n_prefix = 1 if (prefix + "cls_token") in state_dict_or_module else 0
@@ -266,7 +270,17 @@ def resize_position_embeddings(state_dict_or_module: dict[str, torch.Tensor] | V
         out[key] = torch.cat([pos[:, :n_prefix], patches], dim=1)
     if not found:
         raise ValueError(
-            "resize_position_embeddings: no ViT `pos_embed` (with a sibling `patch_embed.weight`) "
+            "resize_position_embeddings: no ViT `pos_embed` (with sibling `patch_embed.*` stem weights) "
             "in the state dict; is this an mm1 checkpoint?"
         )
     return out
+
+
+def _stored_patch_size(state: dict[str, torch.Tensor], stem: str) -> int | None:
+    """The patch size of the stem stored under the key prefix `stem` (None: no ViT stem there): the
+    patchify kernel's side, or 2 ** (the conv stem's stride-2 convolutions)."""
+    patchify = state.get(stem + "weight")
+    if patchify is not None:
+        return int(patchify.shape[-1])
+    convs = [k for k, v in state.items() if k.startswith(stem + "convs.") and v.dim() == 4]
+    return 2 ** len(convs) if convs else None

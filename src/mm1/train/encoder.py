@@ -255,7 +255,7 @@ class EncoderPretrainer(nn.Module):
     def aim_loss(self, pixels: torch.Tensor) -> torch.Tensor:
         vit, p = self.vision, self.vision.cfg.patch_size
         n = pixels.shape[0]
-        x = vit.patch_embed(pixels.to(vit.patch_embed.weight.dtype))  # [N, D, h, w]
+        x = vit.embed_patches(pixels)  # [N, D, h, w]
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # [N, P, D]
         if vit.cls_token is not None:
