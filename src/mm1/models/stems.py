@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from mm1.config import VisionConfig
@@ -67,7 +68,7 @@ class ConvStem(nn.Module):
         nn.init.trunc_normal_(self.proj.weight, std=1.0 / math.sqrt(self.proj.weight[0].numel()))
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, pixels):  # type: ignore[no-untyped-def]
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.proj(self.convs(pixels))
 
 
