@@ -41,8 +41,9 @@ from mm1.data.world import ensure_world  # noqa: E402
 from mm1.eval.baselines import blind_baseline  # noqa: E402
 from mm1.eval.runner import evaluate  # noqa: E402
 from mm1.eval.tasks import Example, get_task  # noqa: E402
-from mm1.experiments.demo import DemoPlan, resolve_precision, train_pretrained  # noqa: E402
+from mm1.experiments.demo import DemoPlan, train_pretrained  # noqa: E402
 from mm1.train.checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
+from mm1.train.precision import resolve_precision  # noqa: E402
 from mm1.train.trainer import train  # noqa: E402
 
 
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # section 8). ViT at 6 x the LM's 0.17 x law: 84 % shape; the same ViT rate with the LM and
         # connector at 0.5 x the law: 54 % (1,200 steps, same pre-training)
         "train.lr_mult.vision=6",
-        f"train.precision={resolve_precision(DemoPlan())}",  # as the demo: bf16 where native
+        f"train.precision={resolve_precision(DemoPlan().precision)}",  # as the demo: bf16 where native
     ]
     if init:
         overrides += [f"train.init_from={init}", f"data.tokenizer={Path(init) / 'tokenizer.json'}"]

@@ -118,6 +118,22 @@ def test_points_with_identical_resolved_configs_share_one_run():
     assert points[2].run == points[3].run == points[2].name != points[0].run
 
 
+def test_fixed_seed_stages_train_once_for_every_seed_and_the_later_stages_still_vary():
+    from mm1.experiments.sweep import stage_keys
+
+    spec = {"base": TINY, "stages": ["encoder", "pretrain"], "seeds": [3, 4, 5]}
+    per_seed = expand(parse_spec(spec))
+    assert len({stage_keys(p)["encoder"] for p in per_seed}) == 3  # default: every seed its own encoder
+    points = expand(parse_spec({**spec, "fixed_seed_stages": ["encoder"]}))
+    assert {p.configs["encoder"].train.seed for p in points} == {3}
+    assert [p.configs["pretrain"].train.seed for p in points] == [3, 4, 5]
+    assert len({stage_keys(p)["encoder"] for p in points}) == 1
+    assert len({stage_keys(p)["pretrain"] for p in points}) == 3
+    assert all("train.seed=3" in p.overrides["encoder"] for p in points)
+    with pytest.raises(ConfigError, match="fixed_seed_stages: expected a list of stages"):
+        parse_spec({**spec, "fixed_seed_stages": ["encoders"]})
+
+
 def test_repeated_axis_labels_and_unknown_keys_are_refused_with_the_spec_named(tmp_path):
     with pytest.raises(ConfigError, match="labels"):
         parse_spec({"base": TINY, "axes": {"model.connector.num_tokens": [16, 16]}})

@@ -72,12 +72,13 @@ def test_report_and_summary_carry_score_baseline_shuffled_and_image_gain(tmp_pat
 
 def test_demo_precision_native_follows_the_hardware_and_rejects_unknown_values(monkeypatch):
     from mm1.experiments import demo
+    from mm1.train import precision
 
-    assert demo.resolve_precision(demo.DemoPlan(precision="fp32")) == "fp32"
-    assert demo.resolve_precision(demo.DemoPlan(precision="bf16")) == "bf16"
+    assert precision.resolve_precision("fp32") == "fp32"
+    assert precision.resolve_precision("bf16") == "bf16"
     for native, want in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(demo, "native_bf16", lambda native=native: native)
-        assert demo.resolve_precision(demo.DemoPlan()) == want
+        monkeypatch.setattr(precision, "native_bf16", lambda native=native: native)
+        assert precision.resolve_precision("native") == want
         assert demo._stage_config(demo.DemoPlan(), "pretrain", []).train.precision == want
-    with pytest.raises(ValueError, match="precision must be one of native, fp32, bf16"):
-        demo.resolve_precision(demo.DemoPlan(precision="fp16"))
+    with pytest.raises(ValueError, match="demo: precision must be one of native, fp32, bf16"):
+        demo._stage_config(demo.DemoPlan(precision="fp16"), "pretrain", [])

@@ -172,6 +172,25 @@ def test_lessons_pool_their_points_and_share_the_baseline_and_its_encoder():
     assert stage_keys(mix["0:100"])["encoder"] == stage_keys(mix["5:5:1"])["encoder"]
 
 
+def test_the_small_budget_shares_one_encoder_per_config_across_seeds_and_freezes_it_after(monkeypatch):
+    from mm1.train import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    by_lesson = pooled_points(load_lessons("small"))
+    points = [p for pts in by_lesson.values() for p in pts]
+    encoders = {stage_keys(p)["encoder"] for p in points if "encoder" in p.stages}
+    assert len(encoders) == 5  # baseline, 128 px, reconstructive, wide, caption-only: one each, all seeds
+    assert len({p.run for p in points}) == 14 * 3
+    assert all(p.configs[s].train.precision == "bf16" for p in points for s in p.stages)
+    objective = {p.labels["objective"]: p for p in by_lesson["encoder-objective"] if p.seed == 1}
+    assert objective["contrastive"].configs["pretrain"].train.freeze_vision
+    assert not objective["none"].configs["pretrain"].train.freeze_vision  # a random ViT must train
+    monkeypatch.setattr(precision, "native_bf16", lambda: False)
+    assert load_lessons("small", only=["image-tokens"])[0].spec.overrides[0] == "train.precision=fp32"
+    # the tiny budget leaves precision to the preset and keeps one encoder per seed
+    assert "train.precision" not in " ".join(load_lessons("tiny", only=["image-tokens"])[0].spec.overrides)
+
+
 class LessonRunner:
     """Scores that follow some lessons and contradict others, with a small seed spread and an image gain."""
 

@@ -24,6 +24,7 @@ Spec file (YAML; `base` is relative to the spec, then the working directory, the
         data.sources.caption.weight: [0.9, 0.45]
         data.sources.interleaved.weight: [0.0, 0.45]
     seeds: [0, 1]
+    fixed_seed_stages: [encoder]            # optional: trained once, with the first seed, for all seeds
     eval: {tasks: [world_caption, world_vqa], shots: [0, 4], limit: 20, after: [pretrain]}
     lesson: {...}                           # optional: claims `mm1 lessons` judges (mm1.experiments.lessons)
 
@@ -50,7 +51,19 @@ from mm1.config import PRESETS_DIR, Config, load_config
 from mm1.registry import ConfigError
 
 STAGES = ("encoder", "pretrain", "sft")
-_SPEC_KEYS = {"name", "base", "overrides", "stages", "stage_overrides", "axes", "paired", "seeds", "eval", "lesson"}
+_SPEC_KEYS = {
+    "name",
+    "base",
+    "overrides",
+    "stages",
+    "stage_overrides",
+    "axes",
+    "paired",
+    "seeds",
+    "fixed_seed_stages",
+    "eval",
+    "lesson",
+}
 _EVAL_KEYS = {"tasks", "shots", "limit", "after", "trials"}
 
 
@@ -73,6 +86,9 @@ class AblationSpec:
     stage_overrides: dict[str, list[str]] = field(default_factory=dict)
     axes: list[Axis] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
+    # stages trained with the first seed at every seed: one run shared by all seeds (MM1 starts every
+    # ablation from one pre-trained encoder; the seeds then vary what comes after it)
+    fixed_seed_stages: list[str] = field(default_factory=list)
     eval_tasks: list[str] | None = None  # None = the base config's eval.tasks
     eval_shots: list[int] | None = None
     eval_limit: int | None = None
@@ -203,6 +219,9 @@ def parse_spec(data: dict[str, Any], path: str | Path | None = None) -> Ablation
     seeds = data.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise _err(src, f"seeds must be a non-empty list of integers, got {seeds!r}")
+    fixed = data.get("fixed_seed_stages") or []
+    if not isinstance(fixed, list) or any(s not in STAGES for s in fixed):
+        raise _err(src, f"fixed_seed_stages: expected a list of stages ({', '.join(STAGES)}), got {fixed!r}")
     ev = data.get("eval") or {}
     if set(ev) - _EVAL_KEYS:
         raise _err(src, f"eval: unknown key(s) {sorted(set(ev) - _EVAL_KEYS)}; allowed: {sorted(_EVAL_KEYS)}")
@@ -214,6 +233,7 @@ def parse_spec(data: dict[str, Any], path: str | Path | None = None) -> Ablation
         stage_overrides={k: _string_list(src, f"stage_overrides.{k}", v) for k, v in stage_over.items()},
         axes=axes,
         seeds=list(seeds),
+        fixed_seed_stages=fixed,
         eval_tasks=ev.get("tasks"),
         eval_shots=ev.get("shots"),
         eval_limit=ev.get("limit"),
@@ -315,9 +335,10 @@ def expand(spec: AblationSpec) -> list[Point]:
         for seed in spec.seeds:
             configs, overrides = {}, {}
             for stage in stages:
-                overrides[stage] = point_overrides(spec, stage, settings, seed)
+                stage_seed = spec.seeds[0] if stage in spec.fixed_seed_stages else seed
+                overrides[stage] = point_overrides(spec, stage, settings, stage_seed)
                 configs[stage] = copy.deepcopy(resolved[stage])
-                configs[stage].train.seed = seed
+                configs[stage].train.seed = stage_seed
             label = "__".join(_safe(f"{short[ax.name]}={labels[ax.name]}") for ax in spec.axes) or "base"
             name = f"{label}__s{seed}"
             points.append(

@@ -21,13 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mm1.config import Config, load_config, preset_path
 from mm1.data.inputs import resolve_inputs
 from mm1.train.checkpoint import latest_checkpoint
+from mm1.train.precision import PRECISIONS, resolve_precision
 
-PRECISIONS = ("native", "fp32", "bf16")  # DemoPlan.precision / mm1 demo --precision
 STAGE_NAMES = {"encoder": "0. encoder pre-training", "pretrain": "1. MLLM pre-training", "sft": "2. SFT"}
 
 
@@ -46,9 +44,7 @@ class DemoPlan:
     # 350 SFT steps at the default train.sft_lr_scale (0.17) left the model answering "no" to most
     # question types; 0.5 x the law learns the formats in that budget (docs/grounding.md)
     sft_lr_scale: float = 0.5
-    # native: bf16 autocast where bf16 matmuls run natively (CUDA; a CPU with AVX512-BF16 or AMX),
-    # else fp32. On the 2-core AVX512-BF16 test machine a tiny pre-training step took 0.62 s against
-    # 0.77 s in fp32 at equal losses (docs/grounding.md); "fp32" or "bf16" force one.
+    # native: bf16 where it runs natively, else fp32 (mm1.train.precision); "fp32" or "bf16" force one
     precision: str = "native"
     eval_limit: int = 200
     eval_tasks: list[str] = field(default_factory=lambda: ["world_caption", "world_vqa"])
@@ -61,22 +57,8 @@ def _say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def native_bf16() -> bool:
-    """Whether bf16 matrix products run natively here (CUDA, or oneDNN's AVX512-BF16 / AMX kernels):
-    only then is bf16 autocast faster than fp32 on a CPU; elsewhere it is emulated and slower."""
-    return torch.cuda.is_available() or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_precision(plan: DemoPlan) -> str:
-    if plan.precision not in PRECISIONS:
-        raise ValueError(f"demo: precision must be one of {', '.join(PRECISIONS)}, got {plan.precision!r}")
-    if plan.precision == "native":
-        return "bf16" if native_bf16() else "fp32"
-    return plan.precision
-
-
 def _stage_config(plan: DemoPlan, stage: str, extra: list[str]) -> Config:
-    precision = f"train.precision={resolve_precision(plan)}"
+    precision = f"train.precision={resolve_precision(plan.precision, 'demo: precision')}"
     return load_config(preset_path(plan.preset), [f"train.stage={stage}", precision, *plan.overrides, *extra])
 
 

@@ -3,12 +3,13 @@
 Every lesson is an ablation spec (the schema of `mm1 ablate`) in `configs/lessons/<name>.yaml` whose
 `lesson:` block holds the paper's claim, the baseline arm and the pre-registered claims that test it;
 a budget file
-(`configs/lessons/budget-<b>.yaml`) supplies the base preset, run lengths, seeds and evaluation for
-all of them (a lesson's own `overrides` / `stage_overrides` are appended; `by_budget: {small: {...}}`
-replaces top-level keys, e.g. the axis values, for one budget). The lessons' points are pooled and
-deduplicated by resolved config, so the baseline trains once per seed however many lessons compare
-against it, and the sweep shares each stage (e.g. the encoder pre-training) between the points whose
-stage configs agree.
+(`configs/lessons/budget-<b>.yaml`) supplies the base preset, run lengths, seeds, evaluation and
+optionally `precision: native | fp32 | bf16` (mm1.train.precision) for all of them (a lesson's own
+`overrides` / `stage_overrides` are appended; `by_budget: {small: {...}}` replaces top-level keys,
+e.g. the axis values, for one budget). The lessons' points are pooled and deduplicated by resolved
+config, so the baseline trains once per seed however many lessons compare against it, and the sweep
+shares each stage (e.g. the encoder pre-training) between the points whose stage configs agree
+(with `fixed_seed_stages: [encoder]`, one encoder per encoder config for all seeds).
 
 A claim is pre-registered in its spec, before any number is seen::
 
@@ -41,6 +42,7 @@ import yaml
 from mm1.config import PRESETS_DIR
 from mm1.experiments.ablate import AblationSpec, Point, dedupe, expand, parse_spec
 from mm1.registry import ConfigError
+from mm1.train.precision import resolve_precision
 
 LESSON_DIR = PRESETS_DIR / "lessons"
 BUDGETS = ("tiny", "small")
@@ -169,6 +171,14 @@ def load_lessons(budget: str = "tiny", directory: Path = LESSON_DIR, only: list[
     if not budget_path.is_file():
         raise ConfigError(f"budget file {budget_path} is missing; it sets the base preset, steps and seeds")
     budget_data = yaml.safe_load(budget_path.read_text()) or {}
+    # `precision: native` (bf16 where it runs natively, else fp32) is resolved on this machine, first
+    # among the overrides; a budget without it trains at the preset's train.precision
+    if "precision" in budget_data:
+        try:
+            chosen = resolve_precision(str(budget_data.pop("precision")), f"{budget_path}: precision")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        budget_data["overrides"] = [f"train.precision={chosen}", *(budget_data.get("overrides") or [])]
     lessons = []
     for path in sorted(directory.glob("*.yaml")):
         if path.name.startswith("budget-"):
