@@ -191,6 +191,19 @@ def test_the_small_budget_shares_one_encoder_per_config_across_seeds_and_freezes
     assert "train.precision" not in " ".join(load_lessons("tiny", only=["image-tokens"])[0].spec.overrides)
 
 
+def test_a_budget_precision_that_is_not_native_fp32_or_bf16_is_refused_with_the_file_named(tmp_path):
+    import shutil
+
+    from mm1.experiments.lessons import LESSON_DIR
+    from mm1.registry import ConfigError
+
+    shutil.copytree(LESSON_DIR, tmp_path / "lessons")
+    budget = tmp_path / "lessons" / "budget-tiny.yaml"
+    budget.write_text(budget.read_text() + "precision: fp16\n")
+    with pytest.raises(ConfigError, match=r"budget-tiny.yaml: precision must be one of native, fp32, bf16, got 'fp16'"):
+        load_lessons("tiny", directory=tmp_path / "lessons")
+
+
 class LessonRunner:
     """Scores that follow some lessons and contradict others, with a small seed spread and an image gain."""
 
