@@ -40,7 +40,7 @@ from mm1.config import load_config, preset_path  # noqa: E402
 from mm1.data.world import ensure_world  # noqa: E402
 from mm1.eval.baselines import blind_baseline  # noqa: E402
 from mm1.eval.runner import evaluate  # noqa: E402
-from mm1.eval.tasks import Example, get_task  # noqa: E402
+from mm1.eval.tasks import get_task  # noqa: E402
 from mm1.experiments.demo import DemoPlan, train_pretrained  # noqa: E402
 from mm1.train.checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
 from mm1.train.precision import resolve_precision  # noqa: E402
@@ -67,13 +67,6 @@ def _init_checkpoint(args: argparse.Namespace) -> str:
     if args.init:
         return str(resolve_checkpoint(args.init))
     return str(resolve_checkpoint(train_pretrained(DemoPlan(), Path(args.demo))))
-
-
-def _by_type(items: list[Example], records: list[dict]) -> dict[str, float]:
-    groups: dict[str, list[float]] = {}
-    for ex, rec in zip(items, records):
-        groups.setdefault(str(ex.meta.get("question_type")), []).append(rec["score"])
-    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,8 +117,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "precision": cfg.train.precision,
             "overrides": list(args.overrides),
             "n": len(items),
-            "by_type": _by_type(items, res["predictions"][0]),
-            "by_type_shuffled": _by_type(items, res["shuffled_predictions"][0]),
+            "by_type": res["details"][0]["question_type"],
+            "by_type_shuffled": res["details_shuffled"][0]["question_type"],
+            "by_type_prior": {t: v["score"] for t, v in prior["by_question_type"].items()},
         }
     )
     emit(result)

@@ -191,7 +191,12 @@ def test_grounding_benchmark_scores_accuracy_prior_and_shuffled(
     last = lines[-1]
     assert set(last) == {"accuracy", "prior", "shuffled", "steps", "seconds"} and last["steps"] == 2
     assert all(0 <= last[k] <= 100 for k in ("accuracy", "prior", "shuffled")) and last["seconds"] > 0
-    assert set(lines[-2]["by_type"]) == {"colour", "shape", "yes/no"} and lines[-2]["n"] == 12
+    info = lines[-2]
+    assert set(info["by_type"]) == {"colour", "shape", "yes/no"} and info["n"] == 12
+    # 4 questions of each type: each headline figure is the mean of its per-type figures
+    for key, headline in (("by_type", "accuracy"), ("by_type_shuffled", "shuffled"), ("by_type_prior", "prior")):
+        assert set(info[key]) == {"colour", "shape", "yes/no"}
+        assert sum(info[key].values()) / 3 == pytest.approx(last[headline], abs=0.01)
 
 
 def test_probe_benchmark_reports_an_accuracy_and_a_chance_level_per_attribute(

@@ -173,6 +173,52 @@ def test_blind_baselines_use_the_train_prior_and_the_same_metrics(world):
     assert blind_baseline(get_task("world_caption", root))["score"] >= 0
 
 
+def test_vqa_breakdown_and_blind_prior_are_split_by_question_type():
+    """VQAv2's per-answer-type keys stay flat; per question type comes under "question_type", and the
+    blind prior reports its own score and item count per type on the same items."""
+    from mm1.eval.readers import Example
+    from mm1.eval.task_metrics import SCORERS
+
+    def ex(i, qtype, atype, question, answer):
+        return Example(
+            id=str(i), question=question, answers=[answer] * 10, meta={"question_type": qtype, "answer_type": atype}
+        )
+
+    test = [
+        ex(0, "colour", "other", "What colour is the star?", "red"),
+        ex(1, "colour", "other", "What colour is the star?", "blue"),
+        ex(2, "yes/no", "yes/no", "Is there a star?", "yes"),
+        ex(3, "yes/no", "yes/no", "Is there a star?", "no"),
+        ex(4, "count", "number", "How many stars?", "2"),
+    ]
+    details = SCORERS.get("vqa").details(test, ["red", "red", "yes", "yes", "3"], Config())
+    assert details == {
+        "number": 0.0,
+        "other": 50.0,
+        "yes/no": 50.0,
+        "question_type": {"colour": 50.0, "count": 0.0, "yes/no": 50.0},
+    }
+    untyped = [Example(id="u", question="q", answers=["a"] * 10, meta={"answer_type": "other"})]
+    assert "question_type" not in SCORERS.get("vqa").details(untyped, ["a"], Config())
+
+    task = get_task("world_vqa", ".")  # a Task whose splits are set here, not read
+    train = [
+        ex(10 + i, t, a, q, ans)
+        for i, (t, a, q, ans) in enumerate(
+            [("colour", "other", "What colour is the star?", "red")] * 2
+            + [("yes/no", "yes/no", "Is there a star?", "yes")]
+        )
+    ]
+    task._splits = {"train": train, "test": test}
+    prior = blind_baseline(task)
+    assert prior["by_question_type"] == {
+        "colour": {"score": 50.0, "n": 2},
+        "count": {"score": 0.0, "n": 1},
+        "yes/no": {"score": 50.0, "n": 2},
+    }
+    assert prior["score"] == pytest.approx(40.0)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(world):
     _, tok = world
@@ -275,6 +321,13 @@ def test_saved_scores_equal_the_metrics_recomputed_from_the_saved_predictions(wo
         assert saved["score"] == pytest.approx(sum(recomputed) / len(recomputed), abs=1e-9)
         assert [r["answers"] for r in saved["predictions"][0]] == [ex.answers for ex in items]
         assert saved["score"] > 10 and (name == "world_caption" or saved["score"] < 100)  # partial credit
+        if name == "world_vqa":  # each breakdown, real and image-shuffled, recomputed from its own predictions
+            for key, trials in (("details", saved["predictions"]), ("details_shuffled", saved["shuffled_predictions"])):
+                assert len(saved[key]) == len(trials) == 2
+                for details, records in zip(saved[key], trials):
+                    per_item = [100.0 * vqa_accuracy(r["prediction"], ex.answers) for ex, r in zip(items, records)]
+                    assert details["question_type"] == pytest.approx({"colour": sum(per_item) / len(per_item)})
+                    assert details["other"] == pytest.approx(sum(per_item) / len(per_item))
 
 
 def test_perplexity_task_score_is_exp_of_total_nll_over_total_tokens(world, tiny_model, tmp_path):

@@ -41,11 +41,21 @@ def test_report_and_summary_carry_score_baseline_shuffled_and_image_gain(tmp_pat
         )
         (runs[stage] / "run.json").write_text(json.dumps({"precision": "fp32" if stage == "encoder" else "bf16"}))
     results = [_result("pretrain", "world_vqa", "vqa", k, 30.0 + k, 20.0) for k in (0, 4)]
+    # two trials: the per-type table averages them; yes/no scores the same with shuffled images
+    results[0]["details"] = [{"other": 1.0, "question_type": {"colour": 80.0, "yes/no": 60.0}}] * 2
+    results[0]["details_shuffled"] = [
+        {"question_type": {"colour": 10.0, "yes/no": 50.0}},
+        {"question_type": {"colour": 20.0, "yes/no": 70.0}},
+    ]
     results += [_result("pretrain", "world_caption", "cider", k, 50.0, 49.0) for k in (0, 4)]
     results += [_result("pretrain", "world_text", "exact", 0, 12.0, None)]
     results += [_result("sft", "world_caption", "cider", 0, 70.0, 40.0)]
     baselines = {
-        "world_vqa": {"score": 25.7, "baseline": "answer prior"},
+        "world_vqa": {
+            "score": 25.7,
+            "baseline": "answer prior",
+            "by_question_type": {"colour": {"score": 12.5, "n": 3}, "yes/no": {"score": 55.0, "n": 2}},
+        },
         "world_caption": {"score": 10.0, "baseline": "constant caption"},
     }
     summary = demo_report.write_demo_report(tmp_path, SimpleNamespace(examples=0), runs, results, baselines, 12.0)
@@ -56,6 +66,10 @@ def test_report_and_summary_carry_score_baseline_shuffled_and_image_gain(tmp_pat
     vqa4 = next(r for r in saved["scores"] if r["task"] == "world_vqa" and r["shots"] == 4)
     assert (vqa4["score"], vqa4["baseline"], vqa4["score_shuffled"]) == (34.0, 25.7, 20.0)
     assert vqa4["image_gain"] == pytest.approx(14.0)
+    vqa0 = next(r for r in saved["scores"] if r["task"] == "world_vqa" and r["shots"] == 0)
+    assert vqa0["by_question_type"]["yes/no"] == {"score": 60.0, "score_shuffled": 60.0, "baseline": 55.0, "n": 2}
+    assert vqa0["by_question_type"]["colour"]["score_shuffled"] == pytest.approx(15.0)
+    assert vqa4["by_question_type"] is None  # no breakdown given: null, not an empty table
     text = next(r for r in saved["scores"] if r["task"] == "world_text")
     assert text["score_shuffled"] is None and text["image_gain"] is None  # no image: null, not a fake 0
     report = (tmp_path / "report.md").read_text()
@@ -65,6 +79,9 @@ def test_report_and_summary_carry_score_baseline_shuffled_and_image_gain(tmp_pat
         r"\| pretrain \| world_vqa \| vqa \| 4 \| 34\.00 \| 20\.00 \| \+14\.00 \| 25\.70 \| \+8\.30 \|", report
     )
     assert re.search(r"\| world_text \| exact \| 0 \| 12\.00 \| no image \| no image \|", report)
+    assert "## VQA by question type (0-shot)" in report
+    assert re.search(r"\| pretrain \| world_vqa \| colour \| 3 \| 80\.0 \| 15\.0 \| \+65\.0 \| 12\.5 \|", report)
+    assert re.search(r"\| pretrain \| world_vqa \| yes/no \| 2 \| 60\.0 \| 60\.0 \| \+0\.0 \| 55\.0 \|", report)
     for rel in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (tmp_path / rel).read_bytes()[:4] == b"\x89PNG"
     assert "plots/image_gain_by_shots.png" in report and any("image_gain" in p for p in saved["plots"])

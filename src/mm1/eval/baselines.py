@@ -77,6 +77,7 @@ def blind_baseline(task: Task, limit: int = 0, vqa_mode: str = "always") -> dict
         preds = {ex.id: caption for ex in test}
         score = cider(preds, {ex.id: ex.answers for ex in test})
         name = "constant caption"
+        by_type: dict[str, dict[str, float]] = {}
     elif spec.metric in ("vqa", "exact"):
         prior = answer_prior(task.train)
         preds = {ex.id: prior(ex) for ex in test}
@@ -86,6 +87,7 @@ def blind_baseline(task: Task, limit: int = 0, vqa_mode: str = "always") -> dict
             per = [float(normalize_answer(preds[ex.id]) in {normalize_answer(a) for a in ex.answers}) for ex in test]
         score = 100.0 * sum(per) / max(len(per), 1)
         name = "answer prior"
+        by_type = _by_question_type(test, per)
     else:
         raise ValueError(f"task {spec.name}: no blind baseline for metric {spec.metric!r}")
     return {
@@ -94,5 +96,15 @@ def blind_baseline(task: Task, limit: int = 0, vqa_mode: str = "always") -> dict
         "metric": spec.metric,
         "score": score,
         "n": len(test),
+        **({"by_question_type": by_type} if by_type else {}),
         "predictions": [{"id": k, "prediction": v} for k, v in preds.items()],
     }
+
+
+def _by_question_type(test: list[Example], per: list[float]) -> dict[str, dict[str, float]]:
+    """The prior's score (x100) and item count per annotated question type (empty when none is)."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for ex, value in zip(test, per):
+        if "question_type" in ex.meta:
+            groups[str(ex.meta["question_type"])].append(value)
+    return {k: {"score": 100.0 * sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}

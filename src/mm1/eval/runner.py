@@ -236,7 +236,13 @@ def _shuffled_control(
 ) -> dict[str, Any]:
     """The image-shuffled control of one (task, shots): every trial re-run with deranged query images
     (the derangement seeded like the trial). Null fields and a note where it does not apply."""
-    off = {"score_shuffled": None, "std_shuffled": None, "image_gain": None, "shuffled_trial_scores": []}
+    off = {
+        "score_shuffled": None,
+        "std_shuffled": None,
+        "image_gain": None,
+        "shuffled_trial_scores": [],
+        "details_shuffled": [],
+    }
     if not cfg.eval.shuffled_control:
         return off | {"shuffle_note": "off (eval.shuffled_control=false)"}
     template = task.spec.chat_template if cfg.eval.chat else task.spec.template
@@ -245,7 +251,7 @@ def _shuffled_control(
         inline or any(m in template for m in (IMAGE_TOKEN, "{images}", "{image_lines}"))
     ):
         return off | {"shuffle_note": "text-only prompt: no image to shuffle"}
-    scores, predictions, note = [], [], ""
+    scores, predictions, details, note = [], [], [], ""
     for seed in seeds:
         donors, note = shuffled_donors(items, seed, task.name)
         if donors is None:
@@ -253,12 +259,14 @@ def _shuffled_control(
         s, records = run_trial(model, tokenizer, task, items, shots, seed, cfg, image_donors=donors, shards=shards)
         scores.append(s)
         predictions.append(records)
+        details.append(trial_details(task, items, records, cfg))
     mean, std = mean_std(scores)
     return {
         "score_shuffled": mean,
         "std_shuffled": std,
         "image_gain": score - mean,
         "shuffled_trial_scores": scores,
+        "details_shuffled": details,  # the metric's breakdown of each shuffled trial, beside `details`
         "shuffle_note": note,
         "shuffled_predictions": predictions,
     }

@@ -90,6 +90,16 @@ _exact = _per_item(lambda ex, p, cfg: exact_match(p, ex.answers))
 _pope_item = _per_item(lambda ex, p, cfg: float(parse_yes_no(p) == ex.answers[0]))
 
 
+def _vqa_details(items: list[Example], preds: Sequence[str], cfg: Any) -> dict:
+    """VQAv2's official breakdown: accuracy per answer type (flat keys: yes/no, number, other ...) and,
+    where items carry one, per question type (under "question_type"; the world's colour / shape /
+    count ..., VQAv2's "what color is the" ...). Beside the image-shuffled control's own breakdown,
+    it says which kinds of question the model answers from the image and which from the words."""
+    per = _vqa(items, preds, cfg)[1]
+    by_question = _by(items, per, "question_type")
+    return _by(items, per, "answer_type") | ({"question_type": by_question} if by_question else {})
+
+
 def _pope(items: list[Example], preds: Sequence[str], cfg: Any) -> Scores:
     """Headline: F1 (LLaVA's and lmms-eval's POPE number); the rest in `details`."""
     per = _pope_item(items, preds, cfg)[1]
@@ -109,7 +119,7 @@ def _mmmu_correct(ex: Example, response: str, cfg: Any) -> float:
 
 
 SCORERS.register("cider")(Scorer(_cider, _cider_by_domain))
-SCORERS.register("vqa")(Scorer(_vqa, lambda items, preds, cfg: _by(items, _vqa(items, preds, cfg)[1], "answer_type")))
+SCORERS.register("vqa")(Scorer(_vqa, _vqa_details))
 SCORERS.register("exact")(Scorer(_exact, lambda items, preds, cfg: _by(items, _exact(items, preds, cfg)[1], "type")))
 SCORERS.register("pope")(
     Scorer(

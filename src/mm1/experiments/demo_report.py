@@ -75,6 +75,69 @@ def _score_rows(results: list[dict], baselines: dict[str, dict]) -> tuple[list[l
     return rows, beats
 
 
+def _mean_by_type(details: list[dict]) -> dict[str, float]:
+    """Per question type, the mean over trials of a VQA breakdown's "question_type" scores."""
+    per_trial = [d.get("question_type", {}) for d in details]
+    types = sorted({t for d in per_trial for t in d})
+    return {t: sum(d.get(t, math.nan) for d in per_trial) / len(per_trial) for t in types}
+
+
+def by_question_type(result: dict, baseline: dict) -> dict[str, dict[str, Any]]:
+    """A VQA result per question type: score, image-shuffled score and the blind prior's score on the
+    same items (empty when the items carry no question type). Which kinds of question read the image
+    shows here: a type whose score equals its shuffled score is answered from the words alone."""
+    real = _mean_by_type(result.get("details") or [])
+    shuffled = _mean_by_type(result.get("details_shuffled") or [])
+    prior = baseline.get("by_question_type", {})
+    return {
+        t: {
+            "score": real[t],
+            "score_shuffled": shuffled.get(t),
+            "baseline": prior.get(t, {}).get("score"),
+            "n": prior.get(t, {}).get("n"),
+        }
+        for t in real
+    }
+
+
+def _type_rows(results: list[dict], baselines: dict[str, dict]) -> list[list[Any]]:
+    rows = []
+    for r in results:
+        if r["shots"] != 0:
+            continue
+        for t, v in by_question_type(r, baselines.get(r["task"], {})).items():
+            shuffled = v["score_shuffled"]
+            rows.append(
+                [
+                    r["stage"],
+                    r["task"],
+                    t,
+                    v["n"] if v["n"] is not None else "?",
+                    f"{v['score']:.1f}",
+                    "no image" if shuffled is None else f"{shuffled:.1f}",
+                    "no image" if shuffled is None else f"{v['score'] - shuffled:+.1f}",
+                    "?" if v["baseline"] is None else f"{v['baseline']:.1f}",
+                ]
+            )
+    return rows
+
+
+def _type_section(results: list[dict], baselines: dict[str, dict]) -> list[str]:
+    rows = _type_rows(results, baselines)
+    if not rows:
+        return []
+    return [
+        "## VQA by question type (0-shot)",
+        "",
+        "The same scores split by the world's question types, each beside its image-shuffled score and the "
+        "blind prior on the same items: a type whose score equals its shuffled score is answered from the "
+        "question alone, whatever the overall image gain.",
+        "",
+        write_table(["stage", "task", "question type", "n", "score", "shuffled", "image gain", "blind prior"], rows),
+        "",
+    ]
+
+
 def write_demo_report(
     out: Path, plan: Any, runs: dict[str, Path], results: list[dict], baselines: dict[str, dict], wall_seconds: float
 ) -> dict[str, Any]:
@@ -156,6 +219,7 @@ def write_demo_report(
         image_link(shots_png, out, "scores by shots"),
         "",
         *([image_link(gain_png, out, "image gain by shots"), ""] if gain_png else []),
+        *_type_section(results, baselines),
         "## Example generations (after SFT, 0-shot VQA)",
         "",
     ]
@@ -198,6 +262,7 @@ def write_demo_report(
                 "baseline_kind": baselines.get(r["task"], {}).get("baseline"),
                 "score_shuffled": r.get("score_shuffled"),
                 "image_gain": r.get("image_gain"),
+                "by_question_type": by_question_type(r, baselines.get(r["task"], {})) or None,
             }
             for r in results
         ],
