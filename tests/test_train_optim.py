@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from mm1.config import TrainConfig
+from mm1.config import TrainConfig, load_config, preset_path
 from mm1.registry import ConfigError
 from mm1.train.optim import (
     WarmupCosine,
+    WarmupStableDecay,
     build_optimizer,
     build_scheduler,
     count_trainable,
@@ -47,6 +48,30 @@ def test_warmup_is_linear_then_cosine_reaches_the_floor_on_the_last_step():
     assert all(a >= b for a, b in zip(decay, decay[1:]))
     assert f(19) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
     assert f(3 + 8) == pytest.approx(0.1 + 0.9 * 0.5, abs=0.06)  # halfway down the cosine
+
+
+def test_wsd_holds_the_peak_then_decays_linearly_to_the_floor_over_the_last_fraction():
+    f = WarmupStableDecay(warmup=4, total=20, min_ratio=0.1, decay_fraction=0.25)  # decays over steps 15-19
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert all(f(s) == 1.0 for s in range(3, 15))
+    decay = [f(s) for s in range(15, 20)]
+    assert decay == pytest.approx([1.0 - 0.9 * k / 5 for k in range(1, 6)])
+    assert f(19) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+
+
+def test_schedule_is_chosen_by_name_and_an_unknown_one_is_rejected():
+    model = nn.Linear(4, 4)
+    cfg = TrainConfig(steps=10, warmup_steps=2, lr=1e-3, schedule="wsd", decay_fraction=0.5)
+    opt = build_optimizer(model, cfg, resolve_lr(cfg, count_trainable(model)))
+    sched = build_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[1:5] == [1e-3] * 4 and lrs[-1] == pytest.approx(1e-4) and lrs[5] < 1e-3
+    with pytest.raises(ConfigError, match="train.schedule"):
+        load_config(preset_path("tiny"), ["train.schedule=linear"])
 
 
 def test_scheduler_peaks_at_exactly_the_configured_lr_even_when_the_run_is_shorter_than_warmup():

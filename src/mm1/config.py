@@ -185,6 +185,8 @@ class TrainConfig:
     lr_law: str = ""  # lr_law.json from `mm1 hparams` ({a, b, wd_ratio}) used when lr is None; "" = MM1's law
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | wsd (flat at the peak, linear decay over the last decay_fraction)
+    decay_fraction: float = 0.2  # schedule=wsd: share of the steps spent decaying to min_lr_ratio
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_accum: int = 1
     clip: float = 1.0
@@ -552,5 +554,7 @@ def validate(cfg: Config) -> None:
         )
     _check(t.sft_lr_scale > 0, "train.sft_lr_scale", t.sft_lr_scale, "must be positive (1.0 = the pre-training law)")
     _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    _one_of("train.schedule", t.schedule, ["cosine", "wsd"])
+    _check(0.0 < t.decay_fraction <= 1.0, "train.decay_fraction", t.decay_fraction, "must be in (0, 1]")
     _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
     _check(t.save_every >= 1, "train.save_every", t.save_every, "must be >= 1")

@@ -210,7 +210,36 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+class WarmupStableDecay:
+    """LR multiplier at optimizer step s: linear warmup to 1, flat at the peak, then a linear decay to
+    `min_ratio` over the last `decay_fraction` of the run (warmup-stable-decay, as MiniCPM).
+
+    Why beside cosine: a fixed short budget spends most of its steps near the peak instead of on the
+    cosine's long tail, and the final decay still anneals. Step `total-1` runs at the floor."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float, decay_fraction: float) -> None:
+        self.warmup = max(0, int(warmup))
+        self.total = max(1, int(total))
+        self.min_ratio = float(min_ratio)
+        self.decay_steps = min(self.total - self.warmup, max(1, round(decay_fraction * self.total)))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        start = self.total - self.decay_steps  # first step of the decay
+        if step < start or self.decay_steps <= 1:
+            return 1.0
+        t = min(1.0, (step - start + 1) / self.decay_steps)  # 1 at the last step
+        return 1.0 - (1.0 - self.min_ratio) * t
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warmup + cosine over `train.steps`; warmup is capped at the run length so short runs peak."""
+    """`train.schedule` over `train.steps`; warmup is capped at the run length so short runs peak."""
     warmup = min(cfg.warmup_steps, cfg.steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, cfg.steps, cfg.min_lr_ratio))
+    if cfg.schedule == "wsd":
+        fn: WarmupCosine | WarmupStableDecay = WarmupStableDecay(
+            warmup, cfg.steps, cfg.min_lr_ratio, cfg.decay_fraction
+        )
+    else:
+        fn = WarmupCosine(warmup, cfg.steps, cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
