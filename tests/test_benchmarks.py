@@ -199,6 +199,32 @@ def test_grounding_benchmark_scores_accuracy_prior_and_shuffled(
         assert sum(info[key].values()) / 3 == pytest.approx(last[headline], abs=0.01)
 
 
+def test_grounding_benchmark_turns_a_time_budget_into_steps_timed_on_this_machine(
+    single_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = run_bench(
+        "grounding.py",
+        "--scratch",
+        "--seconds",
+        "1.5",
+        "--world",
+        str(single_world),
+        "--out",
+        str(tmp_path / "run"),
+        "--limit",
+        "6",
+        "model.lm.n_layers=1",
+        "model.vision.depth=1",
+        capsys=capsys,
+    )
+    from grounding import BUDGET_MARGIN
+
+    info, last = lines[-2], lines[-1]
+    assert info["budget_s"] == 1.5 and info["calibrated_step_s"] > 0
+    assert last["steps"] == max(1, int(1.5 / (info["calibrated_step_s"] * BUDGET_MARGIN)))
+    assert (tmp_path / "run" / "checkpoints" / f"step-{last['steps']}").is_dir()  # the run, not the timing run
+
+
 def test_probe_benchmark_reports_an_accuracy_and_a_chance_level_per_attribute(
     tiny_world: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
