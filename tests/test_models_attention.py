@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,3 +166,27 @@ def test_decoding_mask_kept_by_the_cache_equals_the_dense_rule_as_it_grows():
     cache.advance(2, torch.tensor([2]))
     cache.append_docs(None, 1, 1, torch.device("cpu"))
     assert cache.continuation_mask().kind == "none"
+
+
+def test_training_on_cpu_uses_the_math_backend_for_bounded_rows_with_the_same_gradients():
+    from mm1.models.attention import CPU_MATH_MAX_TOKENS, training_sdpa
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 48, 16, generator=gen, requires_grad=True) for _ in range(3))
+    mask = torch.ones(48, 48, dtype=torch.bool).tril()
+
+    def grads(ctx: object) -> list[torch.Tensor]:
+        with ctx:  # type: ignore[attr-defined]
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return list(torch.autograd.grad((y * y).sum(), (q, k, v)))
+
+    cpu = torch.device("cpu")
+    with training_sdpa(cpu, 512):
+        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
+    with training_sdpa(cpu, CPU_MATH_MAX_TOKENS + 1):  # long rows keep the fused kernel (memory)
+        assert torch.backends.cuda.flash_sdp_enabled()
+    with training_sdpa(torch.device("meta"), 512):  # other devices keep their kernels
+        assert torch.backends.cuda.flash_sdp_enabled()
+    for a, b in zip(grads(training_sdpa(cpu, 48)), grads(contextlib.nullcontext())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

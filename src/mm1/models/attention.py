@@ -22,6 +22,7 @@ When there are no documents and no padding, SDPA's own `is_causal=True` path is 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mm1.registry import one_of
 
@@ -201,6 +203,21 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
                 stacklevel=3,
             )
     return attend(q, k, v, dense())
+
+
+CPU_MATH_MAX_TOKENS = 2048  # the math path keeps [B, H, T, T] scores for backward: bounded rows only
+
+
+def training_sdpa(device: torch.device, seq_len: int) -> contextlib.AbstractContextManager:
+    """The SDPA backend for a training forward. On CPU the fused flash kernel is fast forward, but its
+    backward is about ten times slower than its forward (tiny preset: 18 ms against 1.7 ms a call,
+    a third of a training step); the math backend runs both directions as oneDNN/MKL matmuls, and a
+    grounding SFT step took 0.29-0.36 s instead of 0.46-0.51 s (benchmarks/RESULTS.md). It holds
+    the [T, T] scores for backward, so only for rows up to CPU_MATH_MAX_TOKENS. CUDA keeps its fused
+    kernels, and inference (no backward) keeps flash on every device."""
+    if device.type == "cpu" and seq_len <= CPU_MATH_MAX_TOKENS:
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:

@@ -28,6 +28,7 @@ import torch
 from mm1.config import Config, to_yaml
 from mm1.data.inputs import resolve_inputs
 from mm1.data.kinds import KINDS
+from mm1.models.attention import training_sdpa
 from mm1.train import checkpoint as ckpt_io
 from mm1.train.batches import ShardedLoader, to_device
 from mm1.train.distributed import (
@@ -248,7 +249,7 @@ class Trainer:
         for i, mb in enumerate(micro):
             batch = to_device(mb, env.device)
             with self._sync(i == accum - 1):
-                with self._autocast():
+                with self._autocast(), training_sdpa(env.device, self.cfg.data.seq_len):
                     out = self.model(batch)
                 objective = out["loss_sum"] / global_n * env.world_size
                 if "aux_loss" in out:
