@@ -81,7 +81,10 @@ def _init_checkpoint(args: argparse.Namespace) -> str:
 
 
 CALIBRATION_STEPS = 30
-BUDGET_MARGIN = 1.03  # the run's periodic loss_probe / loss_shuffled and its final checkpoint
+# The step time of a 2-core VM drifts within minutes: a 30-step calibration read 0.457 s against the
+# run's 0.42, and 0.241 s against 0.291 (a 600 s budget became 703 s); 1.2 covers that drift, the
+# run's periodic loss_probe / loss_shuffled and its final checkpoint.
+BUDGET_MARGIN = 1.2
 
 
 def _steps_in_budget(overrides: list[str], seconds: float, out: Path) -> tuple[int, float]:
