@@ -59,32 +59,28 @@ def test_wsd_holds_the_peak_then_decays_linearly_to_the_floor_over_the_last_frac
     assert f(19) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
 
 
-def test_schedule_is_chosen_by_name_and_an_unknown_one_is_rejected():
+def scheduled_lrs(cfg: TrainConfig) -> list[float]:
+    """The LR each of `cfg.steps` optimizer steps of a toy model runs at."""
     model = nn.Linear(4, 4)
-    cfg = TrainConfig(steps=10, warmup_steps=2, lr=1e-3, schedule="wsd", decay_fraction=0.5)
     opt = build_optimizer(model, cfg, resolve_lr(cfg, count_trainable(model)))
     sched = build_scheduler(opt, cfg)
     lrs = []
-    for _ in range(10):
+    for _ in range(cfg.steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs
+
+
+def test_schedule_is_chosen_by_name_and_an_unknown_one_is_rejected():
+    lrs = scheduled_lrs(TrainConfig(steps=10, warmup_steps=2, lr=1e-3, schedule="wsd", decay_fraction=0.5))
     assert lrs[1:5] == [1e-3] * 4 and lrs[-1] == pytest.approx(1e-4) and lrs[5] < 1e-3
     with pytest.raises(ConfigError, match="train.schedule"):
         load_config(preset_path("tiny"), ["train.schedule=linear"])
 
 
 def test_scheduler_peaks_at_exactly_the_configured_lr_even_when_the_run_is_shorter_than_warmup():
-    model = nn.Linear(4, 4)
-    cfg = TrainConfig(steps=3, warmup_steps=100, lr=1e-3)
-    opt = build_optimizer(model, cfg, resolve_lr(cfg, count_trainable(model)))
-    sched = build_scheduler(opt, cfg)
-    lrs = []
-    for _ in range(3):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert max(lrs) == 1e-3
+    assert max(scheduled_lrs(TrainConfig(steps=3, warmup_steps=100, lr=1e-3))) == 1e-3
 
 
 class Toy(nn.Module):
