@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     overrides += list(args.overrides)
     out = Path(args.out)
     steps, per_step = args.steps, None
+    if steps <= 0 and not args.seconds > 0:
+        raise SystemExit(f"grounding.py: --seconds {args.seconds} must be > 0 (or give --steps N)")
     if steps <= 0:
         steps, per_step = _steps_in_budget(overrides, args.seconds, out)
     cfg = load_config(preset_path("tiny"), overrides + [f"train.steps={steps}", f"train.save_every={steps}"])

@@ -225,6 +225,15 @@ def test_grounding_benchmark_turns_a_time_budget_into_steps_timed_on_this_machin
     assert (tmp_path / "run" / "checkpoints" / f"step-{last['steps']}").is_dir()  # the run, not the timing run
 
 
+def test_grounding_benchmark_refuses_an_empty_time_budget(single_world: Path, tmp_path: Path) -> None:
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    grounding = importlib.import_module("grounding")
+    with pytest.raises(SystemExit, match="--seconds 0.0 must be > 0"):
+        grounding.main(["--scratch", "--seconds", "0", "--world", str(single_world), "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()  # refused before anything was trained or written
+
+
 def test_probe_benchmark_reports_an_accuracy_and_a_chance_level_per_attribute(
     tiny_world: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

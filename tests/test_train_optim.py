@@ -77,6 +77,8 @@ def test_schedule_is_chosen_by_name_and_an_unknown_one_is_rejected():
     assert lrs[1:5] == [1e-3] * 4 and lrs[-1] == pytest.approx(1e-4) and lrs[5] < 1e-3
     with pytest.raises(ConfigError, match="train.schedule"):
         load_config(preset_path("tiny"), ["train.schedule=linear"])
+    with pytest.raises(ConfigError, match="train.decay_fraction"):
+        load_config(preset_path("tiny"), ["train.schedule=wsd", "train.decay_fraction=0"])
 
 
 def test_scheduler_peaks_at_exactly_the_configured_lr_even_when_the_run_is_shorter_than_warmup():
