@@ -199,7 +199,7 @@ def test_grounding_benchmark_scores_accuracy_prior_and_shuffled(
         assert sum(info[key].values()) / 3 == pytest.approx(last[headline], abs=0.01)
 
 
-def test_grounding_benchmark_turns_a_time_budget_into_steps_timed_on_this_machine(
+def test_grounding_benchmark_trains_on_the_clock_for_its_time_budget(
     single_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     lines = run_bench(
@@ -217,12 +217,12 @@ def test_grounding_benchmark_turns_a_time_budget_into_steps_timed_on_this_machin
         "model.vision.depth=1",
         capsys=capsys,
     )
-    from grounding import BUDGET_MARGIN
-
     info, last = lines[-2], lines[-1]
-    assert info["budget_s"] == 1.5 and info["calibrated_step_s"] > 0
-    assert last["steps"] == max(1, int(1.5 / (info["calibrated_step_s"] * BUDGET_MARGIN)))
-    assert (tmp_path / "run" / "checkpoints" / f"step-{last['steps']}").is_dir()  # the run, not the timing run
+    assert info["budget_s"] == 1.5 and last["steps"] >= 1
+    # the clock ended it (the step cap is a million); set-up and the final checkpoint come beside
+    assert last["seconds"] < 1.5 + 10
+    assert sum(1 for _ in (tmp_path / "run" / "metrics.jsonl").open()) == last["steps"]
+    assert (tmp_path / "run" / "checkpoints" / f"step-{last['steps']}").is_dir()
 
 
 def test_grounding_benchmark_refuses_an_empty_time_budget(single_world: Path, tmp_path: Path) -> None:

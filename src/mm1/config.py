@@ -187,6 +187,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"  # cosine | wsd (flat at the peak, linear decay over the last decay_fraction)
     decay_fraction: float = 0.2  # schedule=wsd: share of the steps spent decaying to min_lr_ratio
+    # > 0: end the run on the clock after this many seconds (schedule=wsd; train.steps stays a cap);
+    # the decay starts at (1 - decay_fraction) of it and its end is re-projected each step
+    time_budget_s: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_accum: int = 1
     clip: float = 1.0
@@ -556,5 +559,18 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     _one_of("train.schedule", t.schedule, ["cosine", "wsd"])
     _check(0.0 < t.decay_fraction <= 1.0, "train.decay_fraction", t.decay_fraction, "must be in (0, 1]")
+    _check(
+        math.isfinite(t.time_budget_s) and t.time_budget_s >= 0,
+        "train.time_budget_s",
+        t.time_budget_s,
+        "must be >= 0 seconds (0 = no budget: train.steps steps)",
+    )
+    _check(
+        t.time_budget_s == 0 or t.schedule == "wsd",
+        "train.time_budget_s",
+        t.time_budget_s,
+        f"needs train.schedule=wsd (got {t.schedule!r}): a cosine's shape is fixed by train.steps, a WSD "
+        "decay can start when the clock says",
+    )
     _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
     _check(t.save_every >= 1, "train.save_every", t.save_every, "must be >= 1")

@@ -68,6 +68,12 @@ class MetricsLogger:
                 total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0
             )
 
+    def set_total(self, total_steps: int) -> None:
+        """The run's length changed (`train.time_budget_s` decided where it ends)."""
+        self.total = total_steps
+        if self.bar is not None:
+            self.bar.total = total_steps
+
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return

@@ -223,10 +223,22 @@ class WarmupStableDecay:
         self.min_ratio = float(min_ratio)
         self.decay_steps = min(self.total - self.warmup, max(1, round(decay_fraction * self.total)))
 
+    @property
+    def decay_start(self) -> int:
+        """The first step of the decay."""
+        return self.total - self.decay_steps
+
+    def end_at(self, total: int, decay_start: int) -> None:
+        """Make step `total - 1` the last, decaying from `decay_start` (a time budget decides both
+        while the run goes, `mm1.train.budget`); a decay that has already begun keeps its start."""
+        start = min(decay_start, self.decay_start)
+        self.total = max(1, int(total))
+        self.decay_steps = max(1, self.total - start)
+
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / self.warmup
-        start = self.total - self.decay_steps  # first step of the decay
+        start = self.decay_start
         if step < start or self.decay_steps <= 1:
             return 1.0
         t = min(1.0, (step - start + 1) / self.decay_steps)  # 1 at the last step

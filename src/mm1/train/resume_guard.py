@@ -32,6 +32,7 @@ log = logging.getLogger("mm1.train")
 # changes that a continued run really applies (the schedule and loop read train.steps from the config)
 RESUMABLE = (
     "train.steps",
+    "train.time_budget_s",
     "train.save_every",
     "train.keep_last",
     "train.log_every",

@@ -31,6 +31,8 @@ from mm1.data.kinds import KINDS
 from mm1.models.attention import training_sdpa
 from mm1.train import checkpoint as ckpt_io
 from mm1.train.batches import ShardedLoader, to_device
+from mm1.train.budget import TimeBudget
+from mm1.train.budget import now as budget_clock
 from mm1.train.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -89,6 +91,8 @@ class Trainer:
         self.stage = STAGES.get(t.stage)
         self.prefix = self.stage.checkpoint_prefix
         self.last_ckpt: Path | None = None
+        self.budget: TimeBudget | None = None
+        self.saved_budget: dict | None = None  # a resumed run's clock and decay (train.time_budget_s)
 
     # ------------------------------------------------------------------ setup
 
@@ -180,6 +184,7 @@ class Trainer:
             )
             self.loader.load_state_dict(rank_state["data"])
             start = int(trainer_state["step"])
+            self.saved_budget = trainer_state.get("budget")
             self.last_ckpt = latest
             if env.is_main:
                 truncate_metrics(out / "metrics.jsonl", start)
@@ -314,7 +319,10 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             env=self.env,
-            trainer_state={"n_trainable_params": self.n_params},
+            trainer_state={
+                "n_trainable_params": self.n_params,
+                **({"budget": self.budget.state_dict()} if self.budget else {}),
+            },
             rank_state={"data": self.loader.state_dict()},
             extra=extra,
             keep_last=cfg.train.keep_last,
@@ -322,17 +330,46 @@ class Trainer:
             consolidated=cfg.train.save_consolidated,
         )
 
+    def _time_budget(self, started: float) -> TimeBudget | None:
+        """`train.time_budget_s` as a clock that ends the WSD run (`mm1.train.budget`); None if unset."""
+        t, env = self.cfg.train, self.env
+        if t.time_budget_s <= 0:
+            return None
+
+        def agree(seconds: float) -> float:
+            if env.world_size == 1:
+                return seconds
+            total = all_reduce_sum(torch.tensor(seconds, dtype=torch.float64, device=env.device), env)
+            return float(total) / env.world_size
+
+        budget = TimeBudget(
+            t.time_budget_s,
+            t.decay_fraction,
+            self.scheduler.lr_lambdas[0],
+            t.steps,
+            started,
+            agree=agree,
+        )
+        if self.saved_budget is not None:
+            budget.restore(self.saved_budget)
+            log.info("train.time_budget_s=%g: %.1f s spent before this resume", t.time_budget_s, budget.spent())
+        return budget
+
     def run(self, resume: bool) -> dict[str, Any]:
+        started = budget_clock()
         self._setup()
         start = self._start_run_dir(resume)
+        self.budget = self._time_budget(started)
         t = self.cfg.train
         logger = MetricsLogger(
             self.out, t.steps, start, self.env.is_main, self.cfg, progress=sys.stderr.isatty(), log_every=t.log_every
         )
         first = last = None
         self.model.train()
+        step = start
+        end = self.budget.end if self.budget and self.budget.end is not None else t.steps
         try:
-            for step in range(start, t.steps):
+            while step < end:
                 t0 = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
                 record, norm = self._step()
@@ -340,6 +377,9 @@ class Trainer:
                 if finite:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.budget is not None:  # the clock may end the run here or set where it will
+                    end = step + 1 if self.budget.after_step(step + 1) else (self.budget.end or t.steps)
+                    logger.set_total(end)
                 self.scheduler.step()
                 dt = max(time.perf_counter() - t0, 1e-9)
                 record = {
@@ -367,18 +407,19 @@ class Trainer:
                             "continue with --resume; or set train.nonfinite=skip to drop such steps"
                         )
                     log.warning("step %d: non-finite loss/grad norm, step skipped (train.nonfinite=skip)", step + 1)
-                if self.probe is not None and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
+                if self.probe is not None and ((step + 1) % t.eval_every == 0 or step + 1 == end):
                     record.update(self.probe.measure(self.model, self._autocast))
                 first = record["loss"] if first is None else first
                 last = record["loss"]
                 logger.log(record)
-                if (step + 1) % t.save_every == 0 or step + 1 == t.steps:
+                if (step + 1) % t.save_every == 0 or step + 1 == end:
                     self._save(step + 1)
+                step += 1
         finally:
             logger.close()
         return {
             "run_dir": str(self.out),
-            "steps": t.steps,
+            "steps": step,
             "start_step": start,
             "first_loss": first,
             "final_loss": last,
