@@ -50,7 +50,8 @@ def test_the_decay_starts_at_the_fraction_of_the_budget_and_the_run_ends_inside_
     wsd = WarmupStableDecay(warmup=5, total=10_000, min_ratio=0.1, decay_fraction=0.2)
     budget = TimeBudget(100.0, 0.2, wsd, max_steps=10_000, started=clock.t)
     mults = _run(budget, clock, lambda step: 1.0)
-    assert len(mults) == 100 and budget.spent() == pytest.approx(100.0)
+    assert budget.reserve == 1.0  # 1 % kept for the final checkpoint
+    assert len(mults) == 99 and budget.spent() == pytest.approx(99.0)
     assert mults[4:80] == [1.0] * 76  # peak until 80 s
     assert mults[-1] == pytest.approx(0.1) and all(a > b for a, b in zip(mults[80:], mults[81:], strict=False))
 
@@ -59,10 +60,21 @@ def test_a_machine_that_slows_down_mid_decay_still_ends_within_one_step_of_the_b
     wsd = WarmupStableDecay(warmup=0, total=10_000, min_ratio=0.0, decay_fraction=0.2)
     budget = TimeBudget(100.0, 0.2, wsd, max_steps=10_000, started=clock.t)
     mults = _run(budget, clock, lambda step: 1.0 if step < 85 else 2.0)  # twice as slow from 85 s on
-    assert 100.0 - 2.0 < budget.spent() <= 100.0
-    assert len(mults) < 100 and mults[-1] == 0.0  # fewer steps, the decay still reaches the floor
-    # a fixed count taken from the first 80 steps would have run 100 steps: 130 s
+    assert 99.0 - 2.0 < budget.spent() <= 99.0
+    assert len(mults) < 99 and mults[-1] == 0.0  # fewer steps, the decay still reaches the floor
+    # a fixed count taken from the first 80 steps would have run 99 steps: 127 s
     assert budget.end == len(mults)
+
+
+def test_a_timed_checkpoint_write_widens_the_reserve_and_survives_a_resume(clock):
+    wsd = WarmupStableDecay(warmup=0, total=10_000, min_ratio=0.0, decay_fraction=0.2)
+    budget = TimeBudget(100.0, 0.2, wsd, max_steps=10_000, started=clock.t)
+    budget.saved(4.0)
+    assert budget.reserve == 6.0
+    assert len(_run(budget, clock, lambda step: 1.0)) == 94
+    again = TimeBudget(100.0, 0.2, WarmupStableDecay(0, 10_000, 0.0, 0.2), max_steps=10_000, started=clock.t)
+    again.restore(budget.state_dict())
+    assert again.reserve == 6.0 and again.end == 94 and again.spent() == pytest.approx(94.0)
 
 
 def test_train_steps_stays_a_cap_with_the_plain_wsd_shape(clock):
@@ -95,8 +107,9 @@ ARGS = [
 
 
 def test_a_budgeted_run_ends_on_the_clock_and_resumes_mid_decay_exactly(tiny_world, tmp_path, clock, monkeypatch):
-    """Each step takes one fake second, so the run is 16 steps: 8 at the peak, 8 decaying. A resume
-    from the checkpoint of step 12 (mid-decay) restores the clock and the decay: same steps, LRs, losses."""
+    """Each step takes one fake second and a checkpoint none, so the run is 15 steps (0.16 s kept for
+    the last checkpoint): 8 at the peak, 7 decaying. A resume from the checkpoint of step 12
+    (mid-decay) restores the clock and the decay: the same steps, LRs and losses."""
     real_step = Trainer._step
 
     def one_second_step(self):
@@ -108,10 +121,10 @@ def test_a_budgeted_run_ends_on_the_clock_and_resumes_mid_decay_exactly(tiny_wor
     ref = tmp_path / "ref"
     result = train(cfg, ref)
     rows = read_metrics(ref)
-    assert result["steps"] == len(rows) == 16
+    assert result["steps"] == len(rows) == 15
     peak = rows[3]["lr"]
     assert [r["lr"] for r in rows[3:8]] == [peak] * 5 and rows[-1]["lr"] == pytest.approx(0.1 * peak)
-    assert list_checkpoints(ref)[-1].name.endswith("16")  # the last step wrote its checkpoint
+    assert list_checkpoints(ref)[-1].name.endswith("15")  # the last step wrote its checkpoint
 
     run = tmp_path / "resumed"
     shutil.copytree(ref, run)

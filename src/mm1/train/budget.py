@@ -5,7 +5,8 @@ shared or throttled CPU drifts by ±20 % within minutes, so a count calibrated o
 600 s budget by 5-17 % (docs/grounding.md section 12). Here the stable phase lasts until the clock
 reaches (1 − decay_fraction) of the budget; from then on, after every step, the run's end is
 re-estimated from the time the last WINDOW steps took (periodic evals and checkpoint writes
-included), and the linear decay is stretched or shortened to end there. `train.steps` stays a cap:
+included), and the linear decay is stretched or shortened to end there, leaving room for the final
+checkpoint (RESERVE_SHARE of the budget, or more once a checkpoint write was timed). `train.steps` stays a cap:
 a run that reaches it first decays by its step count as usual.
 
 The clock counts from the start of `Trainer.run` (set-up included) and is carried in checkpoints,
@@ -24,6 +25,10 @@ from mm1.train.optim import WarmupStableDecay
 
 WINDOW = 20  # steps whose wall time sets the rate the end is projected at
 RECENT = 3  # the latest steps, whose median wins when the machine slows down
+# kept free at the end for the final checkpoint: this share of the budget, or 1.5 x the longest
+# checkpoint write timed so far if that is more
+RESERVE_SHARE = 0.01
+RESERVE_SAVES = 1.5
 
 
 def now() -> float:
@@ -53,17 +58,34 @@ class TimeBudget:
         self._t0 = started
         self._marks: deque[tuple[int, float]] = deque(maxlen=WINDOW + 1)
         self.end: int | None = None  # the projected last step count once the decay has begun
+        self.projected_end = max_steps  # where the run would end at the current speed (for progress)
+        self.longest_save = 0.0
+
+    @property
+    def reserve(self) -> float:
+        """Seconds left free after the last step, for writing its checkpoint."""
+        return max(RESERVE_SHARE * self.seconds, RESERVE_SAVES * self.longest_save)
+
+    def saved(self, seconds: float) -> None:
+        """A checkpoint write took `seconds` (the final one will take about as long)."""
+        self.longest_save = max(self.longest_save, seconds)
 
     def spent(self) -> float:
         """Seconds of this run so far, across resumes, agreed between ranks."""
         return self.agree(now() - self._t0)
 
     def state_dict(self) -> dict:
-        return {"spent_s": self.spent(), "end": self.end, "decay_start": self.schedule.decay_start}
+        return {
+            "spent_s": self.spent(),
+            "end": self.end,
+            "decay_start": self.schedule.decay_start,
+            "longest_save_s": self.longest_save,
+        }
 
     def restore(self, state: dict) -> None:
         """Continue a saved run: add the seconds it had spent, and keep the decay it had begun."""
         self._t0 -= float(state["spent_s"])
+        self.longest_save = float(state.get("longest_save_s", 0.0))
         if state.get("end") is not None:
             self.end = int(state["end"])
             self.schedule.end_at(self.end, int(state["decay_start"]))
@@ -84,9 +106,10 @@ class TimeBudget:
         """Call after `done` steps, before the scheduler steps; True if `done` was the last step."""
         spent = self.spent()
         self._marks.append((done, spent))
+        left = max(0, int((self.seconds - self.reserve - spent) / max(self._step_seconds(spent, done), 1e-9)))
+        self.projected_end = min(self.max_steps, done + left)
         if self.end is None and spent < self.decay_at and done < self.schedule.decay_start:
             return done >= self.max_steps
-        left = max(0, int((self.seconds - spent) / max(self._step_seconds(spent, done), 1e-9)))
-        self.end = min(self.max_steps, done + left)
+        self.end = self.projected_end
         self.schedule.end_at(self.end, decay_start=done)
         return done >= self.end

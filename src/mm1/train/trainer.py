@@ -379,7 +379,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.budget is not None:  # the clock may end the run here or set where it will
                     end = step + 1 if self.budget.after_step(step + 1) else (self.budget.end or t.steps)
-                    logger.set_total(end)
+                    logger.set_total(min(end, self.budget.projected_end))
                 self.scheduler.step()
                 dt = max(time.perf_counter() - t0, 1e-9)
                 record = {
@@ -413,7 +413,10 @@ class Trainer:
                 last = record["loss"]
                 logger.log(record)
                 if (step + 1) % t.save_every == 0 or step + 1 == end:
+                    t_save = budget_clock()
                     self._save(step + 1)
+                    if self.budget is not None:
+                        self.budget.saved(budget_clock() - t_save)
                 step += 1
         finally:
             logger.close()
