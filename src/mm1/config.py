@@ -158,6 +158,9 @@ class DataConfig:
     num_workers: int = 0
     resize: str = "crop"  # crop | pad
     max_skip_rate: float = 0.05
+    # records of a file read in a seeded permutation per epoch, within blocks of this many (held in
+    # memory raw: paths for JSON sources, image bytes for tar shards); 1 = file order
+    shuffle_block: int = 256
     # what untrusted data may make mm1 do (README "Security and trust"); the defaults are the safe side
     allow_commands: bool = False  # pipe:CMD and URL sources (a shell command / network per shard)
     allow_outside_paths: bool = False  # image paths in data/task files that leave the file's folder (or root)
@@ -536,6 +539,7 @@ def validate(cfg: Config) -> None:
         "must be in [0, 1]",
     )
     _check(0.0 <= d.max_skip_rate <= 1.0, "data.max_skip_rate", d.max_skip_rate, "must be in [0, 1]")
+    _check(d.shuffle_block >= 1, "data.shuffle_block", d.shuffle_block, "must be >= 1 (1 = each file in its order)")
 
     t = cfg.train
     _one_of("train.strategy", t.strategy, ["auto", "single", "ddp", "fsdp"])

@@ -43,15 +43,17 @@ class SourceReader:
         self.kind, self.files, self.skips = kind, files, skips
         self.context = ReadContext(policy, image_root)
 
-    def read(self, file: str, start: int = 0) -> Iterator[Any]:
+    def read(self, file: str, start: int = 0, replay: int = 0) -> Iterator[Any]:
         """Good records of `file`, in order, from the `start`-th on. Resuming replays the first
-        `start` records without counting their skips again (the SkipCounter state was restored)."""
-        tally = Tally(self.skips, muted=start > 0)
+        `start` records, and the `replay` after them that were read before (a shuffle block), without
+        counting their skips again (the SkipCounter state was restored)."""
+        quiet = start + replay
+        tally = Tally(self.skips, muted=quiet > 0)
         n = 0
         for record in self.kind.read(file, tally, self.context):
             n += 1
+            tally.muted = n < quiet
             if n <= start:
-                tally.muted = n < start
                 continue
             yield record
 

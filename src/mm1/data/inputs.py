@@ -91,7 +91,10 @@ def resolve_inputs(
     if tokenizer is None and load_tokenizer:
         tokenizer = Tokenizer.load(tok_path.replace(WORLD, root))
     policy = ReadPolicy.from_config(d)
-    specs = [SourceSpec(name, kind, path.replace(WORLD, root), weight, policy) for name, kind, path, weight in raw]
+    specs = [
+        SourceSpec(name, kind, path.replace(WORLD, root), weight, policy, d.shuffle_block)
+        for name, kind, path, weight in raw
+    ]
     return Inputs(world, tokenizer, specs)
 
 

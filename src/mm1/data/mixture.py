@@ -5,7 +5,9 @@ a golden-ratio low-discrepancy sequence over the cumulative weights, shuffled wi
 rows, so shares converge to the weights (error O(log n / n), not O(1/sqrt n)) and nothing about it
 needs saving. Each (rank, worker) shard owns a disjoint part of every source's record stream - whole
 files when there are enough, else every S-th record - and cycles through epochs in a per-epoch
-shuffled file order. A stream's resume point is a cursor (epoch, file, record) of the oldest record
+shuffled file order, each file's records in a seeded per-epoch permutation within blocks of
+`data.shuffle_block` (one SFT JSON would otherwise be read in one order by every seed and epoch,
+and seed sweeps measured nothing). A stream's resume point is a cursor (epoch, file, record) of the oldest record
 still waiting in the packing buffer plus the ids of the waiting pieces: restoring it re-reads at
 most the look-ahead window (no image decoding for records already used), so resume is exact and
 cheap. The DataLoader side (workers, batches, state) is `mm1.data.loader`.
@@ -18,6 +20,7 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
@@ -40,6 +43,7 @@ class SourceSpec:
     path: str
     weight: float
     policy: ReadPolicy = ReadPolicy()  # what the data may make mm1 read or run (`mm1.data.safety`)
+    shuffle_block: int = 1  # records permuted together within a file (data.shuffle_block); 1 = file order
 
 
 class MixtureSchedule:
@@ -144,7 +148,7 @@ class SourceStream:
                 self.epoch, self.file, self.rec, self.glob, self._owned_in_epoch = self.epoch + 1, 0, 0, 0, 0
                 continue
             if self._it is None:  # resuming inside a file re-reads (never decodes) the records before
-                self._it = iter(self.reader.read(files[self.file], self.rec))
+                self._it = self._file_records(files[self.file], self.rec)
             before = (self.epoch, self.file, self.rec, self.glob)
             record = next(self._it, None)
             if record is None:
@@ -154,6 +158,26 @@ class SourceStream:
             if self.by_file or before[3] % self.num_shards == self.shard:
                 self._owned_in_epoch += 1
                 return before, record
+
+    def _file_records(self, file: str, start: int) -> Iterator[Any]:
+        """`file`'s records from the `start`-th of this epoch's order on: each block of
+        `shuffle_block` records in a permutation seeded by (seed, source, epoch, file, block), the
+        same on every shard. Resuming mid-block re-reads that block's raw records (not decoded)."""
+        size = self.spec.shuffle_block
+        if size <= 1:
+            yield from self.reader.read(file, start)
+            return
+        first = start - start % size
+        records = iter(self.reader.read(file, first, replay=size if start > first else 0))
+        block_index, skip = first // size, start - first
+        file_index = self.files.index(file)
+        while block := list(islice(records, size)):
+            order = list(range(len(block)))
+            key = f"records/{self.seed}/{self.spec.name}/{self.epoch}/{file_index}/{block_index}"
+            random.Random(key).shuffle(order)
+            for i in order[skip:]:
+                yield block[i]
+            block_index, skip = block_index + 1, 0
 
     def _build(self, record: Any) -> list[Doc]:
         try:
