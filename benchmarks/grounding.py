@@ -85,8 +85,17 @@ MAX_BUDGETED_STEPS = 1_000_000
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.steps <= 0 and not args.seconds > 0:
+        raise SystemExit(f"grounding.py: --seconds {args.seconds} must be > 0 (or give --steps N)")
     data = load_config(preset_path("tiny"), [f"data.world={args.world}", "data.world_preset=single"]).data
     world = ensure_world(data)
+    task = get_task("world_vqa", world)
+    items = task.test[: args.limit] if args.limit else task.test
+    if len({key for item in items for key in item.image_keys}) < 2:
+        raise SystemExit(
+            f"grounding.py: --limit {args.limit} scores questions about one image only, so the image-shuffled "
+            "control has no other image to swap in; use --limit 0 (all) or at least 6"
+        )
     init = _init_checkpoint(args)
     overrides = [
         "train.stage=sft",
@@ -109,8 +118,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         overrides += [f"train.init_from={init}", f"data.tokenizer={Path(init) / 'tokenizer.json'}"]
     overrides += list(args.overrides)
     out = Path(args.out)
-    if args.steps <= 0 and not args.seconds > 0:
-        raise SystemExit(f"grounding.py: --seconds {args.seconds} must be > 0 (or give --steps N)")
     if args.steps > 0:
         length = [f"train.steps={args.steps}", f"train.save_every={args.steps}"]
     else:
@@ -127,8 +134,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     model, cfg, tokenizer = load_checkpoint(out)
     cfg.eval.chat, cfg.eval.shuffled_control, cfg.eval.seed, cfg.data.world = True, True, args.seed, str(world)
-    task = get_task("world_vqa", world)
-    items = task.test[: args.limit] if args.limit else task.test
     res = evaluate(model.eval(), tokenizer, cfg, ["world_vqa"], [0], len(items), log=None)[0]
     prior = blind_baseline(task, limit=len(items))
     result = {

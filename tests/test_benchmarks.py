@@ -225,12 +225,21 @@ def test_grounding_benchmark_trains_on_the_clock_for_its_time_budget(
     assert (tmp_path / "run" / "checkpoints" / f"step-{last['steps']}").is_dir()
 
 
-def test_grounding_benchmark_refuses_an_empty_time_budget(single_world: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seconds", "0"], "--seconds 0.0 must be > 0"),
+        (["--steps", "2", "--limit", "3"], "one image only"),  # 3 questions per image: nothing to shuffle
+    ],
+)
+def test_grounding_benchmark_refuses_what_it_cannot_measure_before_training(
+    single_world: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
     if str(ROOT / "benchmarks") not in sys.path:
         sys.path.insert(0, str(ROOT / "benchmarks"))
     grounding = importlib.import_module("grounding")
-    with pytest.raises(SystemExit, match="--seconds 0.0 must be > 0"):
-        grounding.main(["--scratch", "--seconds", "0", "--world", str(single_world), "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match=message):
+        grounding.main(["--scratch", *args, "--world", str(single_world), "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()  # refused before anything was trained or written
 
 
