@@ -397,3 +397,10 @@ def test_resume_inside_a_shuffle_block_is_exact_and_counts_each_read_skip_once(
     again_skips.load_state_dict(counted)  # as the loader restores them, after the streams
     assert keys(again, 30) == after
     assert again_skips.counts == first_skips.counts == {"malformed json line": 5 + 4}  # epoch 0 and most of 1
+
+
+def test_a_shuffle_block_below_one_is_refused_with_the_key_named() -> None:
+    from mm1.config import load_config, preset_path
+
+    with pytest.raises(ConfigError, match="data.shuffle_block"):
+        load_config(preset_path("tiny"), ["data.shuffle_block=0"])
