@@ -110,6 +110,31 @@ def test_hard_negative_captions_swap_only_the_grouped_words_and_flag_captions_wi
     assert train(cfg, tmp_path / "hn")["final_loss"] is not None
 
 
+def test_the_tiny_presets_hard_negatives_change_every_caption_that_names_a_shape(tiny_world):
+    """Plural shape words are tokens of their own: a preset listing only singulars left captions such
+    as "two red stars" with nothing to swap, so they never asked the encoder for shape."""
+    import json
+
+    from mm1.config import load_config, preset_path
+    from mm1.data.tokenizer import Tokenizer
+    from mm1.data.world.language import plural
+    from mm1.data.world.scenes import SHAPES
+    from mm1.train.encoder import WordSwapper
+
+    tok = Tokenizer.load(tiny_world / "tokenizer.json")
+    swap = WordSwapper(load_config(preset_path("tiny"), []).train.hard_negatives, tok.encode)
+    coco = json.loads((tiny_world / "eval" / "caption_test.json").read_text())
+    captions = [a["caption"] for a in coco["annotations"]]
+    words = {w for s in SHAPES for w in (s, plural(s))}
+    naming = [c for c in captions if words & set(c.lower().replace(",", " ").replace(".", " ").split())]
+    assert len(naming) > 100 and any(plural(s) in c for c in naming for s in SHAPES)
+    rows = [tok.encode(c) for c in naming]
+    ids = torch.tensor([r + [0] * (max(map(len, rows)) - len(r)) for r in rows])
+    _, changed = swap(ids, torch.Generator().manual_seed(0))
+    unchanged = [c for c, ok in zip(naming, changed.tolist()) if not ok]
+    assert not unchanged, f"{len(unchanged)} captions kept their shape words, e.g. {unchanged[:3]}"
+
+
 def test_sft_starts_from_pretrain_at_higher_resolution_with_subimages(pretrain_run, tiny_world, tmp_path):
     over = [
         "train.stage=sft",

@@ -44,11 +44,14 @@ TONES: dict[str, tuple[int, int, int]] = {
     "teal": (90, 140, 140),
 }
 LABEL_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ2345679"  # no O/0, I/1: the label should be readable, not a trick
+# shape radius as a fraction of the image side ("huge": the single world). Generator 5 raised small /
+# large from 0.075 / 0.14: at the encoder's 64 px a small shape was ~10 px across and a hexagon and a
+# circle differed by a pixel or two (docs/grounding.md section 14); a large one still fits its cell
 SCALE = {
-    "small": 0.075,
-    "large": 0.14,
+    "small": 0.11,
+    "large": 0.17,
     "huge": 0.25,
-}  # shape radius as a fraction of the image side ("huge": the single world)
+}
 SUPERSAMPLE = 2  # shapes are drawn at 2x and box-downsampled: cheap anti-aliasing
 
 
