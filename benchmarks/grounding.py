@@ -50,7 +50,7 @@ from mm1.eval.baselines import blind_baseline  # noqa: E402
 from mm1.eval.runner import evaluate  # noqa: E402
 from mm1.eval.tasks import get_task  # noqa: E402
 from mm1.experiments.demo import DemoPlan, train_pretrained  # noqa: E402
-from mm1.train.checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
+from mm1.train.checkpoint import load_checkpoint, read_config, resolve_checkpoint  # noqa: E402
 from mm1.train.precision import resolve_precision  # noqa: E402
 from mm1.train.trainer import train  # noqa: E402
 
@@ -116,7 +116,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"train.precision={resolve_precision(DemoPlan().precision)}",  # as the demo: bf16 where native
     ]
     if init:
-        overrides += [f"train.init_from={init}", f"data.tokenizer={Path(init) / 'tokenizer.json'}"]
+        # the checkpoint's ViT stem (the demo trains a conv stem; a patchify checkpoint keeps patchify)
+        stem = read_config(Path(init)).model.vision.stem
+        overrides += [
+            f"train.init_from={init}",
+            f"data.tokenizer={Path(init) / 'tokenizer.json'}",
+            f"model.vision.stem={stem}",
+        ]
     overrides += list(args.overrides)
     out = Path(args.out)
     if args.steps > 0:

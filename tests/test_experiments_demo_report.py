@@ -99,3 +99,24 @@ def test_demo_precision_native_follows_the_hardware_and_rejects_unknown_values(m
         assert demo._stage_config(demo.DemoPlan(), "pretrain", []).train.precision == want
     with pytest.raises(ValueError, match="demo: precision must be one of native, fp32, bf16"):
         demo._stage_config(demo.DemoPlan(precision="fp16"), "pretrain", [])
+
+
+def test_demo_stages_share_the_plans_vit_stem_and_only_pretraining_slows_the_vit(monkeypatch, tmp_path):
+    from mm1.experiments import demo
+
+    assert {demo._stage_config(demo.DemoPlan(), s, []).model.vision.stem for s in ("encoder", "pretrain", "sft")} == {
+        "conv"
+    }
+    assert demo._stage_config(demo.DemoPlan(stem="patch"), "sft", []).model.vision.stem == "patch"
+    calls: dict[str, list[str]] = {}
+
+    def fake_stage(plan, out, stage, steps, extra):
+        calls[stage] = extra
+        return out / stage
+
+    monkeypatch.setattr(demo, "_train_stage", fake_stage)
+    monkeypatch.setattr(demo, "resolve_inputs", lambda *a, **k: None)
+    plan = demo.DemoPlan(pretrain_vision_lr_mult=0.25)
+    demo.train_pretrained(plan, tmp_path)
+    cfgs = {s: demo._stage_config(plan, s, extra) for s, extra in calls.items()}
+    assert cfgs["pretrain"].train.lr_mult.vision == 0.25 and cfgs["encoder"].train.lr_mult.vision == 1.0
