@@ -46,7 +46,7 @@ TONES: dict[str, tuple[int, int, int]] = {
 LABEL_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ2345679"  # no O/0, I/1: the label should be readable, not a trick
 # shape radius as a fraction of the image side ("huge": the single world). Generator 5 raised small /
 # large from 0.075 / 0.14: at the encoder's 64 px a small shape was ~10 px across and a hexagon and a
-# circle differed by a pixel or two (docs/grounding.md section 14); a large one still fits its cell
+# circle differed by a pixel or two (docs/grounding.md section 14); a large one about fills its cell
 SCALE = {
     "small": 0.11,
     "large": 0.17,
