@@ -77,7 +77,7 @@ def test_a_run_dir_is_not_overwritten_without_resume(pretrain_run, tiny_world):
         train(cfg_for(tiny_world, "train.steps=1"), pretrain_run)
 
 
-@pytest.mark.parametrize("objective", ["clip", "siglip", "aim"])
+@pytest.mark.parametrize("objective", ["clip", "siglip", "aim", "superclass"])
 def test_encoder_stage_trains_and_hands_its_vit_to_the_mllm(objective, tiny_world, tmp_path):
     out = tmp_path / objective
     result = train(
@@ -221,7 +221,14 @@ def test_a_non_finite_loss_is_caught(mode, tiny_world, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "stage, objective",
-    [("pretrain", "clip"), ("sft", "clip"), ("encoder", "clip"), ("encoder", "siglip"), ("encoder", "aim")],
+    [
+        ("pretrain", "clip"),
+        ("sft", "clip"),
+        ("encoder", "clip"),
+        ("encoder", "siglip"),
+        ("encoder", "aim"),
+        ("encoder", "superclass"),
+    ],
 )
 def test_every_stage_objective_returns_one_structure_and_counts_its_units(stage, objective, tiny_world):
     from mm1.data.inputs import resolve_inputs
@@ -245,3 +252,18 @@ def test_every_stage_objective_returns_one_structure_and_counts_its_units(stage,
         n = int((batch["targets"] != -100).sum())
         assert module.units(batch) == n and out["per_source"][1].sum() == n
         assert float(out["per_source"][0].sum()) == pytest.approx(float(out["loss_sum"].detach()), rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "encoder"])
+def test_activation_checkpointing_trains_the_same_weights_as_without(stage, tiny_world, tmp_path):
+    """The recomputation in backward ran outside the trainer's CPU SDPA backend (math), so its tensors
+    differed from the forward's and torch refused the first step, in fp32 and bf16 alike."""
+    runs = {}
+    for on in (False, True):
+        out = tmp_path / f"ckpt-{on}"
+        over = [f"train.stage={stage}", "train.steps=2", f"model.lm.activation_checkpointing={on}"]
+        train(cfg_for(tiny_world, *over), out)
+        runs[on] = read_checkpoint_weights(out / "checkpoints" / "step-2")
+    assert sorted(runs[True]) == sorted(runs[False])
+    for k, v in runs[False].items():
+        torch.testing.assert_close(runs[True][k], v, rtol=0, atol=1e-5, msg=k)

@@ -263,7 +263,10 @@ class Trainer:
                 add("loss_sum", out["loss_sum"])
                 if "per_source" in out:
                     add("per_source", out["per_source"])
-                objective.backward()
+                # activation checkpointing re-runs the forward inside backward: the same SDPA backend,
+                # or the recomputed tensors differ from the saved ones and torch refuses the step
+                with training_sdpa(env.device, self.cfg.data.seq_len):
+                    objective.backward()
             for k, v in out["metrics"].items():
                 add(k, v / accum / env.world_size)
                 metric_keys.add(k)
