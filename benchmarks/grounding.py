@@ -115,14 +115,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "train.lr_mult.vision=4.5",
         f"train.precision={resolve_precision(DemoPlan().precision)}",  # as the demo: bf16 where native
     ]
+    base = load_config(preset_path("tiny"))
     if init:
-        # the checkpoint's ViT stem (the demo trains a conv stem; a patchify checkpoint keeps patchify)
-        stem = read_config(Path(init)).model.vision.stem
-        overrides += [
-            f"train.init_from={init}",
-            f"data.tokenizer={Path(init) / 'tokenizer.json'}",
-            f"model.vision.stem={stem}",
-        ]
+        # the model the checkpoint holds (the demo's conv stem, or any other architecture it was
+        # trained with), not the preset's; the user's model.* overrides still apply on top
+        base.model = read_config(Path(init)).model
+        overrides += [f"train.init_from={init}", f"data.tokenizer={Path(init) / 'tokenizer.json'}"]
     overrides += list(args.overrides)
     out = Path(args.out)
     if args.steps > 0:
@@ -133,7 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"train.steps={MAX_BUDGETED_STEPS}",
             f"train.save_every={MAX_BUDGETED_STEPS}",
         ]
-    cfg = load_config(preset_path("tiny"), overrides + length)
+    cfg = load_config(None, overrides + length, base=base)
     shutil.rmtree(out, ignore_errors=True)
     start = time.time()
     steps = train(cfg, out)["steps"]

@@ -225,21 +225,33 @@ def test_grounding_benchmark_trains_on_the_clock_for_its_time_budget(
     assert (tmp_path / "run" / "checkpoints" / f"step-{last['steps']}").is_dir()
 
 
-def test_grounding_benchmark_fine_tunes_a_checkpoint_with_that_checkpoints_vit_stem(
+def test_grounding_benchmark_fine_tunes_a_checkpoint_with_that_checkpoints_architecture(
     single_world: Path, tiny_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The demo pre-trains a conv stem; the tiny preset says patchify. Built from the preset, the SFT
-    model did not fit the demo's checkpoint (init refused: missing stem weights)."""
+    model did not fit the demo's checkpoint (init refused: missing stem weights); so with any other
+    architecture key the checkpoint was trained with. A model.* override still applies on top."""
     from mm1.config import load_config, preset_path
     from mm1.train.trainer import train
 
-    small = ["model.lm.n_layers=1", "model.vision.depth=1"]
     over = [f"data.world={tiny_world}", "train.stage=pretrain", "train.steps=1", "data.batch_size=1"]
-    train(load_config(preset_path("tiny"), [*over, "model.vision.stem=conv", *small]), tmp_path / "pre")
+    arch = ["model.vision.stem=conv", "model.lm.n_layers=1", "model.vision.depth=1", "model.connector.num_tokens=4"]
+    train(load_config(preset_path("tiny"), [*over, *arch]), tmp_path / "pre")
     args = ["--init", str(tmp_path / "pre"), "--steps", "1", "--world", str(single_world)]
-    lines = run_bench("grounding.py", *args, "--out", str(tmp_path / "sft"), "--limit", "6", *small, capsys=capsys)
+    lines = run_bench(
+        "grounding.py",
+        *args,
+        "--out",
+        str(tmp_path / "sft"),
+        "--limit",
+        "6",
+        "model.lm.activation_checkpointing=true",
+        capsys=capsys,
+    )
     assert lines[-1]["steps"] == 1
-    assert load_config(tmp_path / "sft" / "config.yaml", []).model.vision.stem == "conv"
+    model = load_config(tmp_path / "sft" / "config.yaml", []).model
+    assert (model.vision.stem, model.lm.n_layers, model.vision.depth, model.connector.num_tokens) == ("conv", 1, 1, 4)
+    assert model.lm.activation_checkpointing  # the user's override
 
 
 @pytest.mark.parametrize(

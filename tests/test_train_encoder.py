@@ -1,6 +1,7 @@
 """The encoder stage's objectives against hand-computed values, and an encoder run that learns:
-CLIP (softmax over the batch, both directions), SigLIP (pairwise sigmoid) and AIM (next-patch
-regression of per-patch-normalised pixels behind a prefix-causal mask). A finite loss proves
+CLIP (softmax over the batch, both directions), SigLIP (pairwise sigmoid), AIM (next-patch
+regression of per-patch-normalised pixels behind a prefix-causal mask) and SuperClass (caption
+words as IDF-weighted classification targets, the IDF counted online). A finite loss proves
 nothing (labels shifted by one still train to a finite loss), so the values are recomputed here
 with plain Python loops, and a short CLIP run must retrieve held-out captions above chance."""
 
@@ -17,7 +18,7 @@ from mm1.data.images import load_image, preprocess
 from mm1.data.tokenizer import Tokenizer
 from mm1.data.world.items import caption_item
 from mm1.train.distributed import DistEnv
-from mm1.train.encoder import EncoderPretrainer, clip_loss, siglip_loss
+from mm1.train.encoder import EncoderPretrainer, clip_loss, siglip_loss, superclass_loss, word_recall
 from mm1.train.stages import build_stage_module
 from mm1.train.trainer import train
 
@@ -149,6 +150,65 @@ def test_aim_predicts_each_patch_without_seeing_it_or_any_later_patch():
     upto_q = q - prefix + 1  # the rows predicting patches prefix..q see only patches before q
     torch.testing.assert_close(after[:, :upto_q], base[:, :upto_q], rtol=0, atol=1e-6)
     assert (after[:, upto_q:] - base[:, upto_q:]).abs().max() > 1e-4  # the row predicting q+1 sees q
+
+
+# ----------------------------------------------------------------------------- SuperClass
+
+
+def test_superclass_loss_is_the_cross_entropy_to_each_captions_idf_weighted_words():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    hot = torch.tensor([[0, 1, 0, 1, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    idf = torch.tensor([0.5, 0.7, 2.0, 1.0, 0.0], dtype=torch.float64)
+    rows = logits.tolist()
+    log_p = [[v - math.log(sum(math.exp(u) for u in r)) for v in r] for r in rows]
+    row0 = -(0.7 * log_p[0][1] + 1.0 * log_p[0][3]) / 1.7  # weights 0.7 and 1.0, normalised
+    row1 = -log_p[1][0]
+    row2 = 0.0  # its only word has zero weight (it is in every caption): no target
+    assert superclass_loss(logits, hot, idf).item() == pytest.approx((row0 + row1 + row2) / 3, rel=1e-12)
+
+
+def test_word_recall_counts_caption_words_among_the_top_k_of_each_row():
+    logits = torch.tensor([[5.0, 4.0, 3.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    hot = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    # row 0: top 2 = {0, 1}, one of its 2 words; row 1: top 1 = {3}, its 1 word
+    assert word_recall(logits, hot).item() == pytest.approx(2 / 3)
+
+
+def test_superclass_counts_the_idf_over_training_captions_only_and_checkpoints_it():
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            "train.stage=encoder",
+            "train.encoder_objective=superclass",
+            f"model.vision.image_size={IMG}",
+            f"model.vision.patch_size={P_SIZE}",
+            "model.vision.width=32",
+            "model.vision.depth=2",
+            "model.vision.heads=2",
+            "model.vision.mlp_dim=64",
+        ],
+    )
+    image_id, k, pad = 60, cfg.model.tokens_per_image, 0
+    cfg.model.image_token_id = image_id
+    torch.manual_seed(0)
+    model = EncoderPretrainer(cfg, 64, {image_id, pad}, DistEnv())
+    captions = [[7, 9, 7], [9, 11], []]  # the third caption is empty: only its pad is pooled
+    width = k + 3
+    ids = torch.full((3, width), pad)
+    for i, c in enumerate(captions):
+        ids[i, : k + len(c)] = torch.tensor([image_id] * k + c)
+    batch = {"input_ids": ids, "doc_ids": torch.zeros_like(ids), "images": torch.randn(3, 3, IMG, IMG)}
+    out = model.train()(batch)
+    assert torch.isfinite(out["loss_sum"]) and out["loss_sum"].requires_grad
+    assert float(model.captions_seen) == 3
+    want = torch.zeros(64, dtype=torch.float64)
+    want[7], want[9], want[11] = 1, 2, 1  # captions containing each word; the pad is never a word
+    assert torch.equal(model.token_captions, want)
+    model.eval()(batch)  # scoring does not count
+    assert float(model.captions_seen) == 3 and torch.equal(model.token_captions, want)
+    state = model.state_dict()  # what a checkpoint (and so a resume) carries
+    assert torch.equal(state["token_captions"], want) and float(state["captions_seen"]) == 3
 
 
 # ----------------------------------------------------------------------------- a CLIP run that learns

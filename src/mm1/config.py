@@ -204,7 +204,7 @@ class TrainConfig:
     freeze_connector: bool = False
     freeze_lm: bool = False
     init_from: str = ""  # a previous stage's run dir or checkpoint dir
-    encoder_objective: str = "clip"  # clip | siglip | aim (stage=encoder)
+    encoder_objective: str = "clip"  # clip | siglip | aim | superclass (stage=encoder)
     # stage=encoder, clip/siglip: groups of caption words swapped among themselves to make hard negative
     # captions (NegCLIP); [] = none. The tiny preset swaps the world's shape names.
     hard_negatives: list[list[str]] = field(default_factory=list)

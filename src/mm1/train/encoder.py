@@ -1,12 +1,18 @@
 """Stage `encoder`: pre-train the image encoder on caption data before the MLLM sees it (MM1 §3.1).
 
-Two families, chosen by `train.encoder_objective`:
+Three families, chosen by `train.encoder_objective`:
 - contrastive, `clip` (softmax over the batch, both directions) or `siglip` (pairwise sigmoid with
   a learned bias): the ViT is paired with a small text tower (a bidirectional transformer over the
   world tokenizer's ids, mean-pooled) and both are projected into a shared space;
 - reconstructive, `aim` (AIM): the ViT runs with a prefix-causal mask over its patches (a random
   prefix attends bidirectionally, the rest causally) and an MLP head predicts the next patch's
-  per-patch-normalised pixels, MSE on the non-prefix patches.
+  per-patch-normalised pixels, MSE on the non-prefix patches;
+- classification, `superclass` (SuperClass, Huang et al. 2024): no text tower; a linear classifier on
+  the mean-pooled ViT features predicts which vocabulary tokens the image's caption contains, softmax
+  cross-entropy against the caption's multi-hot, IDF-weighted and normalised. Every word is a fixed
+  class from the first step, where a contrastive text tower learns its targets beside the ViT
+  (docs/grounding.md section 15 measures both on the world). The IDF statistics are counted online
+  over the training captions seen (buffers, so checkpoints and resumes carry them).
 Contrastive objectives can add *hard negative* captions (NegCLIP, Yuksekgonul et al. 2023): each
 caption with the words of a `train.hard_negatives` group swapped among themselves ("a red circle" ->
 "a red star"). In-batch negatives of the synthetic world differ in colour far more often than in
@@ -27,10 +33,10 @@ from torch import nn
 
 from mm1.config import Config
 from mm1.models.registry import ENCODERS
-from mm1.train.distributed import DistEnv, gather_with_grad
+from mm1.train.distributed import DistEnv, all_reduce_sum, gather_with_grad
 from mm1.train.objective import ObjectiveOutput
 
-OBJECTIVES = ("clip", "siglip", "aim")  # train.encoder_objective
+OBJECTIVES = ("clip", "siglip", "aim", "superclass")  # train.encoder_objective
 
 
 class TextTower(nn.Module):
@@ -161,6 +167,32 @@ def siglip_loss(
     return loss / img.shape[0]
 
 
+def caption_multi_hot(ids: torch.Tensor, valid: torch.Tensor, vocab_size: int, special: set[int]) -> torch.Tensor:
+    """[N, V] bool: which token ids occur among each caption's valid tokens, special tokens (the pad an
+    empty caption pools) never."""
+    hot = torch.zeros(ids.shape[0], vocab_size, dtype=torch.bool, device=ids.device)
+    rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(ids)
+    hot[rows[valid], ids[valid]] = True
+    hot[:, [s for s in special if 0 <= s < vocab_size]] = False
+    return hot
+
+
+def superclass_loss(logits: torch.Tensor, hot: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy against each caption's IDF-weighted multi-hot, normalised to sum to one;
+    captions whose every token has zero weight add nothing."""
+    target = hot.to(logits.dtype) * idf
+    target = target / target.sum(1, keepdim=True).clamp(min=1e-12)
+    return -(target * F.log_softmax(logits, dim=-1)).sum(1).mean()
+
+
+def word_recall(logits: torch.Tensor, hot: torch.Tensor) -> torch.Tensor:
+    """Share of each caption's k distinct tokens found among the classifier's top k, over the batch."""
+    k = hot.sum(1)
+    top = logits.topk(int(k.max().clamp(min=1))).indices
+    hit = hot.gather(1, top) & (torch.arange(top.shape[1], device=top.device) < k.unsqueeze(1))
+    return hit.sum() / k.sum().clamp(min=1)
+
+
 def _block_forward(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A ViT block with an attention mask (the block's own forward is bidirectional)."""
     b, t, d = x.shape
@@ -198,26 +230,36 @@ class EncoderPretrainer(nn.Module):
         self.image_id, self.k = cfg.model.image_token_id, cfg.model.tokens_per_image
         self.special, self.env = set(special_ids), env
         self.vision = ENCODERS.get(v.kind)(v)
+        self.max_len = min(cfg.data.seq_len, 128)
         if self.objective == "aim":
             p = v.patch_size
             self.head = nn.Sequential(nn.Linear(v.width, v.mlp_dim), nn.GELU(), nn.Linear(v.mlp_dim, 3 * p * p))
+        elif self.objective == "superclass":
+            self.classifier = nn.Linear(v.width, vocab_size)
+            # captions counted and, per token, captions containing it: the online IDF
+            self.register_buffer("captions_seen", torch.zeros((), dtype=torch.float64))
+            self.register_buffer("token_captions", torch.zeros(vocab_size, dtype=torch.float64))
         else:
             dim = min(v.width, 512)
-            self.text = TextTower(
-                vocab_size, dim, max(2, min(6, v.depth // 2)), max(1, dim // 64), min(cfg.data.seq_len, 128), dim
-            )
+            self.text = TextTower(vocab_size, dim, max(2, min(6, v.depth // 2)), max(1, dim // 64), self.max_len, dim)
             self.image_proj = nn.Linear(v.width, dim, bias=False)
             scale, bias = LOGIT_INIT[self.objective]
             self.logit_scale = nn.Parameter(torch.tensor(scale))
             if bias is not None:
                 self.logit_bias = nn.Parameter(torch.tensor(bias))
-        groups = cfg.train.hard_negatives if self.objective != "aim" else []
+        groups = cfg.train.hard_negatives if self.objective in ("clip", "siglip") else []
         self.swapper = WordSwapper(groups, encode) if groups and encode is not None else None
 
     def reset_parameters(self) -> None:
         self.vision.reset_parameters()
         if self.objective == "aim":
             _reset_tree(self.head)
+            return
+        if self.objective == "superclass":
+            self.classifier.reset_parameters()
+            with torch.no_grad():
+                self.captions_seen.zero_()
+                self.token_captions.zero_()
             return
         self.text.reset_parameters()
         self.image_proj.reset_parameters()
@@ -233,8 +275,10 @@ class EncoderPretrainer(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         if self.objective == "aim":
             return ObjectiveOutput(loss_sum=self.aim_loss(batch["images"]), metrics={})
-        images, ids, valid = caption_pairs(batch, self.image_id, self.k, self.special, self.text.max_len)
+        images, ids, valid = caption_pairs(batch, self.image_id, self.k, self.special, self.max_len)
         dev = images.device
+        if self.objective == "superclass":
+            return self.superclass_forward(images, ids.to(dev), valid.to(dev))
         img = F.normalize(self.image_proj(self.vision(images).mean(1)), dim=-1)  # [N, E]
         txt = F.normalize(self.text(ids.to(dev), valid.to(dev)), dim=-1)  # [N, E]
         img, txt = gather_with_grad(img.float(), self.env), gather_with_grad(txt.float(), self.env)
@@ -251,6 +295,22 @@ class EncoderPretrainer(nn.Module):
         with torch.no_grad():
             acc = ((img @ txt.T).argmax(-1) == torch.arange(img.shape[0], device=dev)).float().mean()
         return ObjectiveOutput(loss_sum=loss, metrics={"retrieval_acc": acc})
+
+    def superclass_forward(self, images: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> ObjectiveOutput:
+        hot = caption_multi_hot(ids, valid, self.classifier.out_features, self.special)
+        if self.training:  # the IDF counts grow with every training caption, summed over ranks
+            with torch.no_grad():
+                n = torch.tensor([float(len(hot))], device=hot.device, dtype=torch.float64)
+                counts = all_reduce_sum(torch.cat([hot.sum(0, dtype=torch.float64), n]), self.env)
+                self.token_captions += counts[:-1].to(self.token_captions.device)
+                self.captions_seen += counts[-1].to(self.captions_seen.device)
+        idf = torch.log(self.captions_seen.clamp(min=1) / (1 + self.token_captions)).clamp(min=0)
+        idf = idf.float().to(hot.device)
+        logits = self.classifier(self.vision(images).mean(1)).float()  # [N, V]
+        loss = superclass_loss(logits, hot, idf)
+        with torch.no_grad():
+            recall = word_recall(logits, hot & (idf > 0))
+        return ObjectiveOutput(loss_sum=loss, metrics={"word_recall": recall})
 
     def aim_loss(self, pixels: torch.Tensor) -> torch.Tensor:
         vit, p = self.vision, self.vision.cfg.patch_size
