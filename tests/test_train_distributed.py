@@ -123,3 +123,20 @@ def test_a_one_process_checkpoint_resumes_on_two_fsdp_ranks(single, tiny_world, 
     got, ref = losses(run), losses(single)
     assert len(got) == STEPS
     assert max(abs(a - b) for a, b in zip(got, ref)) < RESUME_TOL
+
+
+@pytest.mark.slow
+def test_superclass_on_two_ranks_counts_its_idf_over_both_and_matches_one_process(tiny_world, tmp_path):
+    """SuperClass weights each caption word by an IDF counted online: each rank sees half the captions,
+    so without the sum over ranks the two would weight words differently from one process."""
+    from mm1.train.checkpoint import read_checkpoint_weights
+
+    extra = ["train.stage=encoder", "train.encoder_objective=superclass"]
+    one = tmp_path / "one"
+    train(load_config("configs/tiny.yaml", [f"data.world={tiny_world}", *COMMON, "data.batch_size=2", *extra]), one)
+    two = tmp_path / "two"
+    torchrun(tiny_world, two, "train.strategy=ddp", *extra)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    w1, w2 = (read_checkpoint_weights(r / "checkpoints" / f"step-{STEPS}") for r in (one, two))
+    assert float(w2["captions_seen"]) == float(w1["captions_seen"]) > 0
+    assert torch.equal(w2["token_captions"], w1["token_captions"])

@@ -246,7 +246,9 @@ def test_every_stage_objective_returns_one_structure_and_counts_its_units(stage,
     assert {"loss_sum", "metrics"} <= set(out) <= {"loss_sum", "metrics", "aux_loss", "per_source"}
     assert out["loss_sum"].shape == () and out["loss_sum"].requires_grad and torch.isfinite(out["loss_sum"])
     assert all(v.shape == () for v in out["metrics"].values())
-    if stage == "encoder":  # a batch-level loss: one unit per micro-batch
+    if objective == "superclass":  # a sum over independent captions: one unit per image
+        assert module.units(batch) == batch["images"].shape[0] > 1 and "per_source" not in out
+    elif stage == "encoder":  # a batch-level loss: one unit per micro-batch
         assert module.units(batch) == 1 and "per_source" not in out
     else:  # a token-level loss: the sum over every target token, and per data kind
         n = int((batch["targets"] != -100).sum())

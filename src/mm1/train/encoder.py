@@ -178,11 +178,11 @@ def caption_multi_hot(ids: torch.Tensor, valid: torch.Tensor, vocab_size: int, s
 
 
 def superclass_loss(logits: torch.Tensor, hot: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
-    """Softmax cross-entropy against each caption's IDF-weighted multi-hot, normalised to sum to one;
-    captions whose every token has zero weight add nothing."""
+    """Softmax cross-entropy against each caption's IDF-weighted multi-hot, normalised to sum to one,
+    summed over the captions; captions whose every token has zero weight add nothing."""
     target = hot.to(logits.dtype) * idf
     target = target / target.sum(1, keepdim=True).clamp(min=1e-12)
-    return -(target * F.log_softmax(logits, dim=-1)).sum(1).mean()
+    return -(target * F.log_softmax(logits, dim=-1)).sum()
 
 
 def word_recall(logits: torch.Tensor, hot: torch.Tensor) -> torch.Tensor:
@@ -218,9 +218,10 @@ LOGIT_INIT = {"siglip": (math.log(10.0), -10.0), "clip": (math.log(1 / 0.07), No
 
 
 class EncoderPretrainer(nn.Module):
-    """The ViT plus what its objective needs; `forward(batch)` returns the stage loss. Each loss is a
-    mean over its micro-batch (contrastive pairs are not independent), so a micro-batch is one unit
-    (`mm1.train.objective`). Built like the MLLM (on the meta device, then materialised by
+    """The ViT plus what its objective needs; `forward(batch)` returns the stage loss. A contrastive or
+    AIM loss is a mean over its micro-batch (contrastive pairs are not independent), so a micro-batch
+    is one unit (`mm1.train.objective`); SuperClass's captions are independent, so its loss is a sum
+    and each image is a unit, and N ranks average exactly as one process would. Built like the MLLM (on the meta device, then materialised by
     `mm1.train.materialise`), so `reset_parameters` is the one definition of its initial weights."""
 
     def __init__(self, cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, encode=None) -> None:
@@ -270,7 +271,7 @@ class EncoderPretrainer(nn.Module):
                 self.logit_bias.fill_(bias)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
-        return 1
+        return int(batch["images"].shape[0]) if self.objective == "superclass" else 1
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         if self.objective == "aim":
