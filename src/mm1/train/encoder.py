@@ -221,8 +221,9 @@ class EncoderPretrainer(nn.Module):
     """The ViT plus what its objective needs; `forward(batch)` returns the stage loss. A contrastive or
     AIM loss is a mean over its micro-batch (contrastive pairs are not independent), so a micro-batch
     is one unit (`mm1.train.objective`); SuperClass's captions are independent, so its loss is a sum
-    and each image is a unit, and N ranks average exactly as one process would. Built like the MLLM (on the meta device, then materialised by
-    `mm1.train.materialise`), so `reset_parameters` is the one definition of its initial weights."""
+    and each image is a unit, and N ranks average exactly as one process would. Built like the MLLM
+    (on the meta device, then materialised by `mm1.train.materialise`), so `reset_parameters` is the
+    one definition of its initial weights."""
 
     def __init__(self, cfg: Config, vocab_size: int, special_ids: set[int], env: DistEnv, encode=None) -> None:
         super().__init__()
