@@ -281,6 +281,45 @@ def test_probe_benchmark_reports_an_accuracy_and_a_chance_level_per_attribute(
         assert set(table) == {"colour", "shape", "count", "position"} and all(0 <= v <= 100 for v in table.values())
 
 
+@pytest.fixture(scope="module")
+def tiny_pretrain(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mm1.config import load_config, preset_path
+    from mm1.train.trainer import train
+
+    out = tmp_path_factory.mktemp("attention") / "pre"
+    over = [f"data.world={tiny_world}", "train.steps=1", "data.batch_size=1", "model.lm.n_layers=2"]
+    train(load_config(preset_path("tiny"), [*over, "model.vision.depth=1"]), out)
+    return out
+
+
+def test_attention_benchmark_splits_each_layers_attention_into_query_image_demo_images_and_text(
+    tiny_pretrain: Path, tiny_world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [str(tiny_pretrain), "--world", str(tiny_world), "--shots", "0", "2", "--items", "3", "--prefix", " A"]
+    last = run_bench("attention.py", *args, capsys=capsys)[-1]
+    assert last["items"] == 3 and set(last["shots"]) == {"0", "2"}
+    for shots, layers in last["shots"].items():
+        assert [r["layer"] for r in layers] == [0, 1]  # one row per LM layer
+        for r in layers:
+            assert r["query"] + r["demos"] + r["text"] == pytest.approx(1.0, abs=1e-3)
+            assert r["query"] > 0 and r["text"] > 0
+            assert (r["demos"] > 0) == (shots == "2")  # zero-shot prompts hold no demonstration image
+
+
+def test_attention_benchmark_refuses_weights_that_do_not_give_the_layers_output(
+    tiny_pretrain: Path, tiny_world: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attention the recomputation does not describe (here: scores scaled twice) fails loudly."""
+    import mm1.models.lm as lm_module
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    attention = importlib.import_module("attention")
+    plain = lm_module.attend
+    monkeypatch.setattr(lm_module, "attend", lambda q, k, v, mask: plain(2 * q, k, v, mask))
+    with pytest.raises(AssertionError, match="recomputed weights do not give the layer's output"):
+        attention.main([str(tiny_pretrain), "--world", str(tiny_world), "--shots", "1", "--items", "1"])
+
+
 def test_learnability_benchmark_trains_each_arm_on_the_same_scenes(capsys: pytest.CaptureFixture[str]) -> None:
     last = run_bench(
         "learnability.py",
