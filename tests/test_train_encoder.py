@@ -67,12 +67,13 @@ def test_siglip_loss_sums_every_pairs_log_sigmoid_with_plus_one_only_on_the_diag
 P_SIZE, IMG = 4, 16  # 4x4 patches of 4 px: 16 patches
 
 
-def _aim_model() -> EncoderPretrainer:
-    cfg = load_config(
+def _small_encoder_config(objective: str):
+    """The encoder stage with a 16 px, 4 px-patch ViT of width 32: small enough to check by hand."""
+    return load_config(
         "configs/tiny.yaml",
         [
             "train.stage=encoder",
-            "train.encoder_objective=aim",
+            f"train.encoder_objective={objective}",
             f"model.vision.image_size={IMG}",
             f"model.vision.patch_size={P_SIZE}",
             "model.vision.width=32",
@@ -81,8 +82,11 @@ def _aim_model() -> EncoderPretrainer:
             "model.vision.mlp_dim=64",
         ],
     )
+
+
+def _aim_model() -> EncoderPretrainer:
     torch.manual_seed(0)
-    return EncoderPretrainer(cfg, 64, set(), DistEnv()).eval()
+    return EncoderPretrainer(_small_encoder_config("aim"), 64, set(), DistEnv()).eval()
 
 
 def _aim_forward(model: EncoderPretrainer, pixels: torch.Tensor) -> tuple[float, torch.Tensor, int]:
@@ -176,19 +180,7 @@ def test_word_recall_counts_caption_words_among_the_top_k_of_each_row():
 
 
 def test_superclass_counts_the_idf_over_training_captions_only_and_checkpoints_it():
-    cfg = load_config(
-        "configs/tiny.yaml",
-        [
-            "train.stage=encoder",
-            "train.encoder_objective=superclass",
-            f"model.vision.image_size={IMG}",
-            f"model.vision.patch_size={P_SIZE}",
-            "model.vision.width=32",
-            "model.vision.depth=2",
-            "model.vision.heads=2",
-            "model.vision.mlp_dim=64",
-        ],
-    )
+    cfg = _small_encoder_config("superclass")
     image_id, k, pad = 60, cfg.model.tokens_per_image, 0
     cfg.model.image_token_id = image_id
     torch.manual_seed(0)
