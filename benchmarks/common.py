@@ -275,12 +275,20 @@ def multimodal_batch(cfg, batch: int, seq_len: int, images_per_row: int, seed: i
 def cli(
     doc: str, add_arguments: Callable[[Any], None], run: Callable[[Any], Any], argv: list[str] | None = None
 ) -> int:
-    """The shared `main` of a benchmark script: parse its arguments, run it, exit 0."""
+    """The shared `main` of a benchmark script: parse its arguments, run it, exit 0. An error in the
+    user's input or machine (a missing checkpoint, a wrong config value) ends it with one line, as
+    `mm1` commands do, not a traceback."""
     import argparse
+
+    from mm1.cli import EXPECTED, error_line
 
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except EXPECTED as e:
+        parser.exit(2, f"{parser.prog}: {error_line(e)}\n")
     return 0
 
 

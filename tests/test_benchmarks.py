@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -304,6 +305,33 @@ def test_attention_benchmark_splits_each_layers_attention_into_query_image_demo_
             assert r["query"] + r["demos"] + r["text"] == pytest.approx(1.0, abs=1e-3)
             assert r["query"] > 0 and r["text"] > 0
             assert (r["demos"] > 0) == (shots == "2")  # zero-shot prompts hold no demonstration image
+
+
+@pytest.mark.parametrize(
+    ("which", "message"),
+    [
+        ("encoder", "checkpoint error: .* is an image-encoder checkpoint"),
+        ("missing", "checkpoint error: .*no complete"),
+    ],
+)
+def test_a_benchmark_given_a_wrong_checkpoint_ends_with_one_line_not_a_traceback(
+    which: str, message: str, tiny_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mm1.config import load_config, preset_path
+    from mm1.train.trainer import train
+
+    run = tmp_path / which
+    if which == "encoder":
+        over = [f"data.world={tiny_world}", "train.stage=encoder", "train.steps=1", "model.vision.depth=1"]
+        train(load_config(preset_path("tiny"), over), run)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    attention = importlib.import_module("attention")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        attention.main([str(run), "--world", str(tiny_world)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
 
 
 def test_attention_benchmark_refuses_weights_that_do_not_give_the_layers_output(
