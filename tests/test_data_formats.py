@@ -76,6 +76,21 @@ def test_caption_without_json_has_no_dense_caption_and_json_alone_can_carry_the_
     assert [(r.key, r.caption, r.dense) for r in records] == [("k1", "only text", None), ("k2", "from the json", None)]
 
 
+def test_caption_tags_are_read_from_the_json_or_the_manifest_and_malformed_ones_read_as_none(tmp_path):
+    shard = write_caption_shard(
+        tmp_path / "a.tar",
+        [
+            {"key": "k1", "png": png(1), "txt": "x", "json": {"tags": ["circle", " star ", ""]}},
+            {"key": "k2", "png": png(2), "txt": "y", "json": {"tags": "circle"}},  # not a list
+            {"key": "k3", "png": png(3), "txt": "z"},
+        ],
+    )
+    assert [r.tags for r in open_source("caption", shard, SkipCounter())] == ["circle star", None, None]
+    (tmp_path / "a.png").write_bytes(png(4))
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"image": "a.png", "caption": "c", "tags": ["heart"]}])
+    assert [r.tags for r in open_source("caption", manifest, SkipCounter())] == ["heart"]
+
+
 def test_globs_brace_patterns_lists_and_pipes_name_the_same_shards(caption_dir):
     every = resolve_files("caption", caption_dir)
     assert resolve_files("caption", str(caption_dir / "shard-*.tar")) == every

@@ -72,6 +72,15 @@ def test_synthetic_caption_ratio_picks_dense_captions_deterministically_per_key(
     assert no_dense.ids[4:-1] == tok.encode(" alt")
 
 
+def test_caption_text_tags_trains_on_the_image_labels_and_names_a_sample_without_them(tok: Tokenizer) -> None:
+    b = DocBuilder(tok, fake_images, 64, 16, 4, 1, 1.0, seed=0, caption_text="tags")
+    rec = NS(key="k", where="shard-0.tar:k", image=0, caption="alt", dense="dense words", tags="circle star")
+    assert to_docs(b, "caption", rec)[0].ids[4:] == tok.encode(" circle star") + [tok.eos_id]  # not alt, not dense
+    with pytest.raises(SampleError, match=r"shard-0.tar:k: data.caption_text=tags needs .*'tags'") as e:
+        to_docs(b, "caption", NS(key="k", where="shard-0.tar:k", image=0, caption="alt", dense=None, tags=None))
+    assert e.value.reason == "missing tags"
+
+
 def test_caption_packing_fills_at_least_95_percent_of_the_tokens(tok: Tokenizer) -> None:
     rng = random.Random(1)
     b = builder(tok, seq_len=256, k=16, ratio=0.5)

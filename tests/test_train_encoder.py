@@ -267,3 +267,20 @@ def test_a_short_clip_run_retrieves_held_out_captions_above_chance(tiny_world, t
     chance = 1 / 16
     assert before < 2 * chance, before  # the untrained towers are at chance
     assert after >= 3 * chance, (before, after)  # measured 0.30 (chance 0.0625)
+
+
+def test_a_superclass_run_on_tags_learns_from_the_tag_words_alone(tiny_world, tmp_path):
+    """`data.caption_text=tags`: the classes counted are the images' shape and colour tags, never a
+    caption word such as a position or a count."""
+    from mm1.data.world.scenes import COLOURS, SHAPES
+    from mm1.train.checkpoint import latest_checkpoint, read_checkpoint_weights
+
+    over = ["train.encoder_objective=superclass", "data.caption_text=tags", "train.steps=3", "train.save_every=3"]
+    train(load_config("configs/tiny.yaml", [f"data.world={tiny_world}", *ENCODER, *over]), tmp_path / "tags")
+    state = read_checkpoint_weights(latest_checkpoint(tmp_path / "tags"))
+    tok = Tokenizer.load(tiny_world / "tokenizer.json")
+    counted = set(state["token_captions"].nonzero().flatten().tolist())
+    shapes = {i for w in SHAPES for i in tok.encode(" " + w)}
+    colours = {i for w in COLOURS for i in tok.encode(" " + w)}
+    assert counted <= shapes | colours, [tok.decode([i]) for i in counted - shapes - colours]
+    assert counted & shapes and counted & colours and float(state["captions_seen"]) >= 3 * 8

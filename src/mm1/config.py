@@ -152,6 +152,9 @@ class DataConfig:
     sources: dict[str, SourceConfig] = field(default_factory=_default_sources)
     sft: str = "{world}/sft/train.json"
     synthetic_caption_ratio: float = 0.5  # share of caption samples using dense synthetic captions
+    # what a caption pair's text is: "caption" (the alt-text, or the dense caption at the ratio above)
+    # or "tags" (the image's labels, KEY.json "tags"): supervised targets for an encoder stage
+    caption_text: str = "caption"
     seq_len: int = 256
     max_images: int = 16
     batch_size: int = 8  # sequences per rank per micro-step
@@ -532,6 +535,7 @@ def validate(cfg: Config) -> None:
             "all weights 0",
             "at least one source needs a positive weight",
         )
+    _one_of("data.caption_text", d.caption_text, ["caption", "tags"])
     _check(
         0.0 <= d.synthetic_caption_ratio <= 1.0,
         "data.synthetic_caption_ratio",

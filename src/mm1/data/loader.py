@@ -166,6 +166,7 @@ def build_dataset(
         images.crops,
         cfg.data.synthetic_caption_ratio,
         cfg.train.seed,
+        cfg.data.caption_text,
     )
     return MixtureDataset(
         inputs.sources,

@@ -69,6 +69,7 @@ class DocBuilder:
     crops_per_image: int = 1
     synthetic_caption_ratio: float = 0.0
     seed: int = 0
+    caption_text: str = "caption"  # data.caption_text: "caption" (alt-text / dense) or "tags"
 
     def slot_run(self) -> list[int]:
         """The slot ids one `<image>` expands to."""

@@ -157,8 +157,8 @@ def _members(url: str, policy: ReadPolicy, damage: list[_Damage]) -> Iterator[di
 
 def read_caption_tar(
     url: str, t: Tally, policy: ReadPolicy = ReadPolicy(), sizes: ShardSizes | None = None
-) -> Iterator[tuple[str, str, bytes, str, str | None]]:
-    """(key, where, image bytes, caption, dense caption or None) per good sample of one shard.
+) -> Iterator[tuple[str, str, bytes, str, str | None, str | None]]:
+    """(key, where, image bytes, caption, dense caption or None, tags or None) per good sample of one shard.
 
     A shard that stops short counts every sample it could not deliver (`_lost_samples`), so that
     `data.max_skip_rate` sees a half-uploaded shard as the hundreds of samples it lost, not as one."""
@@ -239,7 +239,9 @@ def _size(stream: Any) -> int | None:
     return (size - len(tail) + len(tail.rstrip(b"\0"))) or None
 
 
-def caption_from_members(sample: dict[str, Any], where: str, t: Tally) -> tuple[bytes, str, str | None] | None:
+def caption_from_members(
+    sample: dict[str, Any], where: str, t: Tally
+) -> tuple[bytes, str, str | None, str | None] | None:
     """Validate one grouped sample; count and return None if it is unusable."""
     big = next((v for v in sample.values() if isinstance(v, Oversized)), None)
     if big is not None:
@@ -280,11 +282,16 @@ def caption_from_members(sample: dict[str, Any], where: str, t: Tally) -> tuple[
         if caption is None:
             t.skip("missing caption", where, "no KEY.txt member and no 'caption' in KEY.json")
             return None
-    return check_caption(caption, meta.get("dense"), where, t, image)
+    return check_caption(caption, meta.get("dense"), where, t, image, meta.get("tags"))
 
 
-def check_caption(caption: Any, dense: Any, where: str, t: Tally, image: Any) -> tuple[Any, str, str | None] | None:
-    """(image, stripped caption, dense or None), or None after counting a non-string/empty caption."""
+def check_caption(
+    caption: Any, dense: Any, where: str, t: Tally, image: Any, tags: Any = None
+) -> tuple[Any, str, str | None, str | None] | None:
+    """(image, stripped caption, dense or None, tags or None), or None after counting a non-string/empty
+    caption. Tags (image-level labels, a list of strings) become one space-separated string; tags that
+    are absent or not a list of strings are None here, and only a run that trains on them
+    (`data.caption_text=tags`) counts such a sample as a skip."""
     if not isinstance(caption, str):
         t.skip("non-string caption", where, f"caption is {type(caption).__name__}, expected a string")
         return None
@@ -293,4 +300,12 @@ def check_caption(caption: Any, dense: Any, where: str, t: Tally, image: Any) ->
         t.skip("empty caption", where)
         return None
     dense = dense.strip() if isinstance(dense, str) and dense.strip() else None
-    return image, caption, dense
+    return image, caption, dense, tag_text(tags)
+
+
+def tag_text(tags: Any) -> str | None:
+    """Image-level labels (["heart", "hexagon"]) as the text a caption objective reads ("heart hexagon")."""
+    if not isinstance(tags, list) or not all(isinstance(x, str) for x in tags):
+        return None
+    words = [x.strip() for x in tags if x.strip()]
+    return " ".join(words) or None

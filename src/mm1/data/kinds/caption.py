@@ -3,7 +3,10 @@
 On disk: WebDataset tar shards in img2dataset layout (`mm1.data.tars` reads them, damage included),
 or a JSONL manifest of {"image": path, "caption": str}. A pair becomes `<image> caption</s>`; the
 dense caption replaces the alt-text with probability `data.synthetic_caption_ratio` (decided per key,
-so a resumed or re-sharded run picks the same). Pairs are never split, and many are packed per row:
+so a resumed or re-sharded run picks the same). With `data.caption_text=tags` the text is the image's
+labels instead (KEY.json "tags", as ImageNet-21k or OpenImages give them): supervised targets for an
+encoder stage (`train.encoder_objective=superclass` classifies them), the third classic way to
+pre-train an image encoder beside contrastive and reconstructive. Pairs are never split, and many are packed per row:
 rows are bounded by `data.seq_len` alone, or 4096-token rows of 144-slot pairs could never be filled.
 """
 
@@ -32,13 +35,14 @@ class CaptionRecord:
     image: bytes | str  # encoded bytes (tar member) or an absolute path (manifest)
     caption: str
     dense: str | None = None  # a dense "synthetic" caption (VeCap role), from KEY.json "dense"
+    tags: str | None = None  # image-level labels, from KEY.json "tags" (a list of strings), space-joined
 
 
 @KINDS.register("caption")
 class Caption(DataKind):
     layout = (
         "WebDataset .tar shards in img2dataset layout (KEY.jpg|jpeg|png|webp + KEY.txt, optional KEY.json "
-        "with a 'dense' caption), given as a directory, glob, brace pattern (shard-{00000..00009}.tar), list, "
+        "with a 'dense' caption and 'tags', a list of image-level labels), given as a directory, glob, brace pattern (shard-{00000..00009}.tar), list, "
         "or pipe:/http URL (with data.allow_commands=true); or a JSONL manifest of "
         '{"image": path, "caption": str} lines (paths relative to the manifest)'
     )
@@ -53,14 +57,25 @@ class Caption(DataKind):
             yield from read_manifest(file, t, ctx)
             return
         sizes = ctx.state.setdefault("shard_sizes", tars.ShardSizes())  # what a complete shard holds
-        for key, where, image, caption, dense in tars.read_caption_tar(file, t, ctx.policy, sizes):
-            yield CaptionRecord(key, where, image, caption, dense)
+        for key, where, image, caption, dense, tags in tars.read_caption_tar(file, t, ctx.policy, sizes):
+            yield CaptionRecord(key, where, image, caption, dense, tags)
 
     def to_docs(self, b: DocBuilder, rec: Any) -> list[Doc]:
-        """`<image> caption</s>`; the dense caption with probability synthetic_caption_ratio (per key)."""
-        dense = getattr(rec, "dense", None)
-        use_dense = bool(dense) and unit_hash(b.seed, "dense", rec.key) < b.synthetic_caption_ratio
-        text = (dense if use_dense else rec.caption) or ""
+        """`<image> caption</s>`; the dense caption with probability synthetic_caption_ratio (per key);
+        with `data.caption_text=tags`, the image's labels instead (`<image> heart hexagon</s>`)."""
+        if b.caption_text == "tags":
+            text = getattr(rec, "tags", None) or ""
+            if not text:
+                raise SampleError(
+                    "missing tags",
+                    rec.where,
+                    "data.caption_text=tags needs image-level labels: a 'tags' list of strings in KEY.json "
+                    "(tar shards) or on the manifest line; this sample has none",
+                )
+        else:
+            dense = getattr(rec, "dense", None)
+            use_dense = bool(dense) and unit_hash(b.seed, "dense", rec.key) < b.synthetic_caption_ratio
+            text = (dense if use_dense else rec.caption) or ""
         if not text.strip():
             raise SampleError("empty_caption", rec.where, "caption is empty")
         crops = b.crops(rec.image, rec.where)
@@ -80,7 +95,7 @@ def read_manifest(file: str, t: Tally, ctx: ReadContext) -> Iterator[CaptionReco
         image = local_image(obj["image"], base, where, t, ctx.policy)
         if image is None:
             continue
-        item = tars.check_caption(obj.get("caption"), obj.get("dense"), where, t, image)
+        item = tars.check_caption(obj.get("caption"), obj.get("dense"), where, t, image, obj.get("tags"))
         if item is not None:
             t.ok()
             yield CaptionRecord(str(obj.get("key", obj.get("id", f"{stem(file)}-{lineno}"))), where, *item)

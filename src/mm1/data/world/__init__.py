@@ -7,7 +7,8 @@ files are relative to the folder of that JSON file):
                                      KEY.png (RGB, 128 px), KEY.txt (short noisy alt-text),
                                      KEY.json {"key", "caption" (= alt), "alt", "dense" (complete
                                      synthetic description), "width", "height", "scene" (objects
-                                     with shape/colour/size/position/label, background)}
+                                     with shape/colour/size/position/label, background), "tags"
+                                     (image-level labels: the shapes, then the colours present)}
     interleaved/part-00000.parquet   OBELICS layout: columns id: string, texts: list<string>,
                                      images: list<binary> (PNG bytes); exactly one of texts[i],
                                      images[i] is non-null; 2-10 images per document, text that

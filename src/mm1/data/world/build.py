@@ -29,7 +29,8 @@ from mm1.data.writers import dumps, write_bytes, write_json, write_jsonl
 # 2: interleaved caption / Q&A lines end in a newline; 3: 2-10 images per document;
 # 4: SFT 1,500 -> 6,000 conversations in tiny (the demo's SFT saw each ~7 times), 6,000 -> 24,000 in single
 # 5: tiny-world shapes drawn larger (radius 0.11 / 0.17 of the side instead of 0.075 / 0.14)
-GENERATOR_VERSION = "5"
+# 6: caption json carries "tags", image-level labels (object categories and colours) an encoder can learn from
+GENERATOR_VERSION = "6"
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,7 @@ def _write_all(root: Path, spec: WorldSize, seed: int, pool: Any) -> tuple[dict[
             "width": px,
             "height": px,
             "scene": it["scene"],
+            "tags": it["tags"],
         }
         shards.write(it["key"], {"png": it["png"], "txt": it["alt"].encode(), "json": dumps(meta).encode()})
         texts += [it["alt"], it["dense"]]

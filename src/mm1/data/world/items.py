@@ -73,6 +73,7 @@ def caption_item(seed: int, index: int, px: int, forbidden: frozenset[str]) -> d
         "alt": alt_text(s, rng, index),
         "dense": dense_description(s),
         "scene": s.to_dict(),
+        "tags": s.tags(),
     }
 
 
