@@ -18,7 +18,14 @@ from mm1.data.images import load_image, preprocess
 from mm1.data.tokenizer import Tokenizer
 from mm1.data.world.items import caption_item
 from mm1.train.distributed import DistEnv
-from mm1.train.encoder import EncoderPretrainer, clip_loss, siglip_loss, superclass_loss, word_recall
+from mm1.train.encoder import (
+    EncoderPretrainer,
+    clip_loss,
+    pooled_logits,
+    siglip_loss,
+    superclass_loss,
+    word_recall,
+)
 from mm1.train.stages import build_stage_module
 from mm1.train.trainer import train
 
@@ -170,6 +177,25 @@ def test_superclass_loss_is_the_cross_entropy_to_each_captions_idf_weighted_word
     row1 = -log_p[1][0]
     row2 = 0.0  # its only word has zero weight (it is in every caption): no target
     assert superclass_loss(logits, hot, idf).item() == pytest.approx(row0 + row1 + row2, rel=1e-12)
+
+
+def test_superclass_pooling_is_the_mean_token_or_the_log_sum_exp_of_per_token_logits():
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(3, 4).double()
+    tokens = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    head.requires_grad_(False)
+    mean = pooled_logits(head, tokens, "mean")
+    assert torch.allclose(mean, head(tokens).mean(1).float())  # a linear head: the mean of the token logits
+    lse = pooled_logits(head, tokens, "lse")
+    z = head(tokens).float()
+    for n in range(2):
+        for v in range(4):
+            want = math.log(sum(math.exp(5.0 * float(z[n, t, v])) for t in range(5)) / 5) / 5.0
+            assert float(lse[n, v]) == pytest.approx(want, rel=1e-5)
+    assert (lse >= mean - 1e-6).all() and (lse <= z.amax(1) + 1e-6).all()  # between the mean and the max
+    spike = tokens.clone()
+    spike[0, 2] += 10 * head.weight[1]  # one token shows class 1 strongly: lse follows it more than mean
+    assert pooled_logits(head, spike, "lse")[0, 1] - lse[0, 1] > pooled_logits(head, spike, "mean")[0, 1] - mean[0, 1]
 
 
 def test_word_recall_counts_caption_words_among_the_top_k_of_each_row():

@@ -208,6 +208,9 @@ class TrainConfig:
     freeze_lm: bool = False
     init_from: str = ""  # a previous stage's run dir or checkpoint dir
     encoder_objective: str = "clip"  # clip | siglip | aim | superclass (stage=encoder)
+    # how SuperClass pools the ViT's tokens into image logits: "mean" (the paper's) or "lse"
+    # (log-sum-exp of per-token logits: each class must be found at some token, so tokens stay local)
+    superclass_pool: str = "mean"
     # stage=encoder, clip/siglip: groups of caption words swapped among themselves to make hard negative
     # captions (NegCLIP); [] = none. The tiny preset swaps the world's shape names.
     hard_negatives: list[list[str]] = field(default_factory=list)
@@ -547,6 +550,7 @@ def validate(cfg: Config) -> None:
 
     t = cfg.train
     _one_of("train.strategy", t.strategy, ["auto", "single", "ddp", "fsdp"])
+    _one_of("train.superclass_pool", t.superclass_pool, ["mean", "lse"])
     _one_of("train.precision", t.precision, ["auto", "fp32", "bf16"])
     _one_of("train.nonfinite", t.nonfinite, ["stop", "skip"])
     _check(t.steps > 0, "train.steps", t.steps, "must be positive")

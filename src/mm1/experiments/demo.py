@@ -1,6 +1,6 @@
 """`mm1 demo`: the whole MM1 workflow on the tiny synthetic world, on a laptop CPU, in minutes.
 
-    world ──> 0. encoder (contrastive) ──> 1. MLLM pre-training (45:45:10) ──> eval 0/4/8-shot
+    world ──> 0. encoder (image tags) ──> 1. MLLM pre-training (45:45:10) ──> eval 0/4/8-shot
                                                  └──> 2. SFT (chat) ──> eval 0-shot
     ──> runs/demo/report.md (tables, example generations, plots) + summary.json
 
@@ -25,6 +25,7 @@ from mm1.config import Config, load_config, preset_path
 from mm1.data.inputs import resolve_inputs
 from mm1.models.stems import STEMS
 from mm1.train.checkpoint import latest_checkpoint
+from mm1.train.encoder import OBJECTIVES
 from mm1.train.precision import PRECISIONS, resolve_precision
 
 STAGE_NAMES = {"encoder": "0. encoder pre-training", "pretrain": "1. MLLM pre-training", "sft": "2. SFT"}
@@ -35,7 +36,12 @@ class DemoPlan:
     """What the demo runs; the defaults fit the 15-minute budget on 2 CPU cores."""
 
     preset: str = "tiny"
-    encoder_steps: int = 150
+    # the encoder learns the images' tags (shapes and colours; SuperClass on `data.caption_text=tags`):
+    # every contrastive or caption-word stage left shape at chance, starved by easier words, where
+    # tags read shape 74 % and lift captioning (docs/grounding.md section 16)
+    encoder_objective: str = "superclass"
+    encoder_text: str = "tags"
+    encoder_steps: int = 900
     pretrain_steps: int = 600
     sft_steps: int = 350
     # SFT at the encoder's own resolution (0 = the preset's), one crop per image: at this budget the
@@ -51,6 +57,9 @@ class DemoPlan:
     # MLLM pre-training moves the ViT at this multiple of the law's rate: at 1 x the conv stem's
     # captions fell apart (CIDEr 33-52 against 84, section 10); 0.3 x keeps what the encoder learned
     pretrain_vision_lr_mult: float = 0.3
+    # SFT keeps the ViT as pre-trained: moving it (at 1 x or 0.3 x) lost the colours the tags taught
+    # in one draw of three (VQA after SFT 28.7 and 27.0 against 38.2 frozen; docs/grounding.md section 16)
+    sft_freeze_vision: bool = True
     # native: bf16 where it runs natively, else fp32 (mm1.train.precision); "fp32" or "bf16" force one
     precision: str = "native"
     eval_limit: int = 200
@@ -117,9 +126,21 @@ def _baselines(plan: DemoPlan, cfg: Config) -> dict[str, dict]:
 def train_pretrained(plan: DemoPlan, out: Path) -> Path:
     """Stages 0 and 1 into `out` (reused when already trained); the pre-training run dir."""
     resolve_inputs(_stage_config(plan, "pretrain", []), load_tokenizer=False, world_part="eval")
-    encoder = _train_stage(plan, out, "encoder", plan.encoder_steps, [])
+    targets = [f"train.encoder_objective={plan.encoder_objective}", f"data.caption_text={plan.encoder_text}"]
+    encoder = _train_stage(plan, out, "encoder", plan.encoder_steps, targets)
     extra = [f"train.init_from={encoder}", f"train.lr_mult.vision={plan.pretrain_vision_lr_mult}"]
     return _train_stage(plan, out, "pretrain", plan.pretrain_steps, extra)
+
+
+def sft_overrides(plan: DemoPlan, pretrain: Path) -> list[str]:
+    """Stage 2's config on top of the preset: from the pre-training run, at the plan's resolution and rate."""
+    return [
+        f"train.init_from={pretrain}",
+        *([f"model.vision.image_size={plan.sft_image_size}"] if plan.sft_image_size else []),
+        f"model.subimage_grid={plan.sft_subimage_grid}",
+        f"train.sft_lr_scale={plan.sft_lr_scale}",
+        f"train.freeze_vision={plan.sft_freeze_vision}",
+    ]
 
 
 def run_demo(plan: DemoPlan, out: Path) -> dict[str, Any]:
@@ -135,13 +156,7 @@ def run_demo(plan: DemoPlan, out: Path) -> dict[str, Any]:
     pretrain = train_pretrained(plan, out)
     encoder = out / "encoder"
     results = _evaluate(plan, pretrain, "pretrain", plan.shots, out, chat=False)
-    sft_extra = [
-        f"train.init_from={pretrain}",
-        *([f"model.vision.image_size={plan.sft_image_size}"] if plan.sft_image_size else []),
-        f"model.subimage_grid={plan.sft_subimage_grid}",
-        f"train.sft_lr_scale={plan.sft_lr_scale}",
-    ]
-    sft = _train_stage(plan, out, "sft", plan.sft_steps, sft_extra)
+    sft = _train_stage(plan, out, "sft", plan.sft_steps, sft_overrides(plan, pretrain))
     results += _evaluate(plan, sft, "sft", [0], out, chat=True)
 
     _say("blind baselines (no image)")
@@ -169,6 +184,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DemoPlan.precision,
         help="native (default): bf16 where this CPU/GPU runs it natively, else fp32",
     )
+    parser.add_argument(
+        "--encoder-objective",
+        choices=OBJECTIVES,
+        default=DemoPlan.encoder_objective,
+        help=f"stage 0's objective (default {DemoPlan.encoder_objective}; the contrastive demo of before: "
+        "--encoder-objective clip --encoder-text caption --encoder-steps 150)",
+    )
+    parser.add_argument(
+        "--encoder-text",
+        choices=("tags", "caption"),
+        default=DemoPlan.encoder_text,
+        help=f"what stage 0 learns from each image: its tags or its caption (default {DemoPlan.encoder_text})",
+    )
     for name in ("encoder_steps", "pretrain_steps", "sft_steps", "eval_limit"):
         parser.add_argument(
             f"--{name.replace('_', '-')}",
@@ -191,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
         eval_limit=args.eval_limit,
         precision=args.precision,
         stem=args.stem,
+        encoder_objective=args.encoder_objective,
+        encoder_text=args.encoder_text,
         overrides=list(args.overrides),
     )
     summary = run_demo(plan, out)

@@ -177,6 +177,21 @@ def caption_multi_hot(ids: torch.Tensor, valid: torch.Tensor, vocab_size: int, s
     return hot
 
 
+LSE_SHARPNESS = 5.0  # r of log-sum-exp pooling: 0 -> the mean of the tokens' logits, infinity -> their max
+
+
+def pooled_logits(classifier: nn.Linear, tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """[N, V] image logits from [N, T, D] ViT tokens. "mean": the classifier on the mean token (the
+    mean of per-token logits). "lse": log-sum-exp of per-token logits, (1/r) log mean_t exp(r z_t),
+    between their mean and their max (Pinheiro & Collobert 2015): a class scores where some token
+    shows it, so each token must say what is *there*, not what is in the image, and the tokens the
+    connector passes on keep where things are."""
+    if pool == "mean":
+        return classifier(tokens.mean(1)).float()
+    z = classifier(tokens).float() * LSE_SHARPNESS  # [N, T, V]
+    return (torch.logsumexp(z, dim=1) - math.log(tokens.shape[1])) / LSE_SHARPNESS
+
+
 def superclass_loss(logits: torch.Tensor, hot: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
     """Softmax cross-entropy against each caption's IDF-weighted multi-hot, normalised to sum to one,
     summed over the captions; captions whose every token has zero weight add nothing."""
@@ -229,6 +244,7 @@ class EncoderPretrainer(nn.Module):
         super().__init__()
         v = cfg.model.vision
         self.objective = cfg.train.encoder_objective
+        self.pool = cfg.train.superclass_pool
         self.image_id, self.k = cfg.model.image_token_id, cfg.model.tokens_per_image
         self.special, self.env = set(special_ids), env
         self.vision = ENCODERS.get(v.kind)(v)
@@ -308,7 +324,7 @@ class EncoderPretrainer(nn.Module):
                 self.captions_seen += counts[-1].to(self.captions_seen.device)
         idf = torch.log(self.captions_seen.clamp(min=1) / (1 + self.token_captions)).clamp(min=0)
         idf = idf.float().to(hot.device)
-        logits = self.classifier(self.vision(images).mean(1)).float()  # [N, V]
+        logits = pooled_logits(self.classifier, self.vision(images), self.pool)  # [N, V]
         loss = superclass_loss(logits, hot, idf)
         with torch.no_grad():
             recall = word_recall(logits, hot & (idf > 0))
