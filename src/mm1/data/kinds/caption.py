@@ -42,7 +42,8 @@ class CaptionRecord:
 class Caption(DataKind):
     layout = (
         "WebDataset .tar shards in img2dataset layout (KEY.jpg|jpeg|png|webp + KEY.txt, optional KEY.json "
-        "with a 'dense' caption and 'tags', a list of image-level labels), given as a directory, glob, brace pattern (shard-{00000..00009}.tar), list, "
+        "with a 'dense' caption and 'tags', a list of image-level labels), given as a directory, glob, "
+        "brace pattern (shard-{00000..00009}.tar), list, "
         "or pipe:/http URL (with data.allow_commands=true); or a JSONL manifest of "
         '{"image": path, "caption": str} lines (paths relative to the manifest)'
     )
