@@ -120,13 +120,13 @@ def test_demo_stages_share_the_plans_vit_stem_and_only_pretraining_slows_the_vit
     demo.train_pretrained(plan, tmp_path)
     cfgs = {s: demo._stage_config(plan, s, extra) for s, extra in calls.items()}
     assert cfgs["pretrain"].train.lr_mult.vision == 0.25 and cfgs["encoder"].train.lr_mult.vision == 1.0
-    # stage 0 learns the images' tags; the MLLM stages read captions
-    assert (cfgs["encoder"].train.encoder_objective, cfgs["encoder"].data.caption_text) == ("superclass", "tags")
-    assert cfgs["pretrain"].data.caption_text == "caption"
-    demo.train_pretrained(demo.DemoPlan(encoder_objective="clip", encoder_text="caption"), tmp_path)
-    old = demo._stage_config(plan, "encoder", calls["encoder"])
-    assert (old.train.encoder_objective, old.data.caption_text) == ("clip", "caption")
-    sft = demo._stage_config(plan, "sft", demo.sft_overrides(plan, tmp_path / "pretrain"))
-    assert sft.train.freeze_vision and not cfgs["pretrain"].train.freeze_vision  # SFT keeps the ViT as pre-trained
-    moving = demo._stage_config(plan, "sft", demo.sft_overrides(demo.DemoPlan(sft_freeze_vision=False), tmp_path))
-    assert not moving.train.freeze_vision
+    assert (cfgs["encoder"].train.encoder_objective, cfgs["encoder"].data.caption_text) == ("clip", "caption")
+    # the tag-trained encoder: stage 0 learns the images' tags, the MLLM stages still read captions
+    tags = demo.DemoPlan(encoder_objective="superclass", encoder_text="tags", sft_freeze_vision=True)
+    demo.train_pretrained(tags, tmp_path)
+    enc = demo._stage_config(tags, "encoder", calls["encoder"])
+    assert (enc.train.encoder_objective, enc.data.caption_text) == ("superclass", "tags")
+    assert demo._stage_config(tags, "pretrain", calls["pretrain"]).data.caption_text == "caption"
+    sft = demo._stage_config(tags, "sft", demo.sft_overrides(tags, tmp_path / "pretrain"))
+    assert sft.train.freeze_vision and not cfgs["pretrain"].train.freeze_vision  # only SFT's ViT is frozen
+    assert not demo._stage_config(plan, "sft", demo.sft_overrides(plan, tmp_path)).train.freeze_vision
