@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mm1.data.skips import DataError
 from mm1.data.tokenizer import Tokenizer
 from mm1.data.world import items
 from mm1.data.world.lexicon import lexicon_split, make_lexicon, text_question
@@ -382,7 +383,7 @@ def ensure_world(data_cfg: Any, verbose: bool = True) -> Path:
         data_cfg.world_seed,
         GENERATOR_VERSION,
     ):
-        raise ValueError(
+        raise DataError(  # the user's folder, not a bug: the CLI prints this one line
             f"{manifest}: world was built with size={m.get('size')!r} seed={m.get('seed')!r} "
             f"generator {m.get('generator_version')!r}, but the config asks for "
             f"data.world_preset={data_cfg.world_preset!r} data.world_seed={data_cfg.world_seed!r} "
