@@ -120,9 +120,12 @@ def test_caption_shards_read_with_tarfile_and_webdataset(tiny_world: Path) -> No
     assert img.size == (128, 128) and img.mode == "RGB"
     assert alt == meta["alt"] and meta["dense"].endswith(".") and len(meta["dense"]) > len(alt)
     assert 1 <= len(meta["scene"]["objects"]) <= 5
-    for _, _, meta in samples[:200]:  # image-level labels: the shapes, then the colours, each once, sorted
+    numbers = ("one", "two", "three", "four", "five")
+    for _, _, meta in samples[:200]:  # image-level labels: shapes, colours, place words, the count; sorted
         objects = meta["scene"]["objects"]
-        assert meta["tags"] == sorted({o["shape"] for o in objects}) + sorted({o["colour"] for o in objects})
+        shapes, colours = sorted({o["shape"] for o in objects}), sorted({o["colour"] for o in objects})
+        places = sorted({w for o in objects for w in o["position"].split()})
+        assert meta["tags"] == [*shapes, *colours, *places, numbers[len(objects) - 1]]
 
 
 def test_interleaved_parquet_has_one_non_null_per_position_and_2_to_10_images(tiny_world: Path) -> None:

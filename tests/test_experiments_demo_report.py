@@ -120,13 +120,38 @@ def test_demo_stages_share_the_plans_vit_stem_and_only_pretraining_slows_the_vit
     demo.train_pretrained(plan, tmp_path)
     cfgs = {s: demo._stage_config(plan, s, extra) for s, extra in calls.items()}
     assert cfgs["pretrain"].train.lr_mult.vision == 0.25 and cfgs["encoder"].train.lr_mult.vision == 1.0
-    assert (cfgs["encoder"].train.encoder_objective, cfgs["encoder"].data.caption_text) == ("clip", "caption")
-    # the tag-trained encoder: stage 0 learns the images' tags, the MLLM stages still read captions
-    tags = demo.DemoPlan(encoder_objective="superclass", encoder_text="tags", sft_freeze_vision=True)
-    demo.train_pretrained(tags, tmp_path)
-    enc = demo._stage_config(tags, "encoder", calls["encoder"])
-    assert (enc.train.encoder_objective, enc.data.caption_text) == ("superclass", "tags")
-    assert demo._stage_config(tags, "pretrain", calls["pretrain"]).data.caption_text == "caption"
-    sft = demo._stage_config(tags, "sft", demo.sft_overrides(tags, tmp_path / "pretrain"))
-    assert sft.train.freeze_vision and not cfgs["pretrain"].train.freeze_vision  # only SFT's ViT is frozen
-    assert not demo._stage_config(plan, "sft", demo.sft_overrides(plan, tmp_path)).train.freeze_vision
+    # the default stage 0 learns the images' tags, LSE-pooled; the MLLM stages still read captions
+    enc = cfgs["encoder"]
+    assert (enc.train.encoder_objective, enc.data.caption_text, enc.train.superclass_pool) == (
+        "superclass",
+        "tags",
+        "lse",
+    )
+    assert cfgs["pretrain"].data.caption_text == "caption" and not cfgs["pretrain"].train.freeze_vision
+    assert demo._stage_config(plan, "sft", demo.sft_overrides(plan, tmp_path / "pretrain")).train.freeze_vision
+    # the contrastive encoder on captions, its SFT moving the ViT
+    clip = demo.DemoPlan(encoder_objective="clip", encoder_text="caption", sft_freeze_vision=False)
+    demo.train_pretrained(clip, tmp_path)
+    enc = demo._stage_config(clip, "encoder", calls["encoder"])
+    assert (enc.train.encoder_objective, enc.data.caption_text) == ("clip", "caption")
+    assert not demo._stage_config(clip, "sft", demo.sft_overrides(clip, tmp_path)).train.freeze_vision
+
+
+def test_demo_flags_choose_the_contrastive_encoder_and_a_moving_sft_vit(monkeypatch, tmp_path):
+    from mm1.cli import parse_args
+    from mm1.experiments import demo
+
+    plans: list[demo.DemoPlan] = []
+    monkeypatch.setattr(
+        demo,
+        "run_demo",
+        lambda plan, out: plans.append(plan) or {"report": "", "wall_seconds": 0, "beats_baselines": True},
+    )
+    demo.run(parse_args(["demo", "--out", str(tmp_path / "a")]))
+    argv = ["demo", "--out", str(tmp_path / "b"), "--encoder-objective", "clip", "--encoder-text", "caption"]
+    demo.run(parse_args([*argv, "--encoder-steps", "150", "--encoder-pool", "mean", "--no-sft-freeze-vision"]))
+    default, clip = plans
+    assert (default.encoder_objective, default.encoder_text, default.encoder_pool) == ("superclass", "tags", "lse")
+    assert default.sft_freeze_vision and default.encoder_steps == 900
+    assert (clip.encoder_objective, clip.encoder_text, clip.encoder_pool) == ("clip", "caption", "mean")
+    assert not clip.sft_freeze_vision and clip.encoder_steps == 150

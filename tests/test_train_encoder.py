@@ -296,9 +296,10 @@ def test_a_short_clip_run_retrieves_held_out_captions_above_chance(tiny_world, t
 
 
 def test_a_superclass_run_on_tags_learns_from_the_tag_words_alone(tiny_world, tmp_path):
-    """`data.caption_text=tags`: the classes counted are the images' shape and colour tags, never a
-    caption word such as a position or a count."""
-    from mm1.data.world.scenes import COLOURS, SHAPES
+    """`data.caption_text=tags`: the classes counted are the images' tags (shapes, colours, place words,
+    the count), never another caption word such as a size or "clipart"."""
+    from mm1.data.world.language import NUMBERS
+    from mm1.data.world.scenes import COLOURS, POSITIONS, SHAPES
     from mm1.train.checkpoint import latest_checkpoint, read_checkpoint_weights
 
     over = ["train.encoder_objective=superclass", "data.caption_text=tags", "train.steps=3", "train.save_every=3"]
@@ -308,5 +309,9 @@ def test_a_superclass_run_on_tags_learns_from_the_tag_words_alone(tiny_world, tm
     counted = set(state["token_captions"].nonzero().flatten().tolist())
     shapes = {i for w in SHAPES for i in tok.encode(" " + w)}
     colours = {i for w in COLOURS for i in tok.encode(" " + w)}
-    assert counted <= shapes | colours, [tok.decode([i]) for i in counted - shapes - colours]
-    assert counted & shapes and counted & colours and float(state["captions_seen"]) >= 3 * 8
+    places = {i for p in POSITIONS for w in p.split() for i in tok.encode(" " + w)}
+    numbers = {i for w in NUMBERS[1:6] for i in tok.encode(" " + w)}
+    tags = shapes | colours | places | numbers
+    assert counted <= tags, [tok.decode([i]) for i in counted - tags]
+    assert all(counted & group for group in (shapes, colours, places, numbers))
+    assert float(state["captions_seen"]) >= 3 * 8

@@ -8,7 +8,8 @@ files are relative to the folder of that JSON file):
                                      KEY.json {"key", "caption" (= alt), "alt", "dense" (complete
                                      synthetic description), "width", "height", "scene" (objects
                                      with shape/colour/size/position/label, background), "tags"
-                                     (image-level labels: the shapes, then the colours present)}
+                                     (image-level labels: the shapes, their colours, their place
+                                     words, the object count as a word; `language.scene_tags`)}
     interleaved/part-00000.parquet   OBELICS layout: columns id: string, texts: list<string>,
                                      images: list<binary> (PNG bytes); exactly one of texts[i],
                                      images[i] is non-null; 2-10 images per document, text that

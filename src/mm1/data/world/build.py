@@ -31,7 +31,8 @@ from mm1.data.writers import dumps, write_bytes, write_json, write_jsonl
 # 4: SFT 1,500 -> 6,000 conversations in tiny (the demo's SFT saw each ~7 times), 6,000 -> 24,000 in single
 # 5: tiny-world shapes drawn larger (radius 0.11 / 0.17 of the side instead of 0.075 / 0.14)
 # 6: caption json carries "tags", image-level labels (object categories and colours) an encoder can learn from
-GENERATOR_VERSION = "6"
+# 7: the tags also name the objects' places and their number (a tag-trained encoder kept count and position)
+GENERATOR_VERSION = "7"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mm1.data.world.documents import interleaved_document, pair_qa, sft_conversation
-from mm1.data.world.language import alt_text, dense_description, reference_captions
+from mm1.data.world.language import alt_text, dense_description, reference_captions, scene_tags
 from mm1.data.world.lexicon import make_lexicon, text_document
 from mm1.data.world.questions import ANSWER_TYPES, QUESTION_TYPES, annotator_answers, ask, distractors
 from mm1.data.world.scenes import Scene, png_bytes, render, sample_scene
@@ -73,7 +73,7 @@ def caption_item(seed: int, index: int, px: int, forbidden: frozenset[str]) -> d
         "alt": alt_text(s, rng, index),
         "dense": dense_description(s),
         "scene": s.to_dict(),
-        "tags": s.tags(),
+        "tags": scene_tags(s),
     }
 
 

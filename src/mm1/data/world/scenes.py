@@ -96,12 +96,6 @@ class Scene:
     def count(self, shape: str | None = None, colour: str | None = None) -> int:
         return sum((shape is None or o.shape == shape) and (colour is None or o.colour == colour) for o in self.objects)
 
-    def tags(self) -> list[str]:
-        """The scene's image-level labels, as tagging datasets (OpenImages, RAM) give them: the object
-        categories present (shapes), then their colours, each once and sorted. Count, place, size and
-        background are not tags."""
-        return sorted({o.shape for o in self.objects}) + sorted({o.colour for o in self.objects})
-
     def kinds(self) -> list[tuple[str, str, int]]:
         """(colour, shape, count) groups in order of first appearance."""
         seen: dict[tuple[str, str], int] = {}
