@@ -1,6 +1,6 @@
 """`mm1 demo`: the whole MM1 workflow on the tiny synthetic world, on a laptop CPU, in minutes.
 
-    world ──> 0. encoder (contrastive) ──> 1. MLLM pre-training (45:45:10) ──> eval 0/4/8-shot
+    world ──> 0. encoder (tags) ──> 1. MLLM pre-training (45:45:10) ──> eval 0/4/8-shot
                                                  └──> 2. SFT (chat) ──> eval 0-shot
     ──> runs/demo/report.md (tables, example generations, plots) + summary.json
 
