@@ -30,6 +30,11 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+# the values of data.caption_text and train.superclass_pool (the demo's flags offer the same)
+CAPTION_TEXTS = ("caption", "tags")
+SUPERCLASS_POOLS = ("mean", "lse")
+
+
 @dataclass
 class VisionConfig:
     """ViT image encoder. Position embeddings are learned for `image_size` and interpolated to any grid."""
@@ -538,7 +543,7 @@ def validate(cfg: Config) -> None:
             "all weights 0",
             "at least one source needs a positive weight",
         )
-    _one_of("data.caption_text", d.caption_text, ["caption", "tags"])
+    _one_of("data.caption_text", d.caption_text, list(CAPTION_TEXTS))
     _check(
         0.0 <= d.synthetic_caption_ratio <= 1.0,
         "data.synthetic_caption_ratio",
@@ -550,7 +555,7 @@ def validate(cfg: Config) -> None:
 
     t = cfg.train
     _one_of("train.strategy", t.strategy, ["auto", "single", "ddp", "fsdp"])
-    _one_of("train.superclass_pool", t.superclass_pool, ["mean", "lse"])
+    _one_of("train.superclass_pool", t.superclass_pool, list(SUPERCLASS_POOLS))
     _one_of("train.precision", t.precision, ["auto", "fp32", "bf16"])
     _one_of("train.nonfinite", t.nonfinite, ["stop", "skip"])
     _check(t.steps > 0, "train.steps", t.steps, "must be positive")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mm1.config import Config, load_config, preset_path
+from mm1.config import CAPTION_TEXTS, SUPERCLASS_POOLS, Config, load_config, preset_path
 from mm1.data.inputs import resolve_inputs
 from mm1.models.stems import STEMS
 from mm1.train.checkpoint import latest_checkpoint
@@ -198,13 +198,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--encoder-text",
-        choices=("tags", "caption"),
+        choices=CAPTION_TEXTS,
         default=DemoPlan.encoder_text,
         help=f"what stage 0 learns from each image: its tags or its caption (default {DemoPlan.encoder_text})",
     )
     parser.add_argument(
         "--encoder-pool",
-        choices=("mean", "lse"),
+        choices=SUPERCLASS_POOLS,
         default=DemoPlan.encoder_pool,
         help=f"how a superclass stage 0 pools its tokens' class logits (default {DemoPlan.encoder_pool})",
     )
