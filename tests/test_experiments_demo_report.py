@@ -101,13 +101,18 @@ def test_demo_precision_native_follows_the_hardware_and_rejects_unknown_values(m
         demo._stage_config(demo.DemoPlan(precision="fp16"), "pretrain", [])
 
 
-def test_demo_stages_share_the_plans_vit_stem_and_only_pretraining_slows_the_vit(monkeypatch, tmp_path):
+def test_demo_pretraining_freezes_or_slows_the_vit_and_mixes_in_sft_data(monkeypatch, tmp_path):
     from mm1.experiments import demo
 
     assert {demo._stage_config(demo.DemoPlan(), s, []).model.vision.stem for s in ("encoder", "pretrain", "sft")} == {
         "conv"
     }
     assert demo._stage_config(demo.DemoPlan(stem="patch"), "sft", []).model.vision.stem == "patch"
+    # the plan's image size and patch reach every stage: 128 px in the same 8 x 8 tokens as 64 px / patch 8
+    large = demo.DemoPlan(image_size=128, patch_size=16)
+    sizes = {s: demo._stage_config(large, s, []).model.vision for s in ("encoder", "pretrain", "sft")}
+    assert {(v.image_size, v.patch_size, v.grid) for v in sizes.values()} == {(128, 16, 8)}
+    assert demo._stage_config(demo.DemoPlan(), "sft", []).model.vision.image_size == 64
     calls: dict[str, list[str]] = {}
 
     def fake_stage(plan, out, stage, steps, extra):
@@ -116,10 +121,27 @@ def test_demo_stages_share_the_plans_vit_stem_and_only_pretraining_slows_the_vit
 
     monkeypatch.setattr(demo, "_train_stage", fake_stage)
     monkeypatch.setattr(demo, "resolve_inputs", lambda *a, **k: None)
+    # a frozen ViT in pre-training, and the world's SFT conversations mixed into MM1's mixture
+    frozen = demo.DemoPlan(pretrain_vision_lr_mult=0.0, pretrain_sft_weight=0.15)
+    demo.train_pretrained(frozen, tmp_path)
+    pre = demo._stage_config(frozen, "pretrain", calls["pretrain"])
+    assert pre.train.freeze_vision and pre.train.lr_mult.vision == 1.0
+    sources = {name: (s.kind, s.path, s.weight) for name, s in pre.data.sources.items()}
+    assert sources == {
+        "caption": ("caption", "{world}/caption", 0.45),
+        "interleaved": ("interleaved", "{world}/interleaved", 0.45),
+        "text": ("text", "{world}/text", 0.10),
+        "sft": ("sft", "{world}/sft/train.json", 0.15),
+    }
+    # by default a moving ViT at a multiple of the law, and MM1's mixture alone
+    assert (demo.DemoPlan.pretrain_vision_lr_mult, demo.DemoPlan.pretrain_sft_weight) == (0.3, 0.0)
     plan = demo.DemoPlan(pretrain_vision_lr_mult=0.25)
     demo.train_pretrained(plan, tmp_path)
     cfgs = {s: demo._stage_config(plan, s, extra) for s, extra in calls.items()}
     assert cfgs["pretrain"].train.lr_mult.vision == 0.25 and cfgs["encoder"].train.lr_mult.vision == 1.0
+    assert set(cfgs["pretrain"].data.sources) == {"caption", "interleaved", "text"}
+    with pytest.raises(ValueError, match="pretrain_sft_weight \\(-0.1\\) must be >= 0"):
+        demo.pretrain_overrides(demo.DemoPlan(pretrain_sft_weight=-0.1), tmp_path)
     # the default stage 0 learns the images' tags, LSE-pooled; the MLLM stages still read captions
     enc = cfgs["encoder"]
     assert (enc.train.encoder_objective, enc.data.caption_text, enc.train.superclass_pool) == (
@@ -137,7 +159,7 @@ def test_demo_stages_share_the_plans_vit_stem_and_only_pretraining_slows_the_vit
     assert not demo._stage_config(clip, "sft", demo.sft_overrides(clip, tmp_path)).train.freeze_vision
 
 
-def test_demo_flags_choose_the_contrastive_encoder_and_a_moving_sft_vit(monkeypatch, tmp_path):
+def test_demo_flags_choose_the_encoder_image_size_and_how_pretraining_treats_the_vit(monkeypatch, tmp_path):
     from mm1.cli import parse_args
     from mm1.experiments import demo
 
@@ -150,7 +172,13 @@ def test_demo_flags_choose_the_contrastive_encoder_and_a_moving_sft_vit(monkeypa
     demo.run(parse_args(["demo", "--out", str(tmp_path / "a")]))
     argv = ["demo", "--out", str(tmp_path / "b"), "--encoder-objective", "clip", "--encoder-text", "caption"]
     demo.run(parse_args([*argv, "--encoder-steps", "150", "--encoder-pool", "mean", "--no-sft-freeze-vision"]))
-    default, clip = plans
+    large = ["demo", "--out", str(tmp_path / "c"), "--image-size", "128", "--patch-size", "16"]
+    demo.run(parse_args([*large, "--pretrain-vision-lr-mult", "0", "--pretrain-sft-weight", "0.15"]))
+    default, clip, frozen = plans
+    assert (default.image_size, default.patch_size, default.pretrain_vision_lr_mult) == (64, 8, 0.3)
+    assert default.pretrain_sft_weight == 0.0
+    assert (frozen.image_size, frozen.patch_size, frozen.pretrain_vision_lr_mult) == (128, 16, 0.0)
+    assert frozen.pretrain_sft_weight == 0.15
     assert (default.encoder_objective, default.encoder_text, default.encoder_pool) == ("superclass", "tags", "lse")
     assert default.sft_freeze_vision and default.encoder_steps == 900
     assert (clip.encoder_objective, clip.encoder_text, clip.encoder_pool) == ("clip", "caption", "mean")

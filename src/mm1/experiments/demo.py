@@ -44,8 +44,14 @@ class DemoPlan:
     encoder_pool: str = "lse"
     encoder_steps: int = 900
     pretrain_steps: int = 600
+    # the ViT's input in every stage. 128 px with patch 16 (the world draws its images at 128 px) gives
+    # the conv stem's same 8 x 8 tokens with twice the pixels across each shape (shape probe 73 against
+    # 68 %); with a frozen ViT and SFT data in pre-training it read shape after SFT in one draw of three
+    # (docs/grounding.md section 18), not reliably enough to be the default
+    image_size: int = 64
+    patch_size: int = 8
     sft_steps: int = 350
-    # SFT at the encoder's own resolution (0 = the preset's), one crop per image: at this budget the
+    # SFT at the encoder's own resolution (0 = image_size above), one crop per image: at this budget the
     # high-resolution variant (2x2 crops + overview; both DemoPlan fields) scored lower (docs/grounding.md)
     sft_image_size: int = 0
     sft_subimage_grid: int = 0
@@ -55,9 +61,15 @@ class DemoPlan:
     # the ViT's stem in every stage: 3x3 stride-2 convolutions carry count and position to the LM where
     # patchify did not (docs/grounding.md section 14); "patch" keeps the model exportable to HF
     stem: str = "conv"
-    # MLLM pre-training moves the ViT at this multiple of the law's rate: at 1 x the conv stem's
-    # captions fell apart (CIDEr 33-52 against 84, section 10); 0.3 x keeps what the encoder learned
+    # MLLM pre-training moves the ViT at this multiple of the law's rate, 0 = frozen (no backward through
+    # it). At 1 x the conv stem's captions fell apart (CIDEr 33-52 against 84, section 10); 0.3 x keeps
+    # what the encoder learned of colour and count but halves what the connector carries of shape
+    # (probe 68 -> 48 %), which a frozen ViT keeps (section 18)
     pretrain_vision_lr_mult: float = 0.3
+    # the world's SFT conversations as a fourth pre-training source at this weight beside MM1's 45:45:10
+    # (0 = MM1's mixture alone): with a frozen ViT, SFT from such a pre-training no longer unlearns the
+    # colours at 0.5 x the law (VQA after SFT 49.1 against 43.6; section 18)
+    pretrain_sft_weight: float = 0.0
     # SFT with the ViT frozen: after a tag-trained encoder, moving it (1 x or 0.3 x) lost the colours
     # in one draw of three (VQA after SFT 28.7 and 27.0 against 38.2 frozen; docs/grounding.md section 16)
     sft_freeze_vision: bool = True
@@ -76,7 +88,8 @@ def _say(msg: str) -> None:
 
 def _stage_config(plan: DemoPlan, stage: str, extra: list[str]) -> Config:
     precision = f"train.precision={resolve_precision(plan.precision, 'demo: precision')}"
-    fixed = [f"train.stage={stage}", precision, f"model.vision.stem={plan.stem}"]
+    vision = [f"model.vision.{k}={getattr(plan, k)}" for k in ("stem", "image_size", "patch_size")]
+    fixed = [f"train.stage={stage}", precision, *vision]
     return load_config(preset_path(plan.preset), [*fixed, *plan.overrides, *extra])
 
 
@@ -133,8 +146,30 @@ def train_pretrained(plan: DemoPlan, out: Path) -> Path:
         f"train.superclass_pool={plan.encoder_pool}",
     ]
     encoder = _train_stage(plan, out, "encoder", plan.encoder_steps, targets)
-    extra = [f"train.init_from={encoder}", f"train.lr_mult.vision={plan.pretrain_vision_lr_mult}"]
-    return _train_stage(plan, out, "pretrain", plan.pretrain_steps, extra)
+    return _train_stage(plan, out, "pretrain", plan.pretrain_steps, pretrain_overrides(plan, encoder))
+
+
+def pretrain_overrides(plan: DemoPlan, encoder: Path) -> list[str]:
+    """Stage 1's config on top of the preset: from the encoder, the ViT frozen or slowed, SFT data mixed in."""
+    if plan.pretrain_vision_lr_mult < 0 or plan.pretrain_sft_weight < 0:
+        raise ValueError(
+            f"demo: pretrain_vision_lr_mult ({plan.pretrain_vision_lr_mult}) and pretrain_sft_weight "
+            f"({plan.pretrain_sft_weight}) must be >= 0 (0 = a frozen ViT / MM1's mixture alone)"
+        )
+    vision = (
+        f"train.lr_mult.vision={plan.pretrain_vision_lr_mult}"
+        if plan.pretrain_vision_lr_mult
+        else "train.freeze_vision=True"
+    )
+    mix = []
+    if plan.pretrain_sft_weight:
+        sft_file = _stage_config(plan, "sft", []).data.sft  # the file SFT reads, e.g. {world}/sft/train.json
+        mix = [
+            "data.sources.sft.kind=sft",
+            f"data.sources.sft.path={json.dumps(sft_file)}",
+            f"data.sources.sft.weight={plan.pretrain_sft_weight}",
+        ]
+    return [f"train.init_from={encoder}", vision, *mix]
 
 
 def sft_overrides(plan: DemoPlan, pretrain: Path) -> list[str]:
@@ -171,6 +206,19 @@ def run_demo(plan: DemoPlan, out: Path) -> dict[str, Any]:
     )
     _say(f"done in {summary['wall_seconds']:.0f} s: {out / 'report.md'}")
     return summary
+
+
+# DemoPlan fields offered as `--name-with-dashes NUMBER`: (type, what it is)
+NUMBER_FLAGS: dict[str, tuple[type, str]] = {
+    "encoder_steps": (int, "stage 0's steps"),
+    "pretrain_steps": (int, "MLLM pre-training's steps"),
+    "sft_steps": (int, "SFT's steps"),
+    "image_size": (int, "the ViT's input size in pixels, every stage"),
+    "patch_size": (int, "pixels per ViT token side, every stage (128 px with 16: the 8 x 8 tokens of 64 with 8)"),
+    "eval_limit": (int, "test items per task"),
+    "pretrain_vision_lr_mult": (float, "the ViT's LR in MLLM pre-training, x the law; 0 = frozen"),
+    "pretrain_sft_weight": (float, "the world's SFT conversations as a pre-training source at this weight; 0 = none"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -214,12 +262,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DemoPlan.sft_freeze_vision,
         help=f"keep the ViT frozen in SFT (default {DemoPlan.sft_freeze_vision})",
     )
-    for name in ("encoder_steps", "pretrain_steps", "sft_steps", "eval_limit"):
+    for name, (kind, what) in NUMBER_FLAGS.items():
         parser.add_argument(
             f"--{name.replace('_', '-')}",
-            type=int,
+            type=kind,
             default=getattr(DemoPlan, name),
-            help=f"default {getattr(DemoPlan, name)}",
+            help=f"{what} (default {getattr(DemoPlan, name)})",
         )
     parser.set_defaults(takes_overrides=True)  # dotted config overrides applied to every stage
 
@@ -230,10 +278,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     plan = DemoPlan(
         preset=args.preset,
-        encoder_steps=args.encoder_steps,
-        pretrain_steps=args.pretrain_steps,
-        sft_steps=args.sft_steps,
-        eval_limit=args.eval_limit,
+        **{name: getattr(args, name) for name in NUMBER_FLAGS},
         precision=args.precision,
         stem=args.stem,
         encoder_objective=args.encoder_objective,
