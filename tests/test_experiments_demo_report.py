@@ -112,7 +112,9 @@ def test_demo_pretraining_freezes_or_slows_the_vit_and_mixes_in_sft_data(monkeyp
     large = demo.DemoPlan(image_size=128, patch_size=16)
     sizes = {s: demo._stage_config(large, s, []).model.vision for s in ("encoder", "pretrain", "sft")}
     assert {(v.image_size, v.patch_size, v.grid) for v in sizes.values()} == {(128, 16, 8)}
-    assert demo._stage_config(demo.DemoPlan(), "sft", []).model.vision.image_size == 64
+    # 0 = the preset's own: tiny's 64 px / patch 8, small's 96 px
+    assert (demo._stage_config(demo.DemoPlan(), "sft", []).model.vision.image_size, demo.DemoPlan.patch_size) == (64, 0)
+    assert demo._stage_config(demo.DemoPlan(preset="small"), "encoder", []).model.vision.image_size == 96
     calls: dict[str, list[str]] = {}
 
     def fake_stage(plan, out, stage, steps, extra):
@@ -175,7 +177,7 @@ def test_demo_flags_choose_the_encoder_image_size_and_how_pretraining_treats_the
     large = ["demo", "--out", str(tmp_path / "c"), "--image-size", "128", "--patch-size", "16"]
     demo.run(parse_args([*large, "--pretrain-vision-lr-mult", "0", "--pretrain-sft-weight", "0.15"]))
     default, clip, frozen = plans
-    assert (default.image_size, default.patch_size, default.pretrain_vision_lr_mult) == (64, 8, 0.3)
+    assert (default.image_size, default.patch_size, default.pretrain_vision_lr_mult) == (0, 0, 0.3)
     assert default.pretrain_sft_weight == 0.0
     assert (frozen.image_size, frozen.patch_size, frozen.pretrain_vision_lr_mult) == (128, 16, 0.0)
     assert frozen.pretrain_sft_weight == 0.15

@@ -47,11 +47,11 @@ class DemoPlan:
     # the ViT's input in every stage. 128 px with patch 16 (the world draws its images at 128 px) gives
     # the conv stem's same 8 x 8 tokens with twice the pixels across each shape (shape probe 73 against
     # 68 %); with a frozen ViT and SFT data in pre-training it read shape after SFT in one draw of three
-    # (docs/grounding.md section 18), not reliably enough to be the default
-    image_size: int = 64
-    patch_size: int = 8
+    # (docs/grounding.md section 18), not reliably enough to be the default. 0 = the preset's (tiny: 64 / 8)
+    image_size: int = 0
+    patch_size: int = 0
     sft_steps: int = 350
-    # SFT at the encoder's own resolution (0 = image_size above), one crop per image: at this budget the
+    # SFT at the encoder's own resolution (0 = the stages' image size above), one crop per image: at this budget the
     # high-resolution variant (2x2 crops + overview; both DemoPlan fields) scored lower (docs/grounding.md)
     sft_image_size: int = 0
     sft_subimage_grid: int = 0
@@ -88,8 +88,8 @@ def _say(msg: str) -> None:
 
 def _stage_config(plan: DemoPlan, stage: str, extra: list[str]) -> Config:
     precision = f"train.precision={resolve_precision(plan.precision, 'demo: precision')}"
-    vision = [f"model.vision.{k}={getattr(plan, k)}" for k in ("stem", "image_size", "patch_size")]
-    fixed = [f"train.stage={stage}", precision, *vision]
+    sizes = [f"model.vision.{k}={getattr(plan, k)}" for k in ("image_size", "patch_size") if getattr(plan, k)]
+    fixed = [f"train.stage={stage}", precision, f"model.vision.stem={plan.stem}", *sizes]
     return load_config(preset_path(plan.preset), [*fixed, *plan.overrides, *extra])
 
 
@@ -213,8 +213,8 @@ NUMBER_FLAGS: dict[str, tuple[type, str]] = {
     "encoder_steps": (int, "stage 0's steps"),
     "pretrain_steps": (int, "MLLM pre-training's steps"),
     "sft_steps": (int, "SFT's steps"),
-    "image_size": (int, "the ViT's input size in pixels, every stage"),
-    "patch_size": (int, "pixels per ViT token side, every stage (128 px with 16: the 8 x 8 tokens of 64 with 8)"),
+    "image_size": (int, "the ViT's input size in pixels, every stage; 0 = the preset's"),
+    "patch_size": (int, "pixels per ViT token side, every stage; 0 = the preset's (128 with 16 = 64 with 8's tokens)"),
     "eval_limit": (int, "test items per task"),
     "pretrain_vision_lr_mult": (float, "the ViT's LR in MLLM pre-training, x the law; 0 = frozen"),
     "pretrain_sft_weight": (float, "the world's SFT conversations as a pre-training source at this weight; 0 = none"),
