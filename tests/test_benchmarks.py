@@ -400,3 +400,13 @@ def test_learnability_tiny_scenes_are_labelled_by_their_one_kind() -> None:
         assert SHAPES.index(kind["shape"]) == int(y[i]) and png[:4] == b"\x89PNG"
     x_test, _ = learnability.scenes(vision, "tiny", "shape", "test", 16, seed=0)
     assert not torch.equal(x, x_test)  # held-out scenes are other scenes
+
+
+def test_sdpa_cpu_benchmark_times_three_kernels_that_agree(capsys: pytest.CaptureFixture[str]) -> None:
+    lines = run_bench("sdpa_cpu.py", "--repeats", "1", "--shapes", "vit_64_tokens", "--dtype", "float32", capsys=capsys)
+    assert lines[0]["cpu_flash_min_keys"] > 64 and "cpu" in lines[0]["machine"]
+    assert {(line["shape"], line["kernel"]) for line in lines[1:-1]} == {
+        ("vit_64_tokens", k) for k in ("math", "flash", "mm1")
+    }  # a line per kernel exists only after its gradients matched math's
+    speedups = lines[-1]["speedups"]["vit_64_tokens"]
+    assert speedups["speedup_vs_math"] > 0 and speedups["speedup_vs_flash"] > 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,25 +166,31 @@ def test_decoding_mask_kept_by_the_cache_equals_the_dense_rule_as_it_grows():
     assert cache.continuation_mask().kind == "none"
 
 
-def test_training_on_cpu_uses_the_math_backend_for_bounded_rows_with_the_same_gradients():
-    from mm1.models.attention import CPU_MATH_MAX_TOKENS, training_sdpa
+def test_cpu_attention_takes_math_only_for_short_calls_that_need_gradients(monkeypatch):
+    from torch.nn.attention import SDPBackend
 
+    from mm1.models import attention
+
+    chosen: list = []
+    real = attention.sdpa_kernel
+    monkeypatch.setattr(attention, "sdpa_kernel", lambda backends: chosen.append(backends) or real(backends))
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 48, 16, generator=gen, requires_grad=True) for _ in range(3))
-    mask = torch.ones(48, 48, dtype=torch.bool).tril()
 
-    def grads(ctx: object) -> list[torch.Tensor]:
-        with ctx:  # type: ignore[attr-defined]
-            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return list(torch.autograd.grad((y * y).sum(), (q, k, v)))
+    def qkv(t: int, grad: bool) -> list[torch.Tensor]:
+        return [torch.randn(2, 4, t, 16, generator=gen).requires_grad_(grad) for _ in range(3)]
 
-    cpu = torch.device("cpu")
-    with training_sdpa(cpu, 512):
-        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
-    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
-    with training_sdpa(cpu, CPU_MATH_MAX_TOKENS + 1):  # long rows keep the fused kernel (memory)
-        assert torch.backends.cuda.flash_sdp_enabled()
-    with training_sdpa(torch.device("meta"), 512):  # other devices keep their kernels
-        assert torch.backends.cuda.flash_sdp_enabled()
-    for a, b in zip(grads(training_sdpa(cpu, 48)), grads(contextlib.nullcontext())):
+    short = attention.CPU_FLASH_MIN_KEYS - 1
+    q, k, v = qkv(short, True)
+    mask = torch.ones(short, short, dtype=torch.bool).tril()
+    y = attention.sdpa(q, k, v, attn_mask=mask)
+    assert chosen == [[SDPBackend.MATH]]  # a ViT-length call that trains: math (flash's backward is slow)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = torch.autograd.grad((y * y).sum(), (q, k, v))
+    want = torch.autograd.grad((reference * reference).sum(), (q, k, v))
+    for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    attention.sdpa(*qkv(attention.CPU_FLASH_MIN_KEYS, True), is_causal=True)  # LM rows: torch's flash
+    attention.sdpa(*qkv(short, False))  # a frozen ViT's forward: nothing to differentiate
+    with torch.no_grad():
+        attention.sdpa(*qkv(short, True))  # inference
+    assert chosen == [[SDPBackend.MATH]]

@@ -198,6 +198,26 @@ def test_superclass_pooling_is_the_mean_token_or_the_log_sum_exp_of_per_token_lo
     assert pooled_logits(head, spike, "lse")[0, 1] - lse[0, 1] > pooled_logits(head, spike, "mean")[0, 1] - mean[0, 1]
 
 
+def test_token_log_sum_exp_has_autograds_value_and_gradient_and_leaves_its_input_alone():
+    from mm1.train.encoder import TokenLogSumExp
+
+    g = torch.Generator().manual_seed(0)
+    z64 = torch.randn(2, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: TokenLogSumExp.apply(z, 3.0), (z64,))
+    for dtype in (torch.float32, torch.bfloat16):  # the stage's logits: bf16 under autocast
+        z = torch.randn(3, 8, 7, generator=g).to(dtype).requires_grad_()
+        before = z.detach().clone()
+        weights = torch.randn(3, 7, generator=g)
+        ours = TokenLogSumExp.apply(z, 5.0)
+        assert ours.dtype == torch.float32 and torch.equal(z.detach(), before)
+        (grad,) = torch.autograd.grad((ours * weights).sum(), z)
+        want = torch.logsumexp(z.float() * 5.0, 1)
+        (want_grad,) = torch.autograd.grad((want * weights).sum(), z)
+        torch.testing.assert_close(ours, want)
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.float(), want_grad.float())
+
+
 def test_word_recall_counts_caption_words_among_the_top_k_of_each_row():
     logits = torch.tensor([[5.0, 4.0, 3.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
     hot = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)

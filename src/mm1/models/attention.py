@@ -205,19 +205,25 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     return attend(q, k, v, dense())
 
 
-CPU_MATH_MAX_TOKENS = 2048  # the math path keeps [B, H, T, T] scores for backward: bounded rows only
+CPU_FLASH_MIN_KEYS = 192  # CPU attention that needs a backward: math below this many keys, flash from it
 
 
-def training_sdpa(device: torch.device, seq_len: int) -> contextlib.AbstractContextManager:
-    """The SDPA backend for a training forward. On CPU the fused flash kernel is fast forward, but its
-    backward is about ten times slower than its forward (tiny preset: 18 ms against 1.7 ms a call,
-    a third of a training step); the math backend runs both directions as oneDNN/MKL matmuls, and a
-    grounding SFT step took 0.29-0.36 s instead of 0.46-0.51 s (benchmarks/RESULTS.md). It holds
-    the [T, T] scores for backward, so only for rows up to CPU_MATH_MAX_TOKENS. CUDA keeps its fused
-    kernels, and inference (no backward) keeps flash on every device."""
-    if device.type == "cpu" and seq_len <= CPU_MATH_MAX_TOKENS:
-        return sdpa_kernel([SDPBackend.MATH])
-    return contextlib.nullcontext()
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """`F.scaled_dot_product_attention` with the CPU kernel chosen per call by what it costs.
+
+    On CPU the fused flash kernel's forward is 3-6 x faster than the math backend's, but its backward
+    is slow on short sequences: a ViT's 64 tokens (50 images, bf16, 1 thread) 38.7 ms against math's
+    8.2, while at the LM's 512-token rows flash's forward + backward (32 ms) beats math's (71 ms); the
+    two cross near 192 keys (benchmarks/RESULTS.md). So a CPU call whose inputs need gradients takes
+    math below CPU_FLASH_MIN_KEYS keys and flash from there; every other call (inference, a frozen
+    ViT's forward, CUDA) keeps torch's own choice. The rule depends only on the call's tensors, so
+    activation checkpointing's recomputation picks the same kernel as the forward it replays."""
+    needs_backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if q.device.type == "cpu" and needs_backward and k.shape[-2] < CPU_FLASH_MIN_KEYS:
+        ctx = sdpa_kernel([SDPBackend.MATH])
+    with ctx:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
@@ -241,10 +247,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         k = k.repeat_interleave(rep, dim=1)  # [B, H, S, hd]
         v = v.repeat_interleave(rep, dim=1)
     if mask.kind == "causal":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if mask.kind == "none":
-        return F.scaled_dot_product_attention(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask)
+        return sdpa(q, k, v, is_causal=True)
+    return sdpa(q, k, v, attn_mask=None if mask.kind == "none" else mask.mask)
 
 
 class KVCache:

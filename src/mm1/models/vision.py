@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mm1.config import VisionConfig
+from mm1.models.attention import sdpa
 from mm1.models.registry import ENCODERS
 from mm1.models.stems import STEMS, stem_problem
 from mm1.registry import ConfigError, check, one_of
@@ -85,7 +86,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, hd]
+        a = sdpa(q, k, v)  # [B, H, T, hd]
         x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
         return x + self.fc2(self.act(self.fc1(self.ln2(x))))
 

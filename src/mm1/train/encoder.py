@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm1.config import Config
+from mm1.models.attention import sdpa
 from mm1.models.registry import ENCODERS
 from mm1.train.distributed import DistEnv, all_reduce_sum, gather_with_grad
 from mm1.train.objective import ObjectiveOutput
@@ -188,8 +189,34 @@ def pooled_logits(classifier: nn.Linear, tokens: torch.Tensor, pool: str) -> tor
     connector passes on keep where things are."""
     if pool == "mean":
         return classifier(tokens.mean(1)).float()
-    z = classifier(tokens).float() * LSE_SHARPNESS  # [N, T, V]
-    return (torch.logsumexp(z, dim=1) - math.log(tokens.shape[1])) / LSE_SHARPNESS
+    return (TokenLogSumExp.apply(classifier(tokens), LSE_SHARPNESS) - math.log(tokens.shape[1])) / LSE_SHARPNESS
+
+
+class TokenLogSumExp(torch.autograd.Function):
+    """log sum_t exp(r z_t) over dim 1 of [N, T, V] logits z (any float dtype) -> [N, V] in float32 (or z's
+    dtype if wider).
+
+    The same value and gradient as `torch.logsumexp(r * z.float(), 1)`, in fewer passes over the
+    [N, T, V] tensor, the encoder stage's largest (50 images x 64 tokens x 2,048 classes): the forward
+    keeps the softmax weights over t, so the backward is one multiply where autograd's chain (the
+    logsumexp, the scale, the dtype cast) re-reads and re-exponentiates the logits; about a fifth of a
+    tiny-preset encoder step (benchmarks/RESULTS.md, Profile findings)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, r: float) -> torch.Tensor:  # noqa: ANN001  (autograd's ctx)
+        w = z.to(torch.promote_types(z.dtype, torch.float32), copy=True).mul_(r)  # [N, T, V], never z itself
+        top = w.amax(1, keepdim=True)
+        w.sub_(top).exp_()
+        total = w.sum(1, keepdim=True)
+        w.div_(total)  # softmax over the tokens: d lse / d (r z)
+        ctx.save_for_backward(w)
+        ctx.r, ctx.dtype = r, z.dtype
+        return total.log_().add_(top).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        (w,) = ctx.saved_tensors
+        return (w * (grad * ctx.r).unsqueeze(1)).to(ctx.dtype), None
 
 
 def superclass_loss(logits: torch.Tensor, hot: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
@@ -212,7 +239,7 @@ def _block_forward(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> tor
     """A ViT block with an attention mask (the block's own forward is bidirectional)."""
     b, t, d = x.shape
     q, k, v = block.qkv(block.ln1(x)).view(b, t, 3, block.heads, d // block.heads).permute(2, 0, 3, 1, 4)
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, hd]
+    a = sdpa(q, k, v, attn_mask=mask)  # [B, H, T, hd]
     x = x + block.proj(a.transpose(1, 2).reshape(b, t, d))
     return x + block.fc2(block.act(block.fc1(block.ln2(x))))
 

@@ -28,7 +28,6 @@ import torch
 from mm1.config import Config, to_yaml
 from mm1.data.inputs import resolve_inputs
 from mm1.data.kinds import KINDS
-from mm1.models.attention import training_sdpa
 from mm1.train import checkpoint as ckpt_io
 from mm1.train.batches import ShardedLoader, to_device
 from mm1.train.budget import TimeBudget
@@ -66,6 +65,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, allow_change: Sequ
     env = init_distributed(cfg.train.strategy)
     setup_logging(env)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
     ok = False
     try:
         with RunDirLock(out, env):  # one job per run dir
@@ -76,6 +76,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, allow_change: Sequ
         return result
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = was_filling
         if ok:
             shutdown(env)
         elif env.initialized:
@@ -100,6 +101,10 @@ class Trainer:
         cfg, env, t = self.cfg, self.env, self.cfg.train
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+            # deterministic mode also fills every new tensor with NaN (a guard against reading
+            # uninitialised memory, which nothing here does): about 1,600 fills a tiny-preset step,
+            # 7 % of its time (benchmarks/RESULTS.md, Profile findings); results are unchanged
+            torch.utils.deterministic.fill_uninitialized_memory = False
         torch.manual_seed(t.seed)  # identical model init on every rank
         random.seed(t.seed + env.rank)
         np.random.seed(t.seed + env.rank)
@@ -254,7 +259,7 @@ class Trainer:
         for i, mb in enumerate(micro):
             batch = to_device(mb, env.device)
             with self._sync(i == accum - 1):
-                with self._autocast(), training_sdpa(env.device, self.cfg.data.seq_len):
+                with self._autocast():
                     out = self.model(batch)
                 objective = out["loss_sum"] / global_n * env.world_size
                 if "aux_loss" in out:
@@ -263,10 +268,7 @@ class Trainer:
                 add("loss_sum", out["loss_sum"])
                 if "per_source" in out:
                     add("per_source", out["per_source"])
-                # activation checkpointing re-runs the forward inside backward: the same SDPA backend,
-                # or the recomputed tensors differ from the saved ones and torch refuses the step
-                with training_sdpa(env.device, self.cfg.data.seq_len):
-                    objective.backward()
+                objective.backward()
             for k, v in out["metrics"].items():
                 add(k, v / accum / env.world_size)
                 metric_keys.add(k)
