@@ -123,8 +123,9 @@ def test_demo_pretraining_freezes_or_slows_the_vit_and_mixes_in_sft_data(monkeyp
 
     monkeypatch.setattr(demo, "_train_stage", fake_stage)
     monkeypatch.setattr(demo, "resolve_inputs", lambda *a, **k: None)
-    # a frozen ViT in pre-training, and the world's SFT conversations mixed into MM1's mixture
-    frozen = demo.DemoPlan(pretrain_vision_lr_mult=0.0, pretrain_sft_weight=0.15)
+    # by default a frozen ViT in pre-training, and the world's SFT conversations mixed into MM1's mixture
+    frozen = demo.DemoPlan()
+    assert (frozen.pretrain_vision_lr_mult, frozen.pretrain_sft_weight, frozen.pretrain_steps) == (0.0, 0.15, 1200)
     demo.train_pretrained(frozen, tmp_path)
     pre = demo._stage_config(frozen, "pretrain", calls["pretrain"])
     assert pre.train.freeze_vision and pre.train.lr_mult.vision == 1.0
@@ -135,9 +136,8 @@ def test_demo_pretraining_freezes_or_slows_the_vit_and_mixes_in_sft_data(monkeyp
         "text": ("text", "{world}/text", 0.10),
         "sft": ("sft", "{world}/sft/train.json", 0.15),
     }
-    # by default a moving ViT at a multiple of the law, and MM1's mixture alone
-    assert (demo.DemoPlan.pretrain_vision_lr_mult, demo.DemoPlan.pretrain_sft_weight) == (0.3, 0.0)
-    plan = demo.DemoPlan(pretrain_vision_lr_mult=0.25)
+    # or a moving ViT at a multiple of the law, and MM1's mixture alone
+    plan = demo.DemoPlan(pretrain_vision_lr_mult=0.25, pretrain_sft_weight=0.0)
     demo.train_pretrained(plan, tmp_path)
     cfgs = {s: demo._stage_config(plan, s, extra) for s, extra in calls.items()}
     assert cfgs["pretrain"].train.lr_mult.vision == 0.25 and cfgs["encoder"].train.lr_mult.vision == 1.0
@@ -175,12 +175,12 @@ def test_demo_flags_choose_the_encoder_image_size_and_how_pretraining_treats_the
     argv = ["demo", "--out", str(tmp_path / "b"), "--encoder-objective", "clip", "--encoder-text", "caption"]
     demo.run(parse_args([*argv, "--encoder-steps", "150", "--encoder-pool", "mean", "--no-sft-freeze-vision"]))
     large = ["demo", "--out", str(tmp_path / "c"), "--image-size", "128", "--patch-size", "16"]
-    demo.run(parse_args([*large, "--pretrain-vision-lr-mult", "0", "--pretrain-sft-weight", "0.15"]))
-    default, clip, frozen = plans
-    assert (default.image_size, default.patch_size, default.pretrain_vision_lr_mult) == (0, 0, 0.3)
-    assert default.pretrain_sft_weight == 0.0
-    assert (frozen.image_size, frozen.patch_size, frozen.pretrain_vision_lr_mult) == (128, 16, 0.0)
-    assert frozen.pretrain_sft_weight == 0.15
+    demo.run(parse_args([*large, "--pretrain-vision-lr-mult", "0.3", "--pretrain-sft-weight", "0"]))
+    default, clip, moving = plans
+    assert (default.image_size, default.patch_size, default.pretrain_vision_lr_mult) == (0, 0, 0.0)
+    assert (default.pretrain_sft_weight, default.pretrain_steps) == (0.15, 1200)
+    assert (moving.image_size, moving.patch_size, moving.pretrain_vision_lr_mult) == (128, 16, 0.3)
+    assert moving.pretrain_sft_weight == 0.0
     assert (default.encoder_objective, default.encoder_text, default.encoder_pool) == ("superclass", "tags", "lse")
     assert default.sft_freeze_vision and default.encoder_steps == 900
     assert (clip.encoder_objective, clip.encoder_text, clip.encoder_pool) == ("clip", "caption", "mean")
