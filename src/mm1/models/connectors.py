@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm1.config import Config, ConnectorConfig
-from mm1.models.attention import sdpa
 from mm1.models.registry import CONNECTORS
 from mm1.models.vision import interpolate_grid_embeddings, regrid_on_load
 from mm1.registry import ConfigError, check
@@ -189,7 +188,9 @@ class AttnPoolConnector(_Connector):
         lat = self.queries.unsqueeze(0).expand(n, k, d).to(x.dtype)  # [N, k, D_lm]
         q = self.q(self.ln_q(lat)).view(n, k, self.heads, hd).transpose(1, 2)  # [N, H, k, hd]
         kv = self.kv(self.ln_kv(x)).view(n, length, 2, self.heads, hd).permute(2, 0, 3, 1, 4)  # [2, N, H, L, hd]
-        a = sdpa(q, kv[0], kv[1]).transpose(1, 2).reshape(n, k, d)
+        # torch's own SDPA, not mm1.models.attention.sdpa: `mm1 export` copies this class's source into a
+        # self-contained modeling file (mm1.export.hf_remote)
+        a = F.scaled_dot_product_attention(q, kv[0], kv[1]).transpose(1, 2).reshape(n, k, d)
         lat = lat + self.out(a)
         return self.readout(self.ln_out(lat))  # [N, k, D_lm]
 
