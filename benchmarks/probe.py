@@ -10,6 +10,7 @@ fits a multinomial logistic regression per attribute on a train part, scoring he
 | shape     | the same                                | 8       |
 | count     | all                                     | 1-5     |
 | position  | one-object scenes (the object's cell)   | 9       |
+| background| all (plain, gradient, noise, stripes)   | 4       |
 
 With `--world` pointing at a `single` world (one shape per image), its 600 eval images are probed
 for colour (8) and shape (4), the attributes `benchmarks/grounding.py` asks about.
@@ -42,11 +43,11 @@ from common import cli, emit, machine_info  # noqa: E402
 from mm1.config import load_config, preset_path  # noqa: E402
 from mm1.data.images import image_tensors  # noqa: E402
 from mm1.data.world import ensure_world  # noqa: E402
-from mm1.data.world.scenes import COLOURS, POSITIONS, SHAPES  # noqa: E402
+from mm1.data.world.scenes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES  # noqa: E402
 from mm1.models.build import build_model  # noqa: E402
 from mm1.train.checkpoint import read_checkpoint_weights, read_config, resolve_checkpoint  # noqa: E402
 
-ATTRIBUTES = ("colour", "shape", "count", "position")
+ATTRIBUTES = ("colour", "shape", "count", "position", "background")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,6 +71,7 @@ def labels(scene: dict) -> dict[str, int | None]:
             "shape": SHAPES.index(objs[0]["shape"]),
             "count": None,
             "position": None,
+            "background": None,  # always plain
         }
     one_kind = len({(o["colour"], o["shape"]) for o in objs}) == 1
     return {
@@ -77,6 +79,7 @@ def labels(scene: dict) -> dict[str, int | None]:
         "shape": SHAPES.index(objs[0]["shape"]) if one_kind else None,
         "count": len(objs) - 1,
         "position": POSITIONS.index(objs[0]["position"]) if len(objs) == 1 else None,
+        "background": BACKGROUNDS.index(scene["background"]),
     }
 
 

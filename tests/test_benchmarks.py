@@ -279,7 +279,15 @@ def test_probe_benchmark_reports_an_accuracy_and_a_chance_level_per_attribute(
     last = run_bench("probe.py", "--world", str(tiny_world), "--images", "120", capsys=capsys)[-1]
     assert set(last) == {"chance", "vit_mean"}
     for table in last.values():
-        assert set(table) == {"colour", "shape", "count", "position"} and all(0 <= v <= 100 for v in table.values())
+        assert set(table) == {"colour", "shape", "count", "position", "background"}
+        assert all(0 <= v <= 100 for v in table.values())
+
+
+def test_probe_benchmark_on_a_single_world_probes_only_colour_and_shape(
+    single_world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    last = run_bench("probe.py", "--world", str(single_world), capsys=capsys)[-1]
+    assert set(last["vit_mean"]) == set(last["chance"]) == {"colour", "shape"}  # one plain background: no probe
 
 
 @pytest.fixture(scope="module")
