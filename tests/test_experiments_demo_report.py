@@ -58,7 +58,10 @@ def test_report_and_summary_carry_score_baseline_shuffled_and_image_gain(tmp_pat
         },
         "world_caption": {"score": 10.0, "baseline": "constant caption"},
     }
-    summary = demo_report.write_demo_report(tmp_path, SimpleNamespace(examples=0), runs, results, baselines, 12.0)
+    seconds = {"world": 3.0, "encoder": 400.0, "pretrain": 5000.0}
+    summary = demo_report.write_demo_report(
+        tmp_path, SimpleNamespace(examples=0), runs, results, baselines, 5403.0, seconds
+    )
 
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["scores"] == summary["scores"]
@@ -74,6 +77,8 @@ def test_report_and_summary_carry_score_baseline_shuffled_and_image_gain(tmp_pat
     assert text["score_shuffled"] is None and text["image_gain"] is None  # no image: null, not a fake 0
     report = (tmp_path / "report.md").read_text()
     assert f"`sft` ({runs['sft']}, bf16)" in report
+    assert "Wall time 1.50 h (world 3 s, encoder 6.7 min, pretrain 83.3 min). Stages:" in report
+    assert saved["stage_seconds"] == seconds and saved["wall_seconds"] == 5403.0
     assert "| shuffled | image gain | blind baseline |" in report
     assert re.search(
         r"\| pretrain \| world_vqa \| vqa \| 4 \| 34\.00 \| 20\.00 \| \+14\.00 \| 25\.70 \| \+8\.30 \|", report
@@ -185,3 +190,45 @@ def test_demo_flags_choose_the_encoder_image_size_and_how_pretraining_treats_the
     assert default.sft_freeze_vision and default.encoder_steps == 900
     assert (clip.encoder_objective, clip.encoder_text, clip.encoder_pool) == ("clip", "caption", "mean")
     assert not clip.sft_freeze_vision and clip.encoder_steps == 150
+
+
+def test_run_demo_reports_the_wall_time_of_each_phase(monkeypatch, tmp_path):
+    """Each phase's time is its own (a fake clock advances a known amount inside each), summed where a
+    phase runs twice (the world is checked twice), and handed to the report beside the total."""
+    from mm1.experiments import demo
+
+    clock = [0.0]
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: clock[0])
+
+    def costs(seconds, value=None):
+        def fake(*args, **kwargs):
+            clock[0] += seconds
+            return value
+
+        return fake
+
+    stage_cost = {"encoder": 100.0, "pretrain": 700.0, "sft": 200.0}
+    monkeypatch.setattr(demo, "resolve_inputs", costs(1.0))
+    monkeypatch.setattr(demo, "_train_stage", lambda plan, out, stage, *a: costs(stage_cost[stage], out / stage)())
+    monkeypatch.setattr(
+        demo, "_evaluate", lambda plan, run, stage, *a, **k: costs(30.0 if stage == "sft" else 90.0, [])()
+    )
+    monkeypatch.setattr(demo, "_baselines", costs(5.0, {}))
+    reported = {}
+    monkeypatch.setattr(
+        "mm1.experiments.demo_report.write_demo_report",
+        lambda out, plan, runs, results, baselines, wall, seconds: (
+            reported.update(wall=wall, seconds=seconds) or {"wall_seconds": wall}
+        ),
+    )
+    demo.run_demo(demo.DemoPlan(), tmp_path)
+    assert reported["seconds"] == {
+        "world": 2.0,
+        "encoder": 100.0,
+        "pretrain": 700.0,
+        "eval_pretrain": 90.0,
+        "sft": 200.0,
+        "eval_sft": 30.0,
+        "baselines": 5.0,
+    }
+    assert reported["wall"] == sum(reported["seconds"].values())

@@ -17,6 +17,8 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,16 +142,32 @@ def _baselines(plan: DemoPlan, cfg: Config) -> dict[str, dict]:
     return {name: blind_baseline(get_task(name, cfg.data.world), limit=plan.eval_limit) for name in plan.eval_tasks}
 
 
-def train_pretrained(plan: DemoPlan, out: Path) -> Path:
-    """Stages 0 and 1 into `out` (reused when already trained); the pre-training run dir."""
-    resolve_inputs(_stage_config(plan, "pretrain", []), load_tokenizer=False, world_part="eval")
+@contextmanager
+def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the block's wall time to `seconds[phase]`. The demo's budget is minutes on a laptop and the
+    host's speed moves them as much as the code does, so the report says where each minute went."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def train_pretrained(plan: DemoPlan, out: Path, seconds: dict[str, float] | None = None) -> Path:
+    """Stages 0 and 1 into `out` (reused when already trained); the pre-training run dir. `seconds`
+    collects each phase's wall time ("world", "encoder", "pretrain")."""
+    seconds = {} if seconds is None else seconds
+    with timed(seconds, "world"):
+        resolve_inputs(_stage_config(plan, "pretrain", []), load_tokenizer=False, world_part="eval")
     targets = [
         f"train.encoder_objective={plan.encoder_objective}",
         f"data.caption_text={plan.encoder_text}",
         f"train.superclass_pool={plan.encoder_pool}",
     ]
-    encoder = _train_stage(plan, out, "encoder", plan.encoder_steps, targets)
-    return _train_stage(plan, out, "pretrain", plan.pretrain_steps, pretrain_overrides(plan, encoder))
+    with timed(seconds, "encoder"):
+        encoder = _train_stage(plan, out, "encoder", plan.encoder_steps, targets)
+    with timed(seconds, "pretrain"):
+        return _train_stage(plan, out, "pretrain", plan.pretrain_steps, pretrain_overrides(plan, encoder))
 
 
 def pretrain_overrides(plan: DemoPlan, encoder: Path) -> list[str]:
@@ -190,23 +208,28 @@ def run_demo(plan: DemoPlan, out: Path) -> dict[str, Any]:
     """Run every stage into `out` and write report.md + summary.json; returns the summary."""
     from mm1.experiments.demo_report import write_demo_report
 
-    start = time.time()
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
     out.mkdir(parents=True, exist_ok=True)
     base = _stage_config(plan, "pretrain", [])
     _say(f"synthetic world ({base.data.world_preset}) at {base.data.world}; training in {base.train.precision}")
-    resolve_inputs(base, load_tokenizer=False, world_part="eval")  # built (and its summary printed) up front
+    with timed(seconds, "world"):
+        resolve_inputs(base, load_tokenizer=False, world_part="eval")  # built (and its summary printed) up front
 
-    pretrain = train_pretrained(plan, out)
+    pretrain = train_pretrained(plan, out, seconds)
     encoder = out / "encoder"
-    results = _evaluate(plan, pretrain, "pretrain", plan.shots, out, chat=False)
-    sft = _train_stage(plan, out, "sft", plan.sft_steps, sft_overrides(plan, pretrain))
-    results += _evaluate(plan, sft, "sft", [0], out, chat=True)
+    with timed(seconds, "eval_pretrain"):
+        results = _evaluate(plan, pretrain, "pretrain", plan.shots, out, chat=False)
+    with timed(seconds, "sft"):
+        sft = _train_stage(plan, out, "sft", plan.sft_steps, sft_overrides(plan, pretrain))
+    with timed(seconds, "eval_sft"):
+        results += _evaluate(plan, sft, "sft", [0], out, chat=True)
 
     _say("blind baselines (no image)")
-    baselines = _baselines(plan, base)
-    summary = write_demo_report(
-        out, plan, {"encoder": encoder, "pretrain": pretrain, "sft": sft}, results, baselines, time.time() - start
-    )
+    with timed(seconds, "baselines"):
+        baselines = _baselines(plan, base)
+    runs = {"encoder": encoder, "pretrain": pretrain, "sft": sft}
+    summary = write_demo_report(out, plan, runs, results, baselines, time.perf_counter() - start, seconds)
     _say(f"done in {summary['wall_seconds']:.0f} s: {out / 'report.md'}")
     return summary
 

@@ -139,9 +139,17 @@ def _type_section(results: list[dict], baselines: dict[str, dict]) -> list[str]:
 
 
 def write_demo_report(
-    out: Path, plan: Any, runs: dict[str, Path], results: list[dict], baselines: dict[str, dict], wall_seconds: float
+    out: Path,
+    plan: Any,
+    runs: dict[str, Path],
+    results: list[dict],
+    baselines: dict[str, dict],
+    wall_seconds: float,
+    stage_seconds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Write `out/report.md` and `out/summary.json`; return the summary."""
+    """Write `out/report.md` and `out/summary.json`; return the summary. `stage_seconds`: wall time per
+    phase (world, encoder, pretrain, eval_pretrain, sft, eval_sft, baselines), in the order run."""
+    stage_seconds = stage_seconds or {}
     plots = out / "plots"
     curves = {}
     for stage, run_dir in runs.items():
@@ -197,7 +205,9 @@ def write_demo_report(
     lines = [
         "# mm1 demo: the MM1 workflow on the tiny synthetic world",
         "",
-        f"Wall time {format_seconds(wall_seconds)}. Stages: "
+        f"Wall time {format_seconds(wall_seconds)}"
+        + (f" ({', '.join(f'{k} {format_seconds(v)}' for k, v in stage_seconds.items())})" if stage_seconds else "")
+        + ". Stages: "
         + ", ".join(f"`{s}` ({runs[s]}, {precision[s]})" for s in runs)
         + ".",
         "",
@@ -246,6 +256,7 @@ def write_demo_report(
     summary = {
         "report": str(report),
         "wall_seconds": round(wall_seconds, 1),
+        "stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()},
         "beats_baselines": beats,
         "runs": {k: str(v) for k, v in runs.items()},
         "precision": precision,
