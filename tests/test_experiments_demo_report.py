@@ -8,6 +8,7 @@ import re
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from mm1.experiments import demo_report
 
@@ -59,9 +60,8 @@ def test_report_and_summary_carry_score_baseline_shuffled_and_image_gain(tmp_pat
         "world_caption": {"score": 10.0, "baseline": "constant caption"},
     }
     seconds = {"world": 3.0, "encoder": 400.0, "pretrain": 5000.0}
-    summary = demo_report.write_demo_report(
-        tmp_path, SimpleNamespace(examples=0), runs, results, baselines, 5403.0, seconds
-    )
+    timing = demo_report.DemoTiming(5403.0, seconds, matmul_gflops=1860.4, precision="bf16", threads=2)
+    summary = demo_report.write_demo_report(tmp_path, SimpleNamespace(examples=0), runs, results, baselines, timing)
 
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["scores"] == summary["scores"]
@@ -77,8 +77,10 @@ def test_report_and_summary_carry_score_baseline_shuffled_and_image_gain(tmp_pat
     assert text["score_shuffled"] is None and text["image_gain"] is None  # no image: null, not a fake 0
     report = (tmp_path / "report.md").read_text()
     assert f"`sft` ({runs['sft']}, bf16)" in report
-    assert "Wall time 1.50 h (world 3 s, encoder 6.7 min, pretrain 83.3 min). Stages:" in report
+    wall = "Wall time 1.50 h (world 3 s, encoder 6.7 min, pretrain 83.3 min)"
+    assert f"{wall} on a host doing 1860 GFLOP/s (bf16 matrix product, 2 threads). Stages:" in report
     assert saved["stage_seconds"] == seconds and saved["wall_seconds"] == 5403.0
+    assert saved["host"] == {"matmul_gflops": 1860.4, "precision": "bf16", "threads": 2}
     assert "| shuffled | image gain | blind baseline |" in report
     assert re.search(
         r"\| pretrain \| world_vqa \| vqa \| 4 \| 34\.00 \| 20\.00 \| \+14\.00 \| 25\.70 \| \+8\.30 \|", report
@@ -214,15 +216,18 @@ def test_run_demo_reports_the_wall_time_of_each_phase(monkeypatch, tmp_path):
         demo, "_evaluate", lambda plan, run, stage, *a, **k: costs(30.0 if stage == "sft" else 90.0, [])()
     )
     monkeypatch.setattr(demo, "_baselines", costs(5.0, {}))
+    monkeypatch.setattr(demo, "matmul_gflops", lambda precision: 123.45)
     reported = {}
     monkeypatch.setattr(
         "mm1.experiments.demo_report.write_demo_report",
-        lambda out, plan, runs, results, baselines, wall, seconds: (
-            reported.update(wall=wall, seconds=seconds) or {"wall_seconds": wall}
+        lambda out, plan, runs, results, baselines, timing: (
+            reported.update(timing=timing) or {"wall_seconds": timing.wall_seconds}
         ),
     )
-    demo.run_demo(demo.DemoPlan(), tmp_path)
-    assert reported["seconds"] == {
+    demo.run_demo(demo.DemoPlan(precision="bf16"), tmp_path)
+    timing = reported["timing"]
+    assert (timing.matmul_gflops, timing.precision, timing.threads) == (123.5, "bf16", torch.get_num_threads())
+    assert timing.stage_seconds == {
         "world": 2.0,
         "encoder": 100.0,
         "pretrain": 700.0,
@@ -231,4 +236,16 @@ def test_run_demo_reports_the_wall_time_of_each_phase(monkeypatch, tmp_path):
         "eval_sft": 30.0,
         "baselines": 5.0,
     }
-    assert reported["wall"] == sum(reported["seconds"].values())
+    assert timing.wall_seconds == sum(timing.stage_seconds.values())
+
+
+def test_matmul_gflops_measures_this_hosts_product_speed_and_refuses_other_precisions(monkeypatch):
+    from mm1.train import precision
+
+    # a clock that says every product took 1 ms: 2 * m * k * n flops per ms, whatever the hardware
+    ticks = iter(range(10**6))
+    monkeypatch.setattr("time.perf_counter", lambda: next(ticks) * 1e-3)
+    assert precision.matmul_gflops("fp32", seconds=0.01, shape=(64, 32, 16)) == pytest.approx(2 * 64 * 32 * 16 / 1e6)
+    assert precision.matmul_gflops("bf16", seconds=0.0, shape=(8, 8, 8)) > 0  # at least three products timed
+    with pytest.raises(ValueError, match="matmul_gflops: precision must be fp32 or bf16, got 'native'"):
+        precision.matmul_gflops("native")

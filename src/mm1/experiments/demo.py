@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mm1.config import CAPTION_TEXTS, SUPERCLASS_POOLS, Config, load_config, preset_path
 from mm1.data.inputs import resolve_inputs
 from mm1.models.stems import STEMS
 from mm1.train.checkpoint import latest_checkpoint
 from mm1.train.encoder import OBJECTIVES
-from mm1.train.precision import PRECISIONS, resolve_precision
+from mm1.train.precision import PRECISIONS, matmul_gflops, resolve_precision
 
 STAGE_NAMES = {"encoder": "0. encoder pre-training", "pretrain": "1. MLLM pre-training", "sft": "2. SFT"}
 
@@ -206,12 +208,14 @@ def sft_overrides(plan: DemoPlan, pretrain: Path) -> list[str]:
 
 def run_demo(plan: DemoPlan, out: Path) -> dict[str, Any]:
     """Run every stage into `out` and write report.md + summary.json; returns the summary."""
-    from mm1.experiments.demo_report import write_demo_report
+    from mm1.experiments.demo_report import DemoTiming, write_demo_report
 
     start = time.perf_counter()
     seconds: dict[str, float] = {}
     out.mkdir(parents=True, exist_ok=True)
     base = _stage_config(plan, "pretrain", [])
+    precision = "bf16" if base.train.precision == "bf16" else "fp32"
+    host = {"matmul_gflops": round(matmul_gflops(precision), 1), "precision": precision}
     _say(f"synthetic world ({base.data.world_preset}) at {base.data.world}; training in {base.train.precision}")
     with timed(seconds, "world"):
         resolve_inputs(base, load_tokenizer=False, world_part="eval")  # built (and its summary printed) up front
@@ -229,7 +233,8 @@ def run_demo(plan: DemoPlan, out: Path) -> dict[str, Any]:
     with timed(seconds, "baselines"):
         baselines = _baselines(plan, base)
     runs = {"encoder": encoder, "pretrain": pretrain, "sft": sft}
-    summary = write_demo_report(out, plan, runs, results, baselines, time.perf_counter() - start, seconds)
+    timing = DemoTiming(time.perf_counter() - start, seconds, threads=torch.get_num_threads(), **host)
+    summary = write_demo_report(out, plan, runs, results, baselines, timing)
     _say(f"done in {summary['wall_seconds']:.0f} s: {out / 'report.md'}")
     return summary
 

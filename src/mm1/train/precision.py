@@ -27,3 +27,27 @@ def resolve_precision(choice: str, what: str = "precision") -> str:
     if choice == "native":
         return "bf16" if native_bf16() else "fp32"
     return choice
+
+
+def matmul_gflops(precision: str, seconds: float = 1.0, shape: tuple[int, int, int] = (2048, 256, 688)) -> float:
+    """This host's matrix-product speed right now, in GFLOP/s: the median over ~`seconds` of one
+    [m, k] @ [k, n] product in `precision` ("fp32" or "bf16"; default shape: a 2,048-token batch
+    through the tiny LM's FFN). A demo's wall time alone cannot be compared across hosts, nor across
+    hours of one VM (the same code ran 1.7 x slower on one than another); this figure, measured in the
+    same run, can be (docs/grounding.md section 20)."""
+    import time
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"matmul_gflops: precision must be fp32 or bf16, got {precision!r}")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(*s, generator=gen).to(dtype) for s in ((m, k), (k, n)))
+    a @ b  # warm-up: the first call picks and caches oneDNN's kernel
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 3:
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2.0 * m * k * n / sorted(times)[len(times) // 2] / 1e9
