@@ -249,6 +249,32 @@ def test_superclass_counts_the_idf_over_training_captions_only_and_checkpoints_i
     assert torch.equal(state["token_captions"], want) and float(state["captions_seen"]) == 3
 
 
+def test_superclass_classifies_among_the_words_captions_have_contained_only():
+    """The softmax runs over the words seen so far (here 7, 9, 11 of 64), not the whole vocabulary: the
+    loss is the cross-entropy among those rows alone, and the other rows get no gradient."""
+    cfg = _small_encoder_config("superclass")
+    image_id, k, pad = 60, cfg.model.tokens_per_image, 0
+    cfg.model.image_token_id = image_id
+    torch.manual_seed(0)
+    model = EncoderPretrainer(cfg, 64, {image_id, pad}, DistEnv()).train()
+    model.token_captions[11] = 4  # seen in earlier captions, in none of this batch's
+    model.captions_seen.fill_(10)
+    ids = torch.tensor([[image_id] * k + [7, 9, 7], [image_id] * k + [9, pad, pad]])
+    images = torch.randn(2, 3, IMG, IMG)
+    out = model({"input_ids": ids, "doc_ids": torch.zeros_like(ids), "images": images})
+    out["loss_sum"].backward()
+    grad_rows = model.classifier.weight.grad.abs().sum(1).nonzero().flatten().tolist()
+    assert grad_rows == [7, 9, 11]
+    seen = torch.tensor([7, 9, 11])
+    with torch.no_grad():
+        logits = pooled_logits(model.classifier, model.vision(images), model.pool, seen)
+        assert torch.allclose(logits, pooled_logits(model.classifier, model.vision(images), model.pool)[:, seen])
+        idf = torch.log(12 / (1 + torch.tensor([1.0, 2.0, 4.0]))).clamp(min=0)  # 12 captions seen now
+        hot = torch.tensor([[1, 1, 0], [0, 1, 0]], dtype=torch.bool)
+        want = superclass_loss(logits, hot, idf)
+    assert out["loss_sum"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- a CLIP run that learns
 
 HELD_OUT = 64  # held-out pairs, scored in batches of 16 (chance: 1 in 16)

@@ -9,7 +9,8 @@ Three families, chosen by `train.encoder_objective`:
   per-patch-normalised pixels, MSE on the non-prefix patches;
 - classification, `superclass` (SuperClass, Huang et al. 2024): no text tower; a linear classifier on
   the mean-pooled ViT features predicts which vocabulary tokens the image's caption contains, softmax
-  cross-entropy against the caption's multi-hot, IDF-weighted and normalised. Every word is a fixed
+  cross-entropy (over the words training captions have contained) against the caption's multi-hot,
+  IDF-weighted and normalised. Every word is a fixed
   class from the first step, where a contrastive text tower learns its targets beside the ViT
   (docs/grounding.md section 15 measures both on the world). The IDF statistics are counted online
   over the training captions seen (buffers, so checkpoints and resumes carry them).
@@ -181,15 +182,21 @@ def caption_multi_hot(ids: torch.Tensor, valid: torch.Tensor, vocab_size: int, s
 LSE_SHARPNESS = 5.0  # r of log-sum-exp pooling: 0 -> the mean of the tokens' logits, infinity -> their max
 
 
-def pooled_logits(classifier: nn.Linear, tokens: torch.Tensor, pool: str) -> torch.Tensor:
-    """[N, V] image logits from [N, T, D] ViT tokens. "mean": the classifier on the mean token (the
-    mean of per-token logits). "lse": log-sum-exp of per-token logits, (1/r) log mean_t exp(r z_t),
-    between their mean and their max (Pinheiro & Collobert 2015): a class scores where some token
-    shows it, so each token must say what is *there*, not what is in the image, and the tokens the
-    connector passes on keep where things are."""
+def pooled_logits(
+    classifier: nn.Linear, tokens: torch.Tensor, pool: str, classes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[N, C] image logits from [N, T, D] ViT tokens, for the classifier's rows `classes` (all V when
+    None). "mean": the classifier on the mean token (the mean of per-token logits). "lse": log-sum-exp
+    of per-token logits, (1/r) log mean_t exp(r z_t), between their mean and their max (Pinheiro &
+    Collobert 2015): a class scores where some token shows it, so each token must say what is *there*,
+    not what is in the image, and the tokens the connector passes on keep where things are."""
+    weight, bias = classifier.weight, classifier.bias
+    if classes is not None:
+        weight, bias = weight[classes], None if bias is None else bias[classes]
     if pool == "mean":
-        return classifier(tokens.mean(1)).float()
-    return (TokenLogSumExp.apply(classifier(tokens), LSE_SHARPNESS) - math.log(tokens.shape[1])) / LSE_SHARPNESS
+        return F.linear(tokens.mean(1), weight, bias).float()
+    logits = F.linear(tokens, weight, bias)  # [N, T, C]
+    return (TokenLogSumExp.apply(logits, LSE_SHARPNESS) - math.log(tokens.shape[1])) / LSE_SHARPNESS
 
 
 class TokenLogSumExp(torch.autograd.Function):
@@ -351,10 +358,15 @@ class EncoderPretrainer(nn.Module):
                 self.captions_seen += counts[-1].to(self.captions_seen.device)
         idf = torch.log(self.captions_seen.clamp(min=1) / (1 + self.token_captions)).clamp(min=0)
         idf = idf.float().to(hot.device)
-        logits = pooled_logits(self.classifier, self.vision(images), self.pool)  # [N, V]
-        loss = superclass_loss(logits, hot, idf)
+        # Only a word some caption contained can be a target; the softmax runs over those (a few dozen tags
+        # of a 2,048-token vocabulary), not the whole vocabulary: the per-token logits and their pooling
+        # were the encoder step's largest tensors. The never-seen rows would only be pushed ever lower.
+        classes = ((self.token_captions > 0).to(hot.device) | hot.any(0)).nonzero().squeeze(1)
+        logits = pooled_logits(self.classifier, self.vision(images), self.pool, classes)  # [N, C]
+        hot = hot[:, classes]
+        loss = superclass_loss(logits, hot, idf[classes])
         with torch.no_grad():
-            recall = word_recall(logits, hot & (idf > 0))
+            recall = word_recall(logits, hot & (idf[classes] > 0))
         return ObjectiveOutput(loss_sum=loss, metrics={"word_recall": recall})
 
     def aim_loss(self, pixels: torch.Tensor) -> torch.Tensor:
