@@ -165,6 +165,9 @@ class DataConfig:
     batch_size: int = 8  # sequences per rank per micro-step
     num_workers: int = 0
     resize: str = "crop"  # crop | pad
+    # decoded images kept in memory per loader process (MiB, least recently used out first; 0 = none):
+    # a corpus read many times skips decoding and resizing (mm1.data.loader.ImagePipeline)
+    image_cache_mb: int = 0
     max_skip_rate: float = 0.05
     # records of a file read in a seeded permutation per epoch, within blocks of this many (held in
     # memory raw: paths for JSON sources, image bytes for tar shards); 1 = file order
@@ -216,6 +219,11 @@ class TrainConfig:
     # how SuperClass pools the ViT's tokens into image logits: "mean" (the paper's) or "lse"
     # (log-sum-exp of per-token logits: each class must be found at some token, so tokens stay local)
     superclass_pool: str = "mean"
+    # SuperClass: groups of tag words of which an image has one (the tiny preset: its background). Each
+    # group is classified by a softmax of its own, weighted by superclass_group_weight, instead of
+    # taking a share of the other words' softmax; [] = every word in one softmax
+    superclass_groups: list[list[str]] = field(default_factory=list)
+    superclass_group_weight: float = 1.0
     # stage=encoder, clip/siglip: groups of caption words swapped among themselves to make hard negative
     # captions (NegCLIP); [] = none. The tiny preset swaps the world's shape names.
     hard_negatives: list[list[str]] = field(default_factory=list)
@@ -476,6 +484,7 @@ def _check_ranges(cfg: Config) -> None:
         ("model.lm.moe_lb_coef", lm.moe_lb_coef),
         ("model.lm.moe_z_coef", lm.moe_z_coef),
         ("data.num_workers", d.num_workers),
+        ("data.image_cache_mb", d.image_cache_mb),
         ("train.warmup_steps", t.warmup_steps),
         ("train.clip", t.clip),
         ("train.keep_last", t.keep_last),
@@ -556,6 +565,12 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     _one_of("train.strategy", t.strategy, ["auto", "single", "ddp", "fsdp"])
     _one_of("train.superclass_pool", t.superclass_pool, list(SUPERCLASS_POOLS))
+    _check(
+        t.superclass_group_weight >= 0 and math.isfinite(t.superclass_group_weight),
+        "train.superclass_group_weight",
+        t.superclass_group_weight,
+        "must be a finite number >= 0",
+    )
     _one_of("train.precision", t.precision, ["auto", "fp32", "bf16"])
     _one_of("train.nonfinite", t.nonfinite, ["stop", "skip"])
     _check(t.steps > 0, "train.steps", t.steps, "must be positive")

@@ -40,6 +40,7 @@ RESUMABLE = (
     "train.loggers",
     "train.eval_every",
     "data.max_skip_rate",
+    "data.image_cache_mb",  # how many decoded images are kept: the stream is the same
 )
 # keys a continued run never reads: the evaluation settings, the run's name, and the weights a run
 # started from (a resume takes every weight from its checkpoint)
