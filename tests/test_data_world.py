@@ -121,11 +121,13 @@ def test_caption_shards_read_with_tarfile_and_webdataset(tiny_world: Path) -> No
     assert alt == meta["alt"] and meta["dense"].endswith(".") and len(meta["dense"]) > len(alt)
     assert 1 <= len(meta["scene"]["objects"]) <= 5
     numbers = ("one", "two", "three", "four", "five")
-    for _, _, meta in samples[:200]:  # image-level labels: shapes, colours, place words, the count; sorted
+    backgrounds = {"plain": "plain", "gradient": "gradient", "noise": "mottled", "stripes": "striped"}
+    for _, _, meta in samples[:200]:  # image-level labels: shapes, colours, place words, the count, background
         objects = meta["scene"]["objects"]
         shapes, colours = sorted({o["shape"] for o in objects}), sorted({o["colour"] for o in objects})
         places = sorted({w for o in objects for w in o["position"].split()})
-        assert meta["tags"] == [*shapes, *colours, *places, numbers[len(objects) - 1]]
+        background = backgrounds[meta["scene"]["background"]]
+        assert meta["tags"] == [*shapes, *colours, *places, numbers[len(objects) - 1], background]
 
 
 def test_interleaved_parquet_has_one_non_null_per_position_and_2_to_10_images(tiny_world: Path) -> None:

@@ -275,6 +275,54 @@ def test_superclass_classifies_among_the_words_captions_have_contained_only():
     assert out["loss_sum"].item() == pytest.approx(want.item(), rel=1e-5)
 
 
+def _group_model(weight: float) -> tuple[EncoderPretrainer, dict[str, torch.Tensor]]:
+    """A SuperClass encoder whose words 20 and 21 form a group (word w is token w + 1), with a batch of
+    two captions: [7, 9, 20] and [9, 21]."""
+    cfg = _small_encoder_config("superclass")
+    image_id, k, pad = 60, cfg.model.tokens_per_image, 0
+    cfg.model.image_token_id = image_id
+    cfg.train.superclass_groups, cfg.train.superclass_group_weight = [["w19", "w20"]], weight
+    torch.manual_seed(0)
+    model = EncoderPretrainer(cfg, 64, {image_id, pad}, DistEnv(), encode=lambda s: [int(s.strip()[1:]) + 1])
+    model.captions_seen.fill_(10)  # ten earlier captions without these words: every word has a weight
+    ids = torch.tensor([[image_id] * k + [7, 9, 20], [image_id] * k + [9, 21, pad]])
+    return model.train(), {"input_ids": ids, "doc_ids": torch.zeros_like(ids), "images": torch.randn(2, 3, IMG, IMG)}
+
+
+def test_a_superclass_word_group_is_classified_by_its_own_softmax_beside_the_others():
+    """The group's words (e.g. the backgrounds) leave the main softmax: the loss is the main cross-entropy
+    over the other seen words plus the weight times the group's own cross-entropy."""
+    model, batch = _group_model(0.5)
+    out = model(batch)
+    with torch.no_grad():
+        tokens = model.vision(batch["images"])
+        main = pooled_logits(model.classifier, tokens, model.pool, torch.tensor([7, 9]))
+        group = pooled_logits(model.classifier, tokens, model.pool, torch.tensor([20, 21]))
+    idf = torch.log(torch.tensor([12 / 2, 12 / 3]))  # of 12 captions, 7 is in one, 9 in two
+    want_main = superclass_loss(main, torch.tensor([[1, 1], [0, 1]], dtype=torch.bool), idf)
+    want_group = -torch.log_softmax(group, -1)[[0, 1], [0, 1]].sum()  # caption 0 shows 20, caption 1 21
+    assert out["loss_sum"].item() == pytest.approx((want_main + 0.5 * want_group).item(), rel=1e-5)
+    right = (group.argmax(1) == torch.tensor([0, 1])).float().mean()
+    assert out["metrics"]["group_accuracy"].item() == pytest.approx(right.item())
+    unweighted = _group_model(0.0)[0]  # weight 0: the group's rows learn nothing
+    unweighted(batch)["loss_sum"].backward()
+    assert unweighted.classifier.weight.grad[[20, 21]].abs().sum() == 0
+    assert unweighted.classifier.weight.grad[[7]].abs().sum() > 0
+
+
+def test_a_superclass_word_group_must_be_single_tokens_and_the_weight_non_negative():
+    from mm1.registry import ConfigError
+    from mm1.train.encoder import word_group_ids
+
+    assert word_group_ids([["plain", "striped"]], lambda s: {" plain": [4], " striped": [9]}[s], "k") == [[4, 9]]
+    with pytest.raises(ConfigError, match=r"superclass_groups: \[.*\]: \['light grey'\] are not single"):
+        word_group_ids([["plain", "light grey"]], lambda s: [1] if s == " plain" else [1, 2], "train.superclass_groups")
+    with pytest.raises(ConfigError, match="two words or more"):
+        word_group_ids([["plain"]], lambda s: [1], "k")
+    with pytest.raises(ConfigError, match="train.superclass_group_weight"):
+        load_config("configs/tiny.yaml", ["train.superclass_group_weight=-1"])
+
+
 # ----------------------------------------------------------------------------- a CLIP run that learns
 
 HELD_OUT = 64  # held-out pairs, scored in batches of 16 (chance: 1 in 16)
@@ -343,8 +391,8 @@ def test_a_short_clip_run_retrieves_held_out_captions_above_chance(tiny_world, t
 
 def test_a_superclass_run_on_tags_learns_from_the_tag_words_alone(tiny_world, tmp_path):
     """`data.caption_text=tags`: the classes counted are the images' tags (shapes, colours, place words,
-    the count), never another caption word such as a size or "clipart"."""
-    from mm1.data.world.language import NUMBERS
+    the count, the background), never another caption word such as a size or "clipart"."""
+    from mm1.data.world.language import BACKGROUND_WORDS, NUMBERS
     from mm1.data.world.scenes import COLOURS, POSITIONS, SHAPES
     from mm1.train.checkpoint import latest_checkpoint, read_checkpoint_weights
 
@@ -357,7 +405,8 @@ def test_a_superclass_run_on_tags_learns_from_the_tag_words_alone(tiny_world, tm
     colours = {i for w in COLOURS for i in tok.encode(" " + w)}
     places = {i for p in POSITIONS for w in p.split() for i in tok.encode(" " + w)}
     numbers = {i for w in NUMBERS[1:6] for i in tok.encode(" " + w)}
-    tags = shapes | colours | places | numbers
+    backgrounds = {i for w in BACKGROUND_WORDS.values() for i in tok.encode(" " + w)}
+    tags = shapes | colours | places | numbers | backgrounds
     assert counted <= tags, [tok.decode([i]) for i in counted - tags]
-    assert all(counted & group for group in (shapes, colours, places, numbers))
+    assert all(counted & group for group in (shapes, colours, places, numbers, backgrounds))
     assert float(state["captions_seen"]) >= 3 * 8

@@ -35,6 +35,7 @@ from torch import nn
 from mm1.config import Config
 from mm1.models.attention import sdpa
 from mm1.models.registry import ENCODERS
+from mm1.registry import ConfigError
 from mm1.train.distributed import DistEnv, all_reduce_sum, gather_with_grad
 from mm1.train.objective import ObjectiveOutput
 
@@ -132,6 +133,20 @@ class WordSwapper:
             pos = (ids.unsqueeze(-1) == table).float().argmax(-1)  # [N, L] index within the group
             out = torch.where(hit, table[(pos + shift) % n], out)
         return out, (out != ids).any(1)
+
+
+def word_group_ids(groups: list[list[str]], encode, key: str) -> list[list[int]]:
+    """Each group's words as token ids (with the leading space a caption's words carry); a word that is not
+    one token of the tokenizer is refused, since a class must be one vocabulary row."""
+    out = []
+    for words in groups:
+        ids = [encode(" " + w) for w in words]
+        bad = [w for w, i in zip(words, ids) if len(i) != 1]
+        if bad or len(words) < 2:
+            problem = f"{bad} are not single tokens of the tokenizer" if bad else "a group needs two words or more"
+            raise ConfigError(f"{key}: {words}: {problem}")
+        out.append([i[0] for i in ids])
+    return out
 
 
 def clip_loss(
@@ -234,6 +249,18 @@ def superclass_loss(logits: torch.Tensor, hot: torch.Tensor, idf: torch.Tensor) 
     return -(target * F.log_softmax(logits, dim=-1)).sum()
 
 
+def group_loss(logits: torch.Tensor, hot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, correct, counted) of one word group's own softmax ([N, G] logits against
+    [N, G] multi-hot), over the captions that contain a word of the group; the others add nothing."""
+    rows = hot.any(1)
+    target = hot[rows].to(logits.dtype)
+    target = target / target.sum(1, keepdim=True)
+    loss = -(target * F.log_softmax(logits[rows], dim=-1)).sum()
+    with torch.no_grad():
+        correct = hot[rows].gather(1, logits[rows].argmax(1, keepdim=True)).sum()
+    return loss, correct, rows.sum()
+
+
 def word_recall(logits: torch.Tensor, hot: torch.Tensor) -> torch.Tensor:
     """Share of each caption's k distinct tokens found among the classifier's top k, over the batch."""
     k = hot.sum(1)
@@ -288,6 +315,10 @@ class EncoderPretrainer(nn.Module):
             self.head = nn.Sequential(nn.Linear(v.width, v.mlp_dim), nn.GELU(), nn.Linear(v.mlp_dim, 3 * p * p))
         elif self.objective == "superclass":
             self.classifier = nn.Linear(v.width, vocab_size)
+            groups = cfg.train.superclass_groups
+            # (no `encode`, as in unit tests that build the module by hand: no tokenizer, so no groups)
+            self.groups = word_group_ids(groups, encode, "train.superclass_groups") if groups and encode else []
+            self.group_weight = cfg.train.superclass_group_weight
             # captions counted and, per token, captions containing it: the online IDF
             self.register_buffer("captions_seen", torch.zeros((), dtype=torch.float64))
             self.register_buffer("token_captions", torch.zeros(vocab_size, dtype=torch.float64))
@@ -361,13 +392,25 @@ class EncoderPretrainer(nn.Module):
         # Only a word some caption contained can be a target; the softmax runs over those (a few dozen tags
         # of a 2,048-token vocabulary), not the whole vocabulary: the per-token logits and their pooling
         # were the encoder step's largest tensors. The never-seen rows would only be pushed ever lower.
-        classes = ((self.token_captions > 0).to(hot.device) | hot.any(0)).nonzero().squeeze(1)
+        seen = (self.token_captions > 0).to(hot.device) | hot.any(0)
+        grouped = [torch.tensor(g, device=hot.device) for g in self.groups]  # each its own softmax
+        for g in grouped:
+            seen[g] = False
+        classes = torch.cat([seen.nonzero().squeeze(1), *grouped])
         logits = pooled_logits(self.classifier, self.vision(images), self.pool, classes)  # [N, C]
-        hot = hot[:, classes]
-        loss = superclass_loss(logits, hot, idf[classes])
+        n = len(classes) - sum(len(g) for g in grouped)  # the first n columns share the main softmax
+        main, main_hot = logits[:, :n], hot[:, classes[:n]]
+        loss = superclass_loss(main, main_hot, idf[classes[:n]])
+        metrics = {}
         with torch.no_grad():
-            recall = word_recall(logits, hot & (idf[classes] > 0))
-        return ObjectiveOutput(loss_sum=loss, metrics={"word_recall": recall})
+            metrics["word_recall"] = word_recall(main, main_hot & (idf[classes[:n]] > 0))
+        correct = counted = torch.zeros((), device=hot.device)
+        for g in grouped:
+            part, right, rows = group_loss(logits[:, n : n + len(g)], hot[:, g])
+            loss, correct, counted, n = loss + self.group_weight * part, correct + right, counted + rows, n + len(g)
+        if grouped:  # the share of images whose group word (e.g. background) the group's softmax picks
+            metrics["group_accuracy"] = correct / counted.clamp(min=1)
+        return ObjectiveOutput(loss_sum=loss, metrics=metrics)
 
     def aim_loss(self, pixels: torch.Tensor) -> torch.Tensor:
         vit, p = self.vision, self.vision.cfg.patch_size

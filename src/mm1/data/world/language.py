@@ -67,6 +67,7 @@ def scene_tags(s: Scene) -> list[str]:
         *sorted({o.colour for o in s.objects}),
         *places,
         number_word(len(s.objects)),
+        BACKGROUND_WORDS[s.background],
     ]
 
 
