@@ -132,7 +132,7 @@ def test_demo_pretraining_freezes_or_slows_the_vit_and_mixes_in_sft_data(monkeyp
     monkeypatch.setattr(demo, "resolve_inputs", lambda *a, **k: None)
     # by default a frozen ViT in pre-training, and the world's SFT conversations mixed into MM1's mixture
     frozen = demo.DemoPlan()
-    assert (frozen.pretrain_vision_lr_mult, frozen.pretrain_sft_weight, frozen.pretrain_steps) == (0.0, 0.15, 1100)
+    assert (frozen.pretrain_vision_lr_mult, frozen.pretrain_sft_weight, frozen.pretrain_steps) == (0.0, 0.15, 1200)
     demo.train_pretrained(frozen, tmp_path)
     pre = demo._stage_config(frozen, "pretrain", calls["pretrain"])
     assert pre.train.freeze_vision and pre.train.lr_mult.vision == 1.0
@@ -185,7 +185,7 @@ def test_demo_flags_choose_the_encoder_image_size_and_how_pretraining_treats_the
     demo.run(parse_args([*large, "--pretrain-vision-lr-mult", "0.3", "--pretrain-sft-weight", "0"]))
     default, clip, moving = plans
     assert (default.image_size, default.patch_size, default.pretrain_vision_lr_mult) == (0, 0, 0.0)
-    assert (default.pretrain_sft_weight, default.pretrain_steps, default.sft_steps) == (0.15, 1100, 150)
+    assert (default.pretrain_sft_weight, default.pretrain_steps, default.sft_steps) == (0.15, 1200, 150)
     assert (moving.image_size, moving.patch_size, moving.pretrain_vision_lr_mult) == (128, 16, 0.3)
     assert moving.pretrain_sft_weight == 0.0
     assert (default.encoder_objective, default.encoder_text, default.encoder_pool) == ("superclass", "tags", "lse")
