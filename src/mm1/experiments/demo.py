@@ -43,8 +43,8 @@ class DemoPlan:
     # stage 0: SuperClass on the images' tags (shapes, colours, places, count, and the background in a
     # softmax of its own: the tiny preset's train.superclass_groups), pooled by log-sum-exp so each token
     # must show what is where: the ViT carries colour, shape, count, position and background (probes 97 /
-    # 77 / 100 / 80 / 99 %; the contrastive stage on captions: shape 21), and demonstrations now help
-    # captioning (docs/grounding.md sections 17 and 21)
+    # 77 / 100 / 80 / 99 %; the contrastive stage on captions: shape 21), and the captions name the
+    # background rightly (docs/grounding.md sections 17 and 21)
     encoder_objective: str = "superclass"
     encoder_text: str = "tags"
     encoder_pool: str = "lse"

@@ -251,11 +251,10 @@ def superclass_loss(logits: torch.Tensor, hot: torch.Tensor, idf: torch.Tensor) 
 
 def group_loss(logits: torch.Tensor, hot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, correct, counted) of one word group's own softmax ([N, G] logits against
-    [N, G] multi-hot), over the captions that contain a word of the group; the others add nothing."""
+    [N, G] multi-hot): `superclass_loss` with every word weighted alike, so captions without a word of
+    the group add nothing; `correct` counts those with one whose top class is theirs."""
     rows = hot.any(1)
-    target = hot[rows].to(logits.dtype)
-    target = target / target.sum(1, keepdim=True)
-    loss = -(target * F.log_softmax(logits[rows], dim=-1)).sum()
+    loss = superclass_loss(logits, hot, torch.ones(hot.shape[1], dtype=logits.dtype, device=logits.device))
     with torch.no_grad():
         correct = hot[rows].gather(1, logits[rows].argmax(1, keepdim=True)).sum()
     return loss, correct, rows.sum()
