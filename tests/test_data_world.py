@@ -144,6 +144,31 @@ def test_interleaved_parquet_has_one_non_null_per_position_and_2_to_10_images(ti
     assert "Short answer:" in texts and "The first image has" in texts and "A short description:" in texts
 
 
+def _caption_style(text: str) -> str:
+    if re.match(r"(One|Two|Three|Four|Five|Six) shapes? on ", text):
+        return "dense"
+    return "reference" if text.endswith(".") else "alt"
+
+
+def test_an_interleaved_document_captions_every_image_in_one_style_and_all_styles_occur() -> None:
+    """Demonstrations can only teach a style 0-shot prompts leave open: a document keeps one, the
+    references' style is one of several."""
+    from mm1.data.world.documents import interleaved_document
+    from mm1.data.world.language import CAPTION_STYLES
+
+    rng = np.random.default_rng(0)
+    styles = []
+    for _ in range(400):
+        texts = [p for p in interleaved_document(rng) if isinstance(p, str)]
+        captions = [m.group(1) for t in texts if (m := re.match(r"(?:A short description|Caption): (.*)\n$", t))]
+        if len(captions) >= 2:
+            kinds = {_caption_style(c) for c in captions}
+            assert len(kinds) == 1, captions
+            styles.append(kinds.pop())
+    shares = {k: styles.count(k) / len(styles) for k in CAPTION_STYLES}
+    assert len(styles) > 30 and all(abs(shares[k] - w) < 0.2 for k, w in CAPTION_STYLES.items()), shares
+
+
 def test_coco_and_vqa_eval_files_follow_the_official_schemas(tiny_world: Path) -> None:
     ev = tiny_world / "eval"
     for split in ("train", "test"):

@@ -33,7 +33,8 @@ from mm1.data.writers import dumps, write_bytes, write_json, write_jsonl
 # 6: caption json carries "tags", image-level labels (object categories and colours) an encoder can learn from
 # 7: the tags also name the objects' places and their number (a tag-trained encoder kept count and position)
 # 8: the tags also name the background (plain, gradient, mottled, striped): the encoder carried it at 46 %, chance 27
-GENERATOR_VERSION = "8"
+# 9: an interleaved document captions its images in one style: the references', alt-text or dense (few-shot role)
+GENERATOR_VERSION = "9"
 
 
 @dataclass(frozen=True)

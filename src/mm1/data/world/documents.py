@@ -14,11 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from mm1.data.world.language import (
+    caption_in_style,
     dense_description,
     group_phrase,
     number_word,
     objects_phrase,
     pick,
+    pick_caption_style,
     plural,
     short_caption,
 )
@@ -65,15 +67,19 @@ def interleaved_document(rng: np.random.Generator) -> list[str | Scene]:
     newline, as in the few-shot prompts (`<image>Question: q Short answer: a` + "\n"): a model that
     never saw an answer end there would run on past it at evaluation. Up to 10 images so that the
     longest documents (~400 tokens) are as long as an 8-shot prompt (9 images): with at most 6, no
-    training position ever reached an 8-shot prompt's length and 8-shot scores fell (docs/grounding.md)."""
+    training position ever reached an 8-shot prompt's length and 8-shot scores fell (docs/grounding.md).
+    A document captions all its images in one style (`CAPTION_STYLES`), so what demonstrations show
+    is worth copying: with every caption in the references' style, 0 shots already had it and 8
+    shots could only add the demonstrations' objects (docs/grounding.md section 22)."""
     k = int(rng.integers(2, 11))
     scenes = [sample_scene(rng) for _ in range(k)]
     kind = pick(rng, ["captions", "vqa", "comparison", "gallery", "quiz"])
     parts: list[str | Scene] = [pick(rng, INTROS)] if rng.random() < 0.6 else []
+    style = pick_caption_style(rng) if kind in ("captions", "comparison", "quiz") else "reference"
     if kind == "captions":
         fmt = pick(rng, ["A short description: {c}\n", "{c}\n", "Picture {i}: {c}\n", "Caption: {c}\n"])
         for i, s in enumerate(scenes):
-            parts += [s, fmt.format(c=short_caption(s, rng), i=i + 1)]
+            parts += [s, fmt.format(c=caption_in_style(s, style, rng), i=i + 1)]
     elif kind == "vqa":
         for s in scenes:
             parts.append(s)
@@ -93,7 +99,7 @@ def interleaved_document(rng: np.random.Generator) -> list[str | Scene]:
             lines.append(f"Both show {group_phrase(*common[0], 1)}.")
         parts.append(" ".join(lines))
         for s in scenes[3:]:
-            parts += [s, short_caption(s, rng)]
+            parts += [s, caption_in_style(s, style, rng)]
     elif kind == "gallery":
         for i, s in enumerate(scenes):
             parts += [f"{i + 1}.", s, f"{_summary(s, rng).capitalize()}."]
@@ -105,7 +111,7 @@ def interleaved_document(rng: np.random.Generator) -> list[str | Scene]:
             parts.append(f"Picture {i + 1} has a label that reads {scenes[i].label}.")
     else:  # quiz: questions about earlier images, answered by position in the document
         for s in scenes:
-            parts += [s, short_caption(s, rng)]
+            parts += [s, caption_in_style(s, style, rng)]
         target = int(rng.integers(k))
         o = scenes[target].objects[0]
         holders = [i for i, s in enumerate(scenes) if s.count(o.shape, o.colour)]

@@ -141,6 +141,29 @@ def short_caption(scene: Scene, rng: np.random.Generator) -> str:
     return reference_captions(scene, rng, 1)[0]
 
 
+# How an interleaved document's captions are written: one style per document, as a web page keeps
+# its own. "reference" is the eval references' style (the COCO role); the others are the web's
+# alt-text and the dense re-captions. Only some documents caption in the references' style, so a
+# 0-shot prompt does not say which style the task wants and demonstrations do (MM1's few-shot gain
+# on COCO, 0 -> 8 shots, is largely this).
+CAPTION_STYLES = {"reference": 0.4, "alt": 0.3, "dense": 0.3}
+
+
+def pick_caption_style(rng: np.random.Generator) -> str:
+    names = list(CAPTION_STYLES)
+    return names[int(rng.choice(len(names), p=list(CAPTION_STYLES.values())))]
+
+
+def caption_in_style(scene: Scene, style: str, rng: np.random.Generator) -> str:
+    if style == "reference":
+        return short_caption(scene, rng)
+    if style == "alt":
+        return alt_text(scene, rng, int(rng.integers(10000)))
+    if style == "dense":
+        return dense_description(scene)
+    raise ValueError(f"unknown caption style {style!r}; expected one of {sorted(CAPTION_STYLES)}")
+
+
 def _object_detail(o: Obj) -> str:
     return f"a {o.size} one {POSITION_PHRASES[o.position]}"
 
