@@ -154,7 +154,7 @@ def test_an_interleaved_document_captions_every_image_in_one_style_and_all_style
     """Demonstrations can only teach a style 0-shot prompts leave open: a document keeps one, the
     references' style is one of several."""
     from mm1.data.world.documents import interleaved_document
-    from mm1.data.world.language import CAPTION_STYLES
+    from mm1.data.world.language import CAPTION_STYLES, caption_in_style
 
     rng = np.random.default_rng(0)
     styles = []
@@ -167,6 +167,8 @@ def test_an_interleaved_document_captions_every_image_in_one_style_and_all_style
             styles.append(kinds.pop())
     shares = {k: styles.count(k) / len(styles) for k in CAPTION_STYLES}
     assert len(styles) > 30 and all(abs(shares[k] - w) < 0.2 for k, w in CAPTION_STYLES.items()), shares
+    with pytest.raises(ValueError, match="unknown caption style 'coco'"):
+        caption_in_style(sample_scene(rng), "coco", rng)
 
 
 def test_coco_and_vqa_eval_files_follow_the_official_schemas(tiny_world: Path) -> None:
