@@ -138,7 +138,7 @@ def test_a_tokenizer_without_a_template_keeps_mm1s_format(tmp_path: Path) -> Non
     tok = Tokenizer.load(hf_dir(tmp_path, None))
     ids, mask = tok.chat(CONV, tokens_per_image=1)
     assert tok.template is None and tok.turn_end_id == tok.im_end_id
-    assert ids[0] == tok.im_start_id and learned_text(tok, ids, mask) == ["red<|im_end|>", "a small circle<|im_end|>"]
+    assert ids[0] == tok.im_start_id and learned_text(tok, ids, mask) == [" red<|im_end|>", " a small circle<|im_end|>"]
 
 
 def test_mm1s_own_format_written_as_a_template_gives_mm1s_ids_and_mask(tmp_path: Path) -> None:

@@ -303,7 +303,7 @@ def test_sft_stage_reads_the_sft_source_and_learns_only_assistant_turns(data: Pa
             for d in range(int(row_doc.max()) + 1):
                 learned = row_tgt[(row_doc == d) & (row_tgt != -100)].tolist()
                 text = tok.decode(learned)
-                assert text.startswith("answer ") and "welcome" in text and "what colour" not in text, text
+                assert text.startswith(" answer ") and "welcome" in text and "what colour" not in text, text
                 assert learned.count(tok.im_end_id) == 2
 
 

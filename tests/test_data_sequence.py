@@ -180,7 +180,7 @@ def test_sft_targets_cover_only_assistant_turns(tok: Tokenizer) -> None:
     (doc,) = to_docs(b, "sft", NS(key="q", where="w", images=[5], conversations=conv))
     batch = collate([[doc]], 128, tok.pad_id, tok.image_id, [3])
     learned = batch["targets"][0][batch["targets"][0] != -100].tolist()
-    assert learned == tok.encode("blue") + [tok.im_end_id] + tok.encode("a square") + [tok.im_end_id]
+    assert learned == tok.encode(" blue") + [tok.im_end_id] + tok.encode(" a square") + [tok.im_end_id]
     assert batch["images"].shape[0] == 1
 
 

@@ -63,12 +63,21 @@ def test_chat_loss_mask_covers_only_assistant_content_and_end_marker(tok: Tokeni
     ids, mask = tok.chat(conv, tokens_per_image=4)
     assert len(ids) == len(mask)
     learned = [i for i, m in zip(ids, mask) if m]
-    red, circle = tok.encode("red"), tok.encode("a circle")
+    red, circle = tok.encode(" red"), tok.encode(" a circle")  # replies are encoded after a space
     assert learned == red + [tok.im_end_id] + circle + [tok.im_end_id]
     text = tok._tok.decode(ids, skip_special_tokens=False)  # the template, markers included
-    assert text.startswith(f"{IM_START}user\n{IMAGE_TOKEN * 4}\nwhat colour is it?{IM_END}\n{IM_START}assistant\nred")
-    assert text.endswith(f"{IM_START}assistant\na circle{IM_END}\n")
+    assert text.startswith(f"{IM_START}user\n{IMAGE_TOKEN * 4}\nwhat colour is it?{IM_END}\n{IM_START}assistant\n red")
+    assert text.endswith(f"{IM_START}assistant\n a circle{IM_END}\n")
     assert not any(m for i, m in zip(ids, mask) if i == tok.image_id)
+
+
+def test_a_reply_s_words_are_the_tokens_they_are_in_a_caption(tok: Tokenizer) -> None:
+    # the caption's " red" is the token pre-training ties to red pixels; a reply's first word encoded
+    # as "red" would be another token, never seen after an image
+    assert tok.encode("red") != tok.encode(" red")
+    for reply in ("red", " red"):  # a reply that already starts with a space gets no second one
+        ids, mask = tok.chat([{"from": "human", "value": "colour?"}, {"from": "gpt", "value": reply}])
+        assert [i for i, m in zip(ids, mask) if m][:-1] == tok.encode("a red circle")[1:2]
 
 
 def test_chat_generation_prompt_ends_with_open_assistant_header(tok: Tokenizer) -> None:

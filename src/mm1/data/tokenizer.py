@@ -67,6 +67,17 @@ def _token_name(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def reply_text(content: str) -> str:
+    """An assistant reply as mm1's chat format encodes it: after a space, unless it starts with one.
+
+    A byte-level BPE without a prefix space gives a word another token at the start of a text ("blue")
+    than after a space (" blue", as in every caption and "Short answer: blue"), so a reply encoded
+    as it stands asks for tokens that pre-training never tied to an image: the pre-trained model
+    answered chat questions from the SFT set's priors while it read the same images after "Short
+    answer:", and SFT had to teach reading again on new tokens (docs/grounding.md section 23)."""
+    return content if not content or content[0].isspace() else " " + content
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus mm1's special ids, `<image>` expansion and chat template."""
 
@@ -236,7 +247,8 @@ class Tokenizer:
         add_generation_prompt: bool = False,
     ) -> tuple[list[int], list[bool]]:
         """Ids and loss mask of the conversation in the tokenizer's own chat template, or else in
-        mm1's `<|im_start|>role\\ncontent<|im_end|>\\n` turns.
+        mm1's `<|im_start|>role\\ncontent<|im_end|>\\n` turns, an assistant's content encoded after a
+        space (`reply_text`).
 
         `conversations` are LLaVA turns (`{"from": "human"|"gpt", "value": ...}`) or
         `{"role": "user"|"assistant"|"system", "content": ...}`. mask[t] is True where token t is to
@@ -252,7 +264,8 @@ class Tokenizer:
         for message in messages:
             role, content = message["role"], message["content"]
             header = [self.im_start_id] + self.encode(f"{role}\n")
-            body = self.encode(content, tokens_per_image) + [self.im_end_id]
+            text = reply_text(content) if role == "assistant" else content
+            body = self.encode(text, tokens_per_image) + [self.im_end_id]
             tail = self.encode("\n")
             learn = role == "assistant"
             ids += header + body + tail

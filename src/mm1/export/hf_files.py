@@ -30,14 +30,19 @@ assert set(HF_ACT) == set(ACTIVATIONS)
 
 # Content may be a string with <image> markers (mm1's SFT format) or a list of typed parts (the HF
 # chat format); an image part becomes "<image>\n", as in mm1's SFT data ("<image>\nWhat is ...").
+# An assistant reply starts after a space unless it has one (`mm1.data.tokenizer.reply_text`).
 CHAT_TEMPLATE = (
     "{% if add_bos %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}" + IM_START + "{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
+    "{% if message['content'] is string %}{% set parts = [{'type': 'text', 'text': message['content']}] %}"
+    "{% else %}{% set parts = message['content'] %}{% endif %}"
+    "{% for part in parts %}"
     "{% if part['type'] == 'image' %}" + IMAGE_TOKEN + "\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}" + IM_END + "\n{% endfor %}"
+    "{% elif part['type'] == 'text' %}"
+    "{% if loop.first and message['role'] == 'assistant' and part['text'][:1] not in ' \\t\\n\\r' %}"
+    "{{ ' ' }}{% endif %}"
+    "{{ part['text'] }}{% endif %}"
+    "{% endfor %}" + IM_END + "\n{% endfor %}"
     "{% if add_generation_prompt %}" + IM_START + "assistant\n{% endif %}"
 )
 
