@@ -54,6 +54,7 @@ def test_config_round_trips_through_a_dict():
         ("train.stage=finetune", "train.stage='finetune'", "allowed: encoder, pretrain, sft"),
         ("data.sources.caption.weight=-1", "data.sources.caption.weight=-1", "must be >= 0"),
         ("data.caption_text=labels", "data.caption_text='labels'", "must be one of caption, tags"),
+        ("train.lr_scale=0", "train.lr_scale=0", "must be positive (1.0 = the law)"),
     ],
 )
 def test_invalid_value_names_key_value_and_what_is_allowed(override, key, hint):

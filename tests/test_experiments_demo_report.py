@@ -180,18 +180,20 @@ def test_demo_flags_choose_the_encoder_image_size_and_how_pretraining_treats_the
     )
     demo.run(parse_args(["demo", "--out", str(tmp_path / "a")]))
     argv = ["demo", "--out", str(tmp_path / "b"), "--encoder-objective", "clip", "--encoder-text", "caption"]
-    demo.run(parse_args([*argv, "--encoder-steps", "150", "--encoder-pool", "mean", "--no-sft-freeze-vision"]))
+    argv += ["--encoder-steps", "150", "--encoder-lr-scale", "1", "--encoder-pool", "mean", "--no-sft-freeze-vision"]
+    demo.run(parse_args(argv))
     large = ["demo", "--out", str(tmp_path / "c"), "--image-size", "128", "--patch-size", "16"]
     demo.run(parse_args([*large, "--pretrain-vision-lr-mult", "0.3", "--pretrain-sft-weight", "0"]))
     default, clip, moving = plans
     assert (default.image_size, default.patch_size, default.pretrain_vision_lr_mult) == (0, 0, 0.0)
-    assert (default.pretrain_sft_weight, default.pretrain_steps, default.sft_steps) == (0.15, 1200, 150)
+    assert (default.pretrain_sft_weight, default.pretrain_steps, default.sft_steps) == (0.15, 1200, 300)
     assert (moving.image_size, moving.patch_size, moving.pretrain_vision_lr_mult) == (128, 16, 0.3)
     assert moving.pretrain_sft_weight == 0.0
     assert (default.encoder_objective, default.encoder_text, default.encoder_pool) == ("superclass", "tags", "lse")
-    assert default.sft_freeze_vision and default.encoder_steps == 900
+    assert default.sft_freeze_vision and (default.encoder_steps, default.encoder_lr_scale) == (900, 2.0)
+    assert default.sft_lr_scale == 0.17
     assert (clip.encoder_objective, clip.encoder_text, clip.encoder_pool) == ("clip", "caption", "mean")
-    assert not clip.sft_freeze_vision and clip.encoder_steps == 150
+    assert not clip.sft_freeze_vision and (clip.encoder_steps, clip.encoder_lr_scale) == (150, 1.0)
 
 
 def test_run_demo_reports_the_wall_time_of_each_phase(monkeypatch, tmp_path):

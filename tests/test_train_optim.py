@@ -183,10 +183,19 @@ def test_sft_runs_at_its_own_fraction_of_the_law_unless_the_lr_is_set():
     pre = resolve_lr(TrainConfig(stage="pretrain"), 4_400_000)
     sft = resolve_lr(TrainConfig(stage="sft"), 4_400_000)
     assert sft.lr == pytest.approx(0.17 * pre.lr) and sft.lr_scale == 0.17 and pre.lr_scale == 1.0
-    assert "sft_lr_scale=0.17" in sft.describe()
+    assert "x 0.17 (train.lr_scale x train.sft_lr_scale" in sft.describe()
     assert resolve_lr(TrainConfig(stage="sft", sft_lr_scale=0.5), 4_400_000).lr == pytest.approx(0.5 * pre.lr)
-    fixed = resolve_lr(TrainConfig(stage="sft", lr=3e-4), 4_400_000)
+    fixed = resolve_lr(TrainConfig(stage="sft", lr=3e-4, lr_scale=2.0), 4_400_000)
     assert (fixed.lr, fixed.lr_scale) == (3e-4, 1.0)
+
+
+def test_lr_scale_multiplies_the_law_in_every_stage_and_the_decay_follows():
+    pre = resolve_lr(TrainConfig(stage="encoder"), 4_400_000)
+    fast = resolve_lr(TrainConfig(stage="encoder", lr_scale=2.0), 4_400_000)
+    assert fast.lr == pytest.approx(2 * pre.lr) and fast.weight_decay == pytest.approx(2 * pre.weight_decay)
+    assert fast.torch_weight_decay == pytest.approx(0.1) and "x 2 (train.lr_scale" in fast.describe()
+    both = resolve_lr(TrainConfig(stage="sft", lr_scale=2.0, sft_lr_scale=0.25), 4_400_000)
+    assert both.lr == pytest.approx(0.5 * pre.lr) and both.lr_scale == pytest.approx(0.5)
 
 
 class Parts(nn.Module):

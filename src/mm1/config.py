@@ -195,7 +195,11 @@ class TrainConfig:
     lr: Optional[float] = None  # None = MM1 law eta(N)
     weight_decay: Optional[float] = None  # λ, decoupled: x (1 - λ·s_t) per step; None = 0.1 * lr (MM1)
     lr_mult: LRMultConfig = field(default_factory=LRMultConfig)  # per part: vision, connector, lm
-    sft_lr_scale: float = 0.17  # stage=sft with train.lr unset: peak LR = this x the law (MM1's SFT ran at ~0.17x)
+    # train.lr unset: peak LR = the law x lr_scale (any stage), x sft_lr_scale too at stage=sft (MM1's SFT ran
+    # at ~0.17x its law); lr_scale is for a stage the law was not fitted to, e.g. an encoder that learns shape
+    # only at twice the law's rate in the demo's budget (docs/grounding.md section 24)
+    lr_scale: float = 1.0
+    sft_lr_scale: float = 0.17
     lr_law: str = ""  # lr_law.json from `mm1 hparams` ({a, b, wd_ratio}) used when lr is None; "" = MM1's law
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
@@ -587,6 +591,7 @@ def validate(cfg: Config) -> None:
             getattr(t.lr_mult, part),
             "must be positive (freeze a part with train.freeze_<part> instead)",
         )
+    _check(t.lr_scale > 0, "train.lr_scale", t.lr_scale, "must be positive (1.0 = the law)")
     _check(t.sft_lr_scale > 0, "train.sft_lr_scale", t.sft_lr_scale, "must be positive (1.0 = the pre-training law)")
     _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     _one_of("train.schedule", t.schedule, ["cosine", "wsd"])

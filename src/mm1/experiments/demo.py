@@ -43,17 +43,21 @@ class DemoPlan:
     # stage 0: SuperClass on the images' tags (shapes, colours, places, count, and the background in a
     # softmax of its own: the tiny preset's train.superclass_groups), pooled by log-sum-exp so each token
     # must show what is where: the ViT carries colour, count, position and background (probes 95-99 /
-    # 96-100 / 76-94 / 99 %) and shape by the draw at 900 steps (46-77 %; 75-77 at 1,500, which the
-    # budget does not fit; the contrastive stage on captions: 21), and the captions name the background
-    # rightly (docs/grounding.md sections 17, 21 and 22)
+    # 96-100 / 76-94 / 99 %) and shape (81-83 % at the rate below; the contrastive stage on captions: 21),
+    # and the captions name the background rightly (docs/grounding.md sections 17, 21, 22 and 24)
     encoder_objective: str = "superclass"
     encoder_text: str = "tags"
     encoder_pool: str = "lse"
     encoder_steps: int = 900
+    # stage 0's peak LR as a multiple of the MM1 law for its parameters (train.lr_scale): the law was fitted
+    # to LM pre-training, and at 1 x the ViT carries shape at 46-77 % after 900 steps (by the draw), at 2 x
+    # 81 / 83 % in two seeds, more than 1,500 steps at 1 x (75-77; docs/grounding.md section 24)
+    encoder_lr_scale: float = 2.0
     # twice section 17's 600: with the ViT frozen and SFT data mixed in (below), the LM learns to read
     # shape in pre-training (0-shot 25-39 %) and SFT keeps it; VQA after SFT 53.4 / 49.1 / 53.35 over
     # three draws against 45-50 at 600 steps (docs/grounding.md section 19). A clean clone at 1,100 steps
-    # ran make demo in 13 min 46 s but scored 47.75 after SFT (section 21)
+    # ran make demo in 13 min 46 s but scored 47.75 after SFT (section 21); with the 2 x encoder 1,000 steps
+    # lost 1.4 points in each of two draws (section 24)
     pretrain_steps: int = 1200
     # the ViT's input in every stage. 128 px with patch 16 (the world draws its images at 128 px) gives
     # the conv stem's same 8 x 8 tokens with twice the pixels across each shape (shape probe 73 against
@@ -61,17 +65,18 @@ class DemoPlan:
     # (docs/grounding.md section 18), not reliably enough to be the default. 0 = the preset's (tiny: 64 / 8)
     image_size: int = 0
     patch_size: int = 0
-    # with SFT data already in the pre-training mixture, a short SFT teaches the chat format and keeps what
-    # pre-training reads: 150 steps scored VQA 54.05 / 54.25 / 53.1 after SFT (three draws, two
-    # pre-trainings), 350 steps 55.2 / 51.2 on the same two, in 2.5 minutes instead of 1 (docs/grounding.md section 21)
-    sft_steps: int = 150
+    # with SFT data already in the pre-training mixture and replies in the captions' tokens, the model answers
+    # chat questions from the image before SFT; 300 steps at the rate below read more on top (all 600 test
+    # questions, two draws: 54.92 / 53.08 against 54.12 / 51.37 at 150 steps and 54.65 / 53.37 at 500;
+    # docs/grounding.md section 24)
+    sft_steps: int = 300
     # SFT at the encoder's own resolution (0 = the stages' image size above), one crop per image: at this budget the
     # high-resolution variant (2x2 crops + overview; both DemoPlan fields) scored lower (docs/grounding.md)
     sft_image_size: int = 0
     sft_subimage_grid: int = 0
-    # 350 SFT steps at the default train.sft_lr_scale (0.17) left the model answering "no" to most
-    # question types; 0.5 x the law learns the formats in that budget (docs/grounding.md)
-    sft_lr_scale: float = 0.5
+    # MM1's fraction of the law (the preset's train.sft_lr_scale): since replies are the captions' tokens SFT
+    # need not relearn reading, and 0.5 x did no better (54.18 / 50.53 at 150 steps; section 24)
+    sft_lr_scale: float = 0.17
     # the ViT's stem in every stage: 3x3 stride-2 convolutions carry count and position to the LM where
     # patchify did not (docs/grounding.md section 14); "patch" keeps the model exportable to HF
     stem: str = "conv"
@@ -172,6 +177,7 @@ def train_pretrained(plan: DemoPlan, out: Path, seconds: dict[str, float] | None
         f"train.encoder_objective={plan.encoder_objective}",
         f"data.caption_text={plan.encoder_text}",
         f"train.superclass_pool={plan.encoder_pool}",
+        f"train.lr_scale={plan.encoder_lr_scale}",
     ]
     with timed(seconds, "encoder"):
         encoder = _train_stage(plan, out, "encoder", plan.encoder_steps, targets)
@@ -249,6 +255,7 @@ def run_demo(plan: DemoPlan, out: Path) -> dict[str, Any]:
 # DemoPlan fields offered as `--name-with-dashes NUMBER`: (type, what it is)
 NUMBER_FLAGS: dict[str, tuple[type, str]] = {
     "encoder_steps": (int, "stage 0's steps"),
+    "encoder_lr_scale": (float, "stage 0's peak LR, x the MM1 law for its parameters"),
     "pretrain_steps": (int, "MLLM pre-training's steps"),
     "sft_steps": (int, "SFT's steps"),
     "image_size": (int, "the ViT's input size in pixels, every stage; 0 = the preset's"),
@@ -280,7 +287,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=OBJECTIVES,
         default=DemoPlan.encoder_objective,
         help=f"stage 0's objective (default {DemoPlan.encoder_objective}; the contrastive encoder: "
-        "--encoder-objective clip --encoder-text caption --encoder-steps 150 --no-sft-freeze-vision)",
+        "--encoder-objective clip --encoder-text caption --encoder-steps 150 --encoder-lr-scale 1 "
+        "--no-sft-freeze-vision)",
     )
     parser.add_argument(
         "--encoder-text",

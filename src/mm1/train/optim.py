@@ -15,6 +15,8 @@ The law is a *pre-training* law. SFT starts from weights that already read the i
 fraction of it, `train.sft_lr_scale` (default 0.17: MM1 fine-tuned its 3B model at 1e-5 [secondary
 source], 0.17x the law's 5.8e-5 there). At the law's own rate, SFT of the tiny model unlearns its
 grounding (docs/grounding.md: single-world colour questions 76 % at 1x, 100 % at 0.17x).
+`train.lr_scale` multiplies the law in any stage, for a stage it was not fitted to (the demo's
+SuperClass encoder learns shape within its 900 steps only at 2x).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class LRChoice:
     n_params: int
     lr_source: str  # "config" | "mm1_law" | "lr_law"
     wd_source: str  # "config" | "<ratio>*lr"
-    lr_scale: float = 1.0  # the law's value was multiplied by this (train.sft_lr_scale at stage=sft)
+    lr_scale: float = 1.0  # the law's value was multiplied by this (train.lr_scale, x train.sft_lr_scale at stage=sft)
 
     @property
     def torch_weight_decay(self) -> float:
@@ -104,7 +106,7 @@ class LRChoice:
             "train.lr" if self.lr_source == "config" else f"{law} eta(N) for N={self.n_params:,} trainable parameters"
         )
         if self.lr_scale != 1.0:
-            lr_how += f" x train.sft_lr_scale={self.lr_scale:g}"
+            lr_how += f" x {self.lr_scale:g} (train.lr_scale x train.sft_lr_scale at stage=sft)"
         wd_how = "train.weight_decay" if self.wd_source == "config" else self.wd_source.replace("*", " * ")
         return (
             f"peak lr {self.lr:.4g} ({lr_how}); decoupled weight decay {self.weight_decay:.4g} per step "
@@ -114,12 +116,13 @@ class LRChoice:
 
 def resolve_lr(cfg: TrainConfig, n_params: int) -> LRChoice:
     """Peak LR and weight decay: the config's values where set, else a fitted law from `train.lr_law`
-    (`mm1 hparams`), else the MM1 law for `n_params`; at stage=sft the law's LR x `train.sft_lr_scale`."""
+    (`mm1 hparams`), else the MM1 law for `n_params`, times `train.lr_scale` and, at stage=sft,
+    `train.sft_lr_scale`."""
     slope, intercept, wd_ratio, source = LAW_SLOPE, LAW_INTERCEPT, WD_RATIO, "mm1_law"
     if cfg.lr_law:
         slope, intercept, wd_ratio = read_lr_law(cfg.lr_law)
         source = "lr_law"
-    scale = cfg.sft_lr_scale if cfg.stage == "sft" and cfg.lr is None else 1.0
+    scale = 1.0 if cfg.lr is not None else cfg.lr_scale * (cfg.sft_lr_scale if cfg.stage == "sft" else 1.0)
     lr = cfg.lr if cfg.lr is not None else scale * mm1_lr(n_params, slope, intercept)
     wd = cfg.weight_decay if cfg.weight_decay is not None else wd_ratio * lr
     return LRChoice(
